@@ -1,0 +1,88 @@
+"""The pipeline's public vocabulary: what a caller asks for and what it gets back.
+
+Everything here is a frozen value type; nothing imports torch, so the daemon and the
+dashboard can use these names without loading the ML stack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+SizeBucket = Literal["infinitetalk-480", "infinitetalk-720"]
+AudioType = Literal["para", "add"]
+Mode = Literal["streaming", "clip"]
+
+
+class StopRequested(Exception):
+    """Raised from a progress callback (or `should_stop`) to stop a render between steps."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GenerationRequest:
+    """One render, fully resolved (defaults applied, seed drawn).
+
+    Media paths are absolute. `audio` holds one path (one speaker) or two (person1, person2).
+    `bbox` is None or one box per speaker, `[row_min, col_min, row_max, col_max]` in pixels of
+    the reference image, as the reference model takes it.
+    """
+
+    prompt: str
+    cond_media: Path
+    audio: tuple[Path, ...]
+    audio_type: AudioType = "para"
+    bbox: tuple[tuple[float, float, float, float], ...] | None = None
+    size: SizeBucket = "infinitetalk-480"
+    sample_steps: int = 40
+    sample_shift: float | None = None  # None: 7 for 480, 11 for 720 (the reference's rule)
+    sample_text_guide_scale: float = 5.0
+    sample_audio_guide_scale: float = 4.0
+    seed: int = 42
+    mode: Mode = "streaming"
+    motion_frame: int = 9
+    frame_num: int = 81
+    max_frame_num: int | None = None  # None: no cap, the whole audio is rendered
+    color_correction_strength: float = 1.0
+    negative_prompt: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Progress:
+    """Where a render is: chunk i of n (1-based), step j of k (1-based, 0 = chunk set-up)."""
+
+    stage: str  # "prepare" | "denoise" | "decode" | "encode" | "done"
+    chunk: int
+    num_chunks: int
+    step: int
+    num_steps: int
+    frames_done: int
+    total_frames: int
+
+    @property
+    def fraction(self) -> float:
+        if self.num_chunks <= 0:
+            return 0.0
+        per_chunk = 1.0 / self.num_chunks
+        within = self.step / self.num_steps if self.num_steps else 0.0
+        return min(1.0, max(0.0, (self.chunk - 1) * per_chunk + within * per_chunk))
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RenderResult:
+    """What a finished render wrote and how long each stage took."""
+
+    video_path: Path
+    poster_path: Path | None
+    num_frames: int
+    fps: int
+    duration_s: float
+    width: int
+    height: int
+    seed: int
+    timings_s: dict[str, float] = field(default_factory=dict)
+    resumed_from_chunk: int = 0
