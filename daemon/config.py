@@ -1,0 +1,332 @@
+"""The machine's settings: one TOML file, every key with a default and a one-line doc.
+
+Where the file comes from: `--config FILE`, then `$INFINITETALK_CONFIG`, then `./infinitetalk.toml`;
+with none of these the defaults apply (paths relative to the current directory). Relative paths
+in a file are relative to the file's folder. An unknown key is an error naming the key, so a typo
+fails at start-up instead of being ignored.
+
+The field docs below are the single source of `docs/configuration.md` and of
+`infinitetalk daemon --print-config` (see `render_markdown` and `render_toml`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_VAR = "INFINITETALK_CONFIG"
+DEFAULT_FILE = "infinitetalk.toml"
+
+
+class ConfigError(ValueError):
+    """A bad config file or value; the message names the file, key and value."""
+
+
+def _f(default: Any, doc: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"doc": doc, **kw})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DashboardSettings:
+    host: str = _f("127.0.0.1", "address the dashboard binds; keep 127.0.0.1 and use an SSH tunnel")
+    port: int = _f(8000, "TCP port of the dashboard")
+    token: str = _f("", "if set, the dashboard asks for this bearer token (empty: no auth)")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetentionSettings:
+    outputs_days: float = _f(0.0, "delete published videos/posters/sidecars older than this (0: keep)")
+    archive_days: float = _f(30.0, "delete claimed job inputs in state_dir/jobs older than this (0: keep)")
+    ledger_days: float = _f(0.0, "delete finished ledger rows and their events older than this (0: keep)")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobDefaultsSettings:
+    """Generation settings used when a job JSON leaves them out (the reference CLI's names)."""
+
+    size: str = _f("infinitetalk-480", "resolution bucket: infinitetalk-480 or infinitetalk-720")
+    sample_steps: int = _f(4, "denoising steps per chunk (4 with the lightx2v LoRA)")
+    sample_shift: float | None = _f(None, "flow shift; unset: 7 for 480, 11 for 720", optional=True)
+    sample_text_guide_scale: float = _f(1.0, "text classifier-free guidance (1: off, as with the LoRA)")
+    sample_audio_guide_scale: float = _f(2.0, "audio classifier-free guidance")
+    mode: str = _f("streaming", "streaming (long audio in chunks) or clip (one chunk)")
+    motion_frame: int = _f(9, "frames carried over between chunks")
+    max_frame_num: int | None = _f(None, "cap on rendered frames; unset: the whole audio", optional=True)
+    color_correction_strength: float = _f(1.0, "colour drift correction between chunks (0..1)")
+    seed: int | None = _f(None, "seed for jobs that give none; unset: drawn at random and recorded",
+                          optional=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Everything the daemon, the commands and the dashboard read from the config file."""
+
+    inbox: Path = _f(Path("inbox"), "folder watched for jobs (bundle dirs or loose NAME.json)")
+    outbox: Path = _f(Path("outbox"), "folder the results are published to")
+    state_dir: Path = _f(Path("var"), "daemon state: ledger.sqlite3, claimed inputs, checkpoints, lock")
+    weights_dir: Path = _f(Path("weights"), "released weights; if it holds none, a tiny model is "
+                           "written under state_dir and used")
+    device: str = _f("auto", "torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:N")
+    dtype: str = _f("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
+    quant: str = _f("none", "DiT weight quantization: none or fp8")
+    lora: tuple[str, ...] = _f((), "LoRA files (relative to weights_dir) merged at load; empty: "
+                               "the lightx2v LoRA when present")
+    lora_scale: float = _f(1.0, "scale of the merged LoRA(s)")
+    attention: str = _f("auto", "attention backend: auto, sdpa, flash2, flash3")
+    max_queued: int = _f(20, "most jobs in state queued; more wait in the inbox")
+    max_running: int = _f(3, "most jobs rendering at once (they share the GPU)")
+    settle_s: float = _f(5.0, "a job without checksums is complete when its files are quiet this long")
+    incomplete_timeout_s: float = _f(3600.0, "a job still incomplete after this long is rejected")
+    rescan_s: float = _f(10.0, "full inbox rescan period (filesystem events are only hints)")
+    tick_s: float = _f(0.5, "main loop period when idle")
+    max_attempts: int = _f(3, "a job that fails transiently (OOM, worker crash) this often ends failed")
+    retry_backoff_s: float = _f(10.0, "first retry delay; doubles with each attempt")
+    retry_backoff_max_s: float = _f(600.0, "longest retry delay")
+    max_file_mb: float = _f(2048.0, "largest accepted media file, in MiB")
+    max_json_kb: float = _f(256.0, "largest accepted job JSON, in KiB")
+    stop_timeout_s: float = _f(120.0, "on SIGTERM, how long to wait for running jobs to reach a step boundary")
+    log_level: str = _f("info", "debug, info, warning or error")
+    dashboard: DashboardSettings = field(default_factory=DashboardSettings,
+                                         metadata={"doc": "the [dashboard] table"})
+    retention: RetentionSettings = field(default_factory=RetentionSettings,
+                                         metadata={"doc": "the [retention] table"})
+    defaults: JobDefaultsSettings = field(default_factory=JobDefaultsSettings,
+                                          metadata={"doc": "the [defaults] table"})
+    config_file: Path | None = field(default=None, metadata={"doc": "", "internal": True})
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "ledger.sqlite3"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.state_dir / "jobs"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.state_dir / "daemon.lock"
+
+    @property
+    def tiny_weights_dir(self) -> Path:
+        return self.state_dir / "tiny-weights"
+
+
+_TABLES = {"dashboard": DashboardSettings, "retention": RetentionSettings, "defaults": JobDefaultsSettings}
+_PATH_KEYS = ("inbox", "outbox", "state_dir", "weights_dir")
+_CHOICES = {
+    "device": None,
+    "dtype": ("auto", "bf16", "fp16", "fp32"),
+    "quant": ("none", "fp8"),
+    "attention": ("auto", "sdpa", "flash2", "flash3"),
+    "log_level": ("debug", "info", "warning", "error"),
+    "size": ("infinitetalk-480", "infinitetalk-720"),
+    "mode": ("streaming", "clip"),
+}
+_POSITIVE = {"max_queued", "max_running", "max_attempts", "sample_steps", "max_file_mb", "max_json_kb",
+             "port"}
+
+
+def find_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Path | None:
+    """The config file to read: the argument, then $INFINITETALK_CONFIG, then ./infinitetalk.toml."""
+    env = os.environ if environ is None else environ
+    if path is not None:
+        return Path(path)
+    if env.get(ENV_VAR):
+        return Path(env[ENV_VAR])
+    local = Path(DEFAULT_FILE)
+    return local if local.is_file() else None
+
+
+def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the config (see `find_config`); raise `ConfigError` naming the key on any problem."""
+    chosen = find_config(path, environ)
+    if chosen is None:
+        return _resolve(Settings(), Path.cwd(), None)
+    try:
+        raw = tomllib.loads(chosen.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file {chosen} does not exist") from e
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {chosen} is not valid TOML: {e}") from e
+    return settings_from_mapping(raw, base=chosen.resolve().parent, source=chosen.resolve())
+
+
+def settings_from_mapping(raw: Mapping[str, Any], *, base: Path, source: Path | None = None) -> Settings:
+    where = str(source) if source else "config"
+    top: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _TABLES:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}: [{key}] must be a table, got {value!r}")
+            top[key] = _build(_TABLES[key], value, f"{where}: {key}.")
+        else:
+            top[key] = value
+    settings = _build(Settings, top, f"{where}: ", skip=set(_TABLES))
+    return _resolve(settings, base, source)
+
+
+def _build(cls: type, raw: Mapping[str, Any], prefix: str, skip: set[str] = frozenset()) -> Any:  # type: ignore[assignment]
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{prefix}{key}: unknown key (known keys: {known})")
+        if key in skip:
+            out[key] = value
+            continue
+        out[key] = _coerce(fields[key], value, f"{prefix}{key}")
+    return cls(**out)
+
+
+def _coerce(f: dataclasses.Field[Any], value: Any, name: str) -> Any:
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if f.metadata.get("optional") and value in ("", None):
+        return None
+    if isinstance(default, Path):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{name} must be a path string, got {value!r}")
+        return Path(value)
+    if isinstance(default, tuple):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name} must be a list of strings, got {value!r}")
+        return tuple(value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    want: type = type(default) if default is not None else (int if f.name in ("seed", "max_frame_num") else float)
+    if want is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+    elif want is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        value = float(value)
+        if value < 0:
+            raise ConfigError(f"{name} must be >= 0, got {value!r}")
+    elif want is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        choices = _CHOICES.get(f.name)
+        if choices and value not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        if f.name == "device" and not (value in ("auto", "cpu", "cuda") or value.startswith("cuda:")):
+            raise ConfigError(f"{name} must be auto, cpu, cuda or cuda:N, got {value!r}")
+    if f.name in _POSITIVE and value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value!r}")
+    return value
+
+
+def _resolve(settings: Settings, base: Path, source: Path | None) -> Settings:
+    paths = {k: (base / getattr(settings, k)).resolve() for k in _PATH_KEYS}
+    return dataclasses.replace(settings, config_file=source, **paths)
+
+
+# ---------------------------------------------------------------- documentation and printing
+
+
+def _rows(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
+    rows: list[tuple[str, Any, str]] = []
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal") or f.name in _TABLES:
+            continue
+        rows.append((prefix + f.name, getattr(instance, f.name), f.metadata["doc"]))
+    return rows
+
+
+def _toml_value(value: Any) -> str:
+    if value is None:
+        return '""  # unset'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Path):
+        return f'"{value}"'
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, tuple):
+        return "[" + ", ".join(f'"{v}"' for v in value) + "]"
+    return repr(value)
+
+
+def render_toml(settings: Settings | None = None) -> str:
+    """A complete TOML file with every key, its value (default or `settings`) and its doc."""
+    lines = ["# infinitetalk.toml: every key with its doc; relative paths are relative to this file", ""]
+
+    def emit(obj: Any, cls: type) -> None:
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("internal") or f.name in _TABLES:
+                continue
+            lines.append(f"# {f.metadata['doc']}")
+            lines.append(f"{f.name} = {_toml_value(getattr(obj, f.name))}")
+
+    current = settings or Settings()
+    emit(current, Settings)
+    for table, cls in _TABLES.items():
+        lines += ["", f"[{table}]"]
+        emit(getattr(current, table), cls)
+    return "\n".join(lines) + "\n"
+
+
+def render_markdown() -> str:
+    """The body of docs/configuration.md (a test checks the file is up to date)."""
+    out = [
+        "# Configuration",
+        "",
+        "<!-- generated from daemon/config.py by `python -m daemon.config`; do not edit by hand -->",
+        "",
+        "One TOML file, found in this order: `infinitetalk daemon --config FILE`, then the",
+        "`$INFINITETALK_CONFIG` environment variable, then `./infinitetalk.toml`; with none of them",
+        "every default below applies. Relative paths are relative to the config file's folder (or",
+        "the current directory without a file). An unknown key is an error that names it, and a",
+        "bad config makes `infinitetalk daemon` exit with status 78 (EX_CONFIG).",
+        "`infinitetalk daemon --print-config` prints the complete file with the values in effect.",
+        "SIGHUP makes a running daemon re-read the caps (`max_queued`, `max_running`), timings,",
+        "retention and `[defaults]`; paths and model settings need a restart.",
+        "",
+    ]
+    sections: list[tuple[str, type]] = [("Top-level keys", Settings)] + [
+        (f"[{name}]", cls) for name, cls in _TABLES.items()
+    ]
+    for title, cls in sections:
+        out += [f"## {title}", "", "| key | default | meaning |", "|---|---|---|"]
+        for key, default, doc in _rows(cls):
+            shown = "unset" if default is None else _toml_value(default)
+            out.append(f"| `{key}` | `{shown}` | {doc} |")
+        out.append("")
+    out += [
+        "## Example",
+        "",
+        "```toml",
+        'inbox = "/srv/infinitetalk/inbox"',
+        'outbox = "/srv/infinitetalk/outbox"',
+        'state_dir = "/var/lib/infinitetalk"',
+        'weights_dir = "/srv/infinitetalk/weights"',
+        'quant = "fp8"',
+        "max_queued = 20",
+        "max_running = 3",
+        "",
+        "[dashboard]",
+        'host = "127.0.0.1"',
+        "port = 8000",
+        "",
+        "[defaults]",
+        "sample_steps = 4",
+        "```",
+        "",
+    ]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.write(render_markdown())
