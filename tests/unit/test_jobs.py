@@ -1,0 +1,243 @@
+"""daemon/jobs.py: job JSON -> JobSpec -> GenerationRequest, and every kind of bad job."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from daemon.jobs import (
+    DEFAULT_NEGATIVE_PROMPT,
+    PRESETS,
+    InvalidJob,
+    JobDefaults,
+    JobSpec,
+    checksum_mismatches,
+    load_job,
+    parse_job,
+    sha256_file,
+)
+
+
+def _files(base: Path, *names: str) -> None:
+    for name in names:
+        path = base / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * 16)
+
+
+def _raw(doc: dict) -> bytes:
+    return json.dumps(doc).encode()
+
+
+def _codes(err: InvalidJob) -> dict[str, str]:
+    return {e.field: e.code for e in err.errors}
+
+
+def test_reference_example_parses_with_defaults(tmp_path: Path) -> None:
+    _files(tmp_path, "examples/single/ref_image.png", "examples/single/1.wav")
+    doc = {
+        "prompt": "A woman is singing.",
+        "cond_video": "examples/single/ref_image.png",
+        "cond_audio": {"person1": "examples/single/1.wav"},
+    }
+    spec = parse_job(_raw(doc), base_dir=tmp_path, defaults=JobDefaults())
+    assert spec.cond_video == "examples/single/ref_image.png"
+    assert spec.cond_audio == (("person1", "examples/single/1.wav"),)
+    # lightx2v 4-step defaults
+    assert (spec.sample_steps, spec.sample_shift) == (4, 2.0)
+    assert (spec.sample_text_guide_scale, spec.sample_audio_guide_scale) == (1.0, 2.0)
+    assert spec.mode == "streaming" and spec.motion_frame == 9 and spec.max_frame_num is None
+    assert spec.negative_prompt == DEFAULT_NEGATIVE_PROMPT
+    assert spec.seed_drawn and 0 <= spec.seed < 2**32
+    assert not spec.is_video and spec.num_speakers == 1
+
+
+def test_drawn_seeds_differ_and_are_recorded(tmp_path: Path) -> None:
+    _files(tmp_path, "a.png", "b.wav")
+    doc = {"prompt": "p", "cond_video": "a.png", "cond_audio": {"person1": "b.wav"}}
+    seeds = {parse_job(_raw(doc), base_dir=tmp_path).seed for _ in range(8)}
+    assert len(seeds) > 1
+    spec = parse_job(_raw({**doc, "seed": 7}), base_dir=tmp_path)
+    assert spec.seed == 7 and not spec.seed_drawn
+    assert json.loads(spec.to_json())["seed"] == 7
+
+
+def test_base_preset_resolves_shift_by_size(tmp_path: Path) -> None:
+    _files(tmp_path, "a.png", "b.wav")
+    doc = {"prompt": "p", "cond_video": "a.png", "cond_audio": {"person1": "b.wav"}}
+    base = PRESETS["base"]
+    assert parse_job(_raw(doc), base_dir=tmp_path, defaults=base).sample_shift == 7.0
+    spec = parse_job(_raw({**doc, "size": "infinitetalk-720"}), base_dir=tmp_path, defaults=base)
+    assert (spec.sample_shift, spec.sample_steps, spec.sample_text_guide_scale) == (11.0, 40, 5.0)
+    assert parse_job(_raw({**doc, "sample_shift": 3}), base_dir=tmp_path, defaults=base).sample_shift == 3.0
+
+
+def test_two_speakers_full_settings_roundtrip(tmp_path: Path) -> None:
+    _files(tmp_path, "two.JPG", "man.WAV", "woman.Flac")
+    doc = {
+        "prompt": "Two people talk.",
+        "cond_video": "two.JPG",
+        "cond_audio": {"person1": "man.WAV", "person2": "woman.Flac"},
+        "audio_type": "add",
+        "bbox": {"person1": [0, 0, 60, 48], "person2": [0, 48, 60, 97]},
+        "size": "infinitetalk-720",
+        "sample_steps": 8,
+        "sample_shift": 5,
+        "sample_text_guide_scale": 5.0,
+        "sample_audio_guide_scale": 4,
+        "seed": 42,
+        "mode": "clip",
+        "motion_frame": 13,
+        "max_frame_num": 200,
+        "color_correction_strength": 0.5,
+        "priority": 3,
+        "negative_prompt": "",
+        "checksums": {"man.WAV": sha256_file(tmp_path / "man.WAV")},
+    }
+    spec = parse_job(_raw(doc), base_dir=tmp_path)
+    assert spec.num_speakers == 2 and spec.audio_type == "add"
+    assert spec.bbox == ((0.0, 0.0, 60.0, 48.0), (0.0, 48.0, 60.0, 97.0))
+    assert spec.media_files == ("two.JPG", "man.WAV", "woman.Flac")
+    assert checksum_mismatches(spec, tmp_path) == []
+    (tmp_path / "man.WAV").write_bytes(b"changed")
+    assert checksum_mismatches(spec, tmp_path) == ["man.WAV"]
+    again = JobSpec.from_dict(json.loads(spec.to_json()))
+    assert again == spec
+
+    req = spec.to_request(tmp_path)
+    assert req.cond_media == tmp_path.absolute() / "two.JPG"
+    assert req.audio == (tmp_path.absolute() / "man.WAV", tmp_path.absolute() / "woman.Flac")
+    assert (req.seed, req.mode, req.max_frame_num, req.sample_shift) == (42, "clip", 200, 5.0)
+    assert req.bbox == spec.bbox and req.negative_prompt == ""
+
+
+def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
+    _files(tmp_path, "a.png", "b.txt")
+    doc = {
+        "prompt": 3,
+        "cond_video": "a.png",
+        "cond_audio": {"person1": "b.txt"},
+        "size": "infinitetalk-1080",
+        "sample_steps": 0,
+        "motion_frame": 10,
+        "color_correction_strength": 2,
+        "typo_key": 1,
+        "seed": -1,
+    }
+    with pytest.raises(InvalidJob) as info:
+        parse_job(_raw(doc), base_dir=tmp_path)
+    codes = _codes(info.value)
+    assert codes == {
+        "typo_key": "unknown_key",
+        "prompt": "bad_type",
+        "cond_audio.person1": "bad_extension",
+        "size": "bad_value",
+        "sample_steps": "bad_value",
+        "motion_frame": "bad_value",
+        "color_correction_strength": "bad_value",
+        "seed": "bad_value",
+    }
+    assert info.value.code == "unknown_key" and info.value.field == "typo_key"
+    assert "infinitetalk-1080" in str(info.value) and "b.txt" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [(b"{not json", "bad_json"), (b"[1, 2]", "bad_json"), (b"\xff\xfe\x00", "bad_json")],
+)
+def test_unreadable_json(tmp_path: Path, raw: bytes, code: str) -> None:
+    with pytest.raises(InvalidJob) as info:
+        parse_job(raw, base_dir=tmp_path)
+    assert info.value.code == code and info.value.field == ""
+
+
+def test_missing_fields_and_files(tmp_path: Path) -> None:
+    with pytest.raises(InvalidJob) as info:
+        parse_job(b"{}", base_dir=tmp_path)
+    assert _codes(info.value) == {
+        "prompt": "missing_field",
+        "cond_video": "missing_field",
+        "cond_audio": "missing_field",
+    }
+    with pytest.raises(InvalidJob) as info:
+        parse_job(_raw({"prompt": "p", "cond_video": "nope.png", "cond_audio": {"person2": "x.wav"}}), base_dir=tmp_path)
+    assert _codes(info.value) == {"cond_video": "missing_file", "cond_audio.person1": "missing_field"}
+    assert "nope.png" in info.value.message
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd.png", "../outside.png", "sub/../../x.png", "~/x.png", "C:/x.png"])
+def test_paths_leaving_the_folder_are_rejected(tmp_path: Path, path: str) -> None:
+    base = tmp_path / "inbox"
+    _files(base, "b.wav")
+    _files(tmp_path, "outside.png")
+    doc = {"prompt": "p", "cond_video": path, "cond_audio": {"person1": "b.wav"}}
+    with pytest.raises(InvalidJob) as info:
+        parse_job(_raw(doc), base_dir=base)
+    assert _codes(info.value) == {"cond_video": "path_escape"}
+
+
+def test_symlinks_fifos_empty_and_oversize_are_rejected(tmp_path: Path) -> None:
+    base = tmp_path / "inbox"
+    _files(base, "real.png", "big.wav")
+    (base / "real.png").write_bytes(b"png")
+    _files(tmp_path, "secret.wav")
+    os.symlink(tmp_path / "secret.wav", base / "link.wav")
+    os.symlink(tmp_path, base / "dirlink")
+    os.mkfifo(base / "pipe.wav")
+    (base / "empty.png").write_bytes(b"")
+    doc = {"prompt": "p", "cond_video": "real.png", "cond_audio": {"person1": "link.wav"}}
+    cases = {
+        "link.wav": "symlink",
+        "dirlink/secret.wav": "symlink",
+        "pipe.wav": "not_a_file",
+        "big.wav": "too_large",
+    }
+    for name, code in cases.items():
+        doc["cond_audio"] = {"person1": name}
+        with pytest.raises(InvalidJob) as info:
+            parse_job(_raw(doc), base_dir=base, defaults=JobDefaults(max_media_bytes=8))
+        assert _codes(info.value) == {"cond_audio.person1": code}, name
+        assert name in info.value.message
+    doc["cond_audio"] = {"person1": "big.wav"}
+    doc["cond_video"] = "empty.png"
+    with pytest.raises(InvalidJob) as info:
+        parse_job(_raw(doc), base_dir=base)
+    assert _codes(info.value) == {"cond_video": "empty_file"}
+
+
+def test_bbox_and_checksums_validation(tmp_path: Path) -> None:
+    _files(tmp_path, "a.png", "b.wav", "c.wav")
+    base = {"prompt": "p", "cond_video": "a.png", "cond_audio": {"person1": "b.wav", "person2": "c.wav"}}
+    bad = [
+        ({"bbox": {"person1": [0, 0, 1, 1]}}, "bbox", "bad_value"),
+        ({"bbox": {"person1": [0, 0, 1], "person2": [0, 0, 1, 1]}}, "bbox.person1", "bad_type"),
+        ({"bbox": {"person1": [5, 0, 1, 1], "person2": [0, 0, 1, 1]}}, "bbox.person1", "bad_value"),
+        ({"checksums": {"other.wav": "0" * 64}}, "checksums.other.wav", "bad_value"),
+        ({"checksums": {"b.wav": "abc"}}, "checksums.b.wav", "bad_value"),
+        ({"audio_type": "mix"}, "audio_type", "bad_value"),
+        ({"tts_audio": {"text": "hi"}}, "tts_audio", "unknown_key"),
+    ]
+    for extra, field, code in bad:
+        with pytest.raises(InvalidJob) as info:
+            parse_job(_raw({**base, **extra}), base_dir=tmp_path)
+        assert _codes(info.value) == {field: code}, extra
+    one = {"prompt": "p", "cond_video": "a.png", "cond_audio": {"person1": "b.wav"}}
+    with pytest.raises(InvalidJob) as info:
+        parse_job(_raw({**one, "bbox": {"person1": [0, 0, 2, 2]}}), base_dir=tmp_path)
+    assert _codes(info.value) == {"bbox": "bad_value"}
+
+
+def test_load_job_uses_the_file_folder(tmp_path: Path) -> None:
+    bundle = tmp_path / "myjob"
+    _files(bundle, "face.webp", "voice.m4a")
+    (bundle / "job.json").write_text(
+        json.dumps({"prompt": "p", "cond_video": "face.webp", "cond_audio": {"person1": "voice.m4a"}, "seed": 1})
+    )
+    spec = load_job(bundle / "job.json")
+    assert spec.to_request(bundle).cond_media == bundle.absolute() / "face.webp"
+    with pytest.raises(InvalidJob) as info:
+        load_job(tmp_path / "absent.json")
+    assert info.value.code == "missing_file"
