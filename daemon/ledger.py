@@ -1,0 +1,474 @@
+"""The job ledger: SQLite in WAL mode, written only by the daemon's main thread.
+
+Two tables (the schema is shared with the dashboard, which reads it read-only):
+
+- `jobs`: one row per job seen in the inbox, its state and everything shown about it;
+- `events`: append-only; every state change inserts its event in the same transaction, and the
+  event ids are the dashboard's server-sent-event ids.
+
+States::
+
+    waiting ──▶ queued ──▶ running ──▶ done
+       │          │           ├──▶ retry_wait ──▶ queued        (transient failure, backoff)
+       │          │           ├──▶ queued                        (daemon stopped or died mid-render)
+       │          │           ├──▶ failed                        (permanent, or attempts used up)
+       ▼          ▼           ▼
+    rejected   cancelled   cancelled
+                                       failed / cancelled ──▶ retry_wait (the `retry` command)
+
+Every write runs under `BEGIN IMMEDIATE` (a deferred read-then-write transaction can fail at once
+with "database is locked"; an immediate one waits for the lock). Transitions are compare-and-set:
+`UPDATE ... WHERE id = ? AND state IN (...)`; no matching row raises `LedgerConflict`. The caps
+(`max_queued`, `max_running`) are checked inside the same transaction that moves a job, so they
+hold whatever the process does in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from daemon.errors import LedgerConflict
+
+STATES = ("waiting", "queued", "running", "retry_wait", "done", "failed", "rejected", "cancelled")
+ACTIVE_STATES = ("waiting", "queued", "running", "retry_wait")
+FINAL_STATES = ("done", "failed", "rejected", "cancelled")
+EVENT_KINDS = ("created", "waiting", "queued", "started", "progress", "retry", "done", "failed",
+               "rejected", "cancelled", "deleted", "daemon")
+#: the event kind each state change writes
+STATE_EVENT = {"waiting": "waiting", "queued": "queued", "running": "started", "retry_wait": "retry",
+               "done": "done", "failed": "failed", "rejected": "rejected", "cancelled": "cancelled"}
+
+JOB_COLUMNS: dict[str, type] = {
+    "id": str, "name": str, "state": str, "priority": int, "seq": int, "source": str,
+    "spec_json": str, "input_hashes_json": str, "attempts": int, "progress": float,
+    "chunk": int, "num_chunks": int, "step": int, "num_steps": int, "stage": str,
+    "waiting_reason": str, "created_at": float, "queued_at": float, "started_at": float,
+    "finished_at": float, "next_attempt_at": float, "output_video": str, "output_poster": str,
+    "output_json": str, "duration_s": float, "frames": int, "render_s": float, "error_code": str,
+    "error_message": str, "error_field": str, "duplicate_of": str, "deleted_at": float,
+    # added by the daemon (migration 1)
+    "dedupe_key": str, "job_dir": str, "resumed_from_chunk": int, "cancel_requested": int,
+}
+EVENT_COLUMNS: dict[str, type] = {"id": int, "job_id": str, "at": float, "kind": str, "data_json": str}
+SCHEMA_VERSION = 1
+
+
+def _migration_0(db: sqlite_utils.Database) -> None:
+    db["jobs"].create(  # type: ignore[union-attr]
+        {k: v for k, v in JOB_COLUMNS.items() if k not in ("dedupe_key", "job_dir", "resumed_from_chunk",
+                                                             "cancel_requested")},
+        pk="id", not_null={"name", "state", "priority", "seq", "source", "attempts", "created_at"},
+        defaults={"priority": 0, "attempts": 0, "progress": 0.0},
+    )
+    db.execute(
+        "CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT, at REAL NOT NULL,"
+        " kind TEXT NOT NULL, data_json TEXT NOT NULL DEFAULT '{}')"
+    )
+    db.execute("CREATE INDEX events_by_job ON events(job_id, id)")
+    db.execute("CREATE INDEX jobs_by_state ON jobs(state, priority, seq)")
+    db.execute("CREATE INDEX jobs_by_source ON jobs(source)")
+
+
+def _migration_1(db: sqlite_utils.Database) -> None:
+    table = db["jobs"]
+    table.add_column("dedupe_key", str)  # type: ignore[union-attr]
+    table.add_column("job_dir", str)  # type: ignore[union-attr]
+    table.add_column("resumed_from_chunk", int)  # type: ignore[union-attr]
+    table.add_column("cancel_requested", int, not_null_default=0)  # type: ignore[union-attr]
+    db.execute("CREATE INDEX jobs_by_dedupe ON jobs(dedupe_key)")
+
+
+#: applied in order; PRAGMA user_version counts how many ran (each with its bump in one transaction)
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_migration_0, _migration_1)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobRow:
+    """One `jobs` row."""
+
+    id: str
+    name: str
+    state: str
+    priority: int = 0
+    seq: int = 0
+    source: str = ""
+    spec_json: str | None = None
+    input_hashes_json: str | None = None
+    attempts: int = 0
+    progress: float | None = 0.0
+    chunk: int | None = None
+    num_chunks: int | None = None
+    step: int | None = None
+    num_steps: int | None = None
+    stage: str | None = None
+    waiting_reason: str | None = None
+    created_at: float = 0.0
+    queued_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    next_attempt_at: float | None = None
+    output_video: str | None = None
+    output_poster: str | None = None
+    output_json: str | None = None
+    duration_s: float | None = None
+    frames: int | None = None
+    render_s: float | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    error_field: str | None = None
+    duplicate_of: str | None = None
+    deleted_at: float | None = None
+    dedupe_key: str | None = None
+    job_dir: str | None = None
+    resumed_from_chunk: int | None = None
+    cancel_requested: int = 0
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> JobRow:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: row[k] for k in row.keys() if k in names})
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return json.loads(self.spec_json) if self.spec_json else {}
+
+    @property
+    def input_hashes(self) -> dict[str, str]:
+        return json.loads(self.input_hashes_json) if self.input_hashes_json else {}
+
+    def summary(self) -> dict[str, Any]:
+        """The fields `infinitetalk status --json` prints for a job."""
+        keys = ("id", "name", "state", "priority", "attempts", "stage", "chunk", "num_chunks", "step",
+                "num_steps", "waiting_reason", "created_at", "started_at", "finished_at",
+                "next_attempt_at", "output_video", "output_poster", "output_json", "duration_s",
+                "frames", "render_s", "error_code", "error_message", "error_field", "duplicate_of",
+                "deleted_at")
+        out = {k: getattr(self, k) for k in keys}
+        out["progress"] = min(1.0, max(0.0, float(self.progress or 0.0)))
+        return out
+
+
+def new_job_id() -> str:
+    """Short and URL-safe: 12 lowercase hex characters."""
+    return secrets.token_hex(6)
+
+
+def connect(path: Path, *, readonly: bool = False, timeout_s: float = 30.0) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), WAL, with a busy timeout."""
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout_s,
+                               isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA query_only=1")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(path), timeout=timeout_s, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+class Ledger:
+    """The daemon's write connection and every query it makes."""
+
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+        if sqlite3.sqlite_version_info < (3, 35):
+            raise RuntimeError(f"SQLite >= 3.35 is needed (RETURNING), found {sqlite3.sqlite_version}")
+        self.path = path
+        self.clock = clock
+        self.conn = connect(path)
+        self.db = sqlite_utils.Database(self.conn)
+        self.migrate()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def migrate(self) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        for index in range(version, len(MIGRATIONS)):
+            with self.tx():
+                MIGRATIONS[index](self.db)
+                self.conn.execute(f"PRAGMA user_version={index + 1}")
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken with BEGIN IMMEDIATE (waits for the write lock)."""
+        if self.conn.in_transaction:  # nested use joins the outer transaction
+            yield self.conn
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def _event(self, job_id: str | None, kind: str, data: Mapping[str, Any] | None = None) -> int:
+        if kind not in EVENT_KINDS:
+            raise ValueError(f"unknown event kind {kind!r}")
+        cur = self.conn.execute(
+            "INSERT INTO events (job_id, at, kind, data_json) VALUES (?, ?, ?, ?)",
+            (job_id, self.clock(), kind, json.dumps(dict(data or {}), sort_keys=True, default=str)),
+        )
+        return int(cur.lastrowid or 0)
+
+    def daemon_event(self, message: str, **data: Any) -> None:
+        with self.tx():
+            self._event(None, "daemon", {"message": message, **data})
+
+    # ------------------------------------------------------------------ writes
+
+    def insert_job(self, *, name: str, source: str, state: str, priority: int = 0,
+                   event_data: Mapping[str, Any] | None = None, **columns: Any) -> JobRow:
+        """A new job seen in the inbox; writes `created` and the event of its first state."""
+        if state not in ("waiting", "queued", "rejected"):
+            raise ValueError(f"a new job starts waiting, queued or rejected, not {state!r}")
+        bad = set(columns) - set(JOB_COLUMNS)
+        if bad:
+            raise ValueError(f"unknown job columns {sorted(bad)}")
+        now = self.clock()
+        with self.tx():
+            seq = self.conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
+            job_id = columns.pop("id", None) or new_job_id()
+            row = {"id": job_id, "name": name, "source": source, "state": state, "priority": priority,
+                   "seq": seq, "created_at": now, "attempts": 0, "progress": 0.0, **columns}
+            if state == "queued":
+                row.setdefault("queued_at", now)
+            if state == "rejected":
+                row.setdefault("finished_at", now)
+            self.db["jobs"].insert(row)  # type: ignore[union-attr]
+            self._event(job_id, "created", {"name": name, "source": source, "state": state})
+            self._event(job_id, STATE_EVENT[state], _state_data(state, row, event_data))
+        return self.get(job_id)
+
+    def transition(self, job_id: str, expected: str | Iterable[str], new: str, *,
+                   event_data: Mapping[str, Any] | None = None, **columns: Any) -> JobRow:
+        """Compare-and-set `expected -> new` with its event, in one transaction."""
+        with self.tx():
+            return self._transition(job_id, expected, new, event_data=event_data, **columns)
+
+    def _transition(self, job_id: str, expected: str | Iterable[str], new: str, *,
+                    event_data: Mapping[str, Any] | None = None, **columns: Any) -> JobRow:
+        if new not in STATES:
+            raise ValueError(f"unknown state {new!r}")
+        allowed = (expected,) if isinstance(expected, str) else tuple(expected)
+        bad = set(columns) - set(JOB_COLUMNS)
+        if bad:
+            raise ValueError(f"unknown job columns {sorted(bad)}")
+        sets = {"state": new, **columns}
+        assignments = ", ".join(f"{k} = ?" for k in sets)
+        marks = ", ".join("?" for _ in allowed)
+        cur = self.conn.execute(
+            f"UPDATE jobs SET {assignments} WHERE id = ? AND state IN ({marks}) RETURNING *",
+            (*sets.values(), job_id, *allowed),
+        )
+        row = cur.fetchone()
+        if row is None:
+            actual = self.conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            raise LedgerConflict(job_id, allowed, actual[0] if actual else None)
+        self._event(job_id, STATE_EVENT[new], _state_data(new, dict(row), event_data))
+        return JobRow.from_row(row)
+
+    def admit(self, job_id: str, *, max_queued: int, **columns: Any) -> JobRow | None:
+        """`waiting -> queued` if fewer than `max_queued` are queued; None (still waiting) if full."""
+        with self.tx():
+            if self._count("queued") >= max_queued:
+                return None
+            return self._transition(job_id, "waiting", "queued", queued_at=self.clock(),
+                                    waiting_reason=None, **columns)
+
+    def requeue_due_retries(self, *, max_queued: int) -> list[JobRow]:
+        """`retry_wait -> queued` for jobs whose backoff has passed, as room allows."""
+        moved: list[JobRow] = []
+        with self.tx():
+            room = max_queued - self._count("queued")
+            if room <= 0:
+                return moved
+            due = self.conn.execute(
+                "SELECT id FROM jobs WHERE state = 'retry_wait' AND COALESCE(next_attempt_at, 0) <= ?"
+                " ORDER BY next_attempt_at, seq LIMIT ?", (self.clock(), room)).fetchall()
+            for (job_id,) in due:
+                moved.append(self._transition(job_id, "retry_wait", "queued", queued_at=self.clock(),
+                                              next_attempt_at=None))
+        return moved
+
+    def claim_next(self, *, max_running: int) -> JobRow | None:
+        """`queued -> running` for the next job (priority, then arrival) if fewer than the cap run."""
+        with self.tx():
+            if self._count("running") >= max_running:
+                return None
+            row = self.conn.execute(
+                "SELECT id, attempts FROM jobs WHERE state = 'queued' ORDER BY priority DESC, seq LIMIT 1"
+            ).fetchone()
+            if row is None:
+                return None
+            return self._transition(
+                row["id"], "queued", "running", started_at=self.clock(), attempts=row["attempts"] + 1,
+                stage="starting", error_code=None, error_message=None, error_field=None,
+                event_data={"attempt": row["attempts"] + 1},
+            )
+
+    def set_waiting_reason(self, job_id: str, reason: str) -> None:
+        """Update why a waiting job waits; writes a `waiting` event only when the reason changes."""
+        with self.tx():
+            cur = self.conn.execute(
+                "UPDATE jobs SET waiting_reason = ? WHERE id = ? AND state = 'waiting'"
+                " AND COALESCE(waiting_reason, '') != ? RETURNING id", (reason, job_id, reason))
+            if cur.fetchone() is not None:
+                self._event(job_id, "waiting", {"state": "waiting", "waiting_reason": reason})
+
+    def update_progress(self, job_id: str, *, progress: float, chunk: int, num_chunks: int, step: int,
+                        num_steps: int, stage: str, event: bool = True) -> None:
+        """Live progress of a running job (the caller throttles to about one per second)."""
+        data = {"progress": min(1.0, max(0.0, progress)), "chunk": chunk, "num_chunks": num_chunks,
+                "step": step, "num_steps": num_steps, "stage": stage}
+        with self.tx():
+            cur = self.conn.execute(
+                "UPDATE jobs SET progress = ?, chunk = ?, num_chunks = ?, step = ?, num_steps = ?, stage = ?"
+                " WHERE id = ? AND state = 'running' RETURNING id", (*data.values(), job_id))
+            if cur.fetchone() is not None and event:
+                self._event(job_id, "progress", data)
+
+    def request_cancel(self, job_id: str) -> None:
+        with self.tx():
+            self.conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+
+    def mark_deleted(self, job_id: str, *, reason: str) -> JobRow:
+        """Outputs gone (by `delete` or by hand): the row stays, `deleted_at` is set, event `deleted`."""
+        with self.tx():
+            row = self.conn.execute(
+                "UPDATE jobs SET deleted_at = ? WHERE id = ? AND deleted_at IS NULL RETURNING *",
+                (self.clock(), job_id)).fetchone()
+            if row is None:
+                raise LedgerConflict(job_id, ("not deleted",), "deleted")
+            self._event(job_id, "deleted", {"reason": reason})
+        return JobRow.from_row(row)
+
+    def set_columns(self, job_id: str, **columns: Any) -> None:
+        """Columns that are no state change (e.g. the job dir after a claim)."""
+        bad = set(columns) - set(JOB_COLUMNS)
+        if bad:
+            raise ValueError(f"unknown job columns {sorted(bad)}")
+        with self.tx():
+            self.conn.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in columns)} WHERE id = ?",
+                              (*columns.values(), job_id))
+
+    def recover_running(self) -> list[JobRow]:
+        """At start-up: jobs left `running` by a daemon that died go back to `queued` (attempt kept)."""
+        with self.tx():
+            ids = [r[0] for r in self.conn.execute("SELECT id FROM jobs WHERE state = 'running'")]
+            return [self._transition(i, "running", "queued", queued_at=self.clock(), stage="recovered",
+                                     event_data={"reason": "daemon restarted while running"}) for i in ids]
+
+    def purge_finished_before(self, cutoff: float) -> int:
+        """Retention: drop final rows (and their events) finished before `cutoff`."""
+        with self.tx():
+            ids = [r[0] for r in self.conn.execute(
+                f"SELECT id FROM jobs WHERE state IN ({', '.join('?' for _ in FINAL_STATES)})"
+                " AND COALESCE(finished_at, created_at) < ?", (*FINAL_STATES, cutoff))]
+            for job_id in ids:
+                self.conn.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
+                self.conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        return len(ids)
+
+    # ------------------------------------------------------------------ reads
+
+    def _count(self, state: str) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (state,)).fetchone()[0])
+
+    def get(self, job_id: str) -> JobRow:
+        return get_job(self.conn, job_id)
+
+    def find(self, job_id: str) -> JobRow | None:
+        return find_job(self.conn, job_id)
+
+    def counts(self) -> dict[str, int]:
+        return state_counts(self.conn)
+
+    def jobs(self, states: Iterable[str] | None = None) -> list[JobRow]:
+        return list_jobs(self.conn, states)
+
+    def active_by_source(self) -> dict[str, JobRow]:
+        """Jobs still tied to an inbox entry (waiting), keyed by their source path."""
+        return {r.source: r for r in self.jobs(["waiting"])}
+
+    def find_duplicate(self, dedupe_key: str) -> JobRow | None:
+        row = self.conn.execute(
+            "SELECT * FROM jobs WHERE dedupe_key = ? AND state IN ('queued', 'running', 'retry_wait', 'done')"
+            " AND deleted_at IS NULL ORDER BY seq LIMIT 1", (dedupe_key,)).fetchone()
+        return JobRow.from_row(row) if row else None
+
+
+def _state_data(state: str, row: Mapping[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    data: dict[str, Any] = {"state": state}
+    for key in ("waiting_reason", "error_code", "error_message", "error_field", "duplicate_of",
+                "next_attempt_at", "output_video", "attempts"):
+        if row.get(key) not in (None, ""):
+            data[key] = row[key]
+    data.update(extra or {})
+    return data
+
+
+# ---------------------------------------------------------------------- read helpers (any connection)
+
+
+def get_job(conn: sqlite3.Connection, job_id: str) -> JobRow:
+    row = find_job(conn, job_id)
+    if row is None:
+        raise KeyError(f"no job with id {job_id!r}")
+    return row
+
+
+def find_job(conn: sqlite3.Connection, job_id: str) -> JobRow | None:
+    conn.row_factory = sqlite3.Row
+    row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return JobRow.from_row(row) if row else None
+
+
+def list_jobs(conn: sqlite3.Connection, states: Iterable[str] | None = None) -> list[JobRow]:
+    conn.row_factory = sqlite3.Row
+    if states is None:
+        rows = conn.execute("SELECT * FROM jobs ORDER BY seq").fetchall()
+    else:
+        wanted = tuple(states)
+        rows = conn.execute(f"SELECT * FROM jobs WHERE state IN ({', '.join('?' for _ in wanted)})"
+                            " ORDER BY seq", wanted).fetchall()
+    return [JobRow.from_row(r) for r in rows]
+
+
+def state_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    counts = {state: 0 for state in STATES}
+    for state, n in conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+        counts[state] = n
+    return counts
+
+
+def events_after(conn: sqlite3.Connection, after_id: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+    conn.row_factory = sqlite3.Row
+    rows = conn.execute("SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit))
+    return [{**dict(r), "data": json.loads(r["data_json"])} for r in rows]
+
+
+def status_snapshot(path: Path) -> dict[str, Any]:
+    """`infinitetalk status --json`: counts per state and every job, from a read-only connection."""
+    if not path.exists():
+        return {"counts": {state: 0 for state in STATES}, "jobs": []}
+    conn = connect(path, readonly=True)
+    try:
+        return {"counts": state_counts(conn), "jobs": [j.summary() for j in list_jobs(conn)]}
+    finally:
+        conn.close()
