@@ -1,0 +1,1 @@
+"""Test suite (a package so `tests.helpers` imports from any test)."""

@@ -1,0 +1,1 @@
+"""Helpers shared by tests: media made in code (`tests.helpers.media`)."""
