@@ -112,8 +112,8 @@ def test_buckets_keys_match_the_reference_table() -> None:
 def test_resize_and_crop_geometry() -> None:
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (61, 97, 3), dtype=np.uint8))
     out = buckets.resize_and_crop(img, (32, 48))
-    # cover scale = max(32/61, 48/97) -> 33 x 51 (ceil), crop offsets round((33-32)/2)=0, round(3/2)=2
-    ref = np.asarray(img.resize((51, 33), resample=Image.BILINEAR))[0:32, 2:50]
+    # cover scale = max(32/61, 48/97); 32/61*61 == 32.0 -> 32 x ceil(50.9)=51; crop left round(3/2) = 2
+    ref = np.asarray(img.resize((51, 32), resample=Image.BILINEAR))[0:32, 2:50]
     np.testing.assert_array_equal(out, ref)
     x = buckets.to_model_frame(out)
     assert x.shape == (3, 1, 32, 48) and x.min() >= -1 and x.max() <= 1
