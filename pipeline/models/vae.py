@@ -1,0 +1,414 @@
+"""Wan 2.1 causal 3-D VAE (`Wan2.1_VAE.pth`): encode video to normalised latents and back.
+
+Shape legend
+    C  pixel channels (3) · Z latent channels (16) · F pixel frames (4n+1) · f latent frames (n+1)
+    H, W pixel height/width (multiples of 8) · h, w latent height/width (H/8, W/8)
+    encode: video [3, F, H, W] in [-1, 1]  ->  latents [Z, f, h, w], normalised per channel
+    decode: latents [Z, f, h, w]           ->  video [3, F, H, W] clamped to [-1, 1]
+
+Time is causal everywhere: every 3x3x3 convolution pads two frames *before* the clip and none
+after. Encoding runs in frame groups 1, 4, 4, ... and decoding one latent frame at a time; the
+frames a convolution needs from the previous group come from a `FeatureCache` (one entry per
+temporal convolution, at most `CACHE_T` frames each), so the result equals a single pass over the
+whole clip while the activations stay small.
+
+Module attribute names follow the released checkpoint exactly (`encoder.downsamples.3.residual.2`,
+`decoder.upsamples.7.time_conv`, `conv1`, `conv2`, ...), so the file loads with `strict=True` and
+no key conversion. transformers has no Wan VAE, hence our own implementation (docs/parity-encoders.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+CACHE_T = 2  # frames of context a causal 3x3x3 convolution needs from the previous group
+
+# Per-channel latent statistics of the released VAE (latent = (mu - mean) / std).
+LATENT_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)  # fmt: skip
+LATENT_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)  # fmt: skip
+
+VAE_FILE = "Wan2.1_VAE.pth"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VAEConfig:
+    """Hyper-parameters of the Wan VAE; the defaults are the released model's."""
+
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+    latent_mean: tuple[float, ...] = field(default=LATENT_MEAN)
+    latent_std: tuple[float, ...] = field(default=LATENT_STD)
+
+    def __post_init__(self) -> None:
+        if len(self.latent_mean) != self.z_dim or len(self.latent_std) != self.z_dim:
+            raise ValueError(
+                f"latent_mean/latent_std need z_dim={self.z_dim} values, "
+                f"got {len(self.latent_mean)} and {len(self.latent_std)}"
+            )
+        if len(self.temporal_downsample) != len(self.dim_mult) - 1:
+            raise ValueError(
+                f"temporal_downsample needs {len(self.dim_mult) - 1} flags for dim_mult={self.dim_mult}, "
+                f"got {self.temporal_downsample}"
+            )
+
+    @property
+    def temporal_stride(self) -> int:
+        return 2 ** sum(self.temporal_downsample)
+
+    @property
+    def spatial_stride(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)
+
+
+class FeatureCache:
+    """The frames each temporal convolution keeps from the previous group (encode or decode).
+
+    One entry per module, keyed by the module itself; `REPEAT` marks an upsampling layer that has
+    seen the first latent frame (that frame is not doubled in time).
+    """
+
+    REPEAT = "repeat"
+
+    def __init__(self) -> None:
+        self._entries: dict[int, Tensor | str] = {}
+
+    def get(self, module: nn.Module) -> Tensor | str | None:
+        return self._entries.get(id(module))
+
+    def put(self, module: nn.Module, value: Tensor | str) -> None:
+        self._entries[id(module)] = value
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _tail(x: Tensor, previous: Tensor | None) -> Tensor:
+    """The last CACHE_T frames of `x` (topped up with the previous cache's last frame)."""
+    tail = x[:, :, -CACHE_T:].clone()
+    if tail.shape[2] < CACHE_T and previous is not None:
+        tail = torch.cat([previous[:, :, -1:].to(tail), tail], dim=2)
+    return tail
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d with symmetric spatial padding and all temporal padding in front (causal)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        pt, ph, pw = self.padding  # type: ignore[misc]
+        self.time_pad = 2 * pt
+        self.pad_hw = (pw, pw, ph, ph)
+        self.padding = (0, 0, 0)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """x: [B, C, T, H, W]; `context`: frames that precede x in time (replace zero padding)."""
+        time_pad = self.time_pad
+        if context is not None and time_pad > 0:
+            x = torch.cat([context.to(x), x], dim=2)
+            time_pad -= context.shape[2]
+        x = F.pad(x, (*self.pad_hw, time_pad, 0))
+        return super().forward(x)
+
+    def cached(self, x: Tensor, cache: FeatureCache | None) -> Tensor:
+        """Forward with this layer's cache entry as context, then store x's tail for the next group."""
+        if cache is None:
+            return self(x)
+        previous = cache.get(self)
+        assert not isinstance(previous, str)
+        cache.put(self, _tail(x, previous))
+        return self(x, previous)
+
+
+class RMSNorm(nn.Module):
+    """L2-normalise over channels, times sqrt(C) and a learned per-channel gain (`gamma`)."""
+
+    def __init__(self, dim: int, *, images: bool) -> None:
+        super().__init__()
+        shape = (dim, 1, 1) if images else (dim, 1, 1, 1)
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(shape))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(x, dim=1) * self.scale * self.gamma
+
+
+class Upsample(nn.Module):
+    """Nearest-exact 2x spatial upsampling computed in float32 (bf16 lacks the kernel)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.interpolate(x.float(), scale_factor=(2.0, 2.0), mode="nearest-exact").type_as(x)
+
+
+class Resample(nn.Module):
+    """Spatial 2x down/up sampling, optionally with a causal temporal 2x (`time_conv`)."""
+
+    def __init__(self, dim: int, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        if mode in ("upsample2d", "upsample3d"):
+            self.resample = nn.Sequential(Upsample(), nn.Conv2d(dim, dim // 2, 3, padding=1))
+        elif mode in ("downsample2d", "downsample3d"):
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+        else:
+            raise ValueError(f"unknown resample mode {mode!r}")
+        if mode == "upsample3d":
+            self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        elif mode == "downsample3d":
+            self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1), padding=(0, 0, 0))
+
+    def forward(self, x: Tensor, cache: FeatureCache | None) -> Tensor:
+        """x: [B, C, T, H, W] -> [B, C', T', H*2 or H/2, W*2 or W/2]."""
+        if self.mode == "upsample3d" and cache is not None:
+            x = self._upsample_time(x, cache)
+        b, t = x.shape[0], x.shape[2]
+        y = self.resample(x.transpose(1, 2).flatten(0, 1))  # [B*T, C', H', W']
+        x = y.unflatten(0, (b, t)).transpose(1, 2)  # [B, C', T, H', W']
+        if self.mode == "downsample3d" and cache is not None:
+            x = self._downsample_time(x, cache)
+        return x
+
+    def _upsample_time(self, x: Tensor, cache: FeatureCache) -> Tensor:
+        previous = cache.get(self.time_conv)
+        if previous is None:  # the first latent frame is not doubled
+            cache.put(self.time_conv, FeatureCache.REPEAT)
+            return x
+        if isinstance(previous, str):  # second group: the context before the clip is zeros
+            previous = torch.zeros_like(x[:, :, :1]).expand(-1, -1, CACHE_T, -1, -1)
+        cache.put(self.time_conv, _tail(x, previous))
+        y = self.time_conv(x, previous)  # [B, 2C, T, H, W]
+        b, c2, t, h, w = y.shape
+        y = y.view(b, 2, c2 // 2, t, h, w)
+        return torch.stack((y[:, 0], y[:, 1]), dim=3).reshape(b, c2 // 2, t * 2, h, w)  # [B, C, 2T, H, W]
+
+    def _downsample_time(self, x: Tensor, cache: FeatureCache) -> Tensor:
+        previous = cache.get(self.time_conv)
+        cache.put(self.time_conv, x[:, :, -1:].clone())
+        if previous is None:  # the first frame passes through unchanged
+            return x
+        assert not isinstance(previous, str)
+        return self.time_conv(torch.cat([previous[:, :, -1:], x], dim=2))
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.residual = nn.Sequential(
+            RMSNorm(in_dim, images=False),
+            nn.SiLU(),
+            CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMSNorm(out_dim, images=False),
+            nn.SiLU(),
+            nn.Identity(),  # dropout in training; keeps the checkpoint's indices
+            CausalConv3d(out_dim, out_dim, 3, padding=1),
+        )
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: Tensor, cache: FeatureCache | None) -> Tensor:
+        h = self.shortcut(x)
+        for layer in self.residual:
+            x = layer.cached(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the pixels of each frame separately."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: Tensor, cache: FeatureCache | None = None) -> Tensor:
+        b, c, t, h, w = x.shape
+        y = self.norm(x.transpose(1, 2).flatten(0, 1))  # [B*T, C, H, W]
+        qkv = self.to_qkv(y).flatten(2).transpose(1, 2).unsqueeze(1)  # [B*T, 1, H*W, 3C]
+        q, k, v = qkv.chunk(3, dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v)  # [B*T, 1, H*W, C]
+        y = y.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)
+        y = self.proj(y).unflatten(0, (b, t)).transpose(1, 2)  # [B, C, T, H, W]
+        return x + y
+
+
+class Head(nn.Sequential):
+    def __init__(self, dim: int, out_dim: int) -> None:
+        super().__init__(RMSNorm(dim, images=False), nn.SiLU(), CausalConv3d(dim, out_dim, 3, padding=1))
+
+    def forward(self, x: Tensor, cache: FeatureCache | None = None) -> Tensor:  # type: ignore[override]
+        for layer in self:
+            x = layer.cached(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
+        return x
+
+
+def _middle(dim: int) -> nn.Sequential:
+    return nn.Sequential(ResidualBlock(dim, dim), AttentionBlock(dim), ResidualBlock(dim, dim))
+
+
+class Encoder3d(nn.Module):
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
+        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
+        layers: list[nn.Module] = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(cfg.num_res_blocks):
+                layers.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if i < len(cfg.dim_mult) - 1:
+                layers.append(Resample(out_dim, "downsample3d" if cfg.temporal_downsample[i] else "downsample2d"))
+        self.downsamples = nn.Sequential(*layers)
+        self.middle = _middle(dims[-1])
+        self.head = Head(dims[-1], cfg.z_dim * 2)
+
+    def forward(self, x: Tensor, cache: FeatureCache | None) -> Tensor:
+        """x: [B, 3, T, H, W] -> [B, 2Z, t, H/8, W/8] (mean and log-variance)."""
+        x = self.conv1.cached(x, cache)
+        for layer in (*self.downsamples, *self.middle):
+            x = layer(x, cache)
+        return self.head(x, cache)
+
+
+class Decoder3d(nn.Module):
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        mults = cfg.dim_mult
+        dims = [cfg.base_dim * m for m in (mults[-1], *mults[::-1])]
+        temporal_upsample = cfg.temporal_downsample[::-1]
+        self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
+        self.middle = _middle(dims[0])
+        layers: list[nn.Module] = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0:
+                in_dim //= 2  # the previous upsampling halved the channels
+            for _ in range(cfg.num_res_blocks + 1):
+                layers.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if i < len(mults) - 1:
+                layers.append(Resample(out_dim, "upsample3d" if temporal_upsample[i] else "upsample2d"))
+        self.upsamples = nn.Sequential(*layers)
+        self.head = Head(dims[-1], 3)
+
+    def forward(self, x: Tensor, cache: FeatureCache | None) -> Tensor:
+        """x: [B, Z, t, h, w] -> [B, 3, T, 8h, 8w]."""
+        x = self.conv1.cached(x, cache)
+        for layer in (*self.middle, *self.upsamples):
+            x = layer(x, cache)
+        return self.head(x, cache)
+
+
+class WanVAE(nn.Module):
+    """The Wan VAE with latent normalisation. Parameter names match `Wan2.1_VAE.pth`."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder3d(cfg)
+        self.conv1 = CausalConv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)
+        self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
+        self.decoder = Decoder3d(cfg)
+
+    def _stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        shape = (1, self.cfg.z_dim, 1, 1, 1)
+        mean = torch.tensor(self.cfg.latent_mean, dtype=like.dtype, device=like.device).view(shape)
+        std = torch.tensor(self.cfg.latent_std, dtype=like.dtype, device=like.device).view(shape)
+        return mean, std
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv1.weight.dtype
+
+    @torch.no_grad()
+    def encode(self, video: Tensor) -> Tensor:
+        """video: [3, F, H, W] in [-1, 1], F = 4n+1, H and W multiples of 8 -> latents [Z, n+1, H/8, W/8].
+
+        Returns the normalised mean (no sampling), in float32.
+        """
+        if video.ndim != 4 or video.shape[0] != 3:
+            raise ValueError(f"VAE.encode expects a video [3, F, H, W], got shape {tuple(video.shape)}")
+        _, frames, height, width = video.shape
+        stride_t, stride_s = self.cfg.temporal_stride, self.cfg.spatial_stride
+        if (frames - 1) % stride_t or height % stride_s or width % stride_s:
+            raise ValueError(
+                f"VAE.encode needs F = {stride_t}n+1 frames and H, W multiples of {stride_s}; "
+                f"got F={frames}, H={height}, W={width}"
+            )
+        x = video.unsqueeze(0).to(self.dtype)  # [1, 3, F, H, W]
+        cache = FeatureCache()
+        groups = [x[:, :, :1]] + list(x[:, :, 1:].split(stride_t, dim=2))
+        out = torch.cat([self.encoder(g, cache) for g in groups], dim=2)  # [1, 2Z, f, h, w]
+        mu = self.conv1(out).chunk(2, dim=1)[0]
+        mean, std = self._stats(mu)
+        return ((mu - mean) / std).float()[0]
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """latents: [Z, f, h, w] (normalised) -> video [3, 4(f-1)+1, 8h, 8w] in [-1, 1], float32."""
+        if latents.ndim != 4 or latents.shape[0] != self.cfg.z_dim:
+            raise ValueError(
+                f"VAE.decode expects latents [{self.cfg.z_dim}, f, h, w], got shape {tuple(latents.shape)}"
+            )
+        z = latents.unsqueeze(0).to(self.dtype)  # [1, Z, f, h, w]
+        mean, std = self._stats(z)
+        x = self.conv2(z * std + mean)
+        cache = FeatureCache()
+        frames = [self.decoder(x[:, :, i : i + 1], cache) for i in range(x.shape[2])]
+        return torch.cat(frames, dim=2).float().clamp_(-1, 1)[0]
+
+
+def load_vae(
+    weights_dir: Path,
+    cfg: VAEConfig = VAEConfig(),
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    path: Path | None = None,
+) -> WanVAE:
+    """Build the VAE on the meta device and load `<weights_dir>/Wan2.1-I2V-14B-480P/Wan2.1_VAE.pth` strictly.
+
+    `weights_dir` is the weights root (the folder holding `Wan2.1-I2V-14B-480P/`); `path` overrides
+    the file. Raises FileNotFoundError naming the file, or RuntimeError listing missing/unexpected keys.
+    """
+    file = path or Path(weights_dir) / "Wan2.1-I2V-14B-480P" / VAE_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"VAE weights not found: {file}")
+    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    with torch.device("meta"):
+        model = WanVAE(cfg)
+    _check_keys(model, state, file)
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def _check_keys(model: nn.Module, state: dict[str, Tensor], file: Path) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
+    if missing or unexpected or wrong:
+        raise RuntimeError(
+            f"{file}: does not match VAEConfig: missing {missing[:8]} ({len(missing)}), "
+            f"unexpected {unexpected[:8]} ({len(unexpected)}), wrong shape "
+            f"{[(k, tuple(state[k].shape), expected[k]) for k in wrong[:8]]} ({len(wrong)})"
+        )
+
+
+def checkpoint_shapes(cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
+    """Every key of `Wan2.1_VAE.pth` for this config with its shape (all float32 in the release)."""
+    with torch.device("meta"):
+        model = WanVAE(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
