@@ -1,0 +1,216 @@
+"""The dashboard's Starlette app: `create_app(config)`.
+
+Routes (GET and HEAD only):
+
+    /                     the live page (static/index.html)
+    /jobs/{id}            one job's page with its whole event history (static/job.html)
+    /api/jobs             JSON: counts, active jobs, newest finished ones (?state=a,b&limit=N filters)
+    /api/jobs/{id}        JSON: one job and all its events
+    /events               server-sent events, resumable with Last-Event-ID (dashboard/sse.py)
+    /jobs/{id}/video      the job's MP4 (HTTP Range; ?download=1 for an attachment)
+    /jobs/{id}/poster     the job's poster JPEG
+    /healthz              liveness, with whether the ledger is readable
+    /metrics              Prometheus text (dashboard/metrics.py)
+    /static/...           the page's JS, CSS and icon
+
+Files are found by job id in the ledger and must lie inside the outbox; no path ever comes from
+the URL. The ledger is opened read-only per request; a missing ledger is a 503 for the API and a
+note on the page, never a crash.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sse_starlette import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from dashboard import metrics, reader, sse, views
+from dashboard.config import DashboardConfig
+from dashboard.security import ReadOnlyMiddleware, SecurityHeadersMiddleware, TokenMiddleware
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_LIMIT = 1000
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+class _Problem(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@contextmanager
+def _ledger(cfg: DashboardConfig) -> Iterator[sqlite3.Connection]:
+    conn = reader.connect(cfg.ledger_path)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def _json(body: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=NO_STORE)
+
+
+def _unavailable(cfg: DashboardConfig, e: reader.LedgerUnavailable) -> JSONResponse:
+    return _json(views.unavailable_view(str(cfg.ledger_path), e.reason, time.time()), 503)
+
+
+def _job_id(request: Request) -> str:
+    job_id = str(request.path_params["job_id"])
+    if not JOB_ID.fullmatch(job_id):
+        raise _Problem(404, f"no job {job_id!r}: job ids are 1-64 letters, digits, '-' or '_'")
+    return job_id
+
+
+def _states(raw: str | None) -> tuple[str, ...]:
+    states = tuple(s for s in (raw or "").replace(" ", "").split(",") if s)
+    unknown = [s for s in states if s not in reader.ALL_STATES]
+    if unknown:
+        raise _Problem(400, f"unknown state {unknown[0]!r}; states are {', '.join(reader.ALL_STATES)}")
+    return states
+
+
+def _limit(raw: str | None, default: int) -> int:
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise _Problem(400, f"limit must be an integer 1..{MAX_LIMIT}, got {raw!r}")
+    return int(raw)
+
+
+def _output_file(cfg: DashboardConfig, job_id: str, column: str) -> Path:
+    """The job's output file from the ledger, checked to be a regular file inside the outbox."""
+    with _ledger(cfg) as conn:
+        row = reader.get_job(conn, job_id)
+    if row is None:
+        raise _Problem(404, f"no job {job_id!r} in the ledger")
+    if row.get("deleted_at"):
+        raise _Problem(410, f"the outputs of job {job_id!r} were deleted")
+    if row.get("state") != "done" or not row.get(column):
+        raise _Problem(404, f"job {job_id!r} has no {column.removeprefix('output_')} (state {row.get('state')})")
+    path = Path(row[column]).resolve()
+    if not path.is_relative_to(cfg.outbox.resolve()):
+        raise _Problem(404, f"the {column} of job {job_id!r} is outside the outbox; not served")
+    if not path.is_file():
+        raise _Problem(410, f"the {column} of job {job_id!r} is no longer in the outbox")
+    return path
+
+
+def create_app(cfg: DashboardConfig) -> Starlette:
+    """The read-only dashboard for the ledger and outbox named in `cfg`."""
+
+    def index(request: Request) -> Response:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    def job_page(request: Request) -> Response:
+        _job_id(request)
+        return FileResponse(STATIC_DIR / "job.html", headers={"Cache-Control": "no-cache"})
+
+    def api_jobs(request: Request) -> Response:
+        states = _states(request.query_params.get("state"))
+        limit = request.query_params.get("limit")
+        now = time.time()
+        try:
+            with _ledger(cfg) as conn:
+                if not states and limit is None:
+                    snap = reader.snapshot(conn, done_limit=cfg.done_limit, problem_limit=cfg.problem_limit)
+                    return _json(views.snapshot_view(snap, now))
+                with reader.read_transaction(conn):
+                    snap = reader.Snapshot(counts=reader.counts(conn),
+                                           jobs=reader.list_jobs(conn, states, _limit(limit, 100)),
+                                           last_event_id=reader.last_event_id(conn))
+                return _json(views.snapshot_view(snap, now))
+        except reader.LedgerUnavailable as e:
+            return _unavailable(cfg, e)
+
+    def api_job(request: Request) -> Response:
+        job_id = _job_id(request)
+        try:
+            with _ledger(cfg) as conn, reader.read_transaction(conn):
+                row = reader.get_job(conn, job_id)
+                events = reader.job_events(conn, job_id) if row else []
+                last_id = reader.last_event_id(conn)
+        except reader.LedgerUnavailable as e:
+            return _unavailable(cfg, e)
+        if row is None:
+            raise _Problem(404, f"no job {job_id!r} in the ledger")
+        now = time.time()
+        return _json({"now": now, "last_event_id": last_id, "job": views.job_view(row, now),
+                      "events": [views.event_view(e) for e in events]})
+
+    async def events(request: Request) -> Response:
+        last = sse.parse_last_event_id(request.headers.get("last-event-id"))
+        return EventSourceResponse(sse.event_stream(cfg, last), ping=cfg.ping_s, headers=NO_STORE)
+
+    def video(request: Request) -> Response:
+        path = _output_file(cfg, _job_id(request), "output_video")
+        download = request.query_params.get("download") == "1"
+        return FileResponse(path, media_type="video/mp4", filename=path.name,
+                            content_disposition_type="attachment" if download else "inline")
+
+    def poster(request: Request) -> Response:
+        path = _output_file(cfg, _job_id(request), "output_poster")
+        return FileResponse(path, media_type="image/jpeg")
+
+    def healthz(request: Request) -> Response:
+        ledger: dict[str, Any] = {"path": str(cfg.ledger_path)}
+        try:
+            with _ledger(cfg) as conn:
+                ledger |= {"available": True, "last_event_id": reader.last_event_id(conn)}
+        except (reader.LedgerUnavailable, sqlite3.Error) as e:
+            ledger |= {"available": False, "reason": getattr(e, "reason", str(e))}
+        return _json({"status": "ok", "ledger": ledger})
+
+    def metrics_page(request: Request) -> Response:
+        try:
+            with _ledger(cfg) as conn:
+                text = metrics.render(conn)
+        except reader.LedgerUnavailable:
+            text = metrics.render(None)
+        return PlainTextResponse(text, media_type=metrics.CONTENT_TYPE, headers=NO_STORE)
+
+    async def problem(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, _Problem)
+        if request.url.path.startswith("/api/"):
+            return _json({"error": exc.message}, exc.status)
+        return PlainTextResponse(exc.message, status_code=exc.status, headers=NO_STORE)
+
+    get = ["GET", "HEAD"]
+    routes = [
+        Route("/", index, methods=get),
+        Route("/api/jobs", api_jobs, methods=get),
+        Route("/api/jobs/{job_id}", api_job, methods=get),
+        Route("/events", events, methods=get),
+        Route("/jobs/{job_id}", job_page, methods=get),
+        Route("/jobs/{job_id}/video", video, methods=get),
+        Route("/jobs/{job_id}/poster", poster, methods=get),
+        Route("/healthz", healthz, methods=get),
+        Route("/metrics", metrics_page, methods=get),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+    ]
+    middleware = [
+        Middleware(SecurityHeadersMiddleware),
+        Middleware(TrustedHostMiddleware, allowed_hosts=list(cfg.allowed_hosts), www_redirect=False),
+        Middleware(ReadOnlyMiddleware),
+    ]
+    if cfg.token:
+        middleware.append(Middleware(TokenMiddleware, token=cfg.token))
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers={_Problem: problem})
+    app.state.config = cfg
+    return app

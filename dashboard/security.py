@@ -1,0 +1,130 @@
+"""The dashboard's guards, as plain ASGI middleware (they wrap streaming responses untouched).
+
+- `ReadOnlyMiddleware`: GET and HEAD only; anything else is 405 with `Allow: GET, HEAD`, before
+  routing, so no path accepts a write.
+- `TokenMiddleware`: when a token is configured, every path but `/healthz` needs it, given as
+  `Authorization: Bearer <token>`, as the `infinitetalk_token` cookie, or once as `?token=` (the
+  page then sets the cookie and redirects to the same URL without it).
+- `SecurityHeadersMiddleware`: a strict Content-Security-Policy (scripts and styles only from
+  /static, no inline code), nosniff, no referrer, same-origin resources, no framing.
+
+The Host header check against DNS rebinding is Starlette's `TrustedHostMiddleware`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import urllib.parse
+from http.cookies import CookieError, SimpleCookie
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.responses import PlainTextResponse, RedirectResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+SAFE_METHODS = ("GET", "HEAD")
+TOKEN_COOKIE = "infinitetalk_token"
+PUBLIC_PATHS = ("/healthz",)
+
+CSP = "; ".join([
+    "default-src 'none'",
+    "script-src 'self'",
+    "style-src 'self'",
+    "img-src 'self' data:",
+    "media-src 'self'",
+    "connect-src 'self'",
+    "base-uri 'none'",
+    "form-action 'none'",
+    "frame-ancestors 'none'",
+])
+
+SECURITY_HEADERS = {
+    "content-security-policy": CSP,
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "cross-origin-resource-policy": "same-origin",
+    "cross-origin-opener-policy": "same-origin",
+    "x-frame-options": "DENY",
+}
+
+
+class ReadOnlyMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] not in SAFE_METHODS:
+            response = PlainTextResponse(
+                f"method {scope['method']} not allowed: this dashboard is read-only",
+                status_code=405,
+                headers={"Allow": ", ".join(SAFE_METHODS)},
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+class SecurityHeadersMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers.setdefault(name, value)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _presented_token(scope: Scope) -> str | None:
+    headers = Headers(scope=scope)
+    auth = headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    cookies = SimpleCookie()
+    try:
+        cookies.load(headers.get("cookie", ""))
+    except CookieError:  # a malformed cookie header is just no cookie
+        return None
+    morsel = cookies.get(TOKEN_COOKIE)
+    return morsel.value if morsel else None
+
+
+class TokenMiddleware:
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        if not token:
+            raise ValueError("TokenMiddleware needs a non-empty token")
+        self.app = app
+        self.token = token.encode()
+
+    def _matches(self, candidate: str | None) -> bool:
+        return candidate is not None and hmac.compare_digest(candidate.encode(), self.token)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self._matches(_presented_token(scope)):
+            await self.app(scope, receive, send)
+            return
+        query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        if self._matches((query.get("token") or [None])[0]):
+            rest = urllib.parse.urlencode([(k, v) for k, vs in query.items() if k != "token" for v in vs])
+            response = RedirectResponse(scope["path"] + (f"?{rest}" if rest else ""), status_code=303)
+            response.set_cookie(TOKEN_COOKIE, self.token.decode(), httponly=True, samesite="strict",
+                                path="/")
+            await response(scope, receive, send)
+            return
+        response = PlainTextResponse(
+            "this dashboard needs its access token: open it once as /?token=<token> or send "
+            "'Authorization: Bearer <token>'",
+            status_code=401,
+            headers={"WWW-Authenticate": 'Bearer realm="infinitetalk"'},
+        )
+        await response(scope, receive, send)

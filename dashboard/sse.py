@@ -1,0 +1,162 @@
+"""`/events`: the ledger's `events` table as a server-sent event stream.
+
+Each ledger event becomes one frame whose SSE id is the event's row id and whose name is its kind
+(`created`, `queued`, `progress`, ...). Its data is JSON: `{"event": {...}, "job": {...} | null,
+"counts": {...}, "now": t}` where `job` is the job's current row and `counts` the jobs per state,
+so one frame is enough to update a page.
+
+- A new client (no `Last-Event-ID`) first gets one `snapshot` frame (the `/api/jobs` body) whose
+  id is the newest event id, then every later event.
+- A client reconnecting with `Last-Event-ID: N` gets every event after N, in order, nothing
+  missed. If those events are no longer there (pruned, or the ledger was replaced), it gets a fresh
+  `snapshot` instead.
+- `ledger` frames (no id) say when the ledger becomes unavailable or available again; the stream
+  stays open meanwhile and carries on when the daemon returns.
+
+Each stream owns its read-only connection (opened inside the generator) and polls
+`PRAGMA data_version` every `poll_s`; blocking SQLite calls run in a worker thread.
+sse-starlette sends the heartbeats and ends the stream when uvicorn shuts down.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from sse_starlette import ServerSentEvent
+
+from dashboard import reader, views
+from dashboard.config import DashboardConfig
+
+BATCH = 500  #: events per read; a long replay is sent in batches
+RETRY_MS = 3000  #: how long a browser waits before reconnecting
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False)
+
+
+def parse_last_event_id(value: str | None) -> int | None:
+    """The numeric `Last-Event-ID`, or None when absent or not ours (then a snapshot is sent)."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value.strip())
+
+
+@dataclass(slots=True)
+class _Cursor:
+    """One stream's position and connection."""
+
+    cfg: DashboardConfig
+    last_id: int | None
+    conn: sqlite3.Connection | None = None
+    file_id: tuple[int, int] | None = None
+    version: int | None = None
+    available: bool | None = None
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.conn, self.file_id, self.version = None, None, None
+
+    def poll(self) -> list[ServerSentEvent]:
+        """Run in a worker thread: (re)open the ledger if needed and read what is new."""
+        out: list[ServerSentEvent] = []
+        try:
+            self._ensure_open()
+            if self.available is not True:
+                if self.available is False:  # back after a gap: the page was emptied, resend it all
+                    self.last_id = None
+                self.available = True
+                out.append(ServerSentEvent(_dumps({"available": True}), event="ledger"))
+            out += self._read_new()
+        except (reader.LedgerUnavailable, sqlite3.Error) as e:
+            self.close()
+            reason = e.reason if isinstance(e, reader.LedgerUnavailable) else f"{type(e).__name__}: {e}"
+            if self.available is not False:
+                self.available = False
+                data = {"available": False, "path": str(self.cfg.ledger_path), "reason": reason}
+                out.append(ServerSentEvent(_dumps(data), event="ledger"))
+        return out
+
+    def _ensure_open(self) -> None:
+        current = reader.file_id(self.cfg.ledger_path)
+        if self.conn is not None and current == self.file_id:
+            return
+        self.close()
+        if current is None:
+            raise reader.LedgerUnavailable(self.cfg.ledger_path, "no such file (is the daemon running?)")
+        self.conn = reader.connect(self.cfg.ledger_path)
+        self.file_id = current
+
+    def _read_new(self) -> list[ServerSentEvent]:
+        assert self.conn is not None
+        version = reader.data_version(self.conn)
+        if version == self.version and self.last_id is not None:
+            return []
+        out: list[ServerSentEvent] = []
+        with reader.read_transaction(self.conn):
+            if self.last_id is None or self._gap(self.conn, self.last_id):
+                out.append(self._snapshot(self.conn))
+            while True:
+                batch = reader.events_after(self.conn, self.last_id or 0, BATCH)
+                out += self._frames(self.conn, batch)
+                if len(batch) < BATCH:
+                    break
+        self.version = version
+        return out
+
+    @staticmethod
+    def _gap(conn: sqlite3.Connection, last_id: int) -> bool:
+        """True when events after `last_id` can no longer be replayed exactly."""
+        newest, oldest = reader.last_event_id(conn), reader.first_event_id(conn)
+        return newest < last_id or (oldest > last_id + 1)
+
+    def _snapshot(self, conn: sqlite3.Connection) -> ServerSentEvent:
+        snap = reader.Snapshot(
+            counts=reader.counts(conn),
+            jobs=reader.active_jobs(conn)
+            + reader.final_jobs(conn, ("done",), self.cfg.done_limit)
+            + reader.final_jobs(conn, reader.PROBLEM_STATES, self.cfg.problem_limit),
+            last_event_id=reader.last_event_id(conn),
+        )
+        self.last_id = snap.last_event_id
+        body = views.snapshot_view(snap, time.time())
+        return ServerSentEvent(_dumps(body), event="snapshot", id=str(snap.last_event_id))
+
+    def _frames(self, conn: sqlite3.Connection, batch: list[reader.Row]) -> list[ServerSentEvent]:
+        if not batch:
+            return []
+        now = time.time()
+        jobs = reader.get_jobs(conn, {r["job_id"] for r in batch if r.get("job_id")})
+        counts = reader.counts(conn)
+        frames = []
+        for row in batch:
+            job = jobs.get(row.get("job_id") or "")
+            data = {
+                "event": views.event_view(row),
+                "job": views.job_view(job, now) if job else None,
+                "counts": counts,
+                "now": now,
+            }
+            frames.append(ServerSentEvent(_dumps(data), event=str(row.get("kind") or "event"), id=str(row["id"])))
+        self.last_id = int(batch[-1]["id"])
+        return frames
+
+
+async def event_stream(cfg: DashboardConfig, last_event_id: int | None) -> AsyncIterator[ServerSentEvent]:
+    """Frames for one client until it disconnects or the server stops (sse-starlette cancels us)."""
+    cursor = _Cursor(cfg=cfg, last_id=last_event_id)
+    yield ServerSentEvent(comment="infinitetalk ledger events", retry=RETRY_MS)
+    try:
+        while True:
+            for frame in await anyio.to_thread.run_sync(cursor.poll):
+                yield frame
+            await anyio.sleep(cfg.poll_s)
+    finally:
+        cursor.close()
