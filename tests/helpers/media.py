@@ -138,7 +138,8 @@ def make_mp4(
     import av
 
     frames = round(duration_s * fps)
-    scenes = [_face_image(width + 8, height + 8, seed=seed), _face_image(width + 8, height + 8, seed=seed + 101)]
+    first = _face_image(width + 8, height + 8, seed=seed)
+    scenes = [first, np.ascontiguousarray(255 - first[::-1])]  # the second shot: other colours, flipped
     with av.open(str(path), "w") as container:
         video = container.add_stream("libx264", rate=fps)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
