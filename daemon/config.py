@@ -47,17 +47,22 @@ class RetentionSettings:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class JobDefaultsSettings:
-    """Generation settings used when a job JSON leaves them out (the reference CLI's names)."""
+    """Generation settings used when a job JSON leaves them out (the reference CLI's names).
+
+    The defaults are the lightx2v 4-step recipe of `daemon.jobs.JobDefaults`."""
 
     size: str = _f("infinitetalk-480", "resolution bucket: infinitetalk-480 or infinitetalk-720")
     sample_steps: int = _f(4, "denoising steps per chunk (4 with the lightx2v LoRA)")
-    sample_shift: float | None = _f(None, "flow shift; unset: 7 for 480, 11 for 720", optional=True)
+    sample_shift: float | None = _f(2.0, "flow shift; unset (\"\"): 7 for 480, 11 for 720 (the reference's rule)",
+                                    optional=True)
     sample_text_guide_scale: float = _f(1.0, "text classifier-free guidance (1: off, as with the LoRA)")
     sample_audio_guide_scale: float = _f(2.0, "audio classifier-free guidance")
     mode: str = _f("streaming", "streaming (long audio in chunks) or clip (one chunk)")
-    motion_frame: int = _f(9, "frames carried over between chunks")
+    motion_frame: int = _f(9, "frames carried over between chunks (4n+1)")
     max_frame_num: int | None = _f(None, "cap on rendered frames; unset: the whole audio", optional=True)
     color_correction_strength: float = _f(1.0, "colour drift correction between chunks (0..1)")
+    audio_type: str = _f("para", "two speakers: para (at once) or add (one after the other)")
+    negative_prompt: str | None = _f(None, "negative prompt; unset: the InfiniteTalk default", optional=True)
     seed: int | None = _f(None, "seed for jobs that give none; unset: drawn at random and recorded",
                           optional=True)
 
@@ -89,6 +94,7 @@ class Settings:
     retry_backoff_max_s: float = _f(600.0, "longest retry delay")
     max_file_mb: float = _f(2048.0, "largest accepted media file, in MiB")
     max_json_kb: float = _f(256.0, "largest accepted job JSON, in KiB")
+    min_audio_s: float = _f(0.5, "shortest accepted speech track, in seconds (shorter: audio_too_short)")
     stop_timeout_s: float = _f(120.0, "on SIGTERM, how long to wait for running jobs to reach a step boundary")
     log_level: str = _f("info", "debug, info, warning or error")
     dashboard: DashboardSettings = field(default_factory=DashboardSettings,
@@ -115,6 +121,28 @@ class Settings:
     def tiny_weights_dir(self) -> Path:
         return self.state_dir / "tiny-weights"
 
+    @property
+    def requests_dir(self) -> Path:
+        """Where `cancel`/`retry`/`delete` drop requests for the daemon to apply."""
+        return self.state_dir / "requests"
+
+    def job_defaults(self) -> Any:
+        """The `daemon.jobs.JobDefaults` that `parse_job` fills missing job settings from."""
+        from daemon.jobs import JobDefaults
+
+        d = self.defaults
+        kwargs: dict[str, Any] = {
+            "size": d.size, "sample_steps": d.sample_steps, "sample_shift": d.sample_shift,
+            "sample_text_guide_scale": d.sample_text_guide_scale,
+            "sample_audio_guide_scale": d.sample_audio_guide_scale, "mode": d.mode,
+            "motion_frame": d.motion_frame, "max_frame_num": d.max_frame_num,
+            "color_correction_strength": d.color_correction_strength, "audio_type": d.audio_type,
+            "max_media_bytes": int(self.max_file_mb * 1024 * 1024),
+        }
+        if d.negative_prompt is not None:
+            kwargs["negative_prompt"] = d.negative_prompt
+        return JobDefaults(**kwargs)
+
 
 _TABLES = {"dashboard": DashboardSettings, "retention": RetentionSettings, "defaults": JobDefaultsSettings}
 _PATH_KEYS = ("inbox", "outbox", "state_dir", "weights_dir")
@@ -126,7 +154,9 @@ _CHOICES = {
     "log_level": ("debug", "info", "warning", "error"),
     "size": ("infinitetalk-480", "infinitetalk-720"),
     "mode": ("streaming", "clip"),
+    "audio_type": ("para", "add"),
 }
+_OPTIONAL_TYPES: dict[str, type] = {"seed": int, "max_frame_num": int, "negative_prompt": str}
 _POSITIVE = {"max_queued", "max_running", "max_attempts", "sample_steps", "max_file_mb", "max_json_kb",
              "port"}
 
@@ -202,7 +232,7 @@ def _coerce(f: dataclasses.Field[Any], value: Any, name: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{name} must be true or false, got {value!r}")
         return value
-    want: type = type(default) if default is not None else (int if f.name in ("seed", "max_frame_num") else float)
+    want: type = type(default) if default is not None else _OPTIONAL_TYPES.get(f.name, float)
     if want is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{name} must be an integer, got {value!r}")

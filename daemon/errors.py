@@ -12,7 +12,7 @@ class DaemonError(Exception):
 class JobRejected(DaemonError):
     """A job that cannot be taken: bad JSON, bad field, bad or missing media, duplicate, timeout.
 
-    `code` is one of the upper-case codes listed in docs/daemon.md; `field` names the JSON field
+    `code` is one of the lower-case codes listed in docs/daemon.md; `field` names the JSON field
     or the file at fault (empty when neither applies).
     """
 
@@ -39,4 +39,4 @@ class DaemonLocked(DaemonError):
 
 
 #: error codes of failed renders (the worker classifies exceptions into these)
-TRANSIENT_CODES = frozenset({"CUDA_OOM", "WORKER_CRASH", "DISK_FULL"})
+TRANSIENT_CODES = frozenset({"cuda_oom", "worker_crash", "disk_full"})

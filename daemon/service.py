@@ -1,14 +1,57 @@
-"""`infinitetalk daemon`: placeholder until its owner lands it."""
+"""`infinitetalk daemon`: the hot-folder render service in the foreground (systemd Type=notify).
+
+Exit codes: 0 after a clean stop (SIGTERM/SIGINT), 78 (EX_CONFIG) on a bad config file,
+75 (EX_TEMPFAIL) when another daemon already holds the state dir, 1 when the model cannot be
+loaded.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+
+EX_CONFIG = 78
+EX_TEMPFAIL = 75
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = subparsers.add_parser("daemon", help="foreground service (systemd notify protocol) (not yet implemented)")
+    parser = subparsers.add_parser(
+        "daemon", help="run the hot-folder render service in the foreground (systemd notify protocol)",
+        description="Watch the inbox, render jobs with the resident model, publish to the outbox.",
+    )
+    parser.add_argument("--config", type=Path, default=None,
+                        help="TOML config file (default: $INFINITETALK_CONFIG, then ./infinitetalk.toml)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the complete config (every key, its value and its doc) and exit")
+    parser.add_argument("--once", action="store_true",
+                        help="exit once every job found has finished (at least one)")
+    parser.add_argument("--pipeline-factory", default="", help=argparse.SUPPRESS)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("infinitetalk daemon: not implemented yet")
+    from daemon.config import ConfigError, load_settings, render_toml
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as e:
+        print(f"infinitetalk daemon: bad config: {e}", file=sys.stderr)
+        return EX_CONFIG
+    if args.print_config:
+        sys.stdout.write(render_toml(settings))
+        return 0
+
+    from daemon.errors import DaemonLocked
+    from daemon.logs import configure_logging
+    from daemon.supervisor import Supervisor
+
+    configure_logging(settings.log_level)
+    supervisor = Supervisor(settings, config_path=settings.config_file, once=args.once,
+                            pipeline_factory=args.pipeline_factory)
+    supervisor.install_signals()
+    try:
+        return supervisor.run()
+    except DaemonLocked as e:
+        print(f"infinitetalk daemon: {e}", file=sys.stderr)
+        return EX_TEMPFAIL

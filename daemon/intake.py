@@ -1,0 +1,448 @@
+"""Intake: inbox entries become ledger jobs, complete and claimed, or rejected with a reason.
+
+For each entry found by `inbox.scan` (called on every filesystem hint, at start, every
+`rescan_s`, and after an inotify overflow):
+
+1. first sight: a `waiting` row ("checking upload");
+2. the job JSON is parsed (`daemon.jobs.parse_job`); a media file that is not there yet keeps
+   the job waiting ("incomplete upload: waiting for voice.wav"); any other error rejects it,
+   once its files have been quiet for `settle_s` (a JSON still being written is not judged);
+3. complete when every `checksums` hash matches, or, without checksums, when the files have
+   been quiet for `settle_s`; then every media file is decoded to the end (a truncated upload
+   or a corrupt file is rejected with `bad_media` naming the file);
+4. admission, in arrival order, while fewer than `max_queued` are queued: the inputs are claimed
+   by renaming them into `<state_dir>/jobs/<id>/input/` (an upload that changes the inbox
+   later cannot alter the render), hashed, and checked against earlier jobs for duplicates;
+   over the cap the entry stays untouched in the inbox, `waiting` ("queue full");
+5. an entry still incomplete after `incomplete_timeout_s` is rejected (`incomplete`).
+
+Rejection moves the originals to `outbox/failed/<name>/` and writes `outbox/<name>.error.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from daemon import inbox as inbox_mod
+from daemon.config import Settings
+from daemon.errors import JobRejected, LedgerConflict
+from daemon.jobs import InvalidJob, JobSpec, parse_job, sha256_file
+from daemon.ledger import JobRow, Ledger
+from daemon.outbox import Outbox, move
+
+logger = logging.getLogger(__name__)
+
+#: errors of parse_job that mean "the upload is not finished yet" rather than "the job is bad"
+INCOMPLETE_CODES = frozenset({"missing_file", "empty_file"})
+
+
+@dataclass(slots=True)
+class _Track:
+    """What intake remembers about one inbox entry between scans (memory only)."""
+
+    job_id: str
+    sig: tuple[Any, ...] = ()
+    sig_since: float = 0.0
+    probed_sig: tuple[Any, ...] | None = None
+    hashes: dict[tuple[str, int, int], str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ready:
+    """An entry that is complete and valid, waiting for room in the queue."""
+
+    entry: inbox_mod.Entry
+    row: JobRow
+    spec: JobSpec
+
+
+class Intake:
+    def __init__(self, settings: Settings, ledger: Ledger, outbox: Outbox, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.outbox = outbox
+        self.clock = clock
+        self._tracks: dict[str, _Track] = {}
+        self._loose_media: dict[str, set[str]] = {}
+
+    def reconfigure(self, settings: Settings) -> None:
+        self.settings = settings
+
+    # ------------------------------------------------------------------ the scan
+
+    def scan_once(self) -> None:
+        """Look at the whole inbox once: record, check, admit or reject every entry."""
+        s = self.settings
+        s.inbox.mkdir(parents=True, exist_ok=True)
+        entries = inbox_mod.scan(s.inbox)
+        self._loose_media = {e.source: _loose_media_names(e.job_file) for e in entries if e.kind == "loose"}
+        waiting = self.ledger.active_by_source()
+        ready: list[Ready] = []
+        present = set()
+        for entry in entries:
+            present.add(entry.source)
+            row = waiting.get(entry.source)
+            if row is None:
+                row = self.ledger.insert_job(name=entry.name, source=entry.source, state="waiting",
+                                             waiting_reason="checking upload")
+                logger.info("job %s: %s seen in the inbox", row.id, entry.name)
+            try:
+                result = self._check(entry, row)
+            except JobRejected as rejected:
+                self.reject(row, entry, rejected)
+                continue
+            if result is not None:
+                ready.append(result)
+        for source, row in waiting.items():
+            if source not in present and not row.job_dir:
+                self._tracks.pop(source, None)
+                try:
+                    self.ledger.transition(row.id, "waiting", "cancelled", finished_at=time.time(),
+                                           error_code="removed",
+                                           error_message="removed from the inbox before it was taken")
+                except LedgerConflict:
+                    pass
+        self._admit(sorted(ready, key=lambda r: r.row.seq))
+
+    # ------------------------------------------------------------------ completeness
+
+    def _check(self, entry: inbox_mod.Entry, row: JobRow) -> Ready | None:
+        s = self.settings
+        now = self.clock()
+        track = self._tracks.get(entry.source)
+        if track is None or track.job_id != row.id:
+            track = self._tracks[entry.source] = _Track(job_id=row.id, sig_since=now)
+        files = self._entry_files(entry)
+        sig = inbox_mod.signature(files)
+        if sig != track.sig:
+            track.sig, track.sig_since = sig, now
+        quiet = now - track.sig_since >= s.settle_s
+        timed_out = time.time() - row.created_at >= s.incomplete_timeout_s
+
+        def wait(reason: str, code: str = "incomplete", fld: str = "") -> None:
+            if timed_out:
+                raise JobRejected(code, f"still incomplete after {s.incomplete_timeout_s:g} s: {reason}",
+                                  field=fld)
+            self.ledger.set_waiting_reason(row.id, reason)
+
+        job_file = entry.job_file
+        if entry.kind == "loose" and job_file.is_symlink():
+            raise JobRejected("symlink", f"{entry.name}.json is a symbolic link, which is not allowed",
+                              field=job_file.name)
+        if entry.kind == "bundle" and entry.path.is_symlink():
+            raise JobRejected("symlink", f"bundle {entry.name} is a symbolic link, which is not allowed",
+                              field=entry.name)
+        try:
+            st = os.lstat(job_file)
+        except FileNotFoundError:
+            wait(f"incomplete upload: no {inbox_mod.BUNDLE_JOB_FILE} yet", fld=inbox_mod.BUNDLE_JOB_FILE)
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            raise JobRejected("not_a_file", f"{job_file.name} is not a regular file", field=job_file.name)
+        if st.st_size > s.max_json_kb * 1024:
+            raise JobRejected("too_large", f"{job_file.name} is {st.st_size} bytes, over max_json_kb "
+                              f"({s.max_json_kb:g} KiB)", field=job_file.name)
+        if entry.kind == "bundle" and inbox_mod.has_temporary_files(entry.path):
+            wait("upload in progress (temporary files in the bundle)")
+            return None
+        try:
+            spec = self._parse(job_file.read_bytes(), entry.base_dir)
+        except InvalidJob as e:
+            incomplete = [err for err in e.errors if err.code in INCOMPLETE_CODES]
+            if len(incomplete) == len(e.errors):
+                names = ", ".join(err.field for err in incomplete)
+                wait(f"incomplete upload: waiting for {names}", code="incomplete", fld=incomplete[0].field)
+                return None
+            if not quiet:
+                wait("upload in progress (job file changing)")
+                return None
+            raise JobRejected(e.code, str(e), field=e.field) from e
+        if spec.checksums:
+            bad = [name for name, digest in spec.checksums
+                   if self._hash(track, entry.base_dir / name) != digest]
+            if bad:
+                wait(f"incomplete upload: checksum mismatch for {', '.join(bad)}", code="checksum_mismatch",
+                     fld=bad[0])
+                return None
+        elif not quiet:
+            wait(f"settling: files changed {now - track.sig_since:.0f} s ago (settle_s = {s.settle_s:g})")
+            return None
+        if track.probed_sig != sig:
+            self.ledger.set_waiting_reason(row.id, "checking media")
+            for rel in spec.media_files:
+                probe_media(entry.base_dir / rel, rel=rel, field=_field_of(spec, rel),
+                            min_audio_s=s.min_audio_s)
+            track.probed_sig = sig
+        return Ready(entry=entry, row=row, spec=spec)
+
+    def _parse(self, raw: bytes, base_dir: Path) -> JobSpec:
+        spec = parse_job(raw, base_dir=base_dir, defaults=self.settings.job_defaults())
+        if spec.seed_drawn and self.settings.defaults.seed is not None:
+            spec = spec.with_seed(self.settings.defaults.seed)
+        return spec
+
+    def _hash(self, track: _Track, path: Path) -> str | None:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in track.hashes:
+            track.hashes[key] = sha256_file(path)
+        return track.hashes[key]
+
+    def _entry_files(self, entry: inbox_mod.Entry) -> list[Path]:
+        if entry.kind == "bundle":
+            return inbox_mod.bundle_files(entry.path)
+        names = self._loose_media.get(entry.source, set())
+        return [entry.job_file, *(entry.base_dir / n for n in sorted(names))]
+
+    # ------------------------------------------------------------------ admission
+
+    def _admit(self, ready: list[Ready]) -> None:
+        s = self.settings
+        for item in ready:
+            if self.ledger.counts()["queued"] >= s.max_queued:
+                self.ledger.set_waiting_reason(item.row.id, f"queue full ({s.max_queued} queued)")
+                continue
+            try:
+                self.claim(item)
+            except JobRejected as rejected:
+                self._reject_claimed(item.row, rejected)
+
+    def claim(self, item: Ready) -> JobRow | None:
+        """Move the inputs into the state dir, hash them, check for a duplicate, queue the job."""
+        row, entry = item.row, item.entry
+        job_dir = self.settings.jobs_dir / row.id
+        input_dir = job_dir / "input"
+        job_dir.mkdir(parents=True, exist_ok=True)
+        if entry.kind == "bundle":
+            move(entry.path, input_dir)
+        else:
+            input_dir.mkdir(exist_ok=True)
+            move(entry.job_file, input_dir / inbox_mod.BUNDLE_JOB_FILE)
+            shared = self._shared_loose_media(entry.source)
+            for rel in item.spec.media_files:
+                target = input_dir / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                src = entry.base_dir / rel
+                if rel in shared:
+                    shutil.copy2(src, target)
+                else:
+                    move(src, target)
+        self._tracks.pop(entry.source, None)
+        self.ledger.set_columns(row.id, job_dir=str(job_dir))
+        try:
+            spec = self._parse((input_dir / inbox_mod.BUNDLE_JOB_FILE).read_bytes(), input_dir)
+        except InvalidJob as e:
+            raise JobRejected(e.code, f"the job changed while it was taken: {e}", field=e.field) from e
+        hashes = {rel: sha256_file(input_dir / rel) for rel in spec.media_files}
+        for name, digest in spec.checksums:
+            if hashes.get(name) != digest:
+                raise JobRejected("checksum_mismatch", f"{name} changed while it was taken "
+                                  f"(sha256 {hashes.get(name)} != {digest})", field=name)
+        key = dedupe_key(spec, hashes)
+        original = self.ledger.find_duplicate(key)
+        if original is not None and original.id != row.id:
+            raise JobRejected("duplicate", f"same inputs and settings as job {original.id} ({original.name}, "
+                              f"{original.state})", field="", duplicate_of=original.id)
+        admitted = self.ledger.admit(
+            row.id, max_queued=self.settings.max_queued, spec_json=spec.to_json(),
+            input_hashes_json=json.dumps(hashes, sort_keys=True), dedupe_key=key, priority=spec.priority,
+        )
+        if admitted is None:
+            self.ledger.set_waiting_reason(row.id, f"queue full ({self.settings.max_queued} queued)")
+        else:
+            logger.info("job %s (%s) queued, seed %d", row.id, row.name, spec.seed)
+        return admitted
+
+    def admit_claimed(self) -> None:
+        """Claimed jobs left waiting (queue was full, or a restart in between) get queued as room frees."""
+        for row in self.ledger.jobs(["waiting"]):
+            if not row.job_dir or not row.spec_json:
+                continue
+            if self.ledger.admit(row.id, max_queued=self.settings.max_queued) is None:
+                return
+
+    def _shared_loose_media(self, source: str) -> set[str]:
+        others: set[str] = set()
+        for other, names in self._loose_media.items():
+            if other != source and Path(other).exists():
+                others |= names
+        return others
+
+    # ------------------------------------------------------------------ rejection
+
+    def reject(self, row: JobRow, entry: inbox_mod.Entry, rejected: JobRejected) -> None:
+        """Reject an entry still in the inbox: keep its files under outbox/failed/, write error.json."""
+        self._tracks.pop(entry.source, None)
+        if entry.kind == "bundle":
+            kept = self.outbox.keep_originals(entry.name, [])
+            kept.rmdir()
+            kept_dir = _move_into(entry.path, kept)
+        else:
+            shared = self._shared_loose_media(entry.source)
+            items = [(entry.job_file, entry.job_file.name, True)]
+            for rel in sorted(self._loose_media.get(entry.source, set())):
+                src = entry.base_dir / rel
+                if src.is_file() and not src.is_symlink():
+                    items.append((src, rel, rel not in shared))
+            kept_dir = self.outbox.keep_originals(entry.name, items)
+        self._finish_rejection(row, rejected, kept_dir)
+
+    def _reject_claimed(self, row: JobRow, rejected: JobRejected) -> None:
+        job_dir = self.settings.jobs_dir / row.id
+        kept = self.outbox.keep_originals(row.name, [])
+        kept.rmdir()
+        kept_dir = _move_into(job_dir / "input", kept)
+        self._finish_rejection(row, rejected, kept_dir)
+
+    def _finish_rejection(self, row: JobRow, rejected: JobRejected, kept_dir: Path) -> None:
+        error_path = self.outbox.write_error(row.name, error_payload(
+            job_id=row.id, name=row.name, state="rejected", code=rejected.code, message=rejected.message,
+            field=rejected.field, originals=kept_dir, duplicate_of=rejected.duplicate_of))
+        self.ledger.transition(
+            row.id, "waiting", "rejected", finished_at=time.time(), error_code=rejected.code,
+            error_message=rejected.message, error_field=rejected.field or None,
+            duplicate_of=rejected.duplicate_of, output_json=str(error_path), waiting_reason=None,
+        )
+        logger.warning("job %s (%s) rejected: %s: %s", row.id, row.name, rejected.code, rejected.message)
+
+
+def _move_into(src: Path, dest: Path) -> Path:
+    move(src, dest)
+    return dest
+
+
+def error_payload(*, job_id: str, name: str, state: str, code: str, message: str, field: str | None,
+                  originals: Path | None, duplicate_of: str | None = None, **extra: Any) -> dict[str, Any]:
+    """The body of `<name>.error.json`."""
+    payload: dict[str, Any] = {
+        "job_id": job_id, "name": name, "state": state, "code": code, "message": message,
+        "field": field or None, "originals": str(originals) if originals else None,
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if duplicate_of:
+        payload["duplicate_of"] = duplicate_of
+    payload.update(extra)
+    return payload
+
+
+def dedupe_key(spec: JobSpec, hashes: dict[str, str]) -> str:
+    """Same media content (by role) and same settings give the same key; a drawn seed is ignored."""
+    settings = spec.to_dict()
+    for key in ("cond_video", "cond_audio", "checksums", "priority", "seed_drawn"):
+        settings.pop(key, None)
+    if spec.seed_drawn:
+        settings.pop("seed", None)
+    roles = {"cond_video": hashes[spec.cond_video],
+             **{person: hashes[path] for person, path in spec.cond_audio}}
+    blob = json.dumps({"inputs": roles, "settings": settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _field_of(spec: JobSpec, rel: str) -> str:
+    if rel == spec.cond_video:
+        return "cond_video"
+    for person, path in spec.cond_audio:
+        if path == rel:
+            return f"cond_audio.{person}"
+    return rel
+
+
+def _loose_media_names(job_file: Path) -> set[str]:
+    """Best-effort: the media a loose JSON names (normalised, inside the inbox), for claims."""
+    try:
+        if job_file.is_symlink() or job_file.stat().st_size > 1 << 20:
+            return set()
+        doc = json.loads(job_file.read_bytes().decode("utf-8-sig"))
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(doc, dict):
+        return set()
+    raw: list[Any] = [doc.get("cond_video")]
+    audio = doc.get("cond_audio")
+    if isinstance(audio, dict):
+        raw += list(audio.values())
+    names = set()
+    for value in raw:
+        if not isinstance(value, str):
+            continue
+        parts = [p for p in PurePosixPath(value.strip().replace("\\", "/")).parts if p not in ("", ".")]
+        if parts and ".." not in parts and not value.startswith("/"):
+            names.add("/".join(parts))
+    return names
+
+
+# ---------------------------------------------------------------------- decode probes
+
+
+def probe_media(path: Path, *, rel: str, field: str, min_audio_s: float) -> None:
+    """Decode a media file to the end; raise `JobRejected` naming the file if it cannot be."""
+    suffix = path.suffix.lower()
+    from daemon.jobs import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS
+
+    try:
+        if suffix in IMAGE_EXTENSIONS:
+            _probe_image(path)
+        elif suffix in AUDIO_EXTENSIONS:
+            duration = _probe_stream(path, "audio")
+            if duration < min_audio_s:
+                raise JobRejected("audio_too_short", f"{field}: {rel} holds {duration:.2f} s of audio; at least "
+                                  f"{min_audio_s:g} s are needed", field=field)
+        else:
+            _probe_stream(path, "video")
+    except JobRejected:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoder failure means the file is unusable
+        raise JobRejected("bad_media", f"{field}: {rel} cannot be decoded: {type(e).__name__}: {e}",
+                          field=field) from e
+
+
+def _probe_image(path: Path) -> None:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()
+        if img.width < 2 or img.height < 2:
+            raise ValueError(f"image is {img.width}x{img.height} pixels")
+
+
+def _probe_stream(path: Path, kind: str) -> float:
+    """Decode every frame of the first `kind` stream; returns its duration in seconds."""
+    import av
+
+    with av.open(str(path), metadata_errors="ignore") as container:
+        streams = container.streams.audio if kind == "audio" else container.streams.video
+        if not streams:
+            raise ValueError(f"no {kind} stream")
+        stream = streams[0]
+        end = 0.0
+        count = 0
+        for frame in container.decode(stream):
+            count += 1
+            if frame.time is not None:
+                if kind == "audio":
+                    end = max(end, frame.time + frame.samples / float(frame.sample_rate or 1))
+                else:
+                    end = max(end, frame.time)
+            elif kind == "audio":
+                end += frame.samples / float(frame.sample_rate or 1)
+        if count == 0:
+            raise ValueError(f"no decodable {kind} frames")
+        if stream.duration is not None and stream.time_base is not None and kind == "audio":
+            declared = float(stream.duration * stream.time_base)
+            if declared > 0 and end < declared - 0.5:
+                raise ValueError(f"decoded {end:.2f} s of a declared {declared:.2f} s (truncated?)")
+        return end

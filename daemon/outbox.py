@@ -1,0 +1,203 @@
+"""The outbox: results appear all at once or not at all, and nothing there is ever overwritten.
+
+A render writes into `outbox/.partial/<job_id>/`; `publish` fsyncs each file and hard-links it
+to its final name (`os.link` fails if the name exists, so a taken name is never replaced and
+the next suffix is tried), then removes the staging copy. Order: `<name>.mp4`, `<name>.jpg`,
+then `<name>.json` last, so a client that waits for the JSON sees a complete result.
+
+A rejected or failed job gets `<name>.error.json` and its original files under
+`outbox/failed/<name>/`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+PARTIAL_DIR = ".partial"
+FAILED_DIR = "failed"
+#: every final name a job may take; a base name is free only if none of these exist
+SUFFIXES = (".mp4", ".jpg", ".json", ".error.json")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Published:
+    base: str
+    video: Path
+    poster: Path | None
+    sidecar: Path
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fsync_path(path)
+    except OSError:  # some filesystems refuse fsync on directories; the data is already synced
+        pass
+
+
+def _candidates(name: str) -> Iterable[str]:
+    yield name
+    n = 2
+    while True:
+        yield f"{name}-{n}"
+        n += 1
+
+
+def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
+    """Write `path` via a temporary file in the same folder, fsync, rename (replaces)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+class Outbox:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.partial = root / PARTIAL_DIR
+        self.failed = root / FAILED_DIR
+
+    def ensure(self) -> None:
+        self.partial.mkdir(parents=True, exist_ok=True)
+        self.failed.mkdir(parents=True, exist_ok=True)
+
+    def staging_dir(self, job_id: str) -> Path:
+        path = self.partial / job_id
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def clean_staging(self, keep: Iterable[str] = ()) -> list[str]:
+        """Remove staging folders of jobs not in `keep` (left by a crash); returns their ids."""
+        kept = set(keep)
+        removed = []
+        if self.partial.is_dir():
+            for child in self.partial.iterdir():
+                if child.name not in kept:
+                    shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+                    removed.append(child.name)
+        return removed
+
+    def _free(self, base: str) -> bool:
+        return not any((self.root / f"{base}{suffix}").exists() for suffix in SUFFIXES)
+
+    def _link_new(self, src: Path, name: str, suffix: str) -> tuple[str, Path]:
+        """Hard-link `src` to the first free `<name>[-n]<suffix>`; never replaces a file."""
+        for base in _candidates(name):
+            if not self._free(base):
+                continue
+            dest = self.root / f"{base}{suffix}"
+            try:
+                os.link(src, dest)
+            except FileExistsError:
+                continue
+            return base, dest
+        raise AssertionError("unreachable")
+
+    def publish(self, *, job_id: str, name: str, video: Path, poster: Path | None,
+                sidecar: Mapping[str, Any]) -> Published:
+        """Move a finished render from staging to its final names; the sidecar JSON goes last."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fsync_path(video)
+        base, video_dest = self._link_new(video, name, ".mp4")
+        poster_dest = None
+        if poster is not None and poster.exists():
+            fsync_path(poster)
+            poster_dest = self.root / f"{base}.jpg"
+            os.link(poster, poster_dest)
+        payload = {**sidecar, "outputs": {"video": str(video_dest),
+                                          "poster": str(poster_dest) if poster_dest else None}}
+        staged = video.parent / "sidecar.json"
+        with open(staged, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        sidecar_dest = self.root / f"{base}.json"
+        os.link(staged, sidecar_dest)
+        fsync_dir(self.root)
+        shutil.rmtree(video.parent, ignore_errors=True)
+        return Published(base=base, video=video_dest, poster=poster_dest, sidecar=sidecar_dest)
+
+    def write_error(self, name: str, payload: Mapping[str, Any]) -> Path:
+        """`<name>.error.json` (suffixed if taken), written atomically."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.partial / f"error-{os.getpid()}-{id(payload)}.json"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(dict(payload), f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            _, dest = self._link_new(tmp, name, ".error.json")
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_dir(self.root)
+        return dest
+
+    def keep_originals(self, name: str, items: Iterable[tuple[Path, str, bool]]) -> Path:
+        """Put a failed job's original files under `failed/<name>[-n]/`.
+
+        `items` are (source, relative destination, move?) triples: moved by rename, or copied
+        when `move` is False (a loose media file another job in the inbox also uses).
+        """
+        self.failed.mkdir(parents=True, exist_ok=True)
+        for base in _candidates(name):
+            dest = self.failed / base
+            try:
+                dest.mkdir()
+            except FileExistsError:
+                continue
+            break
+        for src, rel, move in items:
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                if move:
+                    _move(src, target)
+                elif src.is_dir():
+                    shutil.copytree(src, target, symlinks=True, dirs_exist_ok=True)
+                else:
+                    shutil.copy2(src, target, follow_symlinks=False)
+            except FileNotFoundError:
+                logger.warning("original %s vanished before it could be kept", src)
+        return dest
+
+
+def _move(src: Path, dest: Path) -> None:
+    """Rename, falling back to copy + delete across filesystems."""
+    try:
+        os.rename(src, dest)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        if src.is_dir() and not src.is_symlink():
+            shutil.copytree(src, dest, symlinks=True)
+            shutil.rmtree(src)
+        else:
+            shutil.copy2(src, dest, follow_symlinks=False)
+            src.unlink()
+
+
+move = _move

@@ -1,0 +1,294 @@
+"""The render worker: a child process (started with `spawn`) that holds the model and runs jobs.
+
+The daemon starts it once; it loads the pipeline once, says `ready`, and then runs up to
+`max_running` jobs at a time, each in its own thread sharing the one resident model. The
+pipeline serialises the GPU-heavy denoising through a lock it is given (`gpu_lock`), so the CPU
+stages of one job (media decode, audio features, encoding, muxing) overlap another job's GPU
+work. A CUDA fault kills at most this process; the daemon notices and starts a fresh one.
+
+Messages, over one duplex `multiprocessing` pipe (the daemon is the only ledger writer):
+
+    daemon -> worker   ("run", RunOrder) | ("stop", job_id, reason) | ("exit",)
+    worker -> daemon   ("ready", info) | ("progress", job_id, dict) | ("done", job_id, dict)
+                       | ("stopped", job_id, reason) | ("failed", job_id, dict) | ("fatal", message)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import inspect
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerConfig:
+    """What the worker needs to load the model (picklable: it crosses the spawn boundary)."""
+
+    weights_dir: Path
+    device: str = "auto"
+    dtype: str = "auto"
+    quant: str = "none"
+    lora: tuple[str, ...] = ()
+    lora_scale: float = 1.0
+    attention: str = "auto"
+    max_running: int = 3
+    #: "module:callable" building the pipeline from this config; empty: the real InfiniteTalk one
+    factory: str = ""
+    log_level: str = "info"
+    parent_pid: int = 0
+    #: weights_dir holds no weights: write a tiny random-weight model there first
+    write_tiny: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunOrder:
+    """One job for the worker: the request plus where to write."""
+
+    job_id: str
+    request: Any  # pipeline.types.GenerationRequest
+    out_path: Path
+    poster_path: Path
+    checkpoint_dir: Path
+    attempt: int = 1
+
+
+class _Channel:
+    """The worker's end of the pipe; sends are locked because job threads share it."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def send(self, *message: Any) -> None:
+        with self.lock:
+            try:
+                self.conn.send(message)
+            except (BrokenPipeError, EOFError, OSError):
+                os._exit(0)  # the daemon is gone: nothing left to report to
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+
+
+def load_pipeline(config: WorkerConfig) -> Any:
+    """Build the pipeline named by `config.factory` (default: InfiniteTalkPipeline.from_weights)."""
+    if config.write_tiny:
+        write_tiny_once(config.weights_dir)
+    if config.factory:
+        module_name, _, attr = config.factory.partition(":")
+        target: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+        return target(config)
+    from pipeline.pipeline import InfiniteTalkPipeline
+
+    device = resolve_device(config.device)
+    kwargs: dict[str, Any] = {"device": device, "dtype": resolve_dtype(config.dtype, device)}
+    params = inspect.signature(InfiniteTalkPipeline.from_weights).parameters
+    optional = {"quant": None if config.quant == "none" else config.quant, "attention": config.attention,
+                "lora_scale": config.lora_scale, "lora": list(config.lora) or None}
+    for key, value in optional.items():
+        if key in params and value is not None:
+            kwargs[key] = value
+    return InfiniteTalkPipeline.from_weights(config.weights_dir, **kwargs)
+
+
+def write_tiny_once(folder: Path) -> None:
+    """Write tiny random weights into `folder` (via a temporary sibling, then rename)."""
+    if (folder / "tiny.json").is_file():
+        return
+    import shutil
+
+    from pipeline.tiny import write_tiny_weights
+
+    tmp = folder.with_name(f".{folder.name}.writing")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_tiny_weights(tmp, seed=0)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    logger.warning("wrote a tiny random-weight model to %s", folder)
+
+
+def classify(exc: BaseException) -> tuple[str, bool, bool]:
+    """(error code, transient?, worker must exit?) for an exception raised by a render."""
+    name = type(exc).__name__
+    text = str(exc)
+    if name == "OutOfMemoryError" or "CUDA out of memory" in text:
+        return "cuda_oom", True, False
+    if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
+        return "disk_full", True, False
+    if "CUDA error" in text or name in ("AcceleratorError", "CudaError"):
+        return "cuda_error", True, True  # the CUDA context may be poisoned: start a fresh process
+    if isinstance(exc, (ValueError, FileNotFoundError, KeyError)):
+        return "bad_input", False, False
+    return "render_error", False, False
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(0)
+        time.sleep(1.0)
+
+
+def worker_main(conn: Any, config: WorkerConfig) -> None:
+    """Entry point of the worker process."""
+    # Die with the daemon (kill -9 included): a render must never outlive its supervisor.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if config.parent_pid:
+        threading.Thread(target=_watch_parent, args=(config.parent_pid,), daemon=True).start()
+    # Ctrl-C reaches the whole process group; the daemon decides how its jobs stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s worker %(levelname)s %(name)s: %(message)s")
+    channel = _Channel(conn)
+    started = time.monotonic()
+    try:
+        pipe = load_pipeline(config)
+    except BaseException as e:  # noqa: BLE001 - reported to the daemon, which decides
+        channel.send("fatal", f"loading the model failed: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+        return
+    info = describe(pipe, config)
+    info["load_s"] = round(time.monotonic() - started, 3)
+    channel.send("ready", info)
+    Worker(pipe, channel, config).serve(conn)
+
+
+def describe(pipe: Any, config: WorkerConfig) -> dict[str, Any]:
+    info: dict[str, Any] = {"weights_dir": str(config.weights_dir), "quant": config.quant,
+                            "lora": list(config.lora), "lora_scale": config.lora_scale,
+                            "attention": config.attention, "pid": os.getpid()}
+    extra = getattr(pipe, "describe", None)
+    if callable(extra):
+        info.update(extra())
+    if "device" not in info:
+        info["device"] = str(getattr(pipe, "device", config.device))
+    try:
+        import torch
+
+        if torch.cuda.is_available() and info["device"].startswith("cuda"):
+            info.setdefault("gpu", torch.cuda.get_device_name())
+    except Exception:  # noqa: BLE001 - describing the GPU is best effort
+        pass
+    info.setdefault("gpu", None)
+    return info
+
+
+class Worker:
+    """Runs orders in threads sharing one pipeline; GPU stages serialised by `gpu_lock`."""
+
+    def __init__(self, pipe: Any, channel: _Channel, config: WorkerConfig) -> None:
+        self.pipe = pipe
+        self.channel = channel
+        self.config = config
+        self.gpu_lock = threading.Lock()
+        self.stops: dict[str, tuple[threading.Event, list[str]]] = {}
+        self.threads: dict[str, threading.Thread] = {}
+        params = inspect.signature(pipe.generate).parameters
+        self.accepts = set(params)
+
+    def serve(self, conn: Any) -> None:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                os._exit(0)
+            kind = message[0]
+            if kind == "run":
+                self.start(message[1])
+            elif kind == "stop":
+                entry = self.stops.get(message[1])
+                if entry is not None:
+                    entry[1].append(message[2])
+                    entry[0].set()
+            elif kind == "exit":
+                for event, reasons in self.stops.values():
+                    reasons.append("shutdown")
+                    event.set()
+                for thread in list(self.threads.values()):
+                    thread.join()
+                return
+
+    def start(self, order: RunOrder) -> None:
+        stop = threading.Event()
+        self.stops[order.job_id] = (stop, [])
+        thread = threading.Thread(target=self._run, args=(order, stop), name=f"job-{order.job_id}", daemon=True)
+        self.threads[order.job_id] = thread
+        thread.start()
+
+    def _run(self, order: RunOrder, stop: threading.Event) -> None:
+        from pipeline.types import StopRequested
+
+        last = [0.0]
+
+        def on_progress(progress: Any) -> None:
+            now = time.monotonic()
+            final = progress.stage == "done" or (progress.step == progress.num_steps and progress.stage == "denoise")
+            if now - last[0] >= 0.25 or final:
+                last[0] = now
+                self.channel.send("progress", order.job_id, {**asdict(progress), "progress": progress.fraction})
+            if stop.is_set():
+                raise StopRequested(self._reason(order.job_id))
+
+        kwargs: dict[str, Any] = {"on_progress": on_progress}
+        optional = {"poster_path": order.poster_path, "should_stop": stop.is_set,
+                    "checkpoint_dir": order.checkpoint_dir, "gpu_lock": self.gpu_lock}
+        kwargs.update({k: v for k, v in optional.items() if k in self.accepts})
+        started = time.monotonic()
+        try:
+            order.out_path.parent.mkdir(parents=True, exist_ok=True)
+            order.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            result = self.pipe.generate(order.request, order.out_path, **kwargs)
+        except StopRequested:
+            self.channel.send("stopped", order.job_id, self._reason(order.job_id))
+        except BaseException as e:  # noqa: BLE001 - the worker's one broad handler: classify, report
+            code, transient, fatal = classify(e)
+            self.channel.send("failed", order.job_id, {
+                "code": code, "transient": transient, "message": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc(limit=20)})
+            if fatal:
+                time.sleep(0.2)
+                os._exit(70)
+        else:
+            info = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
+            info["render_s"] = round(time.monotonic() - started, 3)
+            self.channel.send("done", order.job_id, info)
+        finally:
+            self.stops.pop(order.job_id, None)
+            self.threads.pop(order.job_id, None)
+
+    def _reason(self, job_id: str) -> str:
+        entry = self.stops.get(job_id)
+        return entry[1][0] if entry and entry[1] else "stop"

@@ -1,0 +1,543 @@
+"""The daemon's main loop: intake, admission, dispatch to the worker, progress, results, recovery.
+
+One thread owns the ledger's write connection. Signal handlers only set flags:
+
+- SIGTERM / SIGINT: stop. Running jobs stop at the next step boundary and go back to `queued`
+  (the interrupted attempt is not counted; their chunk checkpoints stay), then exit 0. A second
+  signal stops at once (the worker is killed, jobs are requeued the same way).
+- SIGHUP: re-read the config file: caps, timings, retention and `[defaults]` change live, jobs
+  are kept; path and model settings need a restart (logged).
+
+Start-up: take the state-dir lock (a second daemon refuses to start), migrate the ledger, put
+jobs left `running` by a dead daemon back to `queued` (they resume from their last finished
+chunk), clean `outbox/.partial/`, start the worker (it loads the model once), READY=1.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from daemon import control, retention
+from daemon.config import ConfigError, Settings, load_settings
+from daemon.errors import DaemonLocked, LedgerConflict
+from daemon.inbox import Watcher
+from daemon.intake import Intake, error_payload
+from daemon.jobs import JobSpec
+from daemon.ledger import JobRow, Ledger
+from daemon.outbox import Outbox
+from daemon.runner import RunOrder, WorkerConfig
+from daemon.sdnotify import Notifier
+from daemon.worker import WorkerHandle
+
+logger = logging.getLogger(__name__)
+
+TINY_MARKER = "tiny.json"
+FULL_MARKER = Path("Wan2.1-I2V-14B-480P") / "config.json"
+#: a worker that dies this many times in a row before it is ready makes the daemon give up
+MAX_START_FAILURES = 3
+
+
+def has_weights(folder: Path) -> bool:
+    return (folder / TINY_MARKER).is_file() or (folder / FULL_MARKER).is_file()
+
+
+def acquire_lock(path: Path) -> int:
+    """Hold `path` locked for the life of the process; raise DaemonLocked if another one has it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            other = os.read(fd, 32).decode().strip() or "?"
+        finally:
+            os.close(fd)
+        raise DaemonLocked(f"another infinitetalk daemon (pid {other}) is using the state dir {path.parent}; "
+                           "stop it first (only one daemon may run per state dir)") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def lock_is_held(path: Path) -> bool:
+    """True while a daemon holds the state-dir lock (used by the commands)."""
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def backoff_s(settings: Settings, attempts: int) -> float:
+    return float(min(settings.retry_backoff_max_s, settings.retry_backoff_s * 2 ** max(0, attempts - 1)))
+
+
+@dataclass(slots=True)
+class Running:
+    job_id: str
+    name: str
+    order: RunOrder
+    last_write: float = 0.0
+    progress: dict[str, Any] = field(default_factory=dict)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, *, notifier: Notifier | None = None,
+                 config_path: Path | None = None, once: bool = False, pipeline_factory: str = "") -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.notifier = notifier or Notifier.from_env()
+        self.once = once
+        self.pipeline_factory = pipeline_factory
+        self.stop = threading.Event()
+        self.force = threading.Event()
+        self.reload = threading.Event()
+        self.wake = threading.Event()
+        self.running: dict[str, Running] = {}
+        self.lock_fd: int | None = None
+        self.ledger: Ledger | None = None
+        self.outbox = Outbox(settings.outbox)
+        self.worker: WorkerHandle | None = None
+        self.start_failures = 0
+        self.last_status = ""
+        self.weights_dir = settings.weights_dir
+        self.tiny = False
+        self.fatal: str | None = None
+        self.intake: Intake | None = None
+        self.watcher: Watcher | None = None
+
+    # ------------------------------------------------------------------ signals
+
+    def install_signals(self) -> None:
+        def on_stop(signum: int, frame: Any) -> None:
+            if self.stop.is_set():
+                self.force.set()
+            self.stop.set()
+            self.wake.set()
+
+        def on_hup(signum: int, frame: Any) -> None:
+            self.reload.set()
+            self.wake.set()
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
+
+    # ------------------------------------------------------------------ start-up
+
+    def start(self) -> None:
+        s = self.settings
+        self.lock_fd = acquire_lock(s.lock_path)
+        for folder in (s.inbox, s.outbox, s.state_dir, s.jobs_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.ledger = Ledger(s.ledger_path)
+        self.outbox.ensure()
+        self.outbox.clean_staging()
+        recovered = self.ledger.recover_running()
+        for row in recovered:
+            logger.info("job %s (%s) was running when the daemon stopped; queued again (resumes from its "
+                        "last finished chunk)", row.id, row.name)
+        self.ledger.daemon_event("started", pid=os.getpid(), recovered=[r.id for r in recovered])
+        self.intake = Intake(s, self.ledger, self.outbox)
+        self.watcher = Watcher(s.inbox, self.wake)
+        self.watcher.start()
+        self.weights_dir, self.tiny = self._choose_weights()
+        self._start_worker()
+
+    def _choose_weights(self) -> tuple[Path, bool]:
+        s = self.settings
+        if has_weights(s.weights_dir):
+            return s.weights_dir, (s.weights_dir / TINY_MARKER).is_file()
+        logger.warning(
+            "weights_dir %s holds no weights: using a TINY RANDOM-WEIGHT model in %s (its videos are "
+            "noise; put the released weights in %s for real renders)", s.weights_dir, s.tiny_weights_dir,
+            s.weights_dir)
+        return s.tiny_weights_dir, True
+
+    def _start_worker(self) -> None:
+        s = self.settings
+        config = WorkerConfig(
+            weights_dir=self.weights_dir, device=s.device, dtype=s.dtype, quant=s.quant, lora=s.lora,
+            lora_scale=s.lora_scale, attention=s.attention, max_running=s.max_running,
+            factory=self.pipeline_factory, log_level=s.log_level,
+            write_tiny=self.tiny and not has_weights(self.weights_dir),
+        )
+        self.worker = WorkerHandle(config)
+        self.worker.start()
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> int:
+        self.start()
+        assert self.ledger is not None
+        last_scan = 0.0
+        last_housekeeping = 0.0
+        ready_sent = False
+        self.wake.set()
+        try:
+            while True:
+                if self.force.is_set():
+                    self._force_stop()
+                    return 0
+                if self.stop.is_set():
+                    return self._drain()
+                if self.reload.is_set():
+                    self.reload.clear()
+                    self._reload()
+                now = time.monotonic()
+                if self.watcher.overflowed.is_set():
+                    self.watcher.overflowed.clear()
+                    logger.warning("inotify queue overflowed: rescanning the inbox")
+                if not self.watcher.alive() and self.settings.inbox.is_dir():
+                    self.watcher.restart()
+                if self.wake.is_set() or now - last_scan >= self._scan_period():
+                    self.wake.clear()
+                    last_scan = now
+                    self.intake.scan_once()
+                control.consume_requests(self.settings, self._apply_request)
+                self.ledger.requeue_due_retries(max_queued=self.settings.max_queued)
+                self.intake.admit_claimed()
+                if not self._check_worker():
+                    return 1
+                if self.worker is not None and self.worker.ready:
+                    if not ready_sent:
+                        ready_sent = True
+                        logger.info("model ready (%s, load %.1f s); rendering", self.worker.info.get("device"),
+                                    self.worker.info.get("load_s", 0.0))
+                        self.notifier.ready(self._status_text())
+                    self._dispatch()
+                if now - last_housekeeping >= self.settings.rescan_s:
+                    last_housekeeping = now
+                    retention.notice_removed_outputs(self.ledger)
+                    retention.apply_retention(self.settings, self.ledger)
+                self._status()
+                self.notifier.ping_if_due()
+                if self.once and self._once_done():
+                    self.stop.set()
+                    continue
+                if self.worker is not None:
+                    self.worker.wait(self.settings.tick_s)
+                    self._handle_messages()
+                else:
+                    self.wake.wait(self.settings.tick_s)
+        finally:
+            self._close()
+
+    def _scan_period(self) -> float:
+        assert self.ledger is not None
+        if self.ledger.counts()["waiting"]:
+            return min(self.settings.rescan_s, max(0.2, self.settings.settle_s / 2))
+        return self.settings.rescan_s
+
+    def _once_done(self) -> bool:
+        """`--once`: exit when something was rendered and nothing is left to do."""
+        assert self.ledger is not None
+        counts = self.ledger.counts()
+        busy = counts["waiting"] + counts["queued"] + counts["running"] + counts["retry_wait"]
+        return busy == 0 and counts["done"] + counts["failed"] + counts["rejected"] > 0 and not self.running
+
+    # ------------------------------------------------------------------ dispatch and results
+
+    def _dispatch(self) -> None:
+        assert self.ledger is not None and self.worker is not None
+        while True:
+            row = self.ledger.claim_next(max_running=self.settings.max_running)
+            if row is None:
+                return
+            try:
+                order = self._order(row)
+            except Exception as e:  # noqa: BLE001 - a stored job that cannot be rebuilt fails, the daemon goes on
+                self._fail(row, "bad_input", f"cannot prepare the job: {type(e).__name__}: {e}")
+                continue
+            self.running[row.id] = Running(job_id=row.id, name=row.name, order=order)
+            self.worker.run(order)
+            logger.info("job %s (%s) started, attempt %d", row.id, row.name, row.attempts)
+
+    def _order(self, row: JobRow) -> RunOrder:
+        job_dir = Path(row.job_dir or self.settings.jobs_dir / row.id)
+        spec = JobSpec.from_dict(row.spec)
+        staging = self.outbox.staging_dir(row.id)
+        return RunOrder(job_id=row.id, request=spec.to_request(job_dir / "input"),
+                        out_path=staging / f"{row.id}.mp4", poster_path=staging / f"{row.id}.jpg",
+                        checkpoint_dir=job_dir / "checkpoint", attempt=row.attempts)
+
+    def _handle_messages(self) -> None:
+        assert self.worker is not None
+        for message in self.worker.poll():
+            kind = message[0]
+            if kind == "progress":
+                self._progress(message[1], message[2])
+            elif kind == "done":
+                self._done(message[1], message[2])
+            elif kind == "stopped":
+                self._stopped(message[1], message[2])
+            elif kind == "failed":
+                info = message[2]
+                self._failed(message[1], info["code"], info["message"], transient=info["transient"],
+                             traceback=info.get("traceback"))
+            elif kind == "fatal":
+                logger.error("render worker could not start: %s", message[1])
+                self.fatal = str(message[1])
+
+    def _progress(self, job_id: str, data: dict[str, Any]) -> None:
+        assert self.ledger is not None
+        run = self.running.get(job_id)
+        if run is None:
+            return
+        run.progress = data
+        now = time.monotonic()
+        if now - run.last_write < 1.0 and data.get("stage") != "done":
+            return
+        run.last_write = now
+        self.ledger.update_progress(job_id, progress=float(data.get("progress", 0.0)), chunk=data["chunk"],
+                                    num_chunks=data["num_chunks"], step=data["step"],
+                                    num_steps=data["num_steps"], stage=data["stage"])
+
+    def _done(self, job_id: str, result: dict[str, Any]) -> None:
+        assert self.ledger is not None and self.worker is not None
+        run = self.running.pop(job_id, None)
+        row = self.ledger.get(job_id)
+        order = run.order if run else self._order(row)
+        poster = order.poster_path if order.poster_path.exists() else None
+        if poster is None:
+            poster = make_poster(order.out_path, order.poster_path)
+        finished = time.time()
+        sidecar = {
+            "job_id": row.id, "name": row.name, "state": "done", "source": row.source,
+            "input_hashes": row.input_hashes, "settings": row.spec,
+            "model": {**{k: v for k, v in self.worker.info.items() if k not in ("pid", "load_s")},
+                      "tiny": self.tiny, "weights_dir": str(self.weights_dir)},
+            "gpu": self.worker.info.get("gpu"),
+            "frames": result.get("num_frames"), "fps": result.get("fps"), "duration_s": result.get("duration_s"),
+            "width": result.get("width"), "height": result.get("height"), "seed": result.get("seed"),
+            "attempts": row.attempts, "resumed_from_chunk": result.get("resumed_from_chunk", 0),
+            "timings_s": {**(result.get("timings_s") or {}), "render": result.get("render_s"),
+                          "queue_wait": round((row.started_at or finished) - (row.queued_at or row.created_at), 3),
+                          "total": round(finished - row.created_at, 3)},
+            "created_at": row.created_at, "finished_at": finished,
+        }
+        try:
+            published = self.outbox.publish(job_id=row.id, name=row.name, video=order.out_path, poster=poster,
+                                            sidecar=sidecar)
+        except OSError as e:
+            self._failed(job_id, "disk_full" if e.errno == 28 else "publish_error",
+                         f"publishing failed: {e}", transient=e.errno == 28, row=row)
+            return
+        self.ledger.transition(
+            row.id, "running", "done", finished_at=finished, progress=1.0, stage="done",
+            output_video=str(published.video), output_poster=str(published.poster) if published.poster else None,
+            output_json=str(published.sidecar), frames=result.get("num_frames"),
+            duration_s=result.get("duration_s"), render_s=result.get("render_s"),
+            resumed_from_chunk=result.get("resumed_from_chunk", 0),
+        )
+        shutil.rmtree(order.checkpoint_dir, ignore_errors=True)
+        logger.info("job %s (%s) done: %s", row.id, row.name, published.video)
+        self.wake.set()
+
+    def _stopped(self, job_id: str, reason: str) -> None:
+        assert self.ledger is not None
+        self.running.pop(job_id, None)
+        row = self.ledger.get(job_id)
+        if reason == "cancel" or row.cancel_requested:
+            self.ledger.transition(job_id, "running", "cancelled", finished_at=time.time(),
+                                   error_code="cancelled", error_message="cancelled by the user")
+            logger.info("job %s (%s) cancelled", job_id, row.name)
+        else:
+            self._requeue(row, f"stopped ({reason})")
+
+    def _requeue(self, row: JobRow, why: str) -> None:
+        """Running -> queued without counting the attempt (shutdown, not the job's fault)."""
+        assert self.ledger is not None
+        self.ledger.transition(row.id, "running", "queued", queued_at=time.time(), stage="interrupted",
+                               attempts=max(0, row.attempts - 1), event_data={"reason": why})
+        logger.info("job %s (%s) %s; queued again", row.id, row.name, why)
+
+    def _failed(self, job_id: str, code: str, message: str, *, transient: bool,
+                traceback: str | None = None, row: JobRow | None = None) -> None:
+        assert self.ledger is not None
+        self.running.pop(job_id, None)
+        row = row or self.ledger.get(job_id)
+        if row.state != "running":
+            return
+        if transient and row.attempts < self.settings.max_attempts:
+            delay = backoff_s(self.settings, row.attempts)
+            self.ledger.transition(job_id, "running", "retry_wait", next_attempt_at=time.time() + delay,
+                                   error_code=code, error_message=message,
+                                   event_data={"delay_s": delay, "traceback": traceback})
+            logger.warning("job %s (%s) attempt %d failed (%s: %s); retry in %.0f s", job_id, row.name,
+                           row.attempts, code, message, delay)
+            return
+        if transient:
+            message = f"{message} (gave up after {row.attempts} attempts)"
+        self._fail(row, code, message, traceback=traceback)
+
+    def _fail(self, row: JobRow, code: str, message: str, traceback: str | None = None) -> None:
+        assert self.ledger is not None
+        kept = None
+        job_dir = Path(row.job_dir or self.settings.jobs_dir / row.id)
+        if (job_dir / "input").is_dir():
+            kept = self.outbox.keep_originals(row.name, [(job_dir / "input", ".", False)])
+        error_path = self.outbox.write_error(row.name, error_payload(
+            job_id=row.id, name=row.name, state="failed", code=code, message=message, field=None,
+            originals=kept, attempts=row.attempts))
+        self.ledger.transition(row.id, "running", "failed", finished_at=time.time(), error_code=code,
+                               error_message=message, output_json=str(error_path),
+                               event_data={"traceback": traceback} if traceback else None)
+        shutil.rmtree(self.outbox.partial / row.id, ignore_errors=True)
+        logger.error("job %s (%s) failed: %s: %s", row.id, row.name, code, message)
+
+    def _check_worker(self) -> bool:
+        """Notice a dead worker: its jobs retry (or fail after max_attempts); start a new one."""
+        assert self.ledger is not None
+        worker = self.worker
+        if worker is None or worker.alive():
+            return True
+        self._handle_messages()  # whatever it said before dying
+        fatal = self.fatal
+        was_ready = worker.ready
+        worker.kill()
+        for job_id in list(self.running):
+            self._failed(job_id, "worker_crash", "the render worker process died during this job",
+                         transient=True)
+        if fatal and not was_ready:
+            logger.error("giving up: the model cannot be loaded")
+            return False
+        self.start_failures = 0 if was_ready else self.start_failures + 1
+        if self.start_failures >= MAX_START_FAILURES:
+            logger.error("the render worker died %d times before it was ready; giving up", self.start_failures)
+            return False
+        logger.warning("render worker died; starting a new one")
+        self.fatal = None
+        self._start_worker()
+        return True
+
+    # ------------------------------------------------------------------ requests, reload, status
+
+    def _apply_request(self, action: str, job_id: str) -> control.Outcome:
+        assert self.ledger is not None
+
+        def stop_running(jid: str) -> None:
+            if self.worker is not None:
+                self.worker.stop_job(jid, "cancel")
+
+        outcome = control.apply_request(self.settings, self.ledger, self.outbox, action, job_id,
+                                        stop_running=stop_running)
+        logger.info("request %s %s: %s", action, job_id, outcome.message)
+        return outcome
+
+    def _reload(self) -> None:
+        self.notifier.reloading("reloading the config")
+        try:
+            new = load_settings(self.config_path)
+        except ConfigError as e:
+            logger.error("SIGHUP: config not reloaded: %s", e)
+            self.notifier.ready(self._status_text())
+            return
+        restart_keys = [k for k in ("inbox", "outbox", "state_dir", "weights_dir", "device", "dtype", "quant",
+                                    "lora", "lora_scale", "attention") if getattr(new, k) != getattr(self.settings, k)]
+        if restart_keys:
+            logger.warning("SIGHUP: %s changed; these take effect after a restart", ", ".join(restart_keys))
+            import dataclasses
+
+            new = dataclasses.replace(new, **{k: getattr(self.settings, k) for k in restart_keys})
+        self.settings = new
+        self.intake.reconfigure(new)
+        logger.info("SIGHUP: config reloaded (max_queued %d, max_running %d)", new.max_queued, new.max_running)
+        assert self.ledger is not None
+        self.ledger.daemon_event("config reloaded", max_queued=new.max_queued, max_running=new.max_running)
+        self.notifier.ready(self._status_text())
+
+    def _status_text(self) -> str:
+        assert self.ledger is not None
+        c = self.ledger.counts()
+        text = (f"{c['running']} running, {c['queued']} queued, {c['waiting']} waiting, {c['done']} done, "
+                f"{c['failed']} failed (caps {self.settings.max_queued} queued / {self.settings.max_running} "
+                "running)")
+        if self.worker is None or not self.worker.ready:
+            text = "loading the model; " + text
+        for run in list(self.running.values())[:3]:
+            p = run.progress
+            if p:
+                text += (f"; {run.name} chunk {p.get('chunk')}/{p.get('num_chunks')} step {p.get('step')}/"
+                         f"{p.get('num_steps')}")
+        return text
+
+    def _status(self) -> None:
+        text = self._status_text()
+        if text != self.last_status:
+            self.last_status = text
+            self.notifier.status(text)
+
+    # ------------------------------------------------------------------ stopping
+
+    def _drain(self) -> int:
+        """SIGTERM: running jobs stop at a step boundary and go back to queued; exit 0."""
+        assert self.ledger is not None
+        s = self.settings
+        logger.info("stopping: %d running job(s) stop at the next step boundary", len(self.running))
+        self.notifier.stopping(f"stopping; {len(self.running)} job(s) finishing their current step")
+        self.notifier.extend_timeout(s.stop_timeout_s + 30)
+        if self.worker is not None:
+            for job_id in self.running:
+                self.worker.stop_job(job_id, "shutdown")
+        deadline = time.monotonic() + s.stop_timeout_s
+        while self.running and time.monotonic() < deadline and not self.force.is_set():
+            if self.worker is None or not self.worker.alive():
+                break
+            self.worker.wait(0.2)
+            self._handle_messages()
+            self.notifier.ping_if_due()
+        self._force_stop()
+        return 0
+
+    def _force_stop(self) -> None:
+        assert self.ledger is not None
+        if self.worker is not None:
+            self.worker.shutdown(timeout_s=2.0 if not self.force.is_set() else 0.1)
+        for job_id in list(self.running):
+            self.running.pop(job_id)
+            try:
+                self._requeue(self.ledger.get(job_id), "stopped (daemon shutting down)")
+            except LedgerConflict:
+                pass
+        self.ledger.daemon_event("stopped", pid=os.getpid())
+        logger.info("daemon stopped")
+
+    def _close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.worker is not None:
+            self.worker.kill()
+        if self.ledger is not None:
+            self.ledger.close()
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+
+def make_poster(video: Path, poster: Path) -> Path | None:
+    """A JPEG of the first frame, when the pipeline wrote none."""
+    try:
+        import av
+
+        with av.open(str(video)) as container:
+            for frame in container.decode(video=0):
+                frame.to_image().convert("RGB").save(poster, "JPEG", quality=90)
+                return poster
+    except Exception as e:  # noqa: BLE001 - a missing poster is not worth failing a job for
+        logger.warning("could not make a poster from %s: %s", video, e)
+    return None
