@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -156,7 +157,9 @@ def create_app(cfg: DashboardConfig) -> Starlette:
 
     async def events(request: Request) -> Response:
         last = sse.parse_last_event_id(request.headers.get("last-event-id"))
-        return EventSourceResponse(sse.event_stream(cfg, last), ping=cfg.ping_s, headers=NO_STORE)
+        stop = anyio.Event()
+        return EventSourceResponse(sse.event_stream(cfg, last, stop), ping=cfg.ping_s, headers=NO_STORE,
+                                   shutdown_event=stop, shutdown_grace_period=sse.SHUTDOWN_GRACE_S)
 
     def video(request: Request) -> Response:
         path = _output_file(cfg, _job_id(request), "output_video")

@@ -15,7 +15,8 @@ so one frame is enough to update a page.
 
 Each stream owns its read-only connection (opened inside the generator) and polls
 `PRAGMA data_version` every `poll_s`; blocking SQLite calls run in a worker thread.
-sse-starlette sends the heartbeats and ends the stream when uvicorn shuts down.
+sse-starlette sends the heartbeats and, when uvicorn shuts down, sets the stream's stop event so
+the generator returns and the response ends cleanly (within `SHUTDOWN_GRACE_S`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from dashboard.config import DashboardConfig
 
 BATCH = 500  #: events per read; a long replay is sent in batches
 RETRY_MS = 3000  #: how long a browser waits before reconnecting
+SHUTDOWN_GRACE_S = 1.0  #: at server shutdown, time for streams to end by themselves
 
 
 def _dumps(obj: Any) -> str:
@@ -149,14 +151,18 @@ class _Cursor:
         return frames
 
 
-async def event_stream(cfg: DashboardConfig, last_event_id: int | None) -> AsyncIterator[ServerSentEvent]:
-    """Frames for one client until it disconnects or the server stops (sse-starlette cancels us)."""
+async def event_stream(cfg: DashboardConfig, last_event_id: int | None,
+                       stop: anyio.Event | None = None) -> AsyncIterator[ServerSentEvent]:
+    """Frames for one client until it disconnects or `stop` is set (server shutdown: the stream
+    then ends cleanly and the browser reconnects later with its Last-Event-ID)."""
+    stop = stop or anyio.Event()
     cursor = _Cursor(cfg=cfg, last_id=last_event_id)
     yield ServerSentEvent(comment="infinitetalk ledger events", retry=RETRY_MS)
     try:
-        while True:
+        while not stop.is_set():
             for frame in await anyio.to_thread.run_sync(cursor.poll):
                 yield frame
-            await anyio.sleep(cfg.poll_s)
+            with anyio.move_on_after(cfg.poll_s):
+                await stop.wait()
     finally:
         cursor.close()

@@ -1,0 +1,62 @@
+"""Run `infinitetalk dashboard` as a real uvicorn process for tests."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(path: Path, *, state_dir: Path, outbox: Path, port: int, token: str = "") -> Path:
+    path.write_text(
+        f'state_dir = "{state_dir}"\noutbox = "{outbox}"\n\n[dashboard]\nhost = "127.0.0.1"\n'
+        f'port = {port}\ntoken = "{token}"\n'
+    )
+    return path
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"dashboard exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"dashboard at {url} not healthy after {timeout_s} s")
+
+
+@contextmanager
+def dashboard_server(config: Path, port: int, log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Yield (base URL, process); the process is stopped (SIGTERM, then SIGKILL) afterwards."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "daemon", "dashboard", "--config", str(config)],
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_healthy(url, proc)
+            yield url, proc
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
