@@ -60,7 +60,7 @@ JOB_COLUMNS: dict[str, type] = {
     "dedupe_key": str, "job_dir": str, "resumed_from_chunk": int, "cancel_requested": int,
 }
 EVENT_COLUMNS: dict[str, type] = {"id": int, "job_id": str, "at": float, "kind": str, "data_json": str}
-SCHEMA_VERSION = 1
+
 
 
 def _migration_0(db: sqlite_utils.Database) -> None:

@@ -1,0 +1,63 @@
+"""daemon/outbox.py: atomic publish, sidecar last, names never overwritten, failed originals kept."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from daemon.outbox import Outbox
+
+
+def _staged(outbox: Outbox, job_id: str) -> tuple[Path, Path]:
+    staging = outbox.staging_dir(job_id)
+    video = staging / f"{job_id}.mp4"
+    poster = staging / f"{job_id}.jpg"
+    video.write_bytes(b"video-" + job_id.encode())
+    poster.write_bytes(b"jpg")
+    return video, poster
+
+
+def test_publish_moves_everything_and_writes_the_sidecar(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "out")
+    outbox.ensure()
+    video, poster = _staged(outbox, "j1")
+    published = outbox.publish(job_id="j1", name="alice", video=video, poster=poster, sidecar={"job_id": "j1"})
+    assert published.video == tmp_path / "out" / "alice.mp4"
+    assert published.video.read_bytes() == b"video-j1"
+    assert json.loads(published.sidecar.read_text())["outputs"]["video"] == str(published.video)
+    assert not (outbox.partial / "j1").exists()
+
+
+def test_names_are_never_overwritten(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "out")
+    outbox.ensure()
+    (tmp_path / "out" / "alice.mp4").write_bytes(b"someone else's")
+    (tmp_path / "out" / "alice-2.error.json").write_text("{}")
+    video, poster = _staged(outbox, "j2")
+    published = outbox.publish(job_id="j2", name="alice", video=video, poster=poster, sidecar={})
+    assert published.base == "alice-3"
+    assert (tmp_path / "out" / "alice.mp4").read_bytes() == b"someone else's"
+    error = outbox.write_error("alice", {"code": "x"})
+    assert error.name == "alice-4.error.json"
+
+
+def test_keep_originals_moves_or_copies(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "out")
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.json").write_text("{}")
+    (src / "shared.wav").write_bytes(b"w")
+    kept = outbox.keep_originals("bob", [(src / "a.json", "a.json", True), (src / "shared.wav", "shared.wav", False)])
+    assert kept == tmp_path / "out" / "failed" / "bob"
+    assert (kept / "a.json").exists() and not (src / "a.json").exists()
+    assert (kept / "shared.wav").exists() and (src / "shared.wav").exists()
+    assert outbox.keep_originals("bob", []).name == "bob-2"
+
+
+def test_clean_staging_removes_leftovers(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "out")
+    outbox.ensure()
+    _staged(outbox, "old")
+    _staged(outbox, "live")
+    assert outbox.clean_staging(keep=["live"]) == ["old"]
+    assert (outbox.partial / "live").exists()
