@@ -245,5 +245,17 @@ def write_tiny_encoders(weights_dir: Path, seed: int) -> dict[str, dict[str, Any
     }
 
 
+def state_digest(state: dict[str, Tensor]) -> str:
+    """Short sha256 over key names, dtypes, shapes and values (independent of the file format)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return h.hexdigest()[:16]
+
+
 def _as_json(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
