@@ -1,0 +1,286 @@
+"""Check a weights folder: which files, keys, shapes and dtypes are present, missing or wrong.
+
+Works for the released layout (full size, hyper-parameters from `config.json`) and for a folder
+written by `infinitetalk weights tiny` (hyper-parameters from `tiny.json`). Only file headers are
+read for safetensors; `.pth` files are memory-mapped where possible. Optional files (the fp8
+quantized models) are reported as notes when absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pipeline.config import TINY_JSON, WAN_DIR, ModelConfig, load_model_config
+
+Status = Literal["ok", "missing", "wrong", "note"]
+
+VAE_FILE = "Wan2.1_VAE.pth"
+T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+T5_TOKENIZER = "google/umt5-xxl"
+CLIP_TOKENIZER = "xlm-roberta-large"
+WAV2VEC_DIR = "chinese-wav2vec2-base"
+FLOAT_DTYPES = ("F32", "F16", "BF16", "float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Finding:
+    path: str  # relative to the weights folder
+    status: Status
+    detail: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckReport:
+    weights_dir: Path
+    tiny: bool
+    findings: tuple[Finding, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.status in ("missing", "wrong") for f in self.findings)
+
+    def format(self) -> str:
+        kind = "tiny (tiny.json)" if self.tiny else "full size"
+        lines = [f"weights folder {self.weights_dir} [{kind}]"]
+        for f in self.findings:
+            lines.append(f"  {f.status.upper():8s} {f.path}: {f.detail}")
+        bad = sum(f.status in ("missing", "wrong") for f in self.findings)
+        lines.append("result: OK" if self.ok else f"result: {bad} problem(s)")
+        return "\n".join(lines)
+
+
+Header = dict[str, tuple[tuple[int, ...], str]]  # key -> (shape, dtype name)
+
+
+def safetensors_header(path: Path) -> Header:
+    """Keys, shapes and dtypes of a safetensors file, from its JSON header only."""
+    with path.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items()}
+
+
+def pth_header(path: Path) -> Header:
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()}
+
+
+def compare_keys(
+    rel: str, found: Header, expected: dict[str, tuple[int, ...]], dtype_ok: Callable[[str, str], bool] | None = None
+) -> list[Finding]:
+    """Findings for one set of tensors against the expected shapes."""
+    dtype_ok = dtype_ok or (lambda _key, dt: dt in FLOAT_DTYPES)
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = sorted(f"{k} {list(found[k][0])} (expected {list(expected[k])})" for k in set(found) & set(expected)
+                    if found[k][0] != tuple(expected[k]))
+    dtypes = sorted(f"{k} {found[k][1]}" for k in found if k in expected and not dtype_ok(k, found[k][1]))
+    out = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes),
+                         ("wrong dtypes", dtypes)):
+        if items:
+            shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
+            out.append(Finding(path=rel, status="missing" if label == "missing keys" else "wrong", detail=f"{label}: {shown}"))
+    if not out:
+        kinds = sorted({dt for _, dt in found.values()})
+        out.append(Finding(path=rel, status="ok", detail=f"{len(found)} tensors, dtypes {', '.join(kinds)}"))
+    return out
+
+
+def _check_file(root: Path, rel: str, read: Callable[[Path], Header], expected: dict[str, tuple[int, ...]],
+                *, optional: bool = False, dtype_ok: Callable[[str, str], bool] | None = None) -> list[Finding]:
+    path = root / rel
+    if not path.is_file():
+        return [Finding(path=rel, status="note" if optional else "missing", detail="file not present" + (" (optional)" if optional else ""))]
+    try:
+        found = read(path)
+    except Exception as e:  # an unreadable file is a finding, not a crash of the check
+        return [Finding(path=rel, status="wrong", detail=f"cannot read: {type(e).__name__}: {e}")]
+    return compare_keys(rel, found, expected, dtype_ok)
+
+
+def check_weights(weights_dir: Path) -> CheckReport:
+    """Inspect `weights_dir` and report every file of the released layout."""
+    root = Path(weights_dir)
+    tiny = (root / TINY_JSON).is_file()
+    findings: list[Finding] = []
+    try:
+        cfg = load_model_config(root)
+    except (OSError, ValueError, TypeError) as e:
+        rel = TINY_JSON if tiny else f"{WAN_DIR}/config.json"
+        findings.append(Finding(path=rel, status="missing" if isinstance(e, FileNotFoundError) else "wrong", detail=str(e)))
+        return CheckReport(weights_dir=root, tiny=tiny, findings=tuple(findings))
+    findings.append(Finding(path=TINY_JSON if tiny else f"{WAN_DIR}/config.json", status="ok",
+                            detail=f"DiT dim {cfg.dit.dim}, {cfg.dit.num_layers} blocks, {cfg.dit.num_heads} heads"))
+    findings += _check_dit(root, cfg)
+    findings += _check_encoders(root, cfg)
+    return CheckReport(weights_dir=root, tiny=tiny, findings=tuple(findings))
+
+
+def _check_dit(root: Path, cfg: ModelConfig) -> list[Finding]:
+    from pipeline.lora import plan_lora
+    from pipeline.models.dit import dit_param_shapes, is_audio_key
+    from pipeline.weights import LORA_FILE, WAN_INDEX, WAN_SHARDS
+
+    shapes = dit_param_shapes(cfg.dit)
+    base = {k: v for k, v in shapes.items() if not is_audio_key(k)}
+    audio = {k: v for k, v in shapes.items() if is_audio_key(k)}
+    out: list[Finding] = []
+    wan = root / WAN_DIR
+    index = wan / WAN_INDEX
+    names = list(WAN_SHARDS)
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+            out.append(Finding(path=f"{WAN_DIR}/{WAN_INDEX}", status="ok", detail=f"{len(weight_map)} keys in {len(names)} shards"))
+        except (ValueError, KeyError, TypeError) as e:
+            out.append(Finding(path=f"{WAN_DIR}/{WAN_INDEX}", status="wrong", detail=f"unreadable index: {e}"))
+            weight_map = {}
+    else:
+        weight_map = {}
+        out.append(Finding(path=f"{WAN_DIR}/{WAN_INDEX}", status="note", detail="no index; the 7 released shard names are read"))
+    union: Header = {}
+    for name in names:
+        rel = f"{WAN_DIR}/{name}"
+        path = root / rel
+        if not path.is_file():
+            out.append(Finding(path=rel, status="missing", detail="DiT shard not present"))
+            continue
+        header = safetensors_header(path)
+        wrong_place = sorted(k for k in header if weight_map and weight_map.get(k) != name)
+        if wrong_place:
+            out.append(Finding(path=rel, status="wrong", detail=f"keys not mapped to this shard by the index: {', '.join(wrong_place[:12])}"))
+        out.append(Finding(path=rel, status="ok", detail=f"{len(header)} tensors"))
+        union.update(header)
+    out += compare_keys(f"{WAN_DIR}/ (all shards)", union, base)
+    for variant in ("single", "multi"):
+        out += _check_file(root, f"InfiniteTalk/{variant}/infinitetalk.safetensors", safetensors_header, audio)
+    for variant in ("single", "multi"):
+        out += _check_fp8(root, f"InfiniteTalk/quant_models/infinitetalk_{variant}_fp8", shapes)
+    lora_path = root / LORA_FILE
+    if not lora_path.is_file():
+        out.append(Finding(path=LORA_FILE, status="missing", detail="lightx2v LoRA not present"))
+    else:
+        header = safetensors_header(lora_path)
+        targets, ignored, bad = plan_lora(list(header))
+        for target, sources in targets.items():
+            if target not in shapes:
+                bad.append(f"{sources[0]} (no parameter {target})")
+            elif len(sources) == 2:
+                (r, n_in), (n_out, r2) = header[sources[0]][0], header[sources[1]][0]
+                if r != r2 or (n_out, n_in) != shapes[target]:
+                    bad.append(f"{sources[0]} (delta [{n_out}, {n_in}] != {list(shapes[target])})")
+            elif header[sources[0]][0] != shapes[target]:
+                bad.append(f"{sources[0]} ({list(header[sources[0]][0])} != {list(shapes[target])})")
+        if bad:
+            out.append(Finding(path=LORA_FILE, status="wrong", detail="; ".join(bad[:12])))
+        else:
+            out.append(Finding(path=LORA_FILE, status="ok", detail=f"{len(targets)} target tensors, {len(ignored)} alpha keys ignored"))
+    return out
+
+
+def _check_fp8(root: Path, stem: str, shapes: dict[str, tuple[int, ...]]) -> list[Finding]:
+    from pipeline.quant import QUANT_SUFFIXES, QUANTO_FP8_NAMES
+
+    data_rel, map_rel = f"{stem}.safetensors", f"{stem}.json"
+    if not (root / data_rel).is_file():
+        return [Finding(path=data_rel, status="note", detail="not present (optional: fp8 model)")]
+    if not (root / map_rel).is_file():
+        return [Finding(path=map_rel, status="missing", detail=f"quantization map for {data_rel} not present")]
+    qmap = json.loads((root / map_rel).read_text())
+    bad_map = sorted(m for m, s in qmap.items() if f"{m}.weight" not in shapes or not isinstance(s, dict)
+                     or s.get("weights") not in QUANTO_FP8_NAMES)
+    expected: dict[str, tuple[int, ...]] = {}
+    for key, shape in shapes.items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in qmap and leaf == "weight":
+            expected[f"{owner}.weight._data"] = shape
+            expected[f"{owner}.weight._scale"] = (shape[0], 1)
+            expected[f"{owner}.input_scale"] = ()
+            expected[f"{owner}.output_scale"] = ()
+        else:
+            expected[key] = shape
+
+    def dtype_ok(key: str, dt: str) -> bool:
+        return dt in ("F8_E4M3", "float8_e4m3fn") if key.endswith("._data") else dt in FLOAT_DTYPES
+
+    out = compare_keys(data_rel, safetensors_header(root / data_rel), expected, dtype_ok)
+    if bad_map:
+        out.append(Finding(path=map_rel, status="wrong", detail=f"entries that are not fp8 linear layers: {', '.join(bad_map[:12])}"))
+    else:
+        out.append(Finding(path=map_rel, status="ok", detail=f"{len(qmap)} fp8 layers ({', '.join(QUANT_SUFFIXES)})"))
+    return out
+
+
+def _check_encoders(root: Path, cfg: ModelConfig) -> list[Finding]:
+    from pipeline.models import clip, t5, vae
+
+    out: list[Finding] = []
+    out += _check_file(root, f"{WAN_DIR}/{VAE_FILE}", pth_header, vae.checkpoint_shapes(cfg.vae))
+    out += _check_file(root, f"{WAN_DIR}/{T5_FILE}", pth_header, t5.checkpoint_shapes(cfg.t5))
+    out += _check_file(root, f"{WAN_DIR}/{CLIP_FILE}", pth_header, clip.checkpoint_shapes(cfg.clip))
+    for rel in (T5_TOKENIZER, CLIP_TOKENIZER):
+        folder = root / WAN_DIR / rel
+        files = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        has_vocab = any(n in files for n in ("tokenizer.json", "spiece.model", "sentencepiece.bpe.model"))
+        out.append(Finding(path=f"{WAN_DIR}/{rel}/", status="ok" if has_vocab else "missing",
+                           detail=", ".join(files) if has_vocab else "tokenizer files not present"))
+    w2v = root / WAV2VEC_DIR
+    for name in ("config.json", "preprocessor_config.json"):
+        present = (w2v / name).is_file()
+        out.append(Finding(path=f"{WAV2VEC_DIR}/{name}", status="ok" if present else "missing",
+                           detail="present" if present else "not present"))
+    if (w2v / "config.json").is_file():
+        out += _check_wav2vec(root)
+    return out
+
+
+def _check_wav2vec(root: Path) -> list[Finding]:
+    """The `wav2vec2.` encoder keys must all be there; pre-training heads may or may not be."""
+    from pipeline.tiny_encoders import wav2vec_checkpoint_shapes
+
+    hub = json.loads((root / WAV2VEC_DIR / "config.json").read_text())
+    need = {_weight_norm_name(k): v for k, v in wav2vec_checkpoint_shapes(hub).items() if k.startswith("wav2vec2.")}
+    for name, reader in (("model.safetensors", safetensors_header), ("pytorch_model.bin", pth_header)):
+        if (root / WAV2VEC_DIR / name).is_file():
+            found = {_weight_norm_name(k): v for k, v in reader(root / WAV2VEC_DIR / name).items() if k.startswith("wav2vec2.")}
+            return compare_keys(f"{WAV2VEC_DIR}/{name}", found, need)
+    return [Finding(path=f"{WAV2VEC_DIR}/model.safetensors", status="missing",
+                    detail="neither model.safetensors nor pytorch_model.bin present")]
+
+
+def _weight_norm_name(key: str) -> str:
+    """Old and new names of the positional conv's weight norm compare equal."""
+    return key.replace("parametrizations.weight.original0", "weight_g").replace("parametrizations.weight.original1", "weight_v")
+
+
+def dit_files_digest(weights_dir: Path) -> str:
+    """sha256 over the DiT files of a folder (shards, audio files, LoRA): what parity fixtures used."""
+    from pipeline.weights import LORA_FILE
+
+    root = Path(weights_dir)
+    paths: Iterable[Path] = [
+        *sorted((root / WAN_DIR).glob("diffusion_pytorch_model-*.safetensors")),
+        *(root / "InfiniteTalk" / v / "infinitetalk.safetensors" for v in ("single", "multi")),
+        root / LORA_FILE,
+    ]
+    digest = hashlib.sha256()
+    for p in paths:
+        digest.update(p.name.encode())
+        digest.update(p.read_bytes())
+    return digest.hexdigest()
