@@ -46,11 +46,16 @@ STATE_LEVELS = {
     "retry_wait": logging.WARNING,
 }
 
-HUMAN_FORMAT = "%(asctime)s %(levelname)-7s %(name)s%(job_tag)s: %(message)s"
-JOURNAL_FORMAT = "%(name)s%(job_tag)s: %(message)s"
+HUMAN_FORMAT = "%(asctime)s %(levelname)-7s {tag}%(name)s%(job_tag)s: %(message)s"
+JOURNAL_FORMAT = "{tag}%(name)s%(job_tag)s: %(message)s"
 
 #: chatty third-party loggers kept at INFO or above even when the daemon logs at DEBUG
 QUIET_LOGGERS = ("watchdog", "PIL", "urllib3", "httpx", "httpcore", "numba", "matplotlib")
+
+
+def _tag_prefix(tag: str) -> str:
+    # escaped: the tag ends up inside a %-style format string
+    return tag.replace("%", "%%") + " " if tag else ""
 
 
 def sd_priority(levelno: int) -> int:
@@ -76,8 +81,8 @@ class JobIdFilter(logging.Filter):
 class JournalFormatter(logging.Formatter):
     """No timestamp; each physical line starts with `<priority>` so journald keeps its level."""
 
-    def __init__(self) -> None:
-        super().__init__(JOURNAL_FORMAT)
+    def __init__(self, tag: str = "") -> None:
+        super().__init__(JOURNAL_FORMAT.format(tag=_tag_prefix(tag)))
 
     def format(self, record: logging.LogRecord) -> str:
         prefix = f"<{sd_priority(record.levelno)}>"
@@ -113,19 +118,23 @@ def configure_logging(
     *,
     stream: TextIO | None = None,
     environ: Mapping[str, str] | None = None,
+    tag: str = "",
 ) -> logging.Handler:
     """Route all logging to `stream` (stderr) in the journal or human format; returns the handler.
 
-    Replaces handlers a previous call installed, so calling it again (after a reload) is safe.
+    `tag` names the process in every line (`tag="worker"` for the render worker, whose stderr is
+    the same journal stream). Replaces handlers a previous call installed, so calling it again is
+    safe.
     """
     number = parse_level(level)
     out = sys.stderr if stream is None else stream
     env = os.environ if environ is None else environ
     handler = logging.StreamHandler(out)
     if stderr_is_journal(out, env):
-        handler.setFormatter(JournalFormatter())
+        handler.setFormatter(JournalFormatter(tag))
     else:
-        handler.setFormatter(logging.Formatter(HUMAN_FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
+        human = HUMAN_FORMAT.format(tag=_tag_prefix(tag))
+        handler.setFormatter(logging.Formatter(human, datefmt="%Y-%m-%d %H:%M:%S"))
     handler.addFilter(JobIdFilter())
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -100,6 +100,13 @@ def test_state_change_lines(log_file: TextIO) -> None:
     ]
 
 
+def test_process_tag(log_file: TextIO) -> None:
+    configure_logging("info", stream=log_file, environ=_journal_env(log_file), tag="worker")
+    with job_context("ab12"):
+        logging.getLogger("daemon.runner").info("chunk 1/3 done")
+    assert _lines(log_file) == ["<6>worker daemon.runner [job ab12]: chunk 1/3 done"]
+
+
 def test_reconfigure_replaces_the_handler(log_file: TextIO) -> None:
     configure_logging("info", stream=log_file, environ={})
     configure_logging("info", stream=log_file, environ={})
