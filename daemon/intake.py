@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 #: errors of parse_job that mean "the upload is not finished yet" rather than "the job is bad"
 INCOMPLETE_CODES = frozenset({"missing_file", "empty_file"})
+FPS = 25
+FULL_FRAME_NUM = 81  # frames per chunk of the released model
 
 
 @dataclass(slots=True)
@@ -74,6 +76,8 @@ class Intake:
         self.outbox = outbox
         self.clock = clock
         self._tracks: dict[str, _Track] = {}
+        #: the shortest speech the loaded model can render (None: not known until the model is loaded)
+        self.model_min_audio_s: float | None = None
         self._loose_media: dict[str, set[str]] = {}
 
     def reconfigure(self, settings: Settings) -> None:
@@ -178,11 +182,14 @@ class Intake:
         elif not quiet:
             wait(f"settling: files changed {now - track.sig_since:.0f} s ago (settle_s = {s.settle_s:g})")
             return None
+        if self.model_min_audio_s is None:
+            self.ledger.set_waiting_reason(row.id, "waiting for the model to load")
+            return None
         if track.probed_sig != sig:
             self.ledger.set_waiting_reason(row.id, "checking media")
             for rel in spec.media_files:
                 probe_media(entry.base_dir / rel, rel=rel, field=_field_of(spec, rel),
-                            min_audio_s=s.min_audio_s)
+                            min_audio_s=max(s.min_audio_s, self.model_min_audio_s))
             track.probed_sig = sig
         return Ready(entry=entry, row=row, spec=spec)
 
@@ -318,6 +325,21 @@ class Intake:
             duplicate_of=rejected.duplicate_of, output_json=str(error_path), waiting_reason=None,
         )
         logger.warning("job %s (%s) rejected: %s: %s", row.id, row.name, rejected.code, rejected.message)
+
+
+def model_min_audio_s(weights_dir: Path) -> float | None:
+    """The shortest speech (s) the model in `weights_dir` renders: one chunk of frames plus one,
+    at 25 fps (the reference needs more audio frames than one chunk has). None if unknown yet."""
+    tiny = weights_dir / "tiny.json"
+    if tiny.is_file():
+        try:
+            frame_num = int(json.loads(tiny.read_text())["generation"]["frame_num"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return (frame_num + 1) / FPS
+    if (weights_dir / "Wan2.1-I2V-14B-480P" / "config.json").is_file():
+        return (FULL_FRAME_NUM + 1) / FPS
+    return None
 
 
 def _move_into(src: Path, dest: Path) -> Path:

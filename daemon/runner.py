@@ -193,17 +193,26 @@ def describe(pipe: Any, config: WorkerConfig) -> dict[str, Any]:
     extra = getattr(pipe, "describe", None)
     if callable(extra):
         info.update(extra())
+    generation = getattr(getattr(pipe, "config", None), "generation", None)
+    if generation is not None:
+        info["frame_num"] = generation.frame_num
     if "device" not in info:
         info["device"] = str(getattr(pipe, "device", config.device))
     try:
-        import torch
-
-        if torch.cuda.is_available() and info["device"].startswith("cuda"):
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available() and info["device"].startswith("cuda"):
             info.setdefault("gpu", torch.cuda.get_device_name())
     except Exception:  # noqa: BLE001 - describing the GPU is best effort
         pass
     info.setdefault("gpu", None)
     return info
+
+
+def on_progress_stage(on_progress: Any, stage: str) -> None:
+    """Report a stage with no chunk/step position yet (e.g. preparing the inputs)."""
+    from pipeline.types import Progress
+
+    on_progress(Progress(stage=stage, chunk=0, num_chunks=0, step=0, num_steps=0, frames_done=0, total_frames=0))
 
 
 class Worker:
@@ -214,6 +223,8 @@ class Worker:
         self.channel = channel
         self.config = config
         self.gpu_lock = threading.Lock()
+        # the audio encoder's feature extraction keeps per-call state on the module: one at a time
+        self.prepare_lock = threading.Lock()
         self.stops: dict[str, tuple[threading.Event, list[str]]] = {}
         self.threads: dict[str, threading.Thread] = {}
         params = inspect.signature(pipe.generate).parameters
@@ -262,15 +273,11 @@ class Worker:
             if stop.is_set():
                 raise StopRequested(self._reason(order.job_id))
 
-        kwargs: dict[str, Any] = {"on_progress": on_progress}
-        optional = {"poster_path": order.poster_path, "should_stop": stop.is_set,
-                    "checkpoint_dir": order.checkpoint_dir, "gpu_lock": self.gpu_lock}
-        kwargs.update({k: v for k, v in optional.items() if k in self.accepts})
         started = time.monotonic()
         try:
             order.out_path.parent.mkdir(parents=True, exist_ok=True)
             order.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            result = self.pipe.generate(order.request, order.out_path, **kwargs)
+            result = self._render(order, on_progress, stop)
         except StopRequested:
             self.channel.send("stopped", order.job_id, self._reason(order.job_id))
         except BaseException as e:  # noqa: BLE001 - the worker's one broad handler: classify, report
@@ -288,6 +295,33 @@ class Worker:
         finally:
             self.stops.pop(order.job_id, None)
             self.threads.pop(order.job_id, None)
+
+    def _render(self, order: RunOrder, on_progress: Any, stop: threading.Event) -> Any:
+        """CPU preparation outside the GPU lock, the model's chunk loop inside it.
+
+        With a pipeline that splits `prepare` (media decode, speech, audio features) from
+        `render` (the chunk loop), one job prepares while another holds the GPU. A pipeline
+        taking `gpu_lock` itself gets it; any other runs `generate` as is.
+        """
+        pipe = self.pipe
+        if "gpu_lock" in self.accepts:
+            return pipe.generate(order.request, order.out_path, on_progress=on_progress, should_stop=stop.is_set,
+                                 checkpoint_dir=order.checkpoint_dir, poster_path=order.poster_path,
+                                 gpu_lock=self.gpu_lock)
+        if callable(getattr(pipe, "prepare", None)) and callable(getattr(pipe, "render", None)):
+            on_progress_stage(on_progress, "prepare")
+            with self.prepare_lock:
+                prepared = pipe.prepare(order.request, order.checkpoint_dir)
+            if stop.is_set():
+                from pipeline.types import StopRequested
+
+                raise StopRequested(self._reason(order.job_id))
+            with self.gpu_lock:
+                return pipe.render(prepared, order.out_path, poster_path=order.poster_path, on_progress=on_progress,
+                                   should_stop=stop.is_set, resume=True)
+        kwargs = {k: v for k, v in {"poster_path": order.poster_path, "should_stop": stop.is_set,
+                                    "checkpoint_dir": order.checkpoint_dir}.items() if k in self.accepts}
+        return pipe.generate(order.request, order.out_path, on_progress=on_progress, **kwargs)
 
     def _reason(self, job_id: str) -> str:
         entry = self.stops.get(job_id)

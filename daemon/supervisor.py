@@ -30,7 +30,7 @@ from daemon import control, retention
 from daemon.config import ConfigError, Settings, load_settings
 from daemon.errors import DaemonLocked, LedgerConflict
 from daemon.inbox import Watcher
-from daemon.intake import Intake, error_payload
+from daemon.intake import Intake, error_payload, model_min_audio_s
 from daemon.jobs import JobSpec
 from daemon.ledger import JobRow, Ledger
 from daemon.outbox import Outbox
@@ -156,6 +156,7 @@ class Supervisor:
         self.watcher = Watcher(s.inbox, self.wake)
         self.watcher.start()
         self.weights_dir, self.tiny = self._choose_weights()
+        self.intake.model_min_audio_s = model_min_audio_s(self.weights_dir)
         self._start_worker()
 
     def _choose_weights(self) -> tuple[Path, bool]:
@@ -183,7 +184,7 @@ class Supervisor:
 
     def run(self) -> int:
         self.start()
-        assert self.ledger is not None
+        assert self.ledger is not None and self.intake is not None and self.watcher is not None
         last_scan = 0.0
         last_housekeeping = 0.0
         ready_sent = False
@@ -216,6 +217,9 @@ class Supervisor:
                 if self.worker is not None and self.worker.ready:
                     if not ready_sent:
                         ready_sent = True
+                        frame_num = self.worker.info.get("frame_num")
+                        if frame_num:
+                            self.intake.model_min_audio_s = (int(frame_num) + 1) / 25
                         logger.info("model ready (%s, load %.1f s); rendering", self.worker.info.get("device"),
                                     self.worker.info.get("load_s", 0.0))
                         self.notifier.ready(self._status_text())
