@@ -46,7 +46,7 @@ class Snapshot:
 def connect(path: Path) -> sqlite3.Connection:
     """Open the ledger read-only; raise `LedgerUnavailable` if it is missing or not a ledger."""
     if not path.is_file():
-        raise LedgerUnavailable(path, "no such file (has the daemon run with this state_dir?)")
+        raise LedgerUnavailable(path, "no such file")
     uri = "file:" + urllib.parse.quote(str(path.resolve())) + "?mode=ro"
     try:
         conn = sqlite3.connect(uri, uri=True, timeout=5.0, check_same_thread=False, isolation_level=None)

@@ -92,7 +92,7 @@ class _Cursor:
             return
         self.close()
         if current is None:
-            raise reader.LedgerUnavailable(self.cfg.ledger_path, "no such file (is the daemon running?)")
+            raise reader.LedgerUnavailable(self.cfg.ledger_path, "no such file")
         self.conn = reader.connect(self.cfg.ledger_path)
         self.file_id = current
 

@@ -105,7 +105,7 @@
     node.querySelector(".settings").textContent = settingsSummary(job.settings);
     node.querySelector(".actions").replaceChildren(
       job.urls.download ? el("a", { href: job.urls.download, download: job.outputs.video || "" }, "Download MP4") : "",
-      " ", el("a", { href: job.urls.page }, "details"));
+      job.urls.download ? " · " : "", el("a", { href: job.urls.page }, "details"));
   }
 
   function renderFinished() {

@@ -39,8 +39,8 @@ def test_outputs_are_urls_and_names_never_server_paths(client: TestClient, ledge
     job = queue_job(ledger, "alice")
     run_job(ledger, job.id)
     finish_job(ledger, outbox, job.id, "alice")
-    text = client.get("/api/jobs").text
-    assert str(outbox) not in text
+    for url in ("/api/jobs", f"/api/jobs/{job.id}"):
+        assert str(outbox) not in client.get(url).text, url
     view = client.get(f"/api/jobs/{job.id}").json()["job"]
     assert view["outputs"] == {"video": "alice.mp4", "poster": "alice.jpg", "json": "alice.json"}
     assert view["urls"]["video"] == f"/jobs/{job.id}/video"

@@ -47,6 +47,8 @@ def test_snapshot_then_every_event_with_ledger_ids(client: TestClient, ledger: L
     assert last["job"]["state"] == "done" and last["job"]["urls"]["video"] == f"/jobs/{first.id}/video"
     assert last["counts"]["done"] == 1 and last["counts"]["queued"] == 0
     assert got[1].json()["event"]["data"]["chunk"] == 1
+    assert last["event"]["data"]["output_video"] == "alice.mp4"
+    assert all(str(outbox) not in f.data for f in got)  # server paths stay on the server
 
 
 def test_reconnect_with_last_event_id_misses_nothing(client: TestClient, ledger: Ledger, outbox: Path) -> None:
