@@ -168,35 +168,37 @@ def make_job_bundle(
     *,
     kind: str = "image",
     duration_s: float = 4.0,
-    seed: int = 0,
+    media_seed: int = 0,
     image_size: tuple[int, int] = (97, 61),
     job_json: bool = True,
     **settings: Any,
 ) -> Path:
     """Write a job bundle `directory/` (job.json + media, bare file names) and return the dir.
 
-    kinds: "image" (RGBA PNG + 44.1 kHz stereo `.WAV`), "video" (MP4 with a scene cut + WAV),
+    kinds: "image" (RGBA PNG + 44.1 kHz stereo `.WAV`), "video" (MP4 as long as the audio, with
+    a scene cut half-way, + WAV),
     "two_para" / "two_add" (two-person JPG + two WAVs; `add` tracks may differ in length).
-    `settings` are added to job.json as given (e.g. sample_steps=2, seed=3, max_frame_num=20).
+    `settings` are added to job.json as given (e.g. sample_steps=2, seed=3, max_frame_num=20);
+    `media_seed` varies the synthesised media.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     width, height = image_size
     doc: dict[str, Any] = {"prompt": f"A person is talking ({kind})."}
     if kind == "image":
-        make_rgba_png(directory / "face.png", width=width, height=height, seed=seed)
-        make_wav(directory / "voice.WAV", duration_s=duration_s, seed=seed)
+        make_rgba_png(directory / "face.png", width=width, height=height, seed=media_seed)
+        make_wav(directory / "voice.WAV", duration_s=duration_s, seed=media_seed)
         doc.update(cond_video="face.png", cond_audio={"person1": "voice.WAV"})
     elif kind == "video":
-        make_mp4(directory / "talk.mp4", duration_s=max(2.0, duration_s / 2), width=64, height=48,
-                 scene_cut_s=max(1.0, duration_s / 4), seed=seed)
-        make_wav(directory / "voice.WAV", duration_s=duration_s, seed=seed)
+        make_mp4(directory / "talk.mp4", duration_s=duration_s, width=64, height=48,
+                 scene_cut_s=duration_s / 2, seed=media_seed)
+        make_wav(directory / "voice.WAV", duration_s=duration_s, seed=media_seed)
         doc.update(cond_video="talk.mp4", cond_audio={"person1": "voice.WAV"})
     elif kind in ("two_para", "two_add"):
-        make_two_person_image(directory / "two.jpg", width=width, height=height, seed=seed)
+        make_two_person_image(directory / "two.jpg", width=width, height=height, seed=media_seed)
         second = duration_s if kind == "two_para" else duration_s * 0.75
-        make_wav(directory / "man.wav", duration_s=duration_s, seed=seed)
-        make_wav(directory / "woman.wav", duration_s=second, rate=22050, channels=1, seed=seed + 1)
+        make_wav(directory / "man.wav", duration_s=duration_s, seed=media_seed)
+        make_wav(directory / "woman.wav", duration_s=second, rate=22050, channels=1, seed=media_seed + 1)
         doc.update(
             cond_video="two.jpg",
             cond_audio={"person1": "man.wav", "person2": "woman.wav"},

@@ -1,0 +1,647 @@
+"""InfiniteTalkPipeline: load every model once, then render requests to MP4.
+
+    pipe = InfiniteTalkPipeline.from_weights(weights_dir, device="cuda", dtype=torch.bfloat16)
+    result = pipe.generate(request, out_path, poster_path=..., on_progress=..., should_stop=...,
+                           checkpoint_dir=...)
+
+A render has a CPU part and a GPU part, exposed separately so a daemon can overlap jobs:
+
+    prepared = pipe.prepare(request, work_dir)      # CPU: media decode, speech, wav2vec2 features,
+                                                    #      the mixed original audio, chunk plan
+    result = pipe.render(prepared, out_path, ...)   # GPU: text, per-chunk CLIP/VAE/DiT loop;
+                                                    #      H.264 encoding runs in a background thread
+
+The chunk loop (model.md 1.7-1.10), per chunk k of a segment:
+  1. reference frame: the image, or the source video's frame at the chunk's time (dubbing);
+  2. audio windows [P, F, 5, K, C] from the per-frame features; noise from the job's generator;
+  3. CLIP of the reference frame; y = mask | VAE([reference, F-1 grey frames]);
+     motion latents = VAE(reference) for a segment's first chunk, else VAE(last M frames);
+  4. Euler steps; before and after each the motion latents overwrite the first latent frames;
+     each step runs only the DiT passes the guidance scales need (pipeline.guidance);
+  5. VAE decode, Lab colour match to the segment's first reference frame, keep the last M
+     frames for the next chunk, hand the new frames to the encoder thread, which writes the
+     chunk's H.264 segment and then the chunk checkpoint.
+A source video with hard scene cuts is rendered as independent segments, one per shot (each
+starts fresh from its shot's first frame), joined in one output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pipeline import buckets, checkpoint, color, guidance, media, sampler, windows
+from pipeline.config import ModelConfig, load_model_config
+from pipeline.types import GenerationRequest, Progress, ProgressCallback, RenderResult, StopRequested
+
+logger = logging.getLogger(__name__)
+
+FPS = 25
+FACE_SCALE = 0.05  # margin of the default two-speaker halves (reference: face_scale)
+SHIFT_BY_SIZE = {"infinitetalk-480": 7.0, "infinitetalk-720": 11.0}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Segment:
+    """A run of chunks that starts fresh (the whole render, or one shot of a source video)."""
+
+    start: int  # first output frame
+    plan: windows.ChunkPlan
+    features: tuple[Tensor, ...]  # per speaker [T_seg (+pad), K, C] float32, padded to plan.end
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Prepared:
+    """The CPU-side inputs of one render (see InfiniteTalkPipeline.prepare)."""
+
+    request: GenerationRequest
+    target: tuple[int, int]  # output (H, W)
+    segments: tuple[Segment, ...]
+    total_frames: int
+    num_speakers: int
+    is_video: bool
+    source_fps: float
+    first_frame: np.ndarray  # uint8 [H, W, 3]: the resized, cropped first reference frame
+    masks: Tensor | None  # [3, lat_h, lat_w] speaker regions (two speakers)
+    audio_wav: Path  # the mixed original audio (float WAV)
+    work_dir: Path
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_chunks(self) -> int:
+        return sum(s.plan.num_chunks for s in self.segments)
+
+
+class InfiniteTalkPipeline:
+    """Every model of InfiniteTalk resident on one device; `generate` renders one request."""
+
+    def __init__(
+        self,
+        *,
+        config: ModelConfig,
+        weights_dir: Path,
+        dit: Any,
+        vae: Any,
+        text_encoder: Any,
+        image_encoder: Any,
+        audio_encoder: Any,
+        device: torch.device,
+        dtype: torch.dtype,
+        lora: Path | None,
+        lora_scale: float,
+        quant: str | None,
+        attention: str,
+    ) -> None:
+        self.config = config
+        self.weights_dir = Path(weights_dir)
+        self.dit = dit
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.image_encoder = image_encoder
+        self.audio_encoder = audio_encoder
+        self.device = device
+        self.dtype = dtype
+        self.lora = lora
+        self.lora_scale = lora_scale
+        self.quant = quant
+        self.attention = attention
+        self.variant = "single"
+        self.dit_calls = 0  # DiT forward passes run (all renders), for tests and stats
+
+    # -----------------------------------------------------------------------------------------
+    # loading
+
+    @classmethod
+    def from_weights(
+        cls,
+        weights_dir: Path,
+        *,
+        device: torch.device | str = "cuda",
+        dtype: torch.dtype = torch.bfloat16,
+        lora: Path | None | Literal["auto"] = "auto",
+        lora_scale: float = 1.0,
+        quant: str | None = None,
+        attention: str = "auto",
+        rope: str = "exact",
+    ) -> InfiniteTalkPipeline:
+        """Load DiT, VAE, T5, CLIP and wav2vec2 from a weights folder (released layout or tiny).
+
+        lora: "auto" merges the lightx2v LoRA when the folder has it, None merges none, or a path.
+        dtype is the DiT and T5 compute dtype; the VAE and wav2vec2 run in float32, CLIP in
+        float16 on CUDA (float32 on the CPU), as the reference.
+        """
+        from pipeline.models.clip import load_clip
+        from pipeline.models.t5 import load_t5
+        from pipeline.models.vae import load_vae
+        from pipeline.models.wav2vec import load_wav2vec
+        from pipeline.weights import LORA_FILE, load_dit
+
+        weights_dir = Path(weights_dir)
+        device = torch.device(device)
+        cfg = load_model_config(weights_dir)
+        if lora == "auto":
+            candidate = weights_dir / LORA_FILE
+            lora = candidate if candidate.is_file() else None
+        t0 = time.perf_counter()
+        dit = load_dit(
+            weights_dir, cfg.dit, variant="single", device=device, dtype=dtype, quant=quant,  # type: ignore[arg-type]
+            lora=lora, lora_scale=lora_scale, rope=rope, attention_backend=attention,  # type: ignore[arg-type]
+        )
+        clip_dtype = torch.float16 if device.type == "cuda" else torch.float32
+        pipe = cls(
+            config=cfg,
+            weights_dir=weights_dir,
+            dit=dit,
+            vae=load_vae(weights_dir, cfg.vae, device=device, dtype=torch.float32),
+            text_encoder=load_t5(weights_dir, cfg.t5, device=device, dtype=dtype),
+            image_encoder=load_clip(weights_dir, cfg.clip, device=device, dtype=clip_dtype),
+            audio_encoder=load_wav2vec(weights_dir, cfg.wav2vec2, device=device, dtype=torch.float32),
+            device=device,
+            dtype=dtype,
+            lora=lora,
+            lora_scale=lora_scale,
+            quant=quant,
+            attention=attention,
+        )
+        logger.info("loaded InfiniteTalk from %s in %.1f s (lora=%s, quant=%s)", weights_dir,
+                    time.perf_counter() - t0, lora, quant)
+        return pipe
+
+    def describe(self) -> dict[str, Any]:
+        """The model identity, for result manifests."""
+        return {
+            "weights_dir": str(self.weights_dir),
+            "tiny": self.config.is_tiny,
+            "lora": None if self.lora is None else self.lora.name,
+            "lora_scale": self.lora_scale,
+            "quant": self.quant,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+        }
+
+    def _use_variant(self, variant: str) -> None:
+        """Switch the DiT's audio adapter between the one- and two-speaker weights. The Wan base
+        is shared, so without quantization only the audio tensors are swapped in place."""
+        if variant == self.variant:
+            return
+        from pipeline.weights import audio_file, load_dit
+
+        if self.quant is not None:
+            self.dit = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.dit = load_dit(
+                self.weights_dir, self.config.dit, variant=variant, device=self.device, dtype=self.dtype,  # type: ignore[arg-type]
+                quant=self.quant, lora=self.lora, lora_scale=self.lora_scale,  # type: ignore[arg-type]
+                attention_backend=self.attention,  # type: ignore[arg-type]
+            )
+        else:
+            from safetensors import safe_open
+
+            params = dict(self.dit.named_parameters())
+            path = audio_file(self.weights_dir, variant)  # type: ignore[arg-type]
+            with safe_open(str(path), framework="pt", device="cpu") as f, torch.no_grad():
+                for key in f.keys():
+                    params[key].copy_(f.get_tensor(key).to(self.dtype))
+            self._remerge_lora_on_audio()
+        self.variant = variant
+        logger.info("DiT now uses the %s-speaker audio weights", "two" if variant == "multi" else "one")
+
+    def _remerge_lora_on_audio(self) -> None:
+        if self.lora is None:
+            return
+        from pipeline.lora import merge_lora, plan_lora, read_lora
+        from pipeline.models.dit import is_audio_key
+
+        tensors = read_lora(self.lora)
+        targets, _, _ = plan_lora(list(tensors))
+        keys = {s for t, sources in targets.items() if is_audio_key(t) for s in sources}
+        if keys:
+            merge_lora(self.dit, {k: tensors[k] for k in keys}, scale=self.lora_scale)
+
+    # -----------------------------------------------------------------------------------------
+    # CPU stage
+
+    def check_request(self, request: GenerationRequest) -> None:
+        """Raise ValueError naming the field for a request this model cannot render."""
+        if not 1 <= len(request.audio) <= 2:
+            raise ValueError(f"audio: one or two speech files are supported, got {len(request.audio)}")
+        if request.size not in self.config.buckets:
+            raise ValueError(f"size: {request.size!r} is not one of {sorted(self.config.buckets)}")
+        if request.sample_steps < 1:
+            raise ValueError(f"sample_steps must be at least 1, got {request.sample_steps}")
+        if request.bbox is not None and len(request.bbox) != len(request.audio):
+            raise ValueError(f"bbox: {len(request.bbox)} boxes for {len(request.audio)} speakers")
+        for name, path in [("cond_video", request.cond_media), *(("cond_audio", p) for p in request.audio)]:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{name}: file not found: {path}")
+
+    def _generation(self, request: GenerationRequest) -> tuple[int, int]:
+        frame_num = self.config.generation.frame_num if self.config.is_tiny else request.frame_num
+        motion = request.motion_frame
+        if self.config.is_tiny and motion >= frame_num:
+            motion = self.config.generation.motion_frame
+        return frame_num, motion
+
+    def prepare(self, request: GenerationRequest, work_dir: Path) -> Prepared:
+        """Everything of a render that runs on the CPU before the model: decode the reference,
+        pick the bucket, load and compose the speech, compute the wav2vec2 features, write the
+        mixed original audio, plan the chunks (and the shots of a source video)."""
+        from pipeline.audio import load_speech
+
+        self.check_request(request)
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        work_dir = Path(work_dir)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        frame_num, motion = self._generation(request)
+        is_video = media.is_video(request.cond_media)
+        source_fps = media.probe_video(request.cond_media).fps if is_video else float(FPS)
+        first = media.read_reference(request.cond_media, 0)
+        target = buckets.closest_bucket(self.config.buckets, request.size, first.height, first.width)
+        first_frame = buckets.resize_and_crop(first, target)
+        masks = None
+        if len(request.audio) == 2:
+            masks = speaker_masks(first.height, first.width, request.bbox, target)
+        timings["media_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        speech = load_speech(request.audio, request.audio_type, min_seconds=(frame_num + 1) / FPS)
+        num_rows = speech.num_frames(FPS)
+        features = tuple(self.audio_encoder.audio_features(track, num_frames=num_rows) for track in speech.tracks)
+        timings["audio_features_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        media.mix_original_audio(request.audio, request.audio_type, work_dir / "audio.wav")
+        timings["audio_mix_s"] = time.perf_counter() - t0
+
+        cuts: list[int] = []
+        if is_video and request.mode == "streaming":
+            cuts = [round(c / source_fps * FPS) for c in media.detect_scene_cuts(request.cond_media)]
+        segments = plan_segments(features, cuts, request, frame_num, motion)
+        total = sum(s.plan.total_frames for s in segments)
+        return Prepared(
+            request=request, target=target, segments=segments, total_frames=total,
+            num_speakers=len(request.audio), is_video=is_video, source_fps=source_fps,
+            first_frame=first_frame, masks=masks, audio_wav=work_dir / "audio.wav",
+            work_dir=work_dir, timings_s=timings,
+        )
+
+    # -----------------------------------------------------------------------------------------
+    # the whole render
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        out_path: Path,
+        *,
+        poster_path: Path | None = None,
+        on_progress: ProgressCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        checkpoint_dir: Path | None = None,
+    ) -> RenderResult:
+        """Render `request` to `out_path` (MP4). With `checkpoint_dir`, every finished chunk is
+        persisted there and a later call with the same request resumes after it."""
+        if checkpoint_dir is not None:
+            prepared = self.prepare(request, Path(checkpoint_dir))
+            return self.render(prepared, out_path, poster_path=poster_path, on_progress=on_progress,
+                               should_stop=should_stop, resume=True)
+        with tempfile.TemporaryDirectory(prefix="infinitetalk-") as tmp:
+            prepared = self.prepare(request, Path(tmp))
+            return self.render(prepared, out_path, poster_path=poster_path, on_progress=on_progress,
+                               should_stop=should_stop, resume=False)
+
+    def fingerprint(self, prepared: Prepared) -> str:
+        """Identifies a render: request, input files (size, mtime) and model."""
+        req = prepared.request
+        files = [req.cond_media, *req.audio]
+        doc = {
+            "request": {k: str(getattr(req, k)) for k in req.__dataclass_fields__},
+            "files": [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in map(Path, files)],
+            "model": self.describe(),
+        }
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+    @torch.inference_mode()
+    def render(
+        self,
+        prepared: Prepared,
+        out_path: Path,
+        *,
+        poster_path: Path | None = None,
+        on_progress: ProgressCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        resume: bool = True,
+    ) -> RenderResult:
+        """The GPU stage: chunk loop, decode, colour match, encode, then the MP4."""
+        req = prepared.request
+        t_start = time.perf_counter()
+        timings = dict(prepared.timings_s)
+        work = prepared.work_dir
+        fingerprint = self.fingerprint(prepared)
+        gen = torch.Generator(device="cpu").manual_seed(req.seed)
+        start_chunk, frames_written, seg_files, motion_frames, poster = 0, 0, [], None, None
+        saved = checkpoint.load(work, fingerprint) if resume else None
+        if saved is not None:
+            state, motion_frames, rng = saved
+            gen.set_state(rng)
+            start_chunk, frames_written, seg_files = state.next_chunk, state.frames_written, list(state.segments)
+            poster = state.poster
+            logger.info("resuming at chunk %d of %d (%d frames done)", start_chunk + 1, prepared.num_chunks, frames_written)
+        elif not resume:
+            checkpoint.clear(work)
+        self._use_variant("multi" if prepared.num_speakers == 2 else "single")
+
+        # 1. text: prompt and negative prompt, one batch
+        t0 = time.perf_counter()
+        context, context_null = (c[None] for c in self.text_encoder.encode_text([req.prompt, req.negative_prompt]))
+        timings["text_s"] = time.perf_counter() - t0
+
+        steps = sampler.timesteps(req.sample_steps, _shift(req)).to(self.device)
+        passes = guidance.passes(req.sample_text_guide_scale, req.sample_audio_guide_scale)
+        num_chunks = prepared.num_chunks
+        report = _Reporter(on_progress, num_chunks, req.sample_steps, prepared.total_frames)
+        encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
+        pending: Future[None] | None = None
+        reader = media.FrameReader(req.cond_media) if prepared.is_video else None
+        cond_cache: dict[str, tuple[Tensor, Tensor]] = {}
+        t_denoise = t_vae = 0.0
+        try:
+            chunk_index = 0
+            for seg in prepared.segments:
+                colour_ref: Tensor | None = None
+                for k, start in enumerate(seg.plan.starts):
+                    if chunk_index < start_chunk:
+                        chunk_index += 1
+                        continue
+                    report.frames_done = frames_written
+                    report(stage="prepare", chunk=chunk_index + 1, step=0)
+                    # 1. reference frame of this chunk
+                    cond = self._reference_frame(prepared, reader, seg.start + start)  # [3, 1, H, W]
+                    if colour_ref is None:
+                        colour_ref = self._reference_frame(prepared, reader, seg.start)
+                    first_chunk = k == 0
+                    if not first_chunk and motion_frames is None:
+                        raise RuntimeError("internal: motion frames missing for a continuing chunk")
+                    # 2-4. denoise
+                    t0 = time.perf_counter()
+                    latent = self._denoise_chunk(
+                        prepared, seg, start, cond, None if first_chunk else motion_frames, context, context_null,
+                        steps, passes, gen, report, chunk_index, should_stop, cond_cache,
+                    )
+                    t_denoise += time.perf_counter() - t0
+                    # 5. decode, colour match, hand over to the encoder
+                    report(stage="decode", chunk=chunk_index + 1, step=req.sample_steps)
+                    t0 = time.perf_counter()
+                    video = self.vae.decode(latent)  # [3, F, H, W] in [-1, 1]
+                    if req.color_correction_strength > 0:
+                        video = color.match_colors(video, colour_ref, req.color_correction_strength)
+                    t_vae += time.perf_counter() - t0
+                    motion_frames = video[:, -seg.plan.motion_frame :].float().cpu().clone()
+                    lo, hi = seg.plan.new_frames(k)
+                    new = media.to_uint8_frames(video[:, lo - start : hi - start])
+                    if pending is not None:
+                        pending.result()
+                    seg_name = f"seg_{chunk_index:05d}.mp4"
+                    seg_files.append(seg_name)
+                    if poster is None:
+                        poster = "poster.jpg"
+                        media.write_poster(new[min(len(new) - 1, len(new) // 2)], work / poster)
+                    frames_written += len(new)
+                    state = checkpoint.ChunkState(
+                        fingerprint=fingerprint, next_chunk=chunk_index + 1, frames_written=frames_written,
+                        segments=tuple(seg_files), tensors=f"tensors_{chunk_index:05d}.safetensors", poster=poster,
+                    )
+                    pending = encoder.submit(_encode_and_save, new, work / seg_name, state, work, motion_frames,
+                                             gen.get_state())
+                    chunk_index += 1
+            if pending is not None:
+                pending.result()
+        finally:
+            encoder.shutdown(wait=True)
+            if reader is not None:
+                reader.close()
+        timings["denoise_s"] = t_denoise
+        timings["vae_decode_s"] = t_vae
+
+        # 6. the MP4: segments joined, original audio, faststart
+        report.frames_done = frames_written
+        report(stage="encode", chunk=num_chunks, step=req.sample_steps)
+        t0 = time.perf_counter()
+        out_path = Path(out_path)
+        media.assemble_mp4([work / s for s in seg_files], out_path, num_frames=prepared.total_frames,
+                           audio_wav=prepared.audio_wav)
+        if poster_path is not None and poster is not None:
+            shutil.copyfile(work / poster, poster_path)
+        timings["mux_s"] = time.perf_counter() - t0
+        timings["render_s"] = time.perf_counter() - t_start
+        report(stage="done", chunk=num_chunks, step=req.sample_steps)
+        h, w = prepared.target
+        return RenderResult(
+            video_path=out_path, poster_path=poster_path, num_frames=prepared.total_frames, fps=FPS,
+            duration_s=prepared.total_frames / FPS, width=w, height=h, seed=req.seed, timings_s=timings,
+            resumed_from_chunk=start_chunk,
+        )
+
+    # -----------------------------------------------------------------------------------------
+    # one chunk
+
+    def _encode_one_frame(self, frame: Tensor) -> Tensor:
+        """VAE latents [16, 1, h, w] of one frame [3, 1, H, W]. The VAE is causal and encodes the
+        first frame on its own, so the first latent of a clip that starts with the frame is the
+        frame's latent; the clip form keeps to the encoder's 4n+1 input rule."""
+        clip = torch.cat([frame, frame.expand(-1, self.config.vae.temporal_stride, -1, -1)], dim=1)
+        return self.vae.encode(clip)[:, :1]
+
+    def _reference_frame(self, prepared: Prepared, reader: media.FrameReader | None, frame: int) -> Tensor:
+        """The reference frame for output frame `frame`: [3, 1, H, W] in [-1, 1] on the device."""
+        if reader is None or frame == 0:
+            pixels = prepared.first_frame
+        else:
+            index = int(frame / FPS * prepared.source_fps + 1e-6)  # the source frame at that time
+            pixels = buckets.resize_and_crop(reader.get(index), prepared.target)
+        return buckets.to_model_frame(pixels).to(self.device)
+
+    def _denoise_chunk(
+        self,
+        prepared: Prepared,
+        seg: Segment,
+        start: int,
+        cond: Tensor,
+        motion_frames: Tensor | None,
+        context: Tensor,
+        context_null: Tensor,
+        steps: Tensor,
+        passes: tuple[str, ...],
+        gen: torch.Generator,
+        report: _Reporter,
+        chunk_index: int,
+        should_stop: Callable[[], bool] | None,
+        cond_cache: dict[str, tuple[Tensor, Tensor]],
+    ) -> Tensor:
+        """Sample one chunk's latents [16, f, h, w] (float32)."""
+        req = prepared.request
+        frame_num = seg.plan.frame_num
+        h, w = prepared.target
+        stride_s = self.config.vae.spatial_stride
+        lat_f, lat_h, lat_w = (frame_num - 1) // self.config.vae.temporal_stride + 1, h // stride_s, w // stride_s
+        dtype = self.dit.dtype
+
+        # audio windows: [1, P, F, 5, K, C]
+        audio = torch.stack([windows.chunk_audio(f, start, frame_num) for f in seg.features])[None]
+        audio = audio.to(self.device, dtype)
+        null_audio = torch.zeros_like(audio[:, :1])
+        noise = torch.randn(self.config.vae.z_dim, lat_f, lat_h, lat_w, generator=gen, dtype=torch.float32)
+        latent = noise.to(self.device)
+
+        # conditioning: CLIP, y = mask | VAE(reference + grey) (computed once for a still image),
+        # motion latents
+        key = "image" if not prepared.is_video else f"frame-{seg.start + start}"
+        if key not in cond_cache:
+            cond_cache.clear()
+            clip_fea = self.image_encoder.encode_image_clip(cond[:, 0][None]).to(dtype)  # [1, 257, Dc]
+            pixels = torch.cat([cond, torch.zeros(3, frame_num - 1, h, w, device=self.device)], dim=1)
+            y = torch.cat([first_frame_mask(frame_num, lat_h, lat_w, self.device), self.vae.encode(pixels)])
+            cond_cache[key] = (clip_fea, y[None].to(dtype))  # [1, 257, Dc], [1, 20, f, h, w]
+        clip_fea, y = cond_cache[key]
+        if motion_frames is None:
+            motion = self._encode_one_frame(cond)  # [16, 1, h, w]
+        else:
+            motion = self.vae.encode(motion_frames.to(self.device))  # [16, 1 + (M-1)/4, h, w]
+        n_motion = motion.shape[1]
+        masks = prepared.masks.to(self.device) if prepared.masks is not None else None
+        conditions = {
+            guidance.COND: (context, audio),
+            guidance.DROP_TEXT: (context_null, audio),
+            guidance.UNCOND: (context_null, null_audio),
+            guidance.DROP_AUDIO: (context, null_audio),
+        }
+
+        for i in range(len(steps) - 1):
+            if should_stop is not None and should_stop():
+                raise StopRequested(f"stop requested before step {i + 1} of chunk {chunk_index + 1}")
+            latent[:, :n_motion] = motion
+            t = steps[i : i + 1]
+            preds = {}
+            for name in passes:
+                ctx, aud = conditions[name]
+                preds[name] = self.dit(latent[None], t, ctx, clip_fea, y, aud, masks)[0]
+                self.dit_calls += 1
+            velocity = guidance.combine(preds, req.sample_text_guide_scale, req.sample_audio_guide_scale)
+            latent = sampler.euler_step(latent, velocity, steps[i], steps[i + 1])
+            latent[:, :n_motion] = motion
+            report(stage="denoise", chunk=chunk_index + 1, step=i + 1)
+        return latent
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _shift(request: GenerationRequest) -> float:
+    return request.sample_shift if request.sample_shift is not None else SHIFT_BY_SIZE.get(request.size, 7.0)
+
+
+def first_frame_mask(frame_num: int, lat_h: int, lat_w: int, device: torch.device) -> Tensor:
+    """The I2V mask channels [4, f, lat_h, lat_w]: latent frame 0 (the reference) is all ones."""
+    lat_f = (frame_num - 1) // 4 + 1
+    mask = torch.zeros(4, lat_f, lat_h, lat_w, device=device)
+    mask[:, 0] = 1.0
+    return mask
+
+
+def speaker_masks(
+    src_h: int, src_w: int, bbox: tuple[tuple[float, float, float, float], ...] | None, target: tuple[int, int]
+) -> Tensor:
+    """Speaker regions [3, lat_h, lat_w] (person 1, person 2, background) as the reference
+    builds them: boxes [row_min, col_min, row_max, col_max] in source pixels, or the default
+    left/right halves with a 5 % margin; then resized and cropped like the frame."""
+    masks = torch.zeros(2, src_h, src_w)
+    if bbox is not None:
+        for i, (r0, c0, r1, c1) in enumerate(bbox):
+            masks[i, int(r0) : int(r1), int(c0) : int(c1)] = 1
+    else:
+        r0, r1 = int(src_h * FACE_SCALE), int(src_h * (1 - FACE_SCALE))
+        half = src_w // 2
+        for i in range(2):
+            c0, c1 = int(half * FACE_SCALE + i * half), int(half * (1 - FACE_SCALE) + i * half)
+            masks[i, r0:r1, c0:c1] = 1
+    background = (masks.sum(0) == 0).float()
+    full = torch.cat([masks, background[None]])  # [3, src_h, src_w]
+    cropped = buckets.resize_and_crop_masks(full, target)  # [3, H, W]
+    lat = torch.nn.functional.interpolate(cropped[None], size=(target[0] // 8, target[1] // 8), mode="nearest")[0]
+    return (lat > 0).float()
+
+
+def plan_segments(
+    features: tuple[Tensor, ...], cuts: list[int], request: GenerationRequest, frame_num: int, motion: int
+) -> tuple[Segment, ...]:
+    """Split the render at scene cuts (output frames) into independent segments, each longer than
+    one chunk (shorter shots are merged into the previous one), and plan each one's chunks."""
+    rows = features[0].shape[0]
+    whole = windows.plan_chunks(rows, frame_num=frame_num, motion_frame=motion,
+                                max_frame_num=request.max_frame_num, mode=request.mode)
+    total = whole.total_frames
+    bounds = [0]
+    for cut in sorted(set(cuts)):
+        if cut - bounds[-1] > frame_num and total - cut > frame_num:
+            bounds.append(cut)
+    if len(bounds) == 1:
+        return (Segment(start=0, plan=whole, features=tuple(windows.pad_features(f, whole.end) for f in features)),)
+    bounds.append(total)
+    segments = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        plan = windows.plan_chunks(b - a, frame_num=frame_num, motion_frame=motion, max_frame_num=None, mode="streaming")
+        feats = tuple(windows.pad_features(f[a:b], plan.end) for f in features)
+        segments.append(Segment(start=a, plan=plan, features=feats))
+    return tuple(segments)
+
+
+def _encode_and_save(
+    frames: np.ndarray, seg_path: Path, state: checkpoint.ChunkState, work: Path, motion: Tensor, rng: Tensor
+) -> None:
+    """Encoder thread: write the chunk's H.264 segment, then its checkpoint (the commit point)."""
+    media.encode_segment(frames, seg_path)
+    checkpoint.save(work, state, motion=motion, rng_state=rng)
+
+
+class _Reporter:
+    """Builds Progress values and hands them to the callback."""
+
+    def __init__(self, callback: ProgressCallback | None, num_chunks: int, num_steps: int, total_frames: int) -> None:
+        self.callback = callback
+        self.num_chunks = num_chunks
+        self.num_steps = num_steps
+        self.total_frames = total_frames
+        self.frames_done = 0
+
+    def __call__(self, *, stage: str, chunk: int, step: int) -> None:
+        if self.callback is None:
+            return
+        self.callback(Progress(stage=stage, chunk=chunk, num_chunks=self.num_chunks, step=step,
+                               num_steps=self.num_steps, frames_done=self.frames_done,
+                               total_frames=self.total_frames))
+
+
+def chunks_for(audio_seconds: float, *, frame_num: int = 81, motion_frame: int = 9,
+               max_frame_num: int | None = None, mode: str = "streaming") -> int:
+    """How many chunks a render of that much audio takes (for ETAs)."""
+    rows = int(audio_seconds * FPS)
+    return windows.plan_chunks(rows, frame_num=frame_num, motion_frame=motion_frame,
+                               max_frame_num=max_frame_num, mode=mode).num_chunks if rows > frame_num else 0
+
+
+__all__ = ["InfiniteTalkPipeline", "Prepared", "Segment", "chunks_for"]
