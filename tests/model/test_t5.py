@@ -1,0 +1,147 @@
+"""umT5 encoder: parity with the reference on tiny random weights, key map, tokenizer, bf16 drift."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from pipeline.models.t5 import (
+    T5_FILE,
+    T5Config,
+    TextEncoder,
+    checkpoint_shapes,
+    clean_prompt,
+    load_t5,
+    map_state_dict,
+    wan_to_hf_key,
+)
+from pipeline.tiny_encoders import state_digest, tiny_t5_config, write_tiny_encoders
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "parity" / "encoders_t5.safetensors"
+PARITY_RTOL = 1e-4
+BF16_RTOL = 3e-2  # bf16 weights and activations, 2 layers
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("encoders")
+    write_tiny_encoders(out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fixture() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(FIXTURE), "pt") as f:
+        meta = f.metadata()
+    return load_file(str(FIXTURE)), meta
+
+
+@pytest.fixture(scope="module")
+def encoder(weights: Path) -> TextEncoder:
+    return load_t5(weights, tiny_t5_config(), dtype=torch.float32)
+
+
+def test_fixture_was_made_from_these_weights(weights: Path, fixture: tuple) -> None:
+    state = torch.load(weights / "Wan2.1-I2V-14B-480P" / T5_FILE, weights_only=True)
+    assert all(v.dtype == torch.bfloat16 for v in state.values())
+    assert state_digest(state) == fixture[1]["t5_digest"], "tiny T5 weights changed: rerun tools/parity"
+
+
+def test_tokens_match_reference(encoder: TextEncoder, fixture: tuple) -> None:
+    tensors, meta = fixture
+    for i, prompt in enumerate(json.loads(meta["t5_prompts"])):
+        ids = encoder.tokenizer([clean_prompt(prompt)]).input_ids[0]
+        assert list(ids) == tensors[f"ids{i}"].tolist()
+        assert ids[-1] == 1  # EOS appended
+
+
+def test_encode_text_matches_reference(encoder: TextEncoder, fixture: tuple) -> None:
+    tensors, meta = fixture
+    prompts = json.loads(meta["t5_prompts"])
+    outputs = encoder.encode_text(prompts)  # one batch, padded to the longest
+    assert len(outputs) == len(prompts)
+    for i, out in enumerate(outputs):
+        assert out.shape == tensors[f"out{i}"].shape  # trimmed to the real length
+        assert rel_err(out, tensors[f"out{i}"]) <= PARITY_RTOL
+    alone = encoder.encode_text([prompts[1]])[0]  # batching does not change a prompt's result
+    assert rel_err(alone, tensors["out1"]) <= PARITY_RTOL
+
+
+def test_clean_prompt_as_reference() -> None:
+    assert clean_prompt("  a &amp;amp; b\n\t c  ") == "a & b c"
+    assert clean_prompt("caf\u00c3\u00a9") == "caf\u00e9"  # ftfy repairs mojibake
+
+
+def test_encode_text_rejects_bad_input(encoder: TextEncoder) -> None:
+    with pytest.raises(ValueError, match="non-empty list"):
+        encoder.encode_text("a bare string")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="non-empty list"):
+        encoder.encode_text([])
+
+
+def test_truncates_to_text_len(weights: Path) -> None:
+    short = load_t5(weights, T5Config(**{**_fields(tiny_t5_config()), "text_len": 8}), dtype=torch.float32)
+    out = short.encode_text(["the man is talking " * 10])[0]
+    assert out.shape == (8, 32)
+
+
+def _fields(cfg: T5Config) -> dict:
+    return {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
+
+
+def test_full_size_key_map_covers_every_tensor() -> None:
+    """Every released key maps to a distinct UMT5EncoderModel parameter of the same shape, and back."""
+    from pipeline.models.t5 import _hf_config
+    from transformers import UMT5EncoderModel
+
+    cfg = T5Config()
+    with torch.device("meta"):
+        model = UMT5EncoderModel(_hf_config(cfg))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes = checkpoint_shapes(cfg)
+    assert len(shapes) == 1 + 24 * 10 + 1
+    assert sum(torch.Size(s).numel() for s in shapes.values()) == 5_680_910_336  # model.md 2.7
+    state = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    mapped = map_state_dict(state, expected, "released layout")
+    assert len(mapped) == len(state)
+    assert set(mapped) | {"encoder.embed_tokens.weight"} == set(expected)
+
+
+def test_unmapped_or_missing_keys_are_named(weights: Path) -> None:
+    with pytest.raises(KeyError):
+        wan_to_hf_key("blocks.0.attn.bias")
+    cfg = tiny_t5_config()
+    state = {k: torch.empty(s, device="meta") for k, s in checkpoint_shapes(cfg).items()}
+    state["blocks.0.attn.bias"] = torch.empty(1, device="meta")
+    del state["blocks.1.ffn.fc2.weight"]
+    from pipeline.models.t5 import _hf_config
+    from transformers import UMT5EncoderModel
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in UMT5EncoderModel(_hf_config(cfg)).state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"blocks\.0\.attn\.bias.*encoder\.block\.1\.layer\.1\.DenseReluDense\.wo"):
+        map_state_dict(state, expected, "bad.pth")
+
+
+def test_missing_files_are_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=T5_FILE):
+        load_t5(tmp_path, tiny_t5_config())
+
+
+def test_bf16_close_to_fp32(weights: Path, encoder: TextEncoder, fixture: tuple) -> None:
+    half = load_t5(weights, tiny_t5_config())  # bfloat16, the reference's dtype
+    assert half.model.shared.weight.dtype == torch.bfloat16
+    prompts = json.loads(fixture[1]["t5_prompts"])
+    for a, b in zip(half.encode_text(prompts), encoder.encode_text(prompts)):
+        assert a.dtype == torch.bfloat16
+        assert rel_err(a, b) <= BF16_RTOL
