@@ -292,3 +292,33 @@ def split_dit_state(keys: Iterable[str]) -> tuple[list[str], list[str]]:
     for k in keys:
         (audio if is_audio_key(k) else base).append(k)
     return base, audio
+
+
+@torch.no_grad()
+def swap_audio_weights(model: InfiniteTalkDiT, weights_dir: Path, variant: Variant) -> None:
+    """Copy the audio modules of `variant` (single/multi) into a loaded, non-quantized model.
+
+    The Wan base is shared by both variants, so switching speakers needs only the audio file
+    (about 5 GB in bf16 for the released model). Strict: every audio parameter must be in the
+    file with its shape, and nothing else. A LoRA touching audio modules must be merged again.
+    """
+    params = {k: p for k, p in model.named_parameters() if is_audio_key(k)}
+    if any(isinstance(m, Fp8Linear) for m in model.modules()):
+        raise ValueError("swap_audio_weights needs a non-quantized model; reload with load_dit(variant=...)")
+    path = audio_file(weights_dir, variant)
+    if not path.is_file():
+        raise WeightsError(f"weight file is missing: {path}")
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        keys = set(f.keys())
+        unexpected = sorted(keys - set(params))
+        missing = sorted(set(params) - keys)
+        mismatched = sorted(
+            f"{k} {list(f.get_slice(k).get_shape())} != {list(params[k].shape)}"
+            for k in keys & set(params)
+            if tuple(f.get_slice(k).get_shape()) != tuple(params[k].shape)
+        )
+        if missing or unexpected or mismatched:
+            raise WeightsError(f"{path} does not match the model's audio modules", missing=missing,
+                               unexpected=unexpected, mismatched=mismatched)
+        for key in keys:
+            params[key].copy_(f.get_tensor(key).to(device=params[key].device, dtype=params[key].dtype))

@@ -127,3 +127,23 @@ def test_tiny_folder_layout(tiny_weights_dir: Path) -> None:
     assert cfg.is_tiny and cfg.buckets["infinitetalk-480"] and cfg.generation.frame_num == 33
     size = sum(p.stat().st_size for p in tiny_weights_dir.rglob("*") if p.is_file())
     assert size < 10e6
+
+
+def test_swap_audio_weights_equals_loading_the_variant(tiny_weights_dir: Path, cfg) -> None:
+    from pipeline.weights import swap_audio_weights
+
+    swapped = load_dit(tiny_weights_dir, cfg, variant="single", dtype=torch.float32)
+    swap_audio_weights(swapped, tiny_weights_dir, "multi")
+    multi = load_dit(tiny_weights_dir, cfg, variant="multi", dtype=torch.float32)
+    for (k, a), (_, b) in zip(swapped.state_dict().items(), multi.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_swap_audio_weights_is_strict(weights_copy: Path, cfg) -> None:
+    from pipeline.weights import swap_audio_weights
+
+    model = load_dit(weights_copy, cfg, dtype=torch.float32)
+    edit_safetensors(weights_copy / "InfiniteTalk" / "multi" / "infinitetalk.safetensors",
+                     lambda s: s.pop("blocks.1.norm_x.bias"))
+    with pytest.raises(WeightsError, match="missing keys: blocks.1.norm_x.bias"):
+        swap_audio_weights(model, weights_copy, "multi")
