@@ -14,6 +14,7 @@ output, hidden_states[0], is dropped). Eval mode: no SpecAugment masking, no Lay
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 WAV2VEC_DIR = "chinese-wav2vec2-base"
+#: tensors of the hub's Wav2Vec2ForPreTraining checkpoint that Wav2Vec2Model does not have
+PRETRAINING_HEADS = ("quantizer.", "project_hid.", "project_q.")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -105,9 +110,21 @@ def load_wav2vec(
     folder = Path(weights_dir) / WAV2VEC_DIR
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"wav2vec2 folder not found or incomplete (no config.json): {folder}")
-    model, info = Wav2Vec2Model.from_pretrained(
-        str(folder), local_files_only=True, output_loading_info=True, dtype=dtype
-    )
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report lists the pre-training heads as "unexpected"
+    try:
+        model, info = Wav2Vec2Model.from_pretrained(
+            str(folder), local_files_only=True, output_loading_info=True, dtype=dtype
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    unexpected = sorted(info.get("unexpected_keys", []))
+    heads = [k for k in unexpected if not k.startswith(PRETRAINING_HEADS)]
+    if heads:
+        raise RuntimeError(f"{folder}: unknown tensors in the wav2vec2 weights: {heads[:8]} ({len(heads)})")
+    logger.debug("wav2vec2: ignored pre-training tensors %s", unexpected)
     if info.get("missing_keys") or info.get("mismatched_keys"):
         raise RuntimeError(
             f"{folder}: wav2vec2 weights incomplete: missing {sorted(info.get('missing_keys', []))[:8]}, "
