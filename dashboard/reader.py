@@ -43,15 +43,44 @@ class Snapshot:
     last_event_id: int  #: 0 when there are no events yet
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """Open the ledger read-only; raise `LedgerUnavailable` if it is missing or not a ledger."""
-    if not path.is_file():
-        raise LedgerUnavailable(path, "no such file")
-    uri = "file:" + urllib.parse.quote(str(path.resolve())) + "?mode=ro"
+class LedgerConnection(sqlite3.Connection):
+    """A read-only ledger connection; `frozen` ones see the file as it was when opened."""
+
+    frozen: bool = False
+
+
+def _open(path: Path, query: str) -> LedgerConnection:
+    uri = "file:" + urllib.parse.quote(str(path.resolve())) + "?" + query
+    conn = sqlite3.connect(uri, uri=True, timeout=5.0, check_same_thread=False, isolation_level=None,
+                           factory=LedgerConnection)
     try:
-        conn = sqlite3.connect(uri, uri=True, timeout=5.0, check_same_thread=False, isolation_level=None)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA query_only=1")
+        conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+    except sqlite3.Error:
+        conn.close()
+        raise
+    return conn
+
+
+def connect(path: Path) -> LedgerConnection:
+    """Open the ledger read-only; raise `LedgerUnavailable` if it is missing or not a ledger.
+
+    A WAL database opened `mode=ro` needs its `-shm` file. When the daemon has stopped cleanly
+    (no `-wal` left) and the state folder is read-only to us (systemd `ReadOnlyPaths=`), SQLite
+    cannot create it; the ledger then cannot change under us, so it is opened `immutable=1`
+    instead, as a `frozen` connection that callers reopen for every read.
+    """
+    if not path.is_file():
+        raise LedgerUnavailable(path, "no such file")
+    try:
+        try:
+            conn = _open(path, "mode=ro")
+        except sqlite3.OperationalError:
+            if Path(f"{path}-wal").exists():
+                raise
+            conn = _open(path, "mode=ro&immutable=1")
+            conn.frozen = True
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     except sqlite3.Error as e:
         raise LedgerUnavailable(path, f"{type(e).__name__}: {e}") from e

@@ -56,7 +56,7 @@ class _Cursor:
 
     cfg: DashboardConfig
     last_id: int | None
-    conn: sqlite3.Connection | None = None
+    conn: reader.LedgerConnection | None = None
     file_id: tuple[int, int] | None = None
     version: int | None = None
     available: bool | None = None
@@ -88,7 +88,7 @@ class _Cursor:
 
     def _ensure_open(self) -> None:
         current = reader.file_id(self.cfg.ledger_path)
-        if self.conn is not None and current == self.file_id:
+        if self.conn is not None and current == self.file_id and not self.conn.frozen:
             return
         self.close()
         if current is None:
@@ -99,7 +99,7 @@ class _Cursor:
     def _read_new(self) -> list[ServerSentEvent]:
         assert self.conn is not None
         version = reader.data_version(self.conn)
-        if version == self.version and self.last_id is not None:
+        if version == self.version and self.last_id is not None and not self.conn.frozen:
             return []
         out: list[ServerSentEvent] = []
         with reader.read_transaction(self.conn):

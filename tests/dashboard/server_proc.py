@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -43,11 +43,14 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30.
 
 
 @contextmanager
-def dashboard_server(config: Path, port: int, log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Yield (base URL, process); the process is stopped (SIGTERM, then SIGKILL) afterwards."""
+def dashboard_server(config: Path, port: int, log: Path, *,
+                     wrap: Callable[[list[str]], list[str]] | None = None,
+                     ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Yield (base URL, process); the process is stopped (SIGTERM, then SIGKILL) afterwards.
+    `wrap` turns the command line into another (e.g. one run inside `unshare`)."""
+    argv = [sys.executable, "-m", "daemon", "dashboard", "--config", str(config)]
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "daemon", "dashboard", "--config", str(config)],
-                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(wrap(argv) if wrap else argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:
             wait_healthy(url, proc)

@@ -135,3 +135,12 @@ def test_healthz_reports_the_ledger(client: TestClient, ledger: Ledger) -> None:
     body = client.get("/healthz").json()
     assert body["status"] == "ok" and body["ledger"]["available"] is True
     assert body["ledger"]["last_event_id"] == 2
+
+
+def test_reads_after_the_daemon_closed_the_ledger(client: TestClient, ledger: Ledger, state_dir: Path) -> None:
+    queue_job(ledger, "a")
+    ledger.close()  # a clean daemon exit checkpoints and removes -wal and -shm
+    assert not (state_dir / "ledger.sqlite3-wal").exists()
+    body = client.get("/api/jobs").json()
+    assert [j["name"] for j in body["jobs"]] == ["a"]
+    assert not (state_dir / "ledger.sqlite3-wal").exists() or (state_dir / "ledger.sqlite3-wal").stat().st_size == 0
