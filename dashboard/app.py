@@ -39,7 +39,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from dashboard import metrics, reader, sse, views
-from dashboard.config import DashboardConfig
+from dashboard.config import DashboardConfig, from_settings
 from dashboard.security import ReadOnlyMiddleware, SecurityHeadersMiddleware, TokenMiddleware
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -113,8 +113,11 @@ def _output_file(cfg: DashboardConfig, job_id: str, column: str) -> Path:
     return path
 
 
-def create_app(cfg: DashboardConfig) -> Starlette:
-    """The read-only dashboard for the ledger and outbox named in `cfg`."""
+def create_app(cfg: DashboardConfig | Any) -> Starlette:
+    """The read-only dashboard for the ledger and outbox named in `cfg`: a `DashboardConfig`, or
+    the daemon's `Settings` (daemon/config.py), whose [dashboard] table then applies."""
+    if not isinstance(cfg, DashboardConfig):
+        cfg = from_settings(cfg)
 
     def index(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})

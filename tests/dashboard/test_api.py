@@ -144,3 +144,17 @@ def test_reads_after_the_daemon_closed_the_ledger(client: TestClient, ledger: Le
     body = client.get("/api/jobs").json()
     assert [j["name"] for j in body["jobs"]] == ["a"]
     assert not (state_dir / "ledger.sqlite3-wal").exists() or (state_dir / "ledger.sqlite3-wal").stat().st_size == 0
+
+
+def test_create_app_takes_the_daemons_settings(tmp_path: Path, ledger: Ledger, state_dir: Path,
+                                               outbox: Path) -> None:
+    from daemon.config import settings_from_mapping
+    from dashboard.app import create_app
+
+    queue_job(ledger, "from-settings")
+    settings = settings_from_mapping({"state_dir": str(state_dir), "outbox": str(outbox),
+                                      "dashboard": {"port": 8123}}, base=tmp_path)
+    app = create_app(settings)
+    assert app.state.config.port == 8123 and app.state.config.ledger_path == state_dir / "ledger.sqlite3"
+    with TestClient(app, base_url="http://localhost:8123") as c:
+        assert [j["name"] for j in c.get("/api/jobs").json()["jobs"]] == ["from-settings"]
