@@ -54,12 +54,12 @@ def resize_and_crop(image: Image.Image, target: tuple[int, int]) -> np.ndarray:
     fh, fw = _cover_size(image.height, image.width, target)
     resized = np.asarray(image.convert("RGB").resize((fw, fh), resample=Image.BILINEAR))
     top, left = _crop_box(fh, fw, target)
-    return np.ascontiguousarray(resized[top : top + target[0], left : left + target[1]])
+    return np.array(resized[top : top + target[0], left : left + target[1]], copy=True, order="C")
 
 
 def to_model_frame(pixels: np.ndarray) -> Tensor:
     """uint8 [H, W, 3] -> float32 [3, 1, H, W] in [-1, 1] (the reference's `(x/255 - 0.5) * 2`)."""
-    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float()  # [3, H, W]
+    x = torch.from_numpy(np.array(pixels, dtype=np.uint8, copy=True)).permute(2, 0, 1).float()  # [3, H, W]
     return ((x / 255 - 0.5) * 2).unsqueeze(1)  # [3, 1, H, W]
 
 

@@ -279,8 +279,14 @@ class InfiniteTalkPipeline:
         timings["media_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        speech = load_speech(request.audio, request.audio_type, min_seconds=(frame_num + 1) / FPS)
+        speech = load_speech(request.audio, request.audio_type)
         num_rows = speech.num_frames(FPS)
+        if num_rows <= frame_num:
+            names = ", ".join(Path(p).name for p in request.audio)
+            raise ValueError(
+                f"cond_audio: {names} gives {speech.duration_s:.2f} s of speech ({num_rows} frames at {FPS} fps); "
+                f"the model needs more than {frame_num} frames ({(frame_num + 1) / FPS:.2f} s)"
+            )
         features = tuple(self.audio_encoder.audio_features(track, num_frames=num_rows) for track in speech.tracks)
         timings["audio_features_s"] = time.perf_counter() - t0
 
