@@ -164,7 +164,9 @@ class Intake:
             spec = self._parse(job_file.read_bytes(), entry.base_dir)
         except InvalidJob as e:
             incomplete = [err for err in e.errors if err.code in INCOMPLETE_CODES]
-            if len(incomplete) == len(e.errors):
+            # checksums naming a file that is not there yet are part of the same incompleteness
+            follow_on = [err for err in e.errors if incomplete and err.field.startswith("checksums.")]
+            if incomplete and len(incomplete) + len(follow_on) == len(e.errors):
                 names = ", ".join(err.field for err in incomplete)
                 wait(f"incomplete upload: waiting for {names}", code="incomplete", fld=incomplete[0].field)
                 return None

@@ -220,6 +220,9 @@ class Supervisor:
                         frame_num = self.worker.info.get("frame_num")
                         if frame_num:
                             self.intake.model_min_audio_s = (int(frame_num) + 1) / 25
+                        else:
+                            self.intake.model_min_audio_s = model_min_audio_s(self.weights_dir) or 0.0
+                        self.wake.set()
                         logger.info("model ready (%s, load %.1f s); rendering", self.worker.info.get("device"),
                                     self.worker.info.get("load_s", 0.0))
                         self.notifier.ready(self._status_text())

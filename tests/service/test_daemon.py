@@ -1,0 +1,368 @@
+"""The daemon as a real process on a real tree (inbox, outbox, SQLite ledger), with the fake
+pipeline of `fake_pipeline.py` in its worker process so each test takes seconds. The real tiny
+model runs end to end in `test_daemon_tiny.py`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.media import make_job_bundle, make_loose_job
+from tests.service.harness import Daemon
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture()
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path)
+    yield d
+    d.stop()
+
+
+def _bundle(d: Daemon, name: str, **settings: object) -> Path:
+    """Write a bundle under a dot-name, then rename it into the inbox (as `submit` does)."""
+    staging = d.inbox / f".{name}.tmp"
+    make_job_bundle(staging, duration_s=settings.pop("duration_s", 1.0), seed=settings.pop("seed", 0),  # type: ignore[arg-type]
+                    **settings)
+    os.rename(staging, d.inbox / name)
+    return d.inbox / name
+
+
+def test_bundle_and_loose_job_are_published(daemon: Daemon) -> None:
+    _bundle(daemon, "alice")
+    make_loose_job(daemon.inbox, "bob", duration_s=1.0, seed=1)
+    daemon.start()
+    for name in ("alice", "bob"):
+        job = daemon.wait_state(name, "done")
+        assert Path(job["output_video"]) == daemon.outbox / f"{name}.mp4"
+        sidecar = json.loads((daemon.outbox / f"{name}.json").read_text())
+        assert sidecar["job_id"] == job["id"] and sidecar["state"] == "done"
+        assert sidecar["settings"]["seed"] == json.loads(job["spec_json"])["seed"]
+        assert set(sidecar["input_hashes"].values()) == set(json.loads(job["input_hashes_json"]).values())
+        assert (daemon.outbox / f"{name}.jpg").stat().st_size > 0
+        kinds = [e["kind"] for e in daemon.events(job["id"])]
+        states = [k for i, k in enumerate(kinds) if k != "progress" and (i == 0 or k != kinds[i - 1])]
+        assert states == ["created", "waiting", "queued", "started", "done"], kinds
+        assert "progress" in kinds
+    # inputs were claimed out of the inbox; nothing of the loose job is left behind
+    assert sorted(p.name for p in daemon.inbox.iterdir()) == []
+    assert not list((daemon.outbox / ".partial").iterdir())
+
+
+def test_caps_hold_with_thirty_jobs(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, env={"FAKE_PIPELINE_STEP_S": "0.01"})
+    staging = tmp_path / "staging"
+    make_job_bundle(staging / "proto", duration_s=1.0, seed=0)
+    for i in range(30):  # distinct prompts: no duplicates
+        doc = json.loads((staging / "proto" / "job.json").read_text())
+        doc["prompt"] = f"job {i}"
+        doc["priority"] = i % 3
+        target = staging / f"job{i:02d}"
+        target.mkdir()
+        for f in (staging / "proto").iterdir():
+            (target / f.name).write_bytes(f.read_bytes())
+        (target / "job.json").write_text(json.dumps(doc))
+    for i in range(30):
+        os.rename(staging / f"job{i:02d}", d.inbox / f"job{i:02d}")
+    d.start()
+    peak = {"queued": 0, "running": 0, "waiting": 0}
+
+    def check() -> None:
+        counts = d.counts()
+        for state in peak:
+            peak[state] = max(peak[state], counts.get(state, 0))
+        assert counts.get("queued", 0) <= 20, counts
+        assert counts.get("running", 0) <= 3, counts
+
+    try:
+        d.wait_for(lambda: d.counts().get("done", 0) == 30, 150, "30 jobs done", every=check)
+    finally:
+        d.stop()
+    assert peak["queued"] == 20 and peak["running"] == 3 and peak["waiting"] >= 7, peak
+    waits = [j for j in d.jobs() if any(e["kind"] == "waiting" and "queue full" in e["data_json"]
+                                        for e in d.events(j["id"]))]
+    assert waits, "some jobs must have waited for room in the queue"
+    assert len(list(d.outbox.glob("job*.mp4"))) == 30
+
+
+def test_bad_inputs_are_rejected_and_the_daemon_keeps_serving(daemon: Daemon) -> None:
+    inbox = daemon.inbox
+    cases: dict[str, tuple[str, str]] = {}  # name -> (code, field)
+
+    def bundle(name: str, code: str, field: str, **kw: object) -> Path:
+        cases[name] = (code, field)
+        staging = inbox / f".{name}"
+        make_job_bundle(staging, **{"duration_s": 1.0, **kw})  # type: ignore[arg-type]
+        return staging
+
+    def publish(staging: Path) -> None:
+        os.rename(staging, inbox / staging.name[1:])
+
+    s = bundle("badjson", "bad_json", "")
+    (s / "job.json").write_text('{"prompt": "x", ')
+    publish(s)
+    s = bundle("unknownkey", "unknown_key", "colour", colour="red")
+    publish(s)
+    s = bundle("escape", "path_escape", "cond_video")
+    doc = json.loads((s / "job.json").read_text())
+    doc["cond_video"] = "../../etc/passwd.png"
+    (s / "job.json").write_text(json.dumps(doc))
+    publish(s)
+    s = bundle("absolute", "path_escape", "cond_video")
+    doc["cond_video"] = "/etc/hostname.png"
+    (s / "job.json").write_text(json.dumps(doc))
+    publish(s)
+    s = bundle("symlink", "symlink", "cond_video")
+    (s / "face.png").unlink()
+    (s / "face.png").symlink_to("/etc/hostname")
+    publish(s)
+    s = bundle("fifo", "not_a_file", "cond_audio.person1")
+    (s / "voice.WAV").unlink()
+    os.mkfifo(s / "voice.WAV")
+    publish(s)
+    s = bundle("undecodable", "bad_media", "cond_audio.person1")
+    (s / "voice.WAV").write_bytes(b"RIFF" + os.urandom(3000))
+    publish(s)
+    s = bundle("truncated", "bad_media", "cond_video")
+    data = (s / "face.png").read_bytes()
+    (s / "face.png").write_bytes(data[: len(data) // 2])
+    publish(s)
+    s = bundle("short", "audio_too_short", "cond_audio.person1", duration_s=0.2)
+    publish(s)
+    s = bundle("ext", "bad_extension", "cond_video")
+    (s / "face.png").rename(s / "face.gif")
+    doc = json.loads((s / "job.json").read_text())
+    doc["cond_video"] = "face.gif"
+    (s / "job.json").write_text(json.dumps(doc))
+    publish(s)
+    (inbox / "notjson.json").write_text("[1, 2]")
+    cases["notjson"] = ("bad_json", "")
+    (inbox / "huge.json").write_text(" " * (300 * 1024) + "{}")
+    cases["huge"] = ("too_large", "huge.json")
+    daemon.start()
+    for name, (code, field) in cases.items():
+        job = daemon.wait_state(name, ("rejected", "done", "failed"), timeout=60)
+        assert job["state"] == "rejected", (name, job)
+        assert job["error_code"] == code, (name, job["error_code"], job["error_message"])
+        assert (job["error_field"] or "") == field, (name, job["error_field"])
+        error = json.loads((daemon.outbox / f"{name}.error.json").read_text())
+        assert error["code"] == code and error["job_id"] == job["id"] and error["message"]
+        kept = Path(error["originals"])
+        assert kept.parent == daemon.outbox / "failed" and any(kept.iterdir()), name
+    # nothing from the bad jobs stays in the inbox, and a good job still renders
+    assert [p.name for p in inbox.iterdir()] == []
+    _bundle(daemon, "good")
+    daemon.wait_state("good", "done")
+
+
+def test_incomplete_upload_waits_then_completes(daemon: Daemon) -> None:
+    daemon.start()
+    staging = daemon.root / "src"
+    make_job_bundle(staging, duration_s=1.0)
+    bundle = daemon.inbox / "late"
+    bundle.mkdir()
+    # rsync order: the job file lands before the media
+    (bundle / "job.json").write_bytes((staging / "job.json").read_bytes())
+    job = daemon.wait_for(lambda: (j := daemon.job("late")) and j["waiting_reason"]
+                          and "waiting for" in j["waiting_reason"] and j, 30, "incomplete upload noticed")
+    assert job["state"] == "waiting"
+    (bundle / "face.png").write_bytes((staging / "face.png").read_bytes())
+    (bundle / "voice.WAV").write_bytes((staging / "voice.WAV").read_bytes())
+    daemon.wait_state("late", "done")
+
+
+def test_checksums_gate_completeness_and_timeout_rejects(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, config={"incomplete_timeout_s": 3})
+    try:
+        d.start()
+        staging = tmp_path / "src"
+        make_job_bundle(staging, duration_s=1.0)
+        voice = (staging / "voice.WAV").read_bytes()
+        doc = json.loads((staging / "job.json").read_text())
+        doc["checksums"] = {"face.png": hashlib.sha256((staging / "face.png").read_bytes()).hexdigest(),
+                            "voice.WAV": hashlib.sha256(voice).hexdigest()}
+        (staging / "job.json").write_text(json.dumps(doc))
+        bundle = d.inbox / "hashed"
+        bundle.mkdir()
+        for name in ("job.json", "face.png"):
+            (bundle / name).write_bytes((staging / name).read_bytes())
+        (bundle / "voice.WAV").write_bytes(voice[: len(voice) // 2])  # an interrupted upload
+        d.wait_for(lambda: (j := d.job("hashed")) and "checksum mismatch" in (j["waiting_reason"] or ""), 20,
+                   "checksum mismatch noticed")
+        (bundle / "voice.WAV").write_bytes(voice)
+        d.wait_state("hashed", "done")
+        # an upload that never completes is rejected after incomplete_timeout_s
+        stuck = d.inbox / "stuck"
+        stuck.mkdir()
+        (stuck / "job.json").write_bytes((staging / "job.json").read_bytes())
+        job = d.wait_state("stuck", "rejected", timeout=30)
+        assert job["error_code"] == "incomplete" and "still incomplete" in job["error_message"]
+        assert (d.outbox / "stuck.error.json").exists()
+    finally:
+        d.stop()
+
+
+def test_temporary_names_are_never_taken(daemon: Daemon) -> None:
+    for name in (".x.json", "x.json.part", "y.json.filepart", "z.ab12cd34.partial", ".~tmp~", "w.json.tmp"):
+        path = daemon.inbox / name
+        if name.startswith(".~"):
+            path.mkdir()
+        else:
+            path.write_text('{"prompt": "x"}')
+    _bundle(daemon, "real")
+    daemon.start()
+    daemon.wait_state("real", "done")
+    assert [j["name"] for j in daemon.jobs()] == ["real"]
+    assert len(list(daemon.inbox.iterdir())) == 6
+
+
+def test_duplicate_points_at_the_original(daemon: Daemon) -> None:
+    _bundle(daemon, "first")
+    daemon.start()
+    first = daemon.wait_state("first", "done")
+    # same media and settings (seed drawn both times: ignored for duplicates)
+    _bundle(daemon, "second")
+    job = daemon.wait_state("second", "rejected")
+    assert job["error_code"] == "duplicate" and job["duplicate_of"] == first["id"]
+    error = json.loads((daemon.outbox / "second.error.json").read_text())
+    assert error["duplicate_of"] == first["id"]
+
+
+def test_kill9_mid_render_resumes_from_the_last_chunk(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, env={"FAKE_PIPELINE_STEP_S": "0.25"})
+    _bundle(d, "long")
+    d.start()
+    d.wait_for(lambda: (j := d.job("long")) and j["state"] == "running" and (j["chunk"] or 0) >= 2, 60,
+               "chunk 2 running")
+    d.kill9()
+    job = d.job("long")
+    assert job["state"] == "running"  # what the dead daemon left behind
+    time.sleep(0.5)
+    d.start()
+    done = d.wait_state("long", "done", timeout=60)
+    d.stop()
+    log = (Path(done["job_dir"]) / "checkpoint" / "log.txt")
+    assert not log.exists()  # checkpoints are removed once the job is published
+    sidecar = json.loads((d.outbox / "long.json").read_text())
+    assert sidecar["resumed_from_chunk"] >= 1
+    assert done["attempts"] == 2
+    kinds = [e["kind"] for e in d.events(done["id"])]
+    assert kinds.count("done") == 1 and kinds.count("started") == 2
+    assert len(list(d.outbox.glob("long*.mp4"))) == 1
+
+
+def test_sigterm_stops_at_a_step_boundary_and_requeues(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, env={"FAKE_PIPELINE_STEP_S": "0.3"})
+    _bundle(d, "slow")
+    d.start()
+    d.wait_for(lambda: (j := d.job("slow")) and j["state"] == "running" and j["step"], 60, "running")
+    started = time.monotonic()
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit(30) == 0
+    assert time.monotonic() - started < 10
+    job = d.job("slow")
+    assert job["state"] == "queued" and job["attempts"] == 0  # the interrupted attempt is not counted
+    d.start()
+    d.wait_state("slow", "done")
+    d.stop()
+
+
+def test_second_daemon_refuses_and_bad_config_exits_78(daemon: Daemon, tmp_path: Path) -> None:
+    daemon.start()
+    daemon.wait_for(lambda: (daemon.state / "ledger.sqlite3").exists(), 30, "ledger")
+    second = daemon.cli("daemon", "--pipeline-factory", "tests.service.fake_pipeline:make")
+    assert second.returncode == 75 and "another infinitetalk daemon" in second.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("max_queud = 3\n")
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "daemon", "daemon", "--config", str(bad)], capture_output=True,
+                         text=True, env=daemon.env, timeout=60)
+    assert out.returncode == 78 and "max_queud: unknown key" in out.stderr
+
+
+def test_crash_loop_fails_after_three_attempts_and_others_finish(daemon: Daemon) -> None:
+    _bundle(daemon, "poison", prompt="CRASH the worker")
+    daemon.start()
+    job = daemon.wait_state("poison", "failed", timeout=90)
+    assert job["attempts"] == 3 and job["error_code"] == "worker_crash"
+    assert (daemon.outbox / "poison.error.json").exists()
+    assert (daemon.outbox / "failed" / "poison" / "job.json").exists()
+    kinds = [e["kind"] for e in daemon.events(job["id"])]
+    assert kinds.count("retry") == 2
+    _bundle(daemon, "after")
+    daemon.wait_state("after", "done")
+
+
+def test_transient_failure_retries_with_backoff(daemon: Daemon) -> None:
+    _bundle(daemon, "oom", prompt="OOM please")
+    _bundle(daemon, "broken", prompt="BROKEN please")
+    daemon.start()
+    oom = daemon.wait_state("oom", "failed", timeout=60)
+    assert oom["error_code"] == "cuda_oom" and oom["attempts"] == 3
+    retries = [json.loads(e["data_json"]) for e in daemon.events(oom["id"]) if e["kind"] == "retry"]
+    assert [r["delay_s"] for r in retries] == [0.2, 0.4]
+    broken = daemon.wait_state("broken", "failed")
+    assert broken["attempts"] == 1 and broken["error_code"] == "render_error"
+
+
+def test_commands_status_submit_cancel_retry_delete(daemon: Daemon, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_job_bundle(src / "a", duration_s=1.0, seed=1)
+    make_job_bundle(src / "b", duration_s=1.0, seed=2, prompt="SLOW one")
+    daemon.start()
+    assert daemon.cli("submit", str(src / "a")).returncode == 0
+    loose = make_loose_job(src, "c", duration_s=1.0, seed=3)
+    assert daemon.cli("submit", str(loose)).returncode == 0
+    a = daemon.wait_state("a", "done")
+    c = daemon.wait_state("c", "done")
+    assert daemon.cli("submit", str(src / "b")).returncode == 0
+    b = daemon.wait_for(lambda: (j := daemon.job("b")) and j["state"] == "running" and j["step"] and j, 30, "b runs")
+
+    status = json.loads(daemon.cli("status", "--json", check=True).stdout)
+    assert status["counts"]["done"] == 2 and status["counts"]["running"] == 1
+    assert {j["name"] for j in status["jobs"]} == {"a", "b", "c"}
+    assert all(0.0 <= j["progress"] <= 1.0 for j in status["jobs"])
+    human = daemon.cli("status", check=True).stdout
+    assert "running" in human and "b" in human
+
+    out = daemon.cli("cancel", b["id"])
+    assert out.returncode == 0, out.stderr
+    daemon.wait_state("b", "cancelled")
+    assert daemon.cli("cancel", a["id"]).returncode == 1  # done jobs cannot be cancelled
+    out = daemon.cli("retry", b["id"])
+    assert out.returncode == 0, out.stderr
+    daemon.wait_state("b", ("queued", "running", "retry_wait"))
+    daemon.wait_for(lambda: daemon.job("b")["state"] == "running", 30, "b runs again")
+    daemon.cli("cancel", b["id"], check=True)
+    daemon.wait_state("b", "cancelled")
+
+    out = daemon.cli("delete", a["id"])
+    assert out.returncode == 0, out.stderr
+    assert not (daemon.outbox / "a.mp4").exists() and not (daemon.outbox / "a.json").exists()
+    row = daemon.job("a")
+    assert row["state"] == "done" and row["deleted_at"] is not None
+    assert [e["kind"] for e in daemon.events(a["id"])][-1] == "deleted"
+    assert daemon.cli("delete", "nosuchjob").returncode == 1
+
+    # a video removed from the outbox by hand is noticed: shown as deleted, not an error
+    (daemon.outbox / "c.mp4").unlink()
+    daemon.wait_for(lambda: daemon.job("c")["deleted_at"] is not None, 30, "hand deletion noticed")
+    assert daemon.job("c")["state"] == "done"
+
+    # with the daemon stopped, the commands apply requests themselves
+    assert daemon.stop() == 0
+    out = daemon.cli("delete", b["id"])
+    assert out.returncode == 0, out.stderr
+    assert daemon.job("b")["deleted_at"] is not None
+    assert json.loads(daemon.cli("status", "--json", check=True).stdout)["counts"]["cancelled"] == 1
+    assert c["state"] == "done"
