@@ -1,14 +1,176 @@
-"""`infinitetalk render`: placeholder until its owner lands it."""
+"""`infinitetalk render JOB.json [-o OUT.mp4]`: render one job without the daemon, with a progress bar.
+
+The job is validated exactly as the daemon validates it (`daemon.jobs`), with the defaults of
+the config file when there is one (`--config`, `$INFINITETALK_CONFIG`, `./infinitetalk.toml`),
+else the built-in ones (the lightx2v 4-step recipe). Weights: `--weights`, else the config's
+`weights_dir`, else `./weights`; when that folder holds no model, a tiny random-weight model is
+written to `<state_dir>/tiny-weights` (`var/tiny-weights` without a config) and used, and the
+command says so on stderr.
+
+Only the standard library is imported at module level; torch loads when the command runs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = subparsers.add_parser("render", help="render one job without the daemon (not yet implemented)")
+    parser = subparsers.add_parser(
+        "render",
+        help="render one job without the daemon, with a progress bar",
+        description="Render one job JSON (bundle job.json or loose NAME.json) to an MP4.",
+    )
+    parser.add_argument("job", type=Path, help="the job JSON; its media lie beside it")
+    parser.add_argument("-o", "--output", type=Path, help="output MP4 (default: <job name>.mp4 here)")
+    parser.add_argument("--weights", type=Path, help="weights folder (default: the config's weights_dir)")
+    parser.add_argument("--config", type=Path, help="config TOML (default: $INFINITETALK_CONFIG, ./infinitetalk.toml)")
+    parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default=None, choices=("auto", "bf16", "fp16", "fp32"), help="compute dtype")
+    parser.add_argument("--resume-dir", type=Path, help="keep chunk checkpoints here; rerunning resumes")
+    parser.add_argument("--no-poster", action="store_true", help="do not write <output>.jpg")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
 
+def _job_name(job: Path) -> str:
+    return job.parent.name if job.name == "job.json" else job.stem
+
+
+def _has_model(folder: Path) -> bool:
+    return (folder / "tiny.json").is_file() or (folder / "Wan2.1-I2V-14B-480P" / "config.json").is_file()
+
+
+def _settings(config: Path | None) -> Any:
+    """The daemon's Settings when a config file is found, else None."""
+    try:
+        from daemon.config import find_config, load_settings
+    except ImportError:  # pragma: no cover - the daemon package ships with the CLI
+        return None
+    path = find_config(config)
+    if path is None:
+        return None
+    if not path.is_file():
+        raise SystemExit(f"infinitetalk render: config file not found: {path}")
+    return load_settings(path)
+
+
+def _weights(args: argparse.Namespace, settings: Any) -> tuple[Path, bool]:
+    """(weights folder, is_tiny_fallback); writes the tiny model when it falls back."""
+    folder = args.weights or (settings.weights_dir if settings is not None else Path("weights"))
+    if _has_model(folder):
+        return folder, False
+    if args.weights is not None:
+        raise SystemExit(f"infinitetalk render: {folder} holds no weights (no tiny.json, no Wan2.1-I2V-14B-480P/)")
+    tiny = settings.tiny_weights_dir if settings is not None else Path("var") / "tiny-weights"
+    print(
+        f"infinitetalk render: no weights in {folder}; using the tiny random-weight model in {tiny} "
+        "(the video will be noise; put the released weights there for real renders)",
+        file=sys.stderr,
+    )
+    if not _has_model(tiny):
+        from pipeline.tiny import write_tiny_weights
+
+        print(f"infinitetalk render: writing tiny weights to {tiny} ...", file=sys.stderr)
+        tmp = tiny.with_name(f".{tiny.name}.writing")
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_tiny_weights(tmp, seed=0)
+        shutil.rmtree(tiny, ignore_errors=True)
+        tmp.replace(tiny)
+    return tiny, True
+
+
+class _Bar:
+    """tqdm bar over chunk x step, described as 'chunk i/n'."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar: Any = None
+
+    def __call__(self, p: Any) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=p.num_chunks * p.num_steps, unit="step", dynamic_ncols=True)
+        done = (p.chunk - 1) * p.num_steps + p.step
+        if p.stage in ("encode", "done"):
+            done = p.num_chunks * p.num_steps
+        self.bar.set_description(f"{p.stage} chunk {p.chunk}/{p.num_chunks}", refresh=False)
+        self.bar.update(max(0, done - self.bar.n))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("infinitetalk render: not implemented yet")
+    from daemon.jobs import InvalidJob, JobDefaults, load_job
+
+    settings = _settings(args.config)
+    defaults = settings.job_defaults() if settings is not None else JobDefaults()
+    job: Path = args.job
+    try:
+        spec = load_job(job, defaults=defaults)
+    except InvalidJob as e:
+        print(f"infinitetalk render: {job} is not a valid job:", file=sys.stderr)
+        for err in e.errors:
+            print(f"  [{err.code}] {err.field or '(file)'}: {err.message}", file=sys.stderr)
+        return 2
+    out = args.output or Path(f"{_job_name(job)}.mp4")
+    weights, _ = _weights(args, settings)
+
+    import torch
+
+    from pipeline.pipeline import InfiniteTalkPipeline
+    from pipeline.types import StopRequested
+
+    device = args.device or (settings.device if settings is not None else "auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype_name = args.dtype or (settings.dtype if settings is not None else "auto")
+    if dtype_name == "auto":
+        dtype_name = "bf16" if device.startswith("cuda") else "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    kwargs: dict[str, Any] = {}
+    if settings is not None:
+        kwargs = {"quant": None if settings.quant == "none" else settings.quant, "lora_scale": settings.lora_scale,
+                  "lora": list(settings.lora) or "auto"}
+    print(f"loading the model from {weights} on {device} ({dtype_name}) ...", file=sys.stderr)
+    t0 = time.perf_counter()
+    pipe = InfiniteTalkPipeline.from_weights(weights, device=device, dtype=dtype, **kwargs)
+    print(f"loaded in {time.perf_counter() - t0:.1f} s; seed {spec.seed}"
+          f"{' (drawn)' if spec.seed_drawn else ''}", file=sys.stderr)
+
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    bar = _Bar(args.quiet)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    poster = None if args.no_poster else out.with_suffix(".jpg")
+    try:
+        result = pipe.generate(spec.to_request(job.parent), out, poster_path=poster, on_progress=bar,
+                               should_stop=stop.is_set, checkpoint_dir=args.resume_dir)
+    except StopRequested:
+        bar.close()
+        hint = f"; rerun with --resume-dir {args.resume_dir} to continue" if args.resume_dir else ""
+        print(f"infinitetalk render: stopped{hint}", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as e:
+        bar.close()
+        print(f"infinitetalk render: {e}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    bar.close()
+    print(f"{result.video_path}: {result.num_frames} frames, {result.duration_s:.2f} s, "
+          f"{result.width}x{result.height}, seed {result.seed}, rendered in {result.timings_s.get('render_s', 0):.1f} s")
+    return 0

@@ -33,11 +33,11 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,10 +100,11 @@ class InfiniteTalkPipeline:
         audio_encoder: Any,
         device: torch.device,
         dtype: torch.dtype,
-        lora: Path | None,
+        loras: tuple[Path, ...],
         lora_scale: float,
         quant: str | None,
         attention: str,
+        rope: str = "exact",
     ) -> None:
         self.config = config
         self.weights_dir = Path(weights_dir)
@@ -114,10 +115,11 @@ class InfiniteTalkPipeline:
         self.audio_encoder = audio_encoder
         self.device = device
         self.dtype = dtype
-        self.lora = lora
+        self.loras = loras
         self.lora_scale = lora_scale
         self.quant = quant
         self.attention = attention
+        self.rope = rope
         self.variant = "single"
         self.dit_calls = 0  # DiT forward passes run (all renders), for tests and stats
 
@@ -131,7 +133,7 @@ class InfiniteTalkPipeline:
         *,
         device: torch.device | str = "cuda",
         dtype: torch.dtype = torch.bfloat16,
-        lora: Path | None | Literal["auto"] = "auto",
+        lora: Path | str | Sequence[Path | str] | None = "auto",
         lora_scale: float = 1.0,
         quant: str | None = None,
         attention: str = "auto",
@@ -139,7 +141,8 @@ class InfiniteTalkPipeline:
     ) -> InfiniteTalkPipeline:
         """Load DiT, VAE, T5, CLIP and wav2vec2 from a weights folder (released layout or tiny).
 
-        lora: "auto" merges the lightx2v LoRA when the folder has it, None merges none, or a path.
+        lora: "auto" merges the lightx2v LoRA when the folder has it; None merges none; a path
+        or a list of paths (relative ones under `weights_dir`) merges those, in order.
         dtype is the DiT and T5 compute dtype; the VAE and wav2vec2 run in float32, CLIP in
         float16 on CUDA (float32 on the CPU), as the reference.
         """
@@ -147,19 +150,14 @@ class InfiniteTalkPipeline:
         from pipeline.models.t5 import load_t5
         from pipeline.models.vae import load_vae
         from pipeline.models.wav2vec import load_wav2vec
-        from pipeline.weights import LORA_FILE, load_dit
 
         weights_dir = Path(weights_dir)
         device = torch.device(device)
         cfg = load_model_config(weights_dir)
-        if lora == "auto":
-            candidate = weights_dir / LORA_FILE
-            lora = candidate if candidate.is_file() else None
+        loras = resolve_loras(weights_dir, lora)
         t0 = time.perf_counter()
-        dit = load_dit(
-            weights_dir, cfg.dit, variant="single", device=device, dtype=dtype, quant=quant,  # type: ignore[arg-type]
-            lora=lora, lora_scale=lora_scale, rope=rope, attention_backend=attention,  # type: ignore[arg-type]
-        )
+        dit = load_dit_variant(weights_dir, cfg, "single", device=device, dtype=dtype, quant=quant, loras=loras,
+                               lora_scale=lora_scale, attention=attention, rope=rope)
         clip_dtype = torch.float16 if device.type == "cuda" else torch.float32
         pipe = cls(
             config=cfg,
@@ -171,13 +169,14 @@ class InfiniteTalkPipeline:
             audio_encoder=load_wav2vec(weights_dir, cfg.wav2vec2, device=device, dtype=torch.float32),
             device=device,
             dtype=dtype,
-            lora=lora,
+            loras=loras,
             lora_scale=lora_scale,
             quant=quant,
             attention=attention,
+            rope=rope,
         )
         logger.info("loaded InfiniteTalk from %s in %.1f s (lora=%s, quant=%s)", weights_dir,
-                    time.perf_counter() - t0, lora, quant)
+                    time.perf_counter() - t0, [p.name for p in loras], quant)
         return pipe
 
     def describe(self) -> dict[str, Any]:
@@ -185,7 +184,7 @@ class InfiniteTalkPipeline:
         return {
             "weights_dir": str(self.weights_dir),
             "tiny": self.config.is_tiny,
-            "lora": None if self.lora is None else self.lora.name,
+            "lora": [p.name for p in self.loras],
             "lora_scale": self.lora_scale,
             "quant": self.quant,
             "dtype": str(self.dtype).removeprefix("torch."),
@@ -197,17 +196,15 @@ class InfiniteTalkPipeline:
         is shared, so without quantization only the audio tensors are swapped in place."""
         if variant == self.variant:
             return
-        from pipeline.weights import audio_file, load_dit
+        from pipeline.weights import audio_file
 
         if self.quant is not None:
             self.dit = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            self.dit = load_dit(
-                self.weights_dir, self.config.dit, variant=variant, device=self.device, dtype=self.dtype,  # type: ignore[arg-type]
-                quant=self.quant, lora=self.lora, lora_scale=self.lora_scale,  # type: ignore[arg-type]
-                attention_backend=self.attention,  # type: ignore[arg-type]
-            )
+            self.dit = load_dit_variant(self.weights_dir, self.config, variant, device=self.device, dtype=self.dtype,
+                                        quant=self.quant, loras=self.loras, lora_scale=self.lora_scale,
+                                        attention=self.attention, rope=self.rope)
         else:
             from safetensors import safe_open
 
@@ -221,16 +218,16 @@ class InfiniteTalkPipeline:
         logger.info("DiT now uses the %s-speaker audio weights", "two" if variant == "multi" else "one")
 
     def _remerge_lora_on_audio(self) -> None:
-        if self.lora is None:
-            return
+        """Re-apply the part of the LoRA(s) that touches the swapped audio tensors (if any)."""
         from pipeline.lora import merge_lora, plan_lora, read_lora
         from pipeline.models.dit import is_audio_key
 
-        tensors = read_lora(self.lora)
-        targets, _, _ = plan_lora(list(tensors))
-        keys = {s for t, sources in targets.items() if is_audio_key(t) for s in sources}
-        if keys:
-            merge_lora(self.dit, {k: tensors[k] for k in keys}, scale=self.lora_scale)
+        for path in self.loras:
+            tensors = read_lora(path)
+            targets, _, _ = plan_lora(list(tensors))
+            keys = {s for t, sources in targets.items() if is_audio_key(t) for s in sources}
+            if keys:
+                merge_lora(self.dit, {k: tensors[k] for k in keys}, scale=self.lora_scale)
 
     # -----------------------------------------------------------------------------------------
     # CPU stage
@@ -555,6 +552,45 @@ class InfiniteTalkPipeline:
 
 # ---------------------------------------------------------------------------------------------
 # helpers
+
+
+def resolve_loras(weights_dir: Path, lora: Path | str | Sequence[Path | str] | None) -> tuple[Path, ...]:
+    """The LoRA files to merge: "auto" -> the lightx2v LoRA if present; relative paths under weights_dir."""
+    from pipeline.weights import LORA_FILE
+
+    if lora is None:
+        return ()
+    if isinstance(lora, str) and lora == "auto":
+        candidate = weights_dir / LORA_FILE
+        return (candidate,) if candidate.is_file() else ()
+    items = [lora] if isinstance(lora, (str, Path)) else list(lora)
+    paths = tuple(p if p.is_absolute() else weights_dir / p for p in map(Path, items))
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"LoRA file(s) not found: {', '.join(missing)}")
+    return paths
+
+
+def load_dit_variant(
+    weights_dir: Path, cfg: ModelConfig, variant: str, *, device: torch.device, dtype: torch.dtype,
+    quant: str | None, loras: tuple[Path, ...], lora_scale: float, attention: str, rope: str,
+) -> Any:
+    """The DiT with the one- or two-speaker audio weights and the LoRA(s) merged (then fp8)."""
+    from pipeline.weights import FP8_RUNTIME_PREFIX, load_dit, quantize_linears
+
+    common = {"variant": variant, "device": device, "dtype": dtype, "rope": rope, "attention_backend": attention}
+    if len(loras) <= 1:
+        return load_dit(weights_dir, cfg.dit, quant=quant, lora=loras[0] if loras else None,  # type: ignore[arg-type]
+                        lora_scale=lora_scale, **common)
+    from pipeline.lora import merge_lora
+
+    model = load_dit(weights_dir, cfg.dit, quant=None, **common)  # type: ignore[arg-type]
+    for path in loras:
+        report = merge_lora(model, path, scale=lora_scale)
+        logger.info("merged LoRA %s at scale %s: %d tensors", path.name, lora_scale, report.applied)
+    if quant == "fp8":
+        quantize_linears(model, prefix=FP8_RUNTIME_PREFIX)
+    return model
 
 
 def _shift(request: GenerationRequest) -> float:
