@@ -122,8 +122,8 @@ def last_event_id(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0])
 
 
-def first_event_id(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("SELECT COALESCE(MIN(id), 0) FROM events").fetchone()[0])
+def count_events_after(conn: sqlite3.Connection, after: int) -> int:
+    return int(conn.execute("SELECT COUNT(*) FROM events WHERE id > ?", (after,)).fetchone()[0])
 
 
 def _in(states: tuple[str, ...]) -> str:

@@ -60,11 +60,12 @@ class _Cursor:
     file_id: tuple[int, int] | None = None
     version: int | None = None
     available: bool | None = None
+    more: bool = False  #: the last read was a full batch: read again without waiting
 
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
-        self.conn, self.file_id, self.version = None, None, None
+        self.conn, self.file_id, self.version, self.more = None, None, None, False
 
     def poll(self) -> list[ServerSentEvent]:
         """Run in a worker thread: (re)open the ledger if needed and read what is new."""
@@ -97,27 +98,29 @@ class _Cursor:
         self.file_id = current
 
     def _read_new(self) -> list[ServerSentEvent]:
+        """At most one batch of events (and a snapshot first if needed); `more` says if the
+        backlog goes on, so a long replay is sent batch by batch without holding a transaction."""
         assert self.conn is not None
         version = reader.data_version(self.conn)
-        if version == self.version and self.last_id is not None and not self.conn.frozen:
+        if version == self.version and not self.more and self.last_id is not None and not self.conn.frozen:
             return []
         out: list[ServerSentEvent] = []
         with reader.read_transaction(self.conn):
             if self.last_id is None or self._gap(self.conn, self.last_id):
                 out.append(self._snapshot(self.conn))
-            while True:
-                batch = reader.events_after(self.conn, self.last_id or 0, BATCH)
-                out += self._frames(self.conn, batch)
-                if len(batch) < BATCH:
-                    break
+            batch = reader.events_after(self.conn, self.last_id or 0, BATCH)
+            out += self._frames(self.conn, batch)
+        self.more = len(batch) == BATCH
         self.version = version
         return out
 
     @staticmethod
     def _gap(conn: sqlite3.Connection, last_id: int) -> bool:
-        """True when events after `last_id` can no longer be replayed exactly."""
-        newest, oldest = reader.last_event_id(conn), reader.first_event_id(conn)
-        return newest < last_id or (oldest > last_id + 1)
+        """True when the events after `last_id` can no longer be replayed exactly: the ledger is
+        older than the client's position (replaced), or some of them were deleted (retention).
+        Event ids are AUTOINCREMENT, so without deletions they have no holes."""
+        newest = reader.last_event_id(conn)
+        return newest < last_id or reader.count_events_after(conn, last_id) != newest - last_id
 
     def _snapshot(self, conn: sqlite3.Connection) -> ServerSentEvent:
         snap = reader.Snapshot(
@@ -162,7 +165,8 @@ async def event_stream(cfg: DashboardConfig, last_event_id: int | None,
         while not stop.is_set():
             for frame in await anyio.to_thread.run_sync(cursor.poll):
                 yield frame
-            with anyio.move_on_after(cfg.poll_s):
-                await stop.wait()
+            if not cursor.more:
+                with anyio.move_on_after(cfg.poll_s):
+                    await stop.wait()
     finally:
         cursor.close()

@@ -125,3 +125,20 @@ def test_stream_survives_the_ledger_going_away_and_coming_back(client: TestClien
         fresh.close()
     assert snapshot.event == "snapshot" and snapshot.id == "2"
     assert [j["name"] for j in snapshot.json()["jobs"]] == ["second"]
+
+
+def test_events_pruned_inside_the_replay_range_give_a_snapshot(client: TestClient, ledger: Ledger,
+                                                               outbox: Path) -> None:
+    waiting = ledger.insert_job(name="keeps-waiting", source="inbox/w", state="waiting")
+    position = _event_ids(ledger)[-1]  # the client saw this much
+    old = queue_job(ledger, "old")
+    run_job(ledger, old.id)
+    finish_job(ledger, outbox, old.id, "old")
+    queue_job(ledger, "later")
+    ledger.conn.execute("UPDATE jobs SET finished_at = 1 WHERE id = ?", (old.id,))
+    assert ledger.purge_finished_before(2) == 1  # retention removes "old" and its events
+    with client.stream("GET", "/events", headers={"last-event-id": str(position)}) as response:
+        got = take(frames(response.iter_lines()), 3)
+    assert got[2].event == "snapshot"  # replaying "later" alone would leave "old" on the page
+    assert [j["name"] for j in got[2].json()["jobs"]] == ["keeps-waiting", "later"]
+    assert waiting.id == got[2].json()["jobs"][0]["id"]
