@@ -56,7 +56,7 @@ class Fp8Linear(nn.Module):
         return self.weight_fp8.to(dtype) * self.weight_scale.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.use_scaled_mm and x.is_cuda:
+        if self.use_scaled_mm and x.is_cuda and self.in_features % 16 == 0 and self.out_features % 16 == 0:
             return self._scaled_mm(x)
         x = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
