@@ -57,19 +57,18 @@ class _Problem(Exception):
 
 @contextmanager
 def _ledger(cfg: DashboardConfig) -> Iterator[sqlite3.Connection]:
+    """A read-only connection for one request; any SQLite error reading it is `LedgerUnavailable`."""
     conn = reader.connect(cfg.ledger_path)
     try:
         yield conn
+    except sqlite3.Error as e:
+        raise reader.LedgerUnavailable(cfg.ledger_path, f"{type(e).__name__}: {e}") from e
     finally:
         conn.close()
 
 
 def _json(body: Any, status: int = 200) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=NO_STORE)
-
-
-def _unavailable(cfg: DashboardConfig, e: reader.LedgerUnavailable) -> JSONResponse:
-    return _json(views.unavailable_view(str(cfg.ledger_path), e.reason, time.time()), 503)
 
 
 def _job_id(request: Request) -> str:
@@ -130,28 +129,22 @@ def create_app(cfg: DashboardConfig | Any) -> Starlette:
         states = _states(request.query_params.get("state"))
         limit = request.query_params.get("limit")
         now = time.time()
-        try:
-            with _ledger(cfg) as conn:
-                if not states and limit is None:
-                    snap = reader.snapshot(conn, done_limit=cfg.done_limit, problem_limit=cfg.problem_limit)
-                    return _json(views.snapshot_view(snap, now))
+        with _ledger(cfg) as conn:
+            if not states and limit is None:
+                snap = reader.snapshot(conn, done_limit=cfg.done_limit, problem_limit=cfg.problem_limit)
+            else:
                 with reader.read_transaction(conn):
                     snap = reader.Snapshot(counts=reader.counts(conn),
                                            jobs=reader.list_jobs(conn, states, _limit(limit, 100)),
                                            last_event_id=reader.last_event_id(conn))
-                return _json(views.snapshot_view(snap, now))
-        except reader.LedgerUnavailable as e:
-            return _unavailable(cfg, e)
+        return _json(views.snapshot_view(snap, now))
 
     def api_job(request: Request) -> Response:
         job_id = _job_id(request)
-        try:
-            with _ledger(cfg) as conn, reader.read_transaction(conn):
-                row = reader.get_job(conn, job_id)
-                events = reader.job_events(conn, job_id) if row else []
-                last_id = reader.last_event_id(conn)
-        except reader.LedgerUnavailable as e:
-            return _unavailable(cfg, e)
+        with _ledger(cfg) as conn, reader.read_transaction(conn):
+            row = reader.get_job(conn, job_id)
+            events = reader.job_events(conn, job_id) if row else []
+            last_id = reader.last_event_id(conn)
         if row is None:
             raise _Problem(404, f"no job {job_id!r} in the ledger")
         now = time.time()
@@ -179,8 +172,8 @@ def create_app(cfg: DashboardConfig | Any) -> Starlette:
         try:
             with _ledger(cfg) as conn:
                 ledger |= {"available": True, "last_event_id": reader.last_event_id(conn)}
-        except (reader.LedgerUnavailable, sqlite3.Error) as e:
-            ledger |= {"available": False, "reason": getattr(e, "reason", str(e))}
+        except reader.LedgerUnavailable as e:
+            ledger |= {"available": False, "reason": e.reason}
         return _json({"status": "ok", "ledger": ledger})
 
     def metrics_page(request: Request) -> Response:
@@ -196,6 +189,13 @@ def create_app(cfg: DashboardConfig | Any) -> Starlette:
         if request.url.path.startswith("/api/"):
             return _json({"error": exc.message}, exc.status)
         return PlainTextResponse(exc.message, status_code=exc.status, headers=NO_STORE)
+
+    async def unavailable(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, reader.LedgerUnavailable)
+        if request.url.path.startswith("/api/"):
+            return _json(views.unavailable_view(str(cfg.ledger_path), exc.reason, time.time()), 503)
+        return PlainTextResponse(f"the ledger cannot be read now: {exc.reason}", status_code=503,
+                                 headers=NO_STORE)
 
     get = ["GET", "HEAD"]
     routes = [
@@ -217,6 +217,6 @@ def create_app(cfg: DashboardConfig | Any) -> Starlette:
     ]
     if cfg.token:
         middleware.append(Middleware(TokenMiddleware, token=cfg.token))
-    app = Starlette(routes=routes, middleware=middleware, exception_handlers={_Problem: problem})
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers={_Problem: problem, reader.LedgerUnavailable: unavailable})
     app.state.config = cfg
     return app

@@ -10,6 +10,11 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for annotations only; imported for real inside the functions
+    from daemon.config import Settings
+    from dashboard.config import DashboardConfig
 
 #: seconds uvicorn waits for open connections at shutdown before cancelling them
 GRACEFUL_SHUTDOWN_S = 3
@@ -35,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.set_defaults(func=run)
 
 
-def build_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def build_config(args: argparse.Namespace) -> tuple[Settings, DashboardConfig]:
     """(daemon Settings, DashboardConfig) from the config file plus the command-line overrides."""
     from daemon.config import load_settings
     from dashboard.config import from_settings

@@ -88,3 +88,8 @@ def test_no_video_before_done_or_after_delete(client: TestClient, ledger: Ledger
     assert client.get(f"/jobs/{queued.id}/video").status_code == 404
     assert "state queued" in client.get(f"/jobs/{queued.id}/video").text
     assert client.get("/jobs/unknownjob/video").status_code == 404
+
+
+def test_files_while_the_ledger_is_missing(client: TestClient) -> None:
+    response = client.get("/jobs/abc123/video")
+    assert response.status_code == 503 and "no such file" in response.text
