@@ -136,7 +136,8 @@ def create_app(cfg: DashboardConfig | Any) -> Starlette:
                 with reader.read_transaction(conn):
                     snap = reader.Snapshot(counts=reader.counts(conn),
                                            jobs=reader.list_jobs(conn, states, _limit(limit, 100)),
-                                           last_event_id=reader.last_event_id(conn))
+                                           last_event_id=reader.last_event_id(conn),
+                                           daemon=reader.last_daemon_event(conn))
         return _json(views.snapshot_view(snap, now))
 
     def api_job(request: Request) -> Response:

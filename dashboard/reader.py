@@ -41,6 +41,7 @@ class Snapshot:
     counts: dict[str, int]
     jobs: list[Row]  #: active jobs in arrival order, then finished ones newest first
     last_event_id: int  #: 0 when there are no events yet
+    daemon: Row | None = None  #: the newest `daemon` event (started, stopped, config reloaded)
 
 
 class LedgerConnection(sqlite3.Connection):
@@ -143,14 +144,25 @@ def final_jobs(conn: sqlite3.Connection, states: tuple[str, ...], limit: int) ->
     return _rows(conn, sql, (*states, limit))
 
 
+def last_daemon_event(conn: sqlite3.Connection) -> Row | None:
+    rows = _rows(conn, "SELECT * FROM events WHERE kind = 'daemon' ORDER BY id DESC LIMIT 1")
+    return rows[0] if rows else None
+
+
+def read_snapshot(conn: sqlite3.Connection, *, done_limit: int, problem_limit: int) -> Snapshot:
+    """The page's state; call inside `read_transaction` so every part agrees."""
+    return Snapshot(
+        counts=counts(conn),
+        jobs=active_jobs(conn) + final_jobs(conn, ("done",), done_limit)
+        + final_jobs(conn, PROBLEM_STATES, problem_limit),
+        last_event_id=last_event_id(conn),
+        daemon=last_daemon_event(conn),
+    )
+
+
 def snapshot(conn: sqlite3.Connection, *, done_limit: int, problem_limit: int) -> Snapshot:
     with read_transaction(conn):
-        return Snapshot(
-            counts=counts(conn),
-            jobs=active_jobs(conn) + final_jobs(conn, ("done",), done_limit)
-            + final_jobs(conn, PROBLEM_STATES, problem_limit),
-            last_event_id=last_event_id(conn),
-        )
+        return read_snapshot(conn, done_limit=done_limit, problem_limit=problem_limit)
 
 
 def list_jobs(conn: sqlite3.Connection, states: tuple[str, ...], limit: int) -> list[Row]:

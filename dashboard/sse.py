@@ -123,13 +123,7 @@ class _Cursor:
         return newest < last_id or reader.count_events_after(conn, last_id) != newest - last_id
 
     def _snapshot(self, conn: sqlite3.Connection) -> ServerSentEvent:
-        snap = reader.Snapshot(
-            counts=reader.counts(conn),
-            jobs=reader.active_jobs(conn)
-            + reader.final_jobs(conn, ("done",), self.cfg.done_limit)
-            + reader.final_jobs(conn, reader.PROBLEM_STATES, self.cfg.problem_limit),
-            last_event_id=reader.last_event_id(conn),
-        )
+        snap = reader.read_snapshot(conn, done_limit=self.cfg.done_limit, problem_limit=self.cfg.problem_limit)
         self.last_id = snap.last_event_id
         body = views.snapshot_view(snap, time.time())
         return ServerSentEvent(_dumps(body), event="snapshot", id=str(snap.last_event_id))

@@ -84,6 +84,7 @@ def snapshot_view(snap: Snapshot, now: float) -> dict[str, Any]:
         "ledger": {"available": True},
         "counts": snap.counts,
         "last_event_id": snap.last_event_id,
+        "daemon": event_view(snap.daemon) if snap.daemon else None,
         "jobs": [job_view(r, now) for r in snap.jobs],
     }
 
@@ -94,5 +95,6 @@ def unavailable_view(path: str, reason: str, now: float) -> dict[str, Any]:
         "ledger": {"available": False, "path": path, "reason": reason},
         "counts": {},
         "last_event_id": 0,
+        "daemon": None,
         "jobs": [],
     }

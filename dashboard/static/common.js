@@ -76,8 +76,11 @@ const IT = (() => {
 
   function settingsSummary(settings) {
     if (!settings || typeof settings !== "object") return "";
-    return SUMMARY_KEYS.filter(([k]) => settings[k] !== undefined && settings[k] !== null)
-      .map(([k, f]) => f(settings[k])).join(" · ");
+    const parts = SUMMARY_KEYS.filter(([k]) => settings[k] !== undefined && settings[k] !== null)
+      .map(([k, f]) => f(settings[k]));
+    const speakers = settings.cond_audio && typeof settings.cond_audio === "object" ? Object.keys(settings.cond_audio).length : 0;
+    if (speakers > 1) parts.push(`${speakers} speakers (${settings.audio_type || "?"})`);
+    return parts.join(" · ");
   }
 
   // Make `container`'s children match `items` (keyed by `key(item)`), reusing nodes so that

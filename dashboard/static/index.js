@@ -9,6 +9,7 @@
 
   const jobs = new Map();
   let counts = {};
+  let daemon = null;  // the newest `daemon` ledger event: started, stopped, config reloaded
   let scheduled = false;
 
   function schedule() {
@@ -130,7 +131,15 @@
       });
   }
 
+  function renderDaemon() {
+    const node = document.getElementById("daemon");
+    const message = daemon && daemon.data && daemon.data.message;
+    node.textContent = message ? `daemon ${message} · ${clock(daemon.at)}` : "";
+    node.dataset.state = message === "stopped" ? "stopped" : "up";
+  }
+
   function render() {
+    renderDaemon();
     renderCounts();
     renderRunning();
     renderQueue();
@@ -145,16 +154,18 @@
       jobs.clear();
       for (const job of body.jobs) jobs.set(job.id, job);
       counts = body.counts || {};
+      daemon = body.daemon;
       schedule();
     },
     event(frame) {
+      if (frame.event.kind === "daemon") daemon = frame.event;
       if (frame.job) jobs.set(frame.job.id, frame.job);
       else if (frame.event.job_id) jobs.delete(frame.event.job_id);
       if (frame.counts) counts = frame.counts;
       schedule();
     },
     ledger(info) {
-      if (info.available === false) { jobs.clear(); counts = {}; schedule(); }
+      if (info.available === false) { jobs.clear(); counts = {}; daemon = null; schedule(); }
     },
   });
   // Elapsed times and ETAs move every second without new events.

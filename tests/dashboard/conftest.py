@@ -16,7 +16,8 @@ from dashboard.config import DashboardConfig
 from tests.helpers.media import make_image, make_mp4
 
 SPEC = {"size": "infinitetalk-480", "sample_steps": 4, "seed": 42, "mode": "streaming",
-        "sample_audio_guide_scale": 2.0, "prompt": "A woman talks in a bright studio."}
+        "sample_audio_guide_scale": 2.0, "prompt": "A woman talks in a bright studio.",
+        "cond_video": "face.png", "cond_audio": {"person1": "voice.wav"}, "audio_type": "para"}
 
 
 @pytest.fixture

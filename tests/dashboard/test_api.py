@@ -130,6 +130,17 @@ def test_metrics_in_prometheus_text(client: TestClient, ledger: Ledger, outbox: 
             float(line.rsplit(" ", 1)[1])
 
 
+def test_snapshot_has_the_daemons_last_word(client: TestClient, ledger: Ledger) -> None:
+    assert client.get("/api/jobs").json()["daemon"] is None
+    ledger.daemon_event("started", pid=99)
+    queue_job(ledger, "a")
+    ledger.daemon_event("stopped", pid=99)
+    daemon = client.get("/api/jobs").json()["daemon"]
+    assert daemon["kind"] == "daemon" and daemon["job_id"] is None
+    assert daemon["data"] == {"message": "stopped", "pid": 99}
+    assert client.get("/api/jobs?state=queued").json()["daemon"]["data"]["message"] == "stopped"
+
+
 def test_healthz_reports_the_ledger(client: TestClient, ledger: Ledger) -> None:
     queue_job(ledger, "a")
     body = client.get("/healthz").json()

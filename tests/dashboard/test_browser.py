@@ -9,6 +9,7 @@ INFINITETALK_SCREENSHOT_DIR set they are also copied there (that is how docs/img
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from PIL import Image
 
 from daemon.ledger import Ledger
 from tests.dashboard.cdp import Browser, Page
-from tests.dashboard.conftest import finish_job, queue_job, run_job
+from tests.dashboard.conftest import SPEC, finish_job, queue_job, run_job
 from tests.dashboard.server_proc import dashboard_server, free_port, write_config
 
 pytestmark = pytest.mark.timeout(180)
@@ -53,12 +54,14 @@ def test_page_follows_a_job_from_queue_to_video(tmp_path: Path, ledger: Ledger, 
                       error_field="broken-upload.json")
     ledger.insert_job(name="bob-interview", source="inbox/bob-interview", state="waiting",
                       waiting_reason="incomplete upload")
+    ledger.daemon_event("started", pid=4242)
     port = free_port()
     config = write_config(tmp_path / "infinitetalk.toml", state_dir=state_dir, outbox=outbox, port=port)
     with dashboard_server(config, port, tmp_path / "dashboard.log") as (url, _proc):
         page = browser.page
         page.goto(url + "/")
         page.wait_for("document.body.dataset.ready === '1' && document.getElementById('conn').dataset.state === 'live'")
+        page.wait_for(f"{_text('#daemon')}.startsWith('daemon started')")
         page.wait_for(f"{_text('#waiting-list')}.includes('incomplete upload')")
         problems = page.evaluate(_text("#problems-list"))
         assert "BAD_JSON" in problems and "trailing comma" in problems and "broken-upload.json" in problems
@@ -66,11 +69,13 @@ def test_page_follows_a_job_from_queue_to_video(tmp_path: Path, ledger: Ledger, 
 
         # queued: the job appears in the queue, in order, without a reload
         alice = queue_job(ledger, "alice-studio")
-        queue_job(ledger, "carol-podcast")
+        two = SPEC | {"cond_audio": {"person1": "a.wav", "person2": "b.wav"}, "audio_type": "add"}
+        queue_job(ledger, "carol-podcast", spec_json=json.dumps(two))
         page.wait_for(f"document.querySelectorAll('#queue-list tr').length === 2")
         assert page.evaluate("[...document.querySelectorAll('#queue-list tr')].map(r => r.children[1].textContent)") \
             == ["alice-studio", "carol-podcast"]
         page.wait_for("document.querySelector('#counts [data-state=queued] .n').textContent === '2'")
+        assert "2 speakers (add)" in page.evaluate(_text("#queue-list tr:nth-child(2)"))
 
         # running: a progress bar with chunk and step, elapsed time and ETA
         run_job(ledger, alice.id, chunk=1, step=2)
@@ -128,6 +133,9 @@ def test_page_follows_a_job_from_queue_to_video(tmp_path: Path, ledger: Ledger, 
         # the daemon's ledger goes away (a new state dir, say): a clear note; when it returns, live again
         page.goto(url + "/")
         page.wait_for(f"!!document.querySelector(\"{tile}\")")
+        ledger.daemon_event("stopped", pid=4242)
+        page.wait_for("document.getElementById('daemon').dataset.state === 'stopped'")
+        assert page.evaluate(_text("#daemon")).startswith("daemon stopped")
         ledger.close()
         moved = state_dir.with_name("var-away")
         state_dir.rename(moved)
