@@ -421,6 +421,8 @@ def probe_media(path: Path, *, rel: str, field: str, min_audio_s: float) -> None
         if suffix in IMAGE_EXTENSIONS:
             _probe_image(path)
         elif suffix in AUDIO_EXTENSIONS:
+            if suffix == ".wav":
+                _check_wav_length(path)
             duration = _probe_stream(path, "audio")
             if duration < min_audio_s:
                 raise JobRejected("audio_too_short", f"{field}: {rel} holds {duration:.2f} s of audio; at least "
@@ -432,6 +434,28 @@ def probe_media(path: Path, *, rel: str, field: str, min_audio_s: float) -> None
     except Exception as e:  # noqa: BLE001 - any decoder failure means the file is unusable
         raise JobRejected("bad_media", f"{field}: {rel} cannot be decoded: {type(e).__name__}: {e}",
                           field=field) from e
+
+
+def _check_wav_length(path: Path) -> None:
+    """Refuse a WAV whose data chunk declares more bytes than the file holds: a truncated upload
+    (e.g. a killed `rsync --partial`). FFmpeg clamps such a duration to the file size and decodes
+    the rest without complaint, so the decode alone does not notice."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return  # RF64 and friends: left to the decoder
+        pos = 12
+        while pos + 8 <= size:
+            f.seek(pos)
+            chunk = f.read(8)
+            declared = int.from_bytes(chunk[4:8], "little")
+            if chunk[:4] == b"data":
+                if declared not in (0, 0xFFFFFFFF) and pos + 8 + declared > size:
+                    raise ValueError(f"its data chunk declares {declared} bytes but the file holds only "
+                                     f"{size - pos - 8} (truncated upload?)")
+                return
+            pos += 8 + declared + (declared & 1)
 
 
 def _probe_image(path: Path) -> None:
@@ -465,8 +489,9 @@ def _probe_stream(path: Path, kind: str) -> float:
                 end += frame.samples / float(frame.sample_rate or 1)
         if count == 0:
             raise ValueError(f"no decodable {kind} frames")
-        if stream.duration is not None and stream.time_base is not None and kind == "audio":
+        if stream.duration is not None and stream.time_base is not None:
             declared = float(stream.duration * stream.time_base)
-            if declared > 0 and end < declared - 0.5:
+            # video: `end` is the start of the last frame, so allow a little more than one frame
+            if declared > 0 and end < declared - (0.5 if kind == "audio" else 1.0):
                 raise ValueError(f"decoded {end:.2f} s of a declared {declared:.2f} s (truncated?)")
         return end
