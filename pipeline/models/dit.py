@@ -134,17 +134,21 @@ class Rope3D:
                 self._cache[key] = (angles.cos().float(), angles.sin().float())
         return self._cache[key]
 
-    def apply(self, x: Tensor, grid: tuple[int, int, int]) -> Tensor:
-        """x [B, L, N, Dh] -> rotated, float32."""
-        b, seq, n, d = x.shape
-        tables = self.tables(grid, x.device)
-        if self.mode == "exact":
-            xc = torch.view_as_complex(x.to(torch.float64).reshape(b, seq, n, d // 2, 2))
-            return torch.view_as_real(xc * tables[0]).flatten(3).float()
-        cos, sin = tables
-        xr = x.float().reshape(b, seq, n, d // 2, 2)
-        x0, x1 = xr[..., 0], xr[..., 1]
-        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(3)
+
+def apply_rope(x: Tensor, tables: tuple[Tensor, ...]) -> Tensor:
+    """x [B, L, N, Dh] rotated by `Rope3D.tables(...)` -> float32 [B, L, N, Dh].
+
+    One table (complex128): the reference's float64 complex product. Two (cos, sin float32):
+    the same rotation in float32 real arithmetic.
+    """
+    b, seq, n, d = x.shape
+    if len(tables) == 1:
+        xc = torch.view_as_complex(x.to(torch.float64).reshape(b, seq, n, d // 2, 2))
+        return torch.view_as_real(xc * tables[0]).flatten(3).float()
+    cos, sin = tables
+    xr = x.float().reshape(b, seq, n, d // 2, 2)
+    x0, x1 = xr[..., 0], xr[..., 1]
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(3)
 
 
 def rope_1d(x: Tensor, pos: Tensor, theta: float = 10000.0) -> Tensor:
@@ -183,12 +187,12 @@ class WanSelfAttention(nn.Module):
         self.norm_k = WanRMSNorm(dim, eps=eps)
 
     def forward(
-        self, x: Tensor, grid: tuple[int, int, int], rope: Rope3D, backend: Backend, region_masks: Tensor | None
+        self, x: Tensor, rope: tuple[Tensor, ...], backend: Backend, region_masks: Tensor | None
     ) -> tuple[Tensor, Tensor | None]:
         """x [B, L, D] -> ([B, L, D], speaker map [B, 3, L] when `region_masks` [3, S] is given)."""
         b, seq, n, d = *x.shape[:2], self.num_heads, self.head_dim
-        q = rope.apply(self.norm_q(self.q(x)).view(b, seq, n, d), grid)  # [B, L, N, Dh] fp32
-        k = rope.apply(self.norm_k(self.k(x)).view(b, seq, n, d), grid)
+        q = apply_rope(self.norm_q(self.q(x)).view(b, seq, n, d), rope)  # [B, L, N, Dh] fp32
+        k = apply_rope(self.norm_k(self.k(x)).view(b, seq, n, d), rope)
         v = self.v(x).view(b, seq, n, d)
         q, k = q.to(v.dtype), k.to(v.dtype)
         out = self.o(attention(q, k, v, backend=backend).flatten(2))  # [B, L, D]
@@ -332,20 +336,20 @@ class WanAttentionBlock(nn.Module):
         x: Tensor,
         e0: Tensor,
         grid: tuple[int, int, int],
-        rope: Rope3D,
+        rope: tuple[Tensor, ...],
         context: Tensor,
         audio: Tensor,
         speakers: int,
         region_masks: Tensor | None,
         backend: Backend,
     ) -> Tensor:
-        """x [B, L, D] (param dtype), e0 [B, 6, D] fp32 -> [B, L, D]."""
+        """x [B, L, D] (param dtype), e0 [B, 6, D] fp32, rope = `Rope3D.tables(grid)` -> [B, L, D]."""
         dtype = x.dtype
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (
             (self.modulation.float() + e0).chunk(6, dim=1)  # each [B, 1, D] fp32
         )
         h = (self.norm1(x).float() * (1 + scale_msa) + shift_msa).to(dtype)
-        y, speaker_map = self.self_attn(h, grid, rope, backend, region_masks)
+        y, speaker_map = self.self_attn(h, rope, backend, region_masks)
         x = (x + y * gate_msa).to(dtype)
         x = x + self.cross_attn(self.norm3(x), context, backend)
         x = x + self.audio_cross_attn(self.norm_x(x), audio, grid, speakers, speaker_map, backend)
@@ -454,6 +458,15 @@ class InfiniteTalkDiT(nn.Module):
         """The compute dtype (the dtype the non-quantized parameters are stored in)."""
         return self.patch_embedding.weight.dtype
 
+    def compile_blocks(self, *, mode: str | None = None) -> None:
+        """Regional compilation: compile each block once (shapes are static per size bucket).
+
+        Call after loading, on CUDA. The first forward per token grid and speaker count pays the
+        compile time (about 10 s per distinct block signature on an H100).
+        """
+        for block in self.blocks:
+            block.compile(dynamic=False, mode=mode)
+
     def rope(self) -> Rope3D:
         if self._rope is None or self._rope.mode != self.rope_mode:
             self._rope = Rope3D(self.cfg.head_dim, self.cfg.rope_max_len, self.cfg.rope_theta, self.rope_mode)
@@ -522,7 +535,7 @@ class InfiniteTalkDiT(nn.Module):
             region_masks = self._region_masks(ref_target_masks, grid, device, dtype)
 
         # 6. blocks
-        rope = self.rope()
+        rope = self.rope().tables(grid, device)
         for block in self.blocks:
             tokens = block(tokens, e0, grid, rope, context, audio_tokens, speakers, region_masks, self.attention_backend)
 
