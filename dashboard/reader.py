@@ -145,7 +145,7 @@ def final_jobs(conn: sqlite3.Connection, states: tuple[str, ...], limit: int) ->
 
 
 def last_daemon_event(conn: sqlite3.Connection) -> Row | None:
-    rows = _rows(conn, "SELECT * FROM events WHERE kind = 'daemon' ORDER BY id DESC LIMIT 1")
+    rows = _rows(conn, "SELECT * FROM events WHERE job_id IS NULL AND kind = 'daemon' ORDER BY id DESC LIMIT 1")
     return rows[0] if rows else None
 
 
