@@ -132,33 +132,32 @@ class _Cursor:
         if not batch:
             return []
         now = time.time()
-        jobs = reader.get_jobs(conn, {r["job_id"] for r in batch if r.get("job_id")})
-        counts = reader.counts(conn)
+        rows = reader.get_jobs(conn, {r["job_id"] for r in batch if r.get("job_id")})
+        # each job and the counts are encoded once per batch, then spliced into every frame
+        jobs = {job_id: _dumps(views.job_view(row, now)) for job_id, row in rows.items()}
+        tail = f',"counts":{_dumps(reader.counts(conn))},"now":{_dumps(now)}}}'
         frames = []
         for row in batch:
-            job = jobs.get(row.get("job_id") or "")
-            data = {
-                "event": views.event_view(row),
-                "job": views.job_view(job, now) if job else None,
-                "counts": counts,
-                "now": now,
-            }
-            frames.append(ServerSentEvent(_dumps(data), event=str(row.get("kind") or "event"), id=str(row["id"])))
+            job = jobs.get(row.get("job_id") or "", "null")
+            data = f'{{"event":{_dumps(views.event_view(row))},"job":{job}{tail}'
+            frames.append(ServerSentEvent(data, event=str(row.get("kind") or "event"), id=str(row["id"])))
         self.last_id = int(batch[-1]["id"])
         return frames
 
 
 async def event_stream(cfg: DashboardConfig, last_event_id: int | None,
-                       stop: anyio.Event | None = None) -> AsyncIterator[ServerSentEvent]:
-    """Frames for one client until it disconnects or `stop` is set (server shutdown: the stream
-    then ends cleanly and the browser reconnects later with its Last-Event-ID)."""
+                       stop: anyio.Event | None = None) -> AsyncIterator[bytes]:
+    """Encoded frames for one client until it disconnects or `stop` is set (server shutdown: the
+    stream then ends cleanly and the browser reconnects later with its Last-Event-ID). The frames
+    of one read go out as one chunk, so a long replay costs one send per batch."""
     stop = stop or anyio.Event()
     cursor = _Cursor(cfg=cfg, last_id=last_event_id)
-    yield ServerSentEvent(comment="infinitetalk ledger events", retry=RETRY_MS)
+    yield ServerSentEvent(comment="infinitetalk ledger events", retry=RETRY_MS).encode()
     try:
         while not stop.is_set():
-            for frame in await anyio.to_thread.run_sync(cursor.poll):
-                yield frame
+            frames = await anyio.to_thread.run_sync(cursor.poll)
+            if frames:
+                yield b"".join(frame.encode() for frame in frames)
             if not cursor.more:
                 with anyio.move_on_after(cfg.poll_s):
                     await stop.wait()
