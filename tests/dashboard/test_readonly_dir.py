@@ -98,3 +98,41 @@ def test_live_stream_from_a_read_only_state_dir(can_mount: None, tmp_path: Path,
                 daemon.close()
     assert [f.event for f in got] == ["created", "queued"] and [f.id for f in got] == ["3", "4"]
     assert got[1].json()["job"]["id"] == job.id
+
+
+def test_other_user_reads_through_a_read_only_shm(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """As deployed: the dashboard runs as another user that may read the daemon's files but not
+    write the state folder. While the daemon runs it reads through the daemon's `-shm` (read-only
+    to it); after a clean stop it falls back to the frozen ledger."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run as another user")
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="it-ro-", dir="/tmp"))  # pytest's tmp is 0700: nobody could not enter
+    try:
+        base.chmod(0o755)
+        state = base / "var"
+        state.mkdir(mode=0o755)
+        path = state / "ledger.sqlite3"
+        old = os.umask(0o022)
+        try:
+            daemon = Ledger(path)
+        finally:
+            os.umask(old)
+        queue_job(daemon, "first")
+        as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-c", READ,
+                     str(path)]
+
+        def read() -> dict[str, object]:
+            result = subprocess.run(as_nobody, cwd=ROOT, capture_output=True, text=True, timeout=60)
+            assert result.returncode == 0, result.stderr
+            return dict(json.loads(result.stdout))
+
+        assert read() == {"frozen": False, "names": ["first"], "last": 2}
+        queue_job(daemon, "second")  # a commit the reader must see through the shared -shm
+        assert read() == {"frozen": False, "names": ["first", "second"], "last": 4}
+        daemon.close()
+        assert read() == {"frozen": True, "names": ["first", "second"], "last": 4}
+        assert sorted(p.name for p in state.iterdir()) == ["ledger.sqlite3"]  # the reader created nothing
+    finally:
+        shutil.rmtree(base)
