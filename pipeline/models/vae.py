@@ -111,8 +111,7 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         pt, ph, pw = self.padding  # type: ignore[misc]
         self.time_pad = 2 * pt
-        self.pad_hw = (pw, pw, ph, ph)
-        self.padding = (0, 0, 0)
+        self.padding = (0, ph, pw)  # spatial zero padding stays inside the convolution (no copy)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """x: [B, C, T, H, W]; `context`: frames that precede x in time (replace zero padding)."""
@@ -120,7 +119,8 @@ class CausalConv3d(nn.Conv3d):
         if context is not None and time_pad > 0:
             x = torch.cat([context.to(x), x], dim=2)
             time_pad -= context.shape[2]
-        x = F.pad(x, (*self.pad_hw, time_pad, 0))
+        if time_pad > 0:
+            x = F.pad(x, (0, 0, 0, 0, time_pad, 0))
         return super().forward(x)
 
     def cached(self, x: Tensor, cache: FeatureCache | None) -> Tensor:
@@ -316,6 +316,7 @@ class WanVAE(nn.Module):
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.channels_last = False
         self.encoder = Encoder3d(cfg)
         self.conv1 = CausalConv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)
         self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
@@ -330,6 +331,20 @@ class WanVAE(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.conv1.weight.dtype
+
+    def use_channels_last(self) -> WanVAE:
+        """Store conv weights and activations channels-last (faster cuDNN conv3d in bf16 on GPUs)."""
+        for module in self.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                if param.ndim in (4, 5):
+                    fmt = torch.channels_last_3d if param.ndim == 5 else torch.channels_last
+                    param.data = param.data.contiguous(memory_format=fmt)
+        self.channels_last = True
+        return self
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        x = x.to(device=self.conv1.weight.device, dtype=self.dtype)
+        return x.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else x
 
     @torch.no_grad()
     def encode(self, video: Tensor) -> Tensor:
@@ -346,13 +361,13 @@ class WanVAE(nn.Module):
                 f"VAE.encode needs F = {stride_t}n+1 frames and H, W multiples of {stride_s}; "
                 f"got F={frames}, H={height}, W={width}"
             )
-        x = video.unsqueeze(0).to(self.dtype)  # [1, 3, F, H, W]
+        x = self._prepare(video.unsqueeze(0))  # [1, 3, F, H, W]
         cache = FeatureCache()
         groups = [x[:, :, :1]] + list(x[:, :, 1:].split(stride_t, dim=2))
         out = torch.cat([self.encoder(g, cache) for g in groups], dim=2)  # [1, 2Z, f, h, w]
-        mu = self.conv1(out).chunk(2, dim=1)[0]
+        mu = self.conv1(out).chunk(2, dim=1)[0].float()
         mean, std = self._stats(mu)
-        return ((mu - mean) / std).float()[0]
+        return ((mu - mean) / std)[0].contiguous()
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
@@ -361,12 +376,12 @@ class WanVAE(nn.Module):
             raise ValueError(
                 f"VAE.decode expects latents [{self.cfg.z_dim}, f, h, w], got shape {tuple(latents.shape)}"
             )
-        z = latents.unsqueeze(0).to(self.dtype)  # [1, Z, f, h, w]
+        z = latents.unsqueeze(0).to(device=self.conv1.weight.device, dtype=torch.float32)  # [1, Z, f, h, w]
         mean, std = self._stats(z)
-        x = self.conv2(z * std + mean)
+        x = self.conv2(self._prepare(z * std + mean))
         cache = FeatureCache()
         frames = [self.decoder(x[:, :, i : i + 1], cache) for i in range(x.shape[2])]
-        return torch.cat(frames, dim=2).float().clamp_(-1, 1)[0]
+        return torch.cat(frames, dim=2).float().clamp_(-1, 1)[0].contiguous()
 
 
 def load_vae(
@@ -376,21 +391,30 @@ def load_vae(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     path: Path | None = None,
+    channels_last: bool = False,
 ) -> WanVAE:
     """Build the VAE on the meta device and load `<weights_dir>/Wan2.1-I2V-14B-480P/Wan2.1_VAE.pth` strictly.
 
     `weights_dir` is the weights root (the folder holding `Wan2.1-I2V-14B-480P/`); `path` overrides
-    the file. Raises FileNotFoundError naming the file, or RuntimeError listing missing/unexpected keys.
+    the file. float32 is the reference's precision; `dtype=torch.bfloat16, channels_last=True` is the
+    fast GPU setting (docs/parity-encoders.md gives the measured speed and drift). Inputs may live
+    on any device; outputs are float32 on the model's device.
+    Raises FileNotFoundError naming the file, or RuntimeError listing missing/unexpected keys.
     """
     file = path or Path(weights_dir) / "Wan2.1-I2V-14B-480P" / VAE_FILE
     if not file.is_file():
         raise FileNotFoundError(f"VAE weights not found: {file}")
-    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
+        state = torch.load(file, map_location="cpu", weights_only=True)
     with torch.device("meta"):
         model = WanVAE(cfg)
     _check_keys(model, state, file)
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
+    if channels_last:
+        model.use_channels_last()
     return model.eval().requires_grad_(False)
 
 
