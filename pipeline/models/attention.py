@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +76,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, backend: Backend = "auto") -> 
 def _cudnn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"cudnn attention needs CUDA fp16/bf16 tensors, got {q.device} {q.dtype}")
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
