@@ -1,0 +1,121 @@
+"""Speed settings of a loaded model stack, in one frozen value, applied in one place.
+
+    perf = PerfConfig(attention="auto", rope="fast", compile=True, fp8=False, vae_dtype="bf16")
+    report = apply_perf(perf, dit=pipe.dit, vae=pipe.vae)
+
+Each setting is independent and has a plain (reference-equivalent) value, so every fast path can
+be checked against the plain one on the same weights (`infinitetalk bench`, tests/gpu):
+
+| setting     | fast (default)  | plain            | what it does |
+|-------------|-----------------|------------------|--------------|
+| attention   | "auto"          | "sdpa"           | cuDNN SDPA on Hopper (logged), flash-attn where faster, else SDPA |
+| rope        | "fast"          | "exact"          | fp32 cos/sin tables built once per token grid, not float64 complex per call |
+| compile     | True            | False            | `torch.compile` of the repeated DiT block (CUDA only) |
+| fp8         | False           | False            | e4m3 weights + dynamic row-wise activations on the fp8 tensor cores, after the LoRA merge |
+| vae_dtype   | "bf16"          | "fp32"           | VAE weights/activations in bf16 (CUDA only; the reference runs fp32) |
+| channels_last | True          | False            | VAE 3-D convolutions in channels-last-3d layout (cuDNN's fastest on Hopper) |
+
+The reference's one-speaker attention map is never computed (pipeline.models.dit), and the
+model is never offloaded to the CPU between chunks (the pipeline keeps it resident).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+Attention = Literal["auto", "sdpa", "cudnn", "flash"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PerfConfig:
+    attention: Attention = "auto"
+    rope: Literal["fast", "exact"] = "fast"
+    compile: bool = True
+    fp8: bool = False
+    vae_dtype: Literal["bf16", "fp32"] = "bf16"
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        from pipeline.models.attention import BACKENDS
+
+        if self.attention not in BACKENDS:
+            raise ValueError(f"attention must be one of {BACKENDS}, got {self.attention!r}")
+        if self.rope not in ("fast", "exact"):
+            raise ValueError(f"rope must be 'fast' or 'exact', got {self.rope!r}")
+        if self.vae_dtype not in ("bf16", "fp32"):
+            raise ValueError(f"vae_dtype must be 'bf16' or 'fp32', got {self.vae_dtype!r}")
+
+    @classmethod
+    def plain(cls) -> PerfConfig:
+        """The reference-equivalent settings (what the fast paths are checked against)."""
+        return cls(attention="sdpa", rope="exact", compile=False, fp8=False, vae_dtype="fp32", channels_last=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_attention(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete backend "auto" means for this device and dtype (logged once)."""
+    from pipeline.models.attention import resolve_backend
+
+    probe = torch.empty(1, 1, 1, 8, device="meta", dtype=dtype)
+    if device.type == "cuda":
+        probe = torch.empty(1, 1, 1, 8, device=device, dtype=dtype)
+    return resolve_backend(requested, probe)  # type: ignore[arg-type]
+
+
+def apply_dit_perf(perf: PerfConfig, dit: nn.Module) -> dict[str, Any]:
+    """Set the DiT's attention backend and RoPE mode, fp8 math and block compilation, in place."""
+    from pipeline.compile import compile_blocks, is_compiled, uncompile_blocks
+
+    device = next(dit.parameters()).device
+    dtype = dit.dtype
+    backend = resolve_attention(perf.attention, device, dtype)
+    dit.attention_backend = backend
+    dit.rope_mode = perf.rope
+    fp8_layers = 0
+    if perf.fp8:
+        from pipeline.fp8 import to_fp8
+
+        fp8_layers = to_fp8(dit)
+    compiled = perf.compile and device.type == "cuda"
+    if compiled and not is_compiled(dit):
+        compile_blocks(dit)
+    elif not compiled and is_compiled(dit):
+        uncompile_blocks(dit)
+    logger.info("DiT speed settings: attention=%s rope=%s fp8_layers=%d compiled=%s", backend, perf.rope,
+                fp8_layers, compiled)
+    return {"attention": backend, "rope": perf.rope, "fp8_layers": fp8_layers, "compiled": compiled}
+
+
+def apply_vae_perf(perf: PerfConfig, vae: nn.Module) -> dict[str, Any]:
+    """Cast the VAE to the configured dtype and lay its 3-D conv weights out channels-last (CUDA)."""
+    device = next(vae.parameters()).device
+    on_cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if perf.vae_dtype == "bf16" and on_cuda else torch.float32
+    vae.to(dtype=dtype)
+    channels_last = perf.channels_last and on_cuda
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    for module in vae.modules():
+        if isinstance(module, nn.Conv3d):
+            module.weight.data = module.weight.data.contiguous(memory_format=fmt)
+    if on_cuda:
+        torch.backends.cudnn.benchmark = True
+    return {"vae_dtype": str(dtype).removeprefix("torch."), "channels_last": channels_last}
+
+
+def apply_perf(perf: PerfConfig, *, dit: nn.Module | None = None, vae: nn.Module | None = None) -> dict[str, Any]:
+    """Apply `perf` to whichever models are given; returns what was actually set (for manifests)."""
+    report: dict[str, Any] = {}
+    if dit is not None:
+        report |= apply_dit_perf(perf, dit)
+    if vae is not None:
+        report |= apply_vae_perf(perf, vae)
+    return report

@@ -1,0 +1,101 @@
+"""`infinitetalk bench` on the CPU with the tiny model: every section runs and reports sensibly.
+
+The real measurements need a GPU (tests/gpu, docs/benchmarks.md); this checks the code paths:
+random models built from configs, plain vs fast forward (same weights: tiny relative error),
+fp8 quantisation, the VAE phase, the two-chunk loop with motion frames, the text report and the
+CLI's option parsing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def tiny_opts(tiny_weights_dir):
+    from pipeline.bench import BenchOptions
+    from pipeline.config import load_model_config
+
+    mc = load_model_config(tiny_weights_dir)
+    return BenchOptions(
+        sizes=("480",), chunk_sizes=("480",), dtypes=("bf16", "fp8"), passes=(1,), compile=False, device="cpu",
+        dit=mc.dit, vae=mc.vae, clip=mc.clip, t5_config=mc.t5, pixel_sizes={"480": (32, 32)},
+        frame_num=mc.generation.frame_num, motion_frame=mc.generation.motion_frame, warmup=1, repeats=1,
+        load_probe_blocks=1,
+    )
+
+
+def test_bench_runs_every_section_on_cpu(tiny_opts, tmp_path):
+    from pipeline.bench import format_report, run_bench
+
+    partial: list[dict] = []
+    report = run_bench(tiny_opts, log=lambda m: None, checkpoint=partial.append)
+    json.dumps(report)  # JSON-ready
+    assert report["errors"] == {}
+    assert len(partial) >= 6 and "build" in partial[0]
+    fwd = report["forward"]["480"]
+    assert set(fwd) == {"plain", "bf16", "fp8"}
+    assert fwd["plain"]["settings"]["rope"] == "exact" and fwd["bf16"]["settings"]["rope"] == "fast"
+    assert fwd["bf16"]["rel_err_vs_plain"] < 1e-5  # float32 tiny model: fast RoPE vs float64 RoPE
+    assert 1e-5 < fwd["fp8"]["rel_err_vs_plain"] < 0.2  # quantised weights: close, not equal
+    assert fwd["fp8"]["settings"]["fp8_layers"] == tiny_opts.dit.num_layers * 15
+    assert report["load"]["blocks"] == 1 and report["load"]["load_s"] > 0
+    chunks = report["chunks"]["480"]
+    for dtype_name in ("bf16", "fp8"):
+        entry = chunks[dtype_name]["1-pass"]
+        assert entry["frames_shape"] == [3, tiny_opts.frame_num, 32, 32] and entry["finite"]
+        first, second = entry["chunks"]
+        assert "clip_s" in first and "vae_encode_y_s" in first and "t5_s" in first
+        assert "clip_s" not in second and second["denoise_s"] > 0 and second["vae_decode_s"] > 0
+        new = tiny_opts.frame_num - tiny_opts.motion_frame
+        assert entry["gpu_s_per_video_s"] == pytest.approx(second["total_s"] / (new / 25), rel=0.02)
+    text = format_report(report)
+    assert "480p plain" in text and "480p fp8" in text and "GPU-s per video-s" in text
+
+
+def test_flop_model_matches_the_spec():
+    from pipeline.bench import Shape, dit_forward_flops
+    from pipeline.config import DiTConfig
+
+    cfg = DiTConfig()
+    assert dit_forward_flops(cfg, Shape(name="480", height=480, width=832, frame_num=81)) / 1e15 == pytest.approx(
+        1.825, rel=0.01)
+    assert dit_forward_flops(cfg, Shape(name="720", height=720, width=1280, frame_num=81)) / 1e15 == pytest.approx(
+        6.860, rel=0.01)
+
+
+def test_cli_options():
+    from daemon import bench_cmd
+
+    parser = argparse.ArgumentParser()
+    bench_cmd.register(parser.add_subparsers())
+    args = parser.parse_args(["bench", "--size", "both", "--dtype", "both", "--passes", "2", "--no-compile",
+                              "--attention", "cudnn", "--quick"])
+    opts = bench_cmd.options_from_args(args)
+    assert opts.sizes == ("480",) and opts.dtypes == ("bf16", "fp8") and opts.passes == (2,)
+    assert not opts.compile and opts.attention == "cudnn" and opts.load_probe_blocks == 0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--passes", "3"])
+
+
+def test_perf_config_rejects_bad_values():
+    from pipeline.perf import PerfConfig
+
+    with pytest.raises(ValueError, match="'fastest'"):
+        PerfConfig(rope="fastest")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'xformers'"):
+        PerfConfig(attention="xformers")  # type: ignore[arg-type]
+    assert PerfConfig.plain().compile is False and PerfConfig().compile is True
+
+
+def test_cudnn_backend_refuses_cpu_tensors():
+    from pipeline.models.attention import attention
+
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="cudnn attention needs CUDA"):
+        attention(q, q, q, backend="cudnn")
+    assert torch.allclose(attention(q, q, q, backend="auto"), attention(q, q, q, backend="sdpa"))
