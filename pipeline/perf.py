@@ -102,10 +102,13 @@ def apply_vae_perf(perf: PerfConfig, vae: nn.Module) -> dict[str, Any]:
     dtype = torch.bfloat16 if perf.vae_dtype == "bf16" and on_cuda else torch.float32
     vae.to(dtype=dtype)
     channels_last = perf.channels_last and on_cuda
-    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-    for module in vae.modules():
-        if isinstance(module, nn.Conv3d):
-            module.weight.data = module.weight.data.contiguous(memory_format=fmt)
+    if channels_last:
+        vae.use_channels_last()  # type: ignore[operator]  # weights and activations channels-last
+    else:
+        for param in vae.parameters():
+            if param.ndim in (4, 5):
+                param.data = param.data.contiguous()
+        vae.channels_last = False
     if on_cuda:
         torch.backends.cudnn.benchmark = True
     return {"vae_dtype": str(dtype).removeprefix("torch."), "channels_last": channels_last}
