@@ -138,7 +138,20 @@
     node.dataset.state = message === "stopped" ? "stopped" : "up";
   }
 
+  // Forget finished jobs that are no longer shown, so a page left open for weeks stays small.
+  function prune() {
+    if (jobs.size <= 4 * (DONE_SHOWN + PROBLEMS_SHOWN)) return;
+    const keep = new Set([
+      ...byState("waiting", "queued", "running", "retry_wait"),
+      ...byState("done").sort((a, b) => (b.finished_at || 0) - (a.finished_at || 0)).slice(0, DONE_SHOWN),
+      ...byState("failed", "rejected", "cancelled")
+        .sort((a, b) => (b.finished_at || b.created_at || 0) - (a.finished_at || a.created_at || 0)).slice(0, PROBLEMS_SHOWN),
+    ].map((j) => j.id));
+    for (const id of [...jobs.keys()]) if (!keep.has(id)) jobs.delete(id);
+  }
+
   function render() {
+    prune();
     renderDaemon();
     renderCounts();
     renderRunning();
@@ -168,7 +181,7 @@
       if (info.available === false) { jobs.clear(); counts = {}; daemon = null; schedule(); }
     },
   });
-  // Elapsed times and ETAs move every second without new events.
-  setInterval(() => { renderRunning(); }, 1000);
+  // Elapsed times, ETAs and "queued … ago" move every second without new events.
+  setInterval(() => { renderRunning(); renderQueue(); renderWaiting(); }, 1000);
   render();
 })();

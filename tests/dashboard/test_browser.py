@@ -151,6 +151,14 @@ def test_page_follows_a_job_from_queue_to_video(tmp_path: Path, ledger: Ledger, 
             carol = again.claim_next(max_running=3)
             assert carol is not None and carol.name == "carol-podcast"
             page.wait_for(f"!!document.querySelector(\"#running-list [data-key='{carol.id}']\")")
+            # a busy day: the grid keeps the newest 48 videos, newest first
+            for i in range(50):
+                extra = again.insert_job(name=f"batch-{i:02d}", source=f"inbox/batch-{i:02d}", state="queued")
+                again.transition(extra.id, "queued", "running", started_at=again.clock())
+                again.transition(extra.id, "running", "done", finished_at=again.clock() + i, render_s=5.0,
+                                 output_video=str(outbox / "alice-studio.mp4"))
+            page.wait_for(f"{_text('#finished-list > :first-child h3')} === 'batch-49'")
+            assert page.evaluate("document.querySelectorAll('#finished-list > *').length") == 48
         finally:
             again.close()
     assert page.errors == [], page.errors
