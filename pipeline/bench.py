@@ -549,15 +549,16 @@ class Bench:
         motion = video[:, -self.opts.motion_frame :]
         entry: dict[str, Any] = {}
         decoded: dict[str, Tensor] = {}
+        warmup, repeats = min(1, self.opts.warmup), min(2, self.opts.repeats)
         for label, perf in (("fp32", PerfConfig.plain()), ("fast", PerfConfig())):
             entry[label] = {"settings": apply_vae_perf(perf, self.vae)}
             reset_peak(self.device)
-            st, _, out = self.clock.repeat(lambda: self.vae.decode(latents), 1, 2)
+            st, _, out = self.clock.repeat(lambda: self.vae.decode(latents), warmup, repeats)
             decoded[label] = out[:, :: max(1, shape.frame_num // 9)].cpu()
             entry[label]["decode"] = st.as_dict()
-            st, _, _ = self.clock.repeat(lambda: self.vae.encode(video), 1, 2)
+            st, _, _ = self.clock.repeat(lambda: self.vae.encode(video), warmup, repeats)
             entry[label]["encode_all"] = st.as_dict()
-            st, _, _ = self.clock.repeat(lambda: self.vae.encode(motion), 1, 2)
+            st, _, _ = self.clock.repeat(lambda: self.vae.encode(motion), warmup, repeats)
             entry[label]["encode_motion"] = st.as_dict()
             entry[label]["memory"] = memory(self.device)
             del out
