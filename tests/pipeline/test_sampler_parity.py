@@ -1,0 +1,61 @@
+"""Sampler parity: one chunk's latents equal the reference's loop (tools/parity/make_sampler_fixture.py).
+
+Same tiny weights (seed 0), same media, same seed, hence the same initial noise (the reference
+seeds the global CPU generator, the pipeline its own generator with the same seed); the
+fixtures hold the latents the reference handed to its VAE decoder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from pipeline import InfiniteTalkPipeline
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures" / "parity"
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("make_sampler_fixture", ROOT / "tools/parity/make_sampler_fixture.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def plain_pipe(tiny_weights_dir: Path) -> InfiniteTalkPipeline:
+    return InfiniteTalkPipeline.from_weights(tiny_weights_dir, device="cpu", dtype=torch.float32, lora=None)
+
+
+@pytest.mark.parametrize("case", ["sampler_3pass", "sampler_2pass"])
+def test_one_chunk_latents_equal_the_reference_loop(plain_pipe, tmp_path: Path, case: str) -> None:
+    tool = _tool()
+    with safe_open(str(FIXTURES / f"{case}.safetensors"), framework="pt") as f:
+        expected = f.get_tensor("latents")
+        meta = f.metadata()
+    steps, shift, text_scale, audio_scale = tool.CASES[case]
+    assert (int(meta["steps"]), float(meta["text_scale"])) == (steps, text_scale)
+    image, audio = tool.make_media(tmp_path)
+    captured: list[torch.Tensor] = []
+    decode = plain_pipe.vae.decode
+
+    def capture(latents: torch.Tensor) -> torch.Tensor:
+        captured.append(latents.clone())
+        return decode(latents)
+
+    plain_pipe.vae.decode = capture
+    try:
+        calls = plain_pipe.dit_calls
+        plain_pipe.generate(tool.request_for(image, audio, case), tmp_path / "out.mp4")
+    finally:
+        plain_pipe.vae.decode = decode
+    assert plain_pipe.dit_calls - calls == steps * (3 if text_scale != 1 else 2)
+    (latents,) = captured
+    assert latents.shape == expected.shape
+    print(f"{case}: max |ours - reference| = {(latents - expected).abs().max():.3e}")
+    torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,206 @@
+"""Run the REFERENCE InfiniteTalk sampling loop for one chunk on the CPU and store its latents.
+
+    python tools/parity/make_sampler_fixture.py [--ref /work/ref] [--out tests/fixtures/parity]
+
+The reference's loop lives inside `InfiniteTalkPipeline.generate_infinitetalk`
+(`wan/multitalk.py`): seeding, noise, mask and `y`, motion latents, timesteps and shift, the
+guidance passes and their combination, the Euler update, motion re-insertion. This script calls
+that method itself, in clip mode (one chunk), on a reference `InfiniteTalkPipeline` object whose
+DiT is the reference `WanModel` loaded with the project's tiny weights (seed 0), and whose VAE,
+CLIP and T5 are the project's tiny encoders behind the reference's call interface (their own
+parity is checked by the encoder fixtures). The speech features are the project's wav2vec2
+features of the same test audio, saved as the `.pt` file the reference reads.
+The decoded video is not compared: the latents handed to the VAE decoder are captured.
+
+Shims for a CPU machine without the reference's extra packages (xfuser, xformers, diffusers,
+flash-attn, decord, optimum-quanto, accelerate, torchvision's centre crop, ...) come from
+`make_dit_fixtures.install_shims` plus the few modules `wan/multitalk.py` imports at its top.
+
+Media are made with tests/helpers/media.py from fixed seeds, so the test makes the same files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+#: the cases: name -> (steps, shift, text scale, audio scale)
+CASES = {
+    "sampler_3pass": (3, 7.0, 5.0, 4.0),
+    "sampler_2pass": (2, 2.0, 1.0, 2.0),
+}
+SEED = 42
+PROMPT = "A person is talking to the camera."
+NEGATIVE = "blurry, static"
+AUDIO_SECONDS = 1.6
+
+
+def make_media(folder: Path) -> tuple[Path, Path]:
+    """The reference image and speech both sides use (fixed seeds)."""
+    from tests.helpers.media import make_rgba_png, make_wav
+
+    return make_rgba_png(folder / "face.png", seed=11), make_wav(folder / "voice.WAV", duration_s=AUDIO_SECONDS, seed=12)
+
+
+def request_for(image: Path, audio: Path, case: str):  # noqa: ANN201
+    from pipeline.types import GenerationRequest
+
+    steps, shift, text_scale, audio_scale = CASES[case]
+    return GenerationRequest(
+        prompt=PROMPT, negative_prompt=NEGATIVE, cond_media=image, audio=(audio,), size="infinitetalk-480",
+        sample_steps=steps, sample_shift=shift, sample_text_guide_scale=text_scale,
+        sample_audio_guide_scale=audio_scale, seed=SEED, mode="clip", color_correction_strength=0.0,
+    )
+
+
+def _module(name: str, **attrs: object) -> types.ModuleType:
+    mod = types.ModuleType(name)
+    for k, v in attrs.items():
+        setattr(mod, k, v)
+    sys.modules[name] = mod
+    return mod
+
+
+def _center_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """torchvision.transforms.functional.center_crop for tensors no smaller than `size`."""
+    h, w = x.shape[-2:]
+    top, left = int(round((h - size[0]) / 2.0)), int(round((w - size[1]) / 2.0))
+    return x[..., top : top + size[0], left : left + size[1]]
+
+
+def install_multitalk_shims() -> None:
+    """What `wan/multitalk.py` imports beyond the DiT's shims (installed by `import_reference`)."""
+    dummy = type("Dummy", (), {})
+    tv = sys.modules.get("torchvision") or _module("torchvision")
+    tv.transforms = _module("torchvision.transforms", functional=_module("torchvision.transforms.functional",
+                                                                          center_crop=_center_crop))
+    _module("diffusers.models")
+    _module("diffusers.models.modeling_utils", no_init_weights=dummy, ContextManagers=dummy)
+    _module("accelerate")
+    _module("wan.distributed")
+    _module("wan.distributed.fsdp", shard_model=dummy)
+    _module("wan.modules.clip", CLIPModel=dummy)
+    _module("wan.modules.t5", T5EncoderModel=dummy, T5LayerNorm=dummy, T5RelativeEmbedding=dummy)
+    _module("wan.modules.vae", WanVAE=dummy, CausalConv3d=dummy, RMS_norm=dummy, Upsample=dummy)
+    _module("src")
+    _module("src.vram_management", AutoWrappedQLinear=dummy, AutoWrappedLinear=dummy, AutoWrappedModule=dummy,
+            enable_vram_management=dummy)
+    import inspect
+
+    if not hasattr(inspect, "ArgSpec"):  # imported (unused) by wan/multitalk.py; gone in Python 3.11
+        inspect.ArgSpec = dummy  # type: ignore[attr-defined]
+    from PIL import Image
+
+    _module("wan.utils.utils", convert_video_to_h264=dummy, get_video_codec=lambda path: "png",
+            extract_specific_frames=lambda path, index: Image.open(path).convert("RGB"))
+    _module("optimum")
+    _module("optimum.quanto", quantize=dummy, freeze=dummy, qint8=dummy, requantize=dummy)
+    _module("optimum.quanto.nn")
+    _module("optimum.quanto.nn.qlinear")
+
+
+class RefVAE:
+    """The project's VAE behind the reference's `WanVAE` list interface; records decode inputs."""
+
+    def __init__(self, pipe) -> None:  # noqa: ANN001
+        self.pipe = pipe
+        self.decoded: list[torch.Tensor] = []
+
+    def encode(self, videos):  # noqa: ANN001, ANN201
+        out = []
+        for v in videos:  # [3, F, H, W]
+            out.append(self.pipe._encode_one_frame(v) if v.shape[1] == 1 else self.pipe.vae.encode(v))
+        return out
+
+    def decode(self, zs):  # noqa: ANN001, ANN201
+        self.decoded.extend(z.clone() for z in zs)
+        return [self.pipe.vae.decode(z) for z in zs]
+
+
+class RefCLIP:
+    def __init__(self, pipe) -> None:  # noqa: ANN001
+        self.model = pipe.image_encoder.model
+        self.encoder = pipe.image_encoder
+
+    def visual(self, videos):  # noqa: ANN001, ANN201 - [1, 3, 1, H, W]
+        return self.encoder.encode_image_clip(videos[:, :, 0])
+
+
+class RefT5:
+    def __init__(self, pipe) -> None:  # noqa: ANN001
+        self.model = pipe.text_encoder.model
+        self.encoder = pipe.text_encoder
+
+    def __call__(self, prompts, device):  # noqa: ANN001, ANN204
+        return [t.to(device) for t in self.encoder.encode_text(list(prompts))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ref", type=Path, default=Path("/work/ref"), help="MeiGen-AI/InfiniteTalk checkout")
+    parser.add_argument("--out", type=Path, default=ROOT / "tests" / "fixtures" / "parity")
+    args = parser.parse_args()
+    from pipeline.pipeline import InfiniteTalkPipeline
+    from pipeline.tiny import write_tiny_weights
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        # everything that uses transformers first: the shims below would confuse it
+        weights = write_tiny_weights(tmp / "weights", seed=0)
+        pipe = InfiniteTalkPipeline.from_weights(weights, device="cpu", dtype=torch.float32, lora=None)
+        image, audio = make_media(tmp)
+        prepared = pipe.prepare(request_for(image, audio, "sampler_3pass"), tmp / "work")
+        features = prepared.segments[0].features[0][: prepared.segments[0].plan.audio_frames]
+        torch.save(features.clone(), tmp / "person1.pt")
+
+        spec = importlib.util.spec_from_file_location("make_dit_fixtures", Path(__file__).with_name("make_dit_fixtures.py"))
+        dit_tool = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(dit_tool)
+        model_mod, utils, _ = dit_tool.import_reference(args.ref)
+        install_multitalk_shims()
+        multitalk = importlib.import_module("wan.multitalk")
+        multitalk.torch_gc = lambda: None
+        tiny_480 = pipe.config.buckets["infinitetalk-480"]
+        utils.ASPECT_RATIO_627 = {f"{h / w:.2f}": ([h, w], 1) for h, w in tiny_480}
+
+        model = dit_tool.build_reference(model_mod, pipe.config.dit)
+        dit_tool.load_reference_weights(model, weights, "single")
+        ref = object.__new__(multitalk.InfiniteTalkPipeline)
+        vae = RefVAE(pipe)
+        ref.__dict__.update(
+            device=torch.device("cpu"), rank=0, t5_cpu=False, param_dtype=torch.float32, num_timesteps=1000,
+            num_train_timesteps=1000, use_timestep_transform=True, vae_stride=(4, 8, 8), patch_size=(1, 2, 2),
+            sp_size=1, vram_management=False, cpu_offload=False, sample_neg_prompt=NEGATIVE, model=model,
+            vae=vae, clip=RefCLIP(pipe), text_encoder=RefT5(pipe),
+        )
+        frame_num = pipe.config.generation.frame_num
+        for case, (steps, shift, text_scale, audio_scale) in CASES.items():
+            vae.decoded.clear()
+            ref.generate_infinitetalk(
+                {"prompt": PROMPT, "cond_video": str(image), "cond_audio": {"person1": str(tmp / "person1.pt")}},
+                size_buckget="infinitetalk-480", motion_frame=9, frame_num=frame_num, shift=shift,
+                sampling_steps=steps, text_guide_scale=text_scale, audio_guide_scale=audio_scale,
+                n_prompt=NEGATIVE, seed=SEED, offload_model=False, max_frames_num=frame_num,
+                color_correction_strength=0.0, extra_args=types.SimpleNamespace(use_teacache=False, use_apg=False),
+            )
+            (latents,) = vae.decoded
+            meta = {"steps": str(steps), "shift": str(shift), "text_scale": str(text_scale),
+                    "audio_scale": str(audio_scale), "seed": str(SEED), "reference": str(args.ref)}
+            save_file({"latents": latents.contiguous()}, str(args.out / f"{case}.safetensors"), metadata=meta)
+            print(f"{case}: latents {tuple(latents.shape)} |x| {latents.abs().mean():.4f}")
+
+
+if __name__ == "__main__":
+    main()
