@@ -95,6 +95,7 @@ class JobDefaults:
     audio_type: str = "para"
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     priority: int = 0
+    seed: int | None = None  # seed for jobs that give none; None: drawn at random (and recorded)
     max_media_bytes: int = 4 * 1024**3  # a media file larger than this is rejected (too_large)
 
 
@@ -492,8 +493,12 @@ def parse_job(raw: bytes, *, base_dir: Path, defaults: JobDefaults | None = None
         max_frames = _get_int(doc, "max_frame_num", defaults.max_frame_num, 1, 10**8, c)
     strength = _get_float(doc, "color_correction_strength", defaults.color_correction_strength, 0.0, 1.0, c)
     priority = _get_int(doc, "priority", defaults.priority, -(10**6), 10**6, c)
-    seed_drawn = doc.get("seed") is None
-    seed = secrets.randbelow(SEED_LIMIT) if seed_drawn else _get_int(doc, "seed", 0, 0, SEED_LIMIT - 1, c)
+    if doc.get("seed") is not None:
+        seed, seed_drawn = _get_int(doc, "seed", 0, 0, SEED_LIMIT - 1, c), False
+    elif defaults.seed is not None:
+        seed, seed_drawn = defaults.seed, False
+    else:
+        seed, seed_drawn = secrets.randbelow(SEED_LIMIT), True
     checksums = _parse_checksums(doc, (cond_video or "", *(p for _, p in audio)), c)
 
     if c.errors:

@@ -62,6 +62,8 @@ def test_drawn_seeds_differ_and_are_recorded(tmp_path: Path) -> None:
     assert len(seeds) > 1
     spec = parse_job(_raw({**doc, "seed": 7}), base_dir=tmp_path)
     assert spec.seed == 7 and not spec.seed_drawn
+    fixed = parse_job(_raw(doc), base_dir=tmp_path, defaults=JobDefaults(seed=99))
+    assert fixed.seed == 99 and not fixed.seed_drawn
     assert json.loads(spec.to_json())["seed"] == 7
 
 
