@@ -69,6 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--chunks", type=int, default=2, help="chunks per chunk loop (default 2; the last is steady state)")
     p.add_argument("--load-probe-blocks", type=int, default=4,
                    help="DiT blocks written to disk and loaded back to time the load path (0 = skip)")
+    p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                   help="kernel breakdown of one fast forward at the first size (default on)")
     p.add_argument("--quick", action="store_true",
                    help="480p only, fewer repeats, one chunk loop (1 pass), no load probe")
     p.add_argument("--device", default="cuda", help="torch device (default cuda)")
@@ -83,6 +85,7 @@ def options_from_args(args: argparse.Namespace):  # -> pipeline.bench.BenchOptio
         sizes=args.size, chunk_sizes=args.chunk_size, dtypes=args.dtype, passes=args.passes,
         compile=args.compile, attention=args.attention, baseline=args.baseline, t5=args.t5,
         num_chunks=args.chunks, load_probe_blocks=args.load_probe_blocks, device=args.device,
+        profile=args.profile,
     )
     if args.quick:
         kwargs |= dict(sizes=("480",), chunk_sizes=("480",), passes=args.passes[:1], warmup=1, repeats=3,

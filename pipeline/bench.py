@@ -74,6 +74,7 @@ class BenchOptions:
     repeats: int = 5
     t5: bool = True
     load_probe_blocks: int = 4  # DiT blocks written to disk and loaded back; 0 = skip
+    profile: bool = True  # kernel breakdown of one fast forward at the first size (CUDA only)
     frame_num: int = 81
     motion_frame: int = 9
     device: str = "cuda"
@@ -407,6 +408,9 @@ class Bench:
             for size in opts.sizes:
                 with self.section(f"forward {size} {dtype_name}"):
                     self.forward(self.shape(size), replace(fast, fp8=dtype_name == "fp8"), dtype_name)
+            if opts.profile and self.device.type == "cuda" and opts.sizes:
+                with self.section(f"profile {opts.sizes[0]} {dtype_name}"):
+                    self.profile(self.shape(opts.sizes[0]), dtype_name)
             if self.vae is not None and dtype_name == opts.dtypes[0]:
                 for size in opts.sizes:
                     with self.section(f"vae {size}"):
@@ -534,6 +538,32 @@ class Bench:
         self.report.setdefault("forward", {}).setdefault(shape.name, {})[label] = entry
         self.log(f"[bench] forward {shape.name} {label}: median {stats.median_s:.3f} s, min {stats.min_s:.3f} s "
                  f"(first {first:.1f} s) {entry.get('rel_err_vs_plain', '')}")
+
+    @torch.no_grad()
+    def profile(self, shape: Shape, label: str) -> None:
+        """CUDA kernel time of one forward on the current settings, by kind and top kernels."""
+        from torch.profiler import ProfilerActivity, profile
+
+        inputs = dit_inputs(self.cfg, shape, self.device, self.dit.dtype, self.opts.seed + 10)
+        self.dit(**inputs)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            self.dit(**inputs)
+            torch.cuda.synchronize()
+        kernels: dict[str, float] = {}
+        for event in prof.key_averages():
+            t = float(getattr(event, "self_device_time_total", 0.0) or getattr(event, "self_cuda_time_total", 0.0))
+            if t > 0:
+                kernels[event.key] = kernels.get(event.key, 0.0) + t / 1e6
+        total = sum(kernels.values())
+        kinds: dict[str, float] = {}
+        for name, t in kernels.items():
+            kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + t
+        top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
+        entry = {"device_s": round(total, 3), "by_kind_s": {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+                 "top": [[name[:120], round(t, 4)] for name, t in top]}
+        self.report.setdefault("profile", {})[f"{shape.name}_{label}"] = entry
+        self.log(f"[bench] profile {shape.name} {label}: {json.dumps(entry, indent=1)}")
 
     # -- VAE ---------------------------------------------------------------------------------------
 
@@ -682,6 +712,24 @@ class ChunkRunner:
         out["total_s"] = round(sum(times.values()), 3)
         out["wall_s"] = round(wall, 3)
         return out
+
+
+def kernel_kind(name: str) -> str:
+    """Rough class of a CUDA kernel by its name (for the profile summary)."""
+    n = name.lower()
+    if "double" in n or "f64" in n or "complex" in n:
+        return "float64/complex"
+    if "sdpa" in n or "fmha" in n or "flash" in n or "attention" in n or "cudnn" in n:
+        return "attention"
+    if "gemm" in n or "nvjet" in n or "cutlass" in n or "xmma" in n or "matmul" in n or "_mm" in n:
+        return "gemm"
+    if "triton" in n:
+        return "fused (triton)"
+    if "conv" in n:
+        return "conv"
+    if "memcpy" in n or "memset" in n:
+        return "copy"
+    return "other element-wise"
 
 
 def _drop_page_cache() -> bool:
