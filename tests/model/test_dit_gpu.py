@@ -57,3 +57,12 @@ def test_cuda_fp8_file_close_to_reference(tiny_weights_dir: Path, scaled_mm: boo
     for m in layers:
         m.use_scaled_mm = scaled_mm
     assert rel_err(run(model, data), data["out"]) < FP8_BOUND
+
+
+def test_compiled_blocks_match_eager(tiny_weights_dir: Path) -> None:
+    cfg = load_model_config(tiny_weights_dir).dit
+    data, _ = read_fixture("dit_multi")
+    model = load_dit(tiny_weights_dir, cfg, variant="multi", device="cuda", dtype=torch.float32, rope="fast")
+    eager = run(model, data)
+    model.compile_blocks()
+    assert rel_err(run(model, data), eager) < 1e-4
