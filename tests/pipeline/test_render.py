@@ -157,3 +157,14 @@ def test_invalid_inputs_name_the_file(pipe, tmp_path: Path) -> None:
     (tmp_path / "bad" / "voice.WAV").unlink()
     with pytest.raises(FileNotFoundError, match="voice.WAV"):
         pipe.generate(req, tmp_path / "z.mp4")
+
+
+@pytest.mark.gpu
+def test_tiny_render_on_cuda_in_bf16(tiny_weights_dir: Path, tmp_path: Path) -> None:
+    """The GPU path (bf16 DiT/T5, fp16 CLIP, fp32 VAE) end to end, two speakers, three passes."""
+    gpu = InfiniteTalkPipeline.from_weights(tiny_weights_dir, device="cuda", dtype=torch.bfloat16)
+    bundle = make_job_bundle(tmp_path / "job", kind="two_para", duration_s=1.5, seed=8, sample_steps=2,
+                             sample_text_guide_scale=4.0)
+    res = gpu.generate(_request(bundle), tmp_path / "gpu.mp4", checkpoint_dir=tmp_path / "ck")
+    assert gpu.dit.dtype == torch.bfloat16 and res.num_frames == 37
+    _check_mp4(res.video_path, frames=37, size=(res.height, res.width))
