@@ -434,6 +434,9 @@ def _load_document(raw: bytes) -> dict[str, Any]:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
         raise InvalidJob.single("bad_json", f"job file is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+    except RecursionError as e:  # e.g. 100,000 nested brackets: a bad job, never a crashed daemon
+        raise InvalidJob.single("bad_json", "job file is not valid JSON: its arrays/objects are nested too "
+                                "deeply") from e
     if not isinstance(doc, dict):
         raise InvalidJob.single("bad_json", f"job file must hold a JSON object, got {type(doc).__name__}")
     return doc
