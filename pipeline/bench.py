@@ -490,7 +490,7 @@ class Bench:
         gbps = nbytes / 1e9 / load_s
         full_gb = module_bytes(self.dit) / 1e9
         return {"blocks": n, "shard_gb": round(nbytes / 1e9, 2), "write_s": round(write_s, 2),
-                "page_cache_dropped": cold, "load_s": round(load_s, 2), "load_gbps": round(gbps, 2),
+                "page_cache_dropped": cold, "load_s": round(load_s, 4), "load_gbps": round(gbps, 2),
                 "dit_gb": round(full_gb, 2), "dit_load_s_extrapolated": round(full_gb / gbps, 1)}
 
     def to_fp8(self) -> None:
