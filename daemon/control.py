@@ -143,8 +143,11 @@ def _retry(ledger: Ledger, job: JobRow) -> Outcome:
     if not job.job_dir or not (Path(job.job_dir) / "input").is_dir() or not job.spec_json:
         return Outcome(ok=False, message=f"job {job.id} has no claimed inputs left to retry with "
                        "(never taken from the inbox, or removed by retention)", state=job.state)
+    if job.output_json and job.output_json.endswith(".error.json"):
+        Path(job.output_json).unlink(missing_ok=True)  # it no longer describes the job
     row = ledger.transition(job.id, job.state, "retry_wait", attempts=0, next_attempt_at=time.time(),
-                            finished_at=None, cancel_requested=0, event_data={"reason": "retry requested"})
+                            finished_at=None, cancel_requested=0, output_json=None,
+                            event_data={"reason": "retry requested"})
     return Outcome(ok=True, message=f"job {job.id} will be queued again", state=row.state)
 
 

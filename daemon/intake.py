@@ -92,10 +92,12 @@ class Intake:
         entries = inbox_mod.scan(s.inbox)
         self._loose_media = {e.source: _loose_media_names(e.job_file) for e in entries if e.kind == "loose"}
         waiting = self.ledger.active_by_source()
+        present = {e.source for e in entries}
+        self.finish_rejections(waiting)
+        self.resume_claims(waiting, present)
+        waiting = self.ledger.active_by_source()
         ready: list[Ready] = []
-        present = set()
         for entry in entries:
-            present.add(entry.source)
             row = waiting.get(entry.source)
             if row is None:
                 row = self.ledger.insert_job(name=entry.name, source=entry.source, state="waiting",
@@ -109,10 +111,11 @@ class Intake:
             if result is not None:
                 ready.append(result)
         for source, row in waiting.items():
-            if source not in present and not row.job_dir:
+            claimed = row.job_dir and (Path(row.job_dir) / "input").exists()
+            if source not in present and not claimed:
                 self._tracks.pop(source, None)
                 try:
-                    self.ledger.transition(row.id, "waiting", "cancelled", finished_at=time.time(),
+                    self.ledger.transition(row.id, "waiting", "cancelled", finished_at=time.time(), job_dir=None,
                                            error_code="removed",
                                            error_message="removed from the inbox before it was taken")
                 except LedgerConflict:
@@ -231,31 +234,44 @@ class Intake:
                 self._reject_claimed(item.row, rejected)
 
     def claim(self, item: Ready) -> JobRow | None:
-        """Move the inputs into the state dir, hash them, check for a duplicate, queue the job."""
+        """Move the inputs into the state dir, hash them, check for a duplicate, queue the job.
+
+        The job dir is recorded in the ledger before anything moves (the intent), so a daemon
+        killed halfway finishes the claim at its next scan (`resume_claims`).
+        """
         row, entry = item.row, item.entry
         job_dir = self.settings.jobs_dir / row.id
         input_dir = job_dir / "input"
+        self.ledger.set_columns(row.id, job_dir=str(job_dir))
         job_dir.mkdir(parents=True, exist_ok=True)
         if entry.kind == "bundle":
             move(entry.path, input_dir)
         else:
             input_dir.mkdir(exist_ok=True)
             move(entry.job_file, input_dir / inbox_mod.BUNDLE_JOB_FILE)
-            shared = self._shared_loose_media(entry.source)
-            for rel in item.spec.media_files:
-                target = input_dir / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                src = entry.base_dir / rel
-                if rel in shared:
-                    shutil.copy2(src, target)
-                else:
-                    move(src, target)
+            self._move_loose_media(entry.source, input_dir, item.spec.media_files)
         self._tracks.pop(entry.source, None)
-        self.ledger.set_columns(row.id, job_dir=str(job_dir))
+        return self._complete_claim(row, input_dir)
+
+    def _move_loose_media(self, source: str, input_dir: Path, media: tuple[str, ...] | set[str]) -> None:
+        shared = self._shared_loose_media(source)
+        for rel in sorted(media):
+            target = input_dir / rel
+            src = self.settings.inbox / rel
+            if target.exists() or not src.is_file():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if rel in shared:
+                shutil.copy2(src, target)
+            else:
+                move(src, target)
+
+    def _complete_claim(self, row: JobRow, input_dir: Path) -> JobRow | None:
         try:
             spec = self._parse((input_dir / inbox_mod.BUNDLE_JOB_FILE).read_bytes(), input_dir)
-        except InvalidJob as e:
-            raise JobRejected(e.code, f"the job changed while it was taken: {e}", field=e.field) from e
+        except (InvalidJob, OSError) as e:
+            code, fld = (e.code, e.field) if isinstance(e, InvalidJob) else ("missing_file", "job.json")
+            raise JobRejected(code, f"the job changed while it was taken: {e}", field=fld) from e
         hashes = {rel: sha256_file(input_dir / rel) for rel in spec.media_files}
         for name, digest in spec.checksums:
             if hashes.get(name) != digest:
@@ -266,15 +282,30 @@ class Intake:
         if original is not None and original.id != row.id:
             raise JobRejected("duplicate", f"same inputs and settings as job {original.id} ({original.name}, "
                               f"{original.state})", field="", duplicate_of=original.id)
-        admitted = self.ledger.admit(
-            row.id, max_queued=self.settings.max_queued, spec_json=spec.to_json(),
-            input_hashes_json=json.dumps(hashes, sort_keys=True), dedupe_key=key, priority=spec.priority,
-        )
+        self.ledger.set_columns(row.id, spec_json=spec.to_json(), input_hashes_json=json.dumps(hashes, sort_keys=True),
+                                dedupe_key=key, priority=spec.priority)
+        admitted = self.ledger.admit(row.id, max_queued=self.settings.max_queued)
         if admitted is None:
             self.ledger.set_waiting_reason(row.id, f"queue full ({self.settings.max_queued} queued)")
         else:
             logger.info("job %s (%s) queued, seed %d", row.id, row.name, spec.seed)
         return admitted
+
+    def resume_claims(self, waiting: dict[str, JobRow], present: set[str]) -> None:
+        """Finish claims a killed daemon left halfway (job dir recorded, spec not yet stored)."""
+        for source, row in waiting.items():
+            if not row.job_dir or row.spec_json or row.error_code or source in present:
+                continue
+            input_dir = Path(row.job_dir) / "input"
+            if not (input_dir / inbox_mod.BUNDLE_JOB_FILE).is_file():
+                continue
+            if not source.endswith(f"/{row.name}") or Path(source).suffix.lower() == ".json":
+                self._move_loose_media(source, input_dir, _loose_media_names(input_dir / inbox_mod.BUNDLE_JOB_FILE))
+            logger.info("job %s (%s): finishing a claim interrupted by a restart", row.id, row.name)
+            try:
+                self._complete_claim(row, input_dir)
+            except JobRejected as rejected:
+                self._reject_claimed(row, rejected)
 
     def admit_claimed(self) -> None:
         """Claimed jobs left waiting (queue was full, or a restart in between) get queued as room frees."""
@@ -296,37 +327,80 @@ class Intake:
     def reject(self, row: JobRow, entry: inbox_mod.Entry, rejected: JobRejected) -> None:
         """Reject an entry still in the inbox: keep its files under outbox/failed/, write error.json."""
         self._tracks.pop(entry.source, None)
-        if entry.kind == "bundle":
-            kept = self.outbox.keep_originals(entry.name, [])
-            kept.rmdir()
-            kept_dir = _move_into(entry.path, kept)
-        else:
-            shared = self._shared_loose_media(entry.source)
-            items = [(entry.job_file, entry.job_file.name, True)]
-            for rel in sorted(self._loose_media.get(entry.source, set())):
-                src = entry.base_dir / rel
-                if src.is_file() and not src.is_symlink():
-                    items.append((src, rel, rel not in shared))
-            kept_dir = self.outbox.keep_originals(entry.name, items)
-        self._finish_rejection(row, rejected, kept_dir)
+        self._record_rejection(row, rejected)
+        self._keep_inbox_originals(row.source, row.name, Path(self._originals(row.id)))
+        self._finish_rejection(row.id)
 
     def _reject_claimed(self, row: JobRow, rejected: JobRejected) -> None:
-        job_dir = self.settings.jobs_dir / row.id
-        kept = self.outbox.keep_originals(row.name, [])
-        kept.rmdir()
-        kept_dir = _move_into(job_dir / "input", kept)
-        self._finish_rejection(row, rejected, kept_dir)
+        self._record_rejection(row, rejected)
+        input_dir = self.settings.jobs_dir / row.id / "input"
+        kept = Path(self._originals(row.id))
+        if input_dir.exists():
+            _clear_empty(kept)
+            move(input_dir, kept)
+        self._finish_rejection(row.id)
 
-    def _finish_rejection(self, row: JobRow, rejected: JobRejected, kept_dir: Path) -> None:
-        error_path = self.outbox.write_error(row.name, error_payload(
-            job_id=row.id, name=row.name, state="rejected", code=rejected.code, message=rejected.message,
-            field=rejected.field, originals=kept_dir, duplicate_of=rejected.duplicate_of))
-        self.ledger.transition(
-            row.id, "waiting", "rejected", finished_at=time.time(), error_code=rejected.code,
-            error_message=rejected.message, error_field=rejected.field or None,
-            duplicate_of=rejected.duplicate_of, output_json=str(error_path), waiting_reason=None,
-        )
-        logger.warning("job %s (%s) rejected: %s: %s", row.id, row.name, rejected.code, rejected.message)
+    def _originals(self, job_id: str) -> str:
+        return str(self.ledger.get(job_id).originals or "")
+
+    def _record_rejection(self, row: JobRow, rejected: JobRejected) -> None:
+        """The intent, before any file moves: error fields, the error JSON path, the originals dir."""
+        kept = self.outbox.keep_originals(row.name, [])  # reserves failed/<name>[-n]/
+        error_path = self.outbox.root / f"{self.outbox.reserve_base(row.name)}.error.json"
+        self.ledger.set_columns(row.id, error_code=rejected.code, error_message=rejected.message,
+                                error_field=rejected.field or None, duplicate_of=rejected.duplicate_of,
+                                output_json=str(error_path), originals=str(kept))
+
+    def _keep_inbox_originals(self, source: str, name: str, kept: Path) -> None:
+        src = Path(source)
+        if src.is_dir() and not src.is_symlink():
+            _clear_empty(kept)
+            move(src, kept)
+            return
+        kept.mkdir(parents=True, exist_ok=True)
+        if src.exists() or src.is_symlink():
+            media = _loose_media_names(src)
+            shared = self._shared_loose_media(source)
+            move(src, kept / src.name)
+            for rel in sorted(media):
+                path = self.settings.inbox / rel
+                if path.is_file() and not path.is_symlink():
+                    target = kept / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    if rel in shared:
+                        shutil.copy2(path, target)
+                    else:
+                        move(path, target)
+
+    def _finish_rejection(self, job_id: str) -> None:
+        row = self.ledger.get(job_id)
+        error_path = Path(str(row.output_json))
+        if not error_path.exists():
+            self.outbox.write_error_at(error_path, error_payload(
+                job_id=row.id, name=row.name, state="rejected", code=str(row.error_code),
+                message=str(row.error_message), field=row.error_field, originals=Path(str(row.originals)),
+                duplicate_of=row.duplicate_of))
+        self.ledger.transition(row.id, "waiting", "rejected", finished_at=time.time(), waiting_reason=None)
+        logger.warning("job %s (%s) rejected: %s: %s", row.id, row.name, row.error_code, row.error_message)
+
+    def finish_rejections(self, waiting: dict[str, JobRow]) -> None:
+        """Finish rejections a killed daemon left halfway (intent recorded, job still waiting)."""
+        for row in waiting.values():
+            if not (row.error_code and row.output_json and row.originals):
+                continue
+            kept = Path(row.originals)
+            claimed_input = Path(row.job_dir) / "input" if row.job_dir else None
+            if claimed_input is not None and claimed_input.exists():
+                _clear_empty(kept)
+                move(claimed_input, kept)
+            else:
+                self._keep_inbox_originals(row.source, row.name, kept)
+            self._finish_rejection(row.id)
+
+
+def _clear_empty(folder: Path) -> None:
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def model_min_audio_s(weights_dir: Path) -> float | None:

@@ -58,6 +58,8 @@ JOB_COLUMNS: dict[str, type] = {
     "error_message": str, "error_field": str, "duplicate_of": str, "deleted_at": float,
     # added by the daemon (migration 1)
     "dedupe_key": str, "job_dir": str, "resumed_from_chunk": int, "cancel_requested": int,
+    # migration 2: where a rejected or failed job's original files are kept
+    "originals": str,
 }
 EVENT_COLUMNS: dict[str, type] = {"id": int, "job_id": str, "at": float, "kind": str, "data_json": str}
 
@@ -66,7 +68,7 @@ EVENT_COLUMNS: dict[str, type] = {"id": int, "job_id": str, "at": float, "kind":
 def _migration_0(db: sqlite_utils.Database) -> None:
     db["jobs"].create(  # type: ignore[union-attr]
         {k: v for k, v in JOB_COLUMNS.items() if k not in ("dedupe_key", "job_dir", "resumed_from_chunk",
-                                                             "cancel_requested")},
+                                                             "cancel_requested", "originals")},
         pk="id", not_null={"name", "state", "priority", "seq", "source", "attempts", "created_at"},
         defaults={"priority": 0, "attempts": 0, "progress": 0.0},
     )
@@ -88,8 +90,12 @@ def _migration_1(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX jobs_by_dedupe ON jobs(dedupe_key)")
 
 
+def _migration_2(db: sqlite_utils.Database) -> None:
+    db["jobs"].add_column("originals", str)  # type: ignore[union-attr]
+
+
 #: applied in order; PRAGMA user_version counts how many ran (each with its bump in one transaction)
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_migration_0, _migration_1)
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_migration_0, _migration_1, _migration_2)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -132,6 +138,7 @@ class JobRow:
     job_dir: str | None = None
     resumed_from_chunk: int | None = None
     cancel_requested: int = 0
+    originals: str | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> JobRow:
@@ -319,6 +326,7 @@ class Ledger:
             return self._transition(
                 row["id"], "queued", "running", started_at=self.clock(), attempts=row["attempts"] + 1,
                 stage="starting", error_code=None, error_message=None, error_field=None,
+                output_video=None, output_poster=None, output_json=None,
                 event_data={"attempt": row["attempts"] + 1},
             )
 

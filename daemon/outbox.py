@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ PARTIAL_DIR = ".partial"
 FAILED_DIR = "failed"
 #: every final name a job may take; a base name is free only if none of these exist
 SUFFIXES = (".mp4", ".jpg", ".json", ".error.json")
+STAGED_SIDECAR = "sidecar.json"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -114,30 +116,92 @@ class Outbox:
             return base, dest
         raise AssertionError("unreachable")
 
-    def publish(self, *, job_id: str, name: str, video: Path, poster: Path | None,
-                sidecar: Mapping[str, Any]) -> Published:
-        """Move a finished render from staging to its final names; the sidecar JSON goes last."""
+    def reserve_base(self, name: str, taken: set[str] = frozenset()) -> str:  # type: ignore[assignment]
+        """The first `<name>[-n]` none of whose final names exist (nor are in `taken`)."""
+        for base in _candidates(name):
+            if self._free(base) and base not in taken:
+                return base
+        raise AssertionError("unreachable")
+
+    def stage_publication(self, *, job_id: str, name: str, video: Path, poster: Path | None,
+                          sidecar: Mapping[str, Any], taken: set[str] = frozenset()) -> Published:  # type: ignore[assignment]
+        """Phase 1 of publishing: pick the final names, write the sidecar into staging (fsync).
+
+        Nothing is visible in the outbox yet. The caller records the returned paths (the intent)
+        in the ledger, then calls `commit_publication`; after a crash in between, the same call
+        completes the publication from what staging holds.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
-        fsync_path(video)
-        base, video_dest = self._link_new(video, name, ".mp4")
-        poster_dest = None
-        if poster is not None and poster.exists():
-            fsync_path(poster)
-            poster_dest = self.root / f"{base}.jpg"
-            os.link(poster, poster_dest)
-        payload = {**sidecar, "outputs": {"video": str(video_dest),
-                                          "poster": str(poster_dest) if poster_dest else None}}
-        staged = video.parent / "sidecar.json"
+        base = self.reserve_base(name, taken)
+        published = Published(base=base, video=self.root / f"{base}.mp4",
+                              poster=self.root / f"{base}.jpg" if poster is not None and poster.exists() else None,
+                              sidecar=self.root / f"{base}.json")
+        payload = {**sidecar, "outputs": {"video": str(published.video),
+                                          "poster": str(published.poster) if published.poster else None}}
+        staged = video.parent / STAGED_SIDECAR
         with open(staged, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=2, sort_keys=True, default=str)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        sidecar_dest = self.root / f"{base}.json"
-        os.link(staged, sidecar_dest)
+        fsync_path(video)
+        if published.poster is not None and poster is not None:
+            fsync_path(poster)
+        fsync_dir(video.parent)
+        return published
+
+    def commit_publication(self, published: Published, *, staging: Path, job_id: str) -> None:
+        """Phase 2: hard-link video, poster, then the sidecar (last) to their final names.
+
+        Idempotent: a name already linked to the staged file is left alone. A final name taken
+        by a file that is not ours raises FileExistsError (nothing is ever overwritten).
+        """
+        pairs = [(staging / f"{job_id}.mp4", published.video)]
+        if published.poster is not None:
+            pairs.append((staging / f"{job_id}.jpg", published.poster))
+        pairs.append((staging / STAGED_SIDECAR, published.sidecar))
+        for src, dest in pairs:
+            try:
+                os.link(src, dest)
+            except FileExistsError:
+                if not (src.exists() and os.path.samefile(src, dest)):
+                    raise
         fsync_dir(self.root)
-        shutil.rmtree(video.parent, ignore_errors=True)
-        return Published(base=base, video=video_dest, poster=poster_dest, sidecar=sidecar_dest)
+
+    def finish_publication(self, job_id: str) -> None:
+        """After the ledger says done: drop the staging folder."""
+        shutil.rmtree(self.partial / job_id, ignore_errors=True)
+
+    def staged_sidecar(self, job_id: str) -> dict[str, Any] | None:
+        path = self.partial / job_id / STAGED_SIDECAR
+        try:
+            return dict(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            return None
+
+    def publish(self, *, job_id: str, name: str, video: Path, poster: Path | None,
+                sidecar: Mapping[str, Any]) -> Published:
+        """Stage and commit in one go (no ledger in between); used where no crash window matters."""
+        published = self.stage_publication(job_id=job_id, name=name, video=video, poster=poster, sidecar=sidecar)
+        self.commit_publication(published, staging=video.parent, job_id=job_id)
+        self.finish_publication(job_id)
+        return published
+
+    def write_error_at(self, path: Path, payload: Mapping[str, Any]) -> Path:
+        """Write an error JSON at an exact, reserved path (atomically; never replaces a file)."""
+        self.partial.mkdir(parents=True, exist_ok=True)
+        tmp = self.partial / f"error-{os.getpid()}-{time.time_ns()}.json"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(dict(payload), f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_dir(self.root)
+        return path
 
     def write_error(self, name: str, payload: Mapping[str, Any]) -> Path:
         """`<name>.error.json` (suffixed if taken), written atomically."""

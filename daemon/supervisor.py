@@ -146,6 +146,7 @@ class Supervisor:
             folder.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(s.ledger_path)
         self.outbox.ensure()
+        self._recover_interrupted_endings()
         self.outbox.clean_staging()
         recovered = self.ledger.recover_running()
         for row in recovered:
@@ -338,22 +339,59 @@ class Supervisor:
             "created_at": row.created_at, "finished_at": finished,
         }
         try:
-            published = self.outbox.publish(job_id=row.id, name=row.name, video=order.out_path, poster=poster,
-                                            sidecar=sidecar)
+            published = self.outbox.stage_publication(job_id=row.id, name=row.name, video=order.out_path,
+                                                      poster=poster, sidecar=sidecar)
+            # the intent: a daemon killed from here on completes this publication at start-up
+            self.ledger.set_columns(row.id, output_video=str(published.video), output_json=str(published.sidecar),
+                                    output_poster=str(published.poster) if published.poster else None)
+            self.outbox.commit_publication(published, staging=order.out_path.parent, job_id=row.id)
         except OSError as e:
+            self.ledger.set_columns(row.id, output_video=None, output_poster=None, output_json=None)
             self._failed(job_id, "disk_full" if e.errno == 28 else "publish_error",
-                         f"publishing failed: {e}", transient=e.errno == 28, row=row)
+                         f"publishing failed: {e}", transient=e.errno == 28, row=self.ledger.get(job_id))
             return
-        self.ledger.transition(
-            row.id, "running", "done", finished_at=finished, progress=1.0, stage="done",
-            output_video=str(published.video), output_poster=str(published.poster) if published.poster else None,
-            output_json=str(published.sidecar), frames=result.get("num_frames"),
-            duration_s=result.get("duration_s"), render_s=result.get("render_s"),
-            resumed_from_chunk=result.get("resumed_from_chunk", 0),
-        )
+        self._mark_done(row.id, sidecar)
         shutil.rmtree(order.checkpoint_dir, ignore_errors=True)
         logger.info("job %s (%s) done: %s", row.id, row.name, published.video)
         self.wake.set()
+
+    def _mark_done(self, job_id: str, sidecar: dict[str, Any]) -> None:
+        assert self.ledger is not None
+        self.ledger.transition(
+            job_id, "running", "done", finished_at=sidecar.get("finished_at") or time.time(), progress=1.0,
+            stage="done", frames=sidecar.get("frames"), duration_s=sidecar.get("duration_s"),
+            render_s=(sidecar.get("timings_s") or {}).get("render"),
+            resumed_from_chunk=sidecar.get("resumed_from_chunk", 0),
+        )
+        self.outbox.finish_publication(job_id)
+
+    def _recover_interrupted_endings(self) -> None:
+        """Start-up: finish publications and failures a killed daemon left between file and ledger."""
+        assert self.ledger is not None
+        for row in self.ledger.jobs(["running"]):
+            if row.error_code and row.output_json:  # failing was under way
+                self._finish_failure(row)
+                continue
+            if not row.output_json:
+                continue
+            sidecar = self.outbox.staged_sidecar(row.id)
+            staging = self.outbox.partial / row.id
+            if sidecar is not None and (staging / f"{row.id}.mp4").exists():
+                from daemon.outbox import Published
+
+                published = Published(base=Path(row.output_json).stem, video=Path(str(row.output_video)),
+                                      poster=Path(row.output_poster) if row.output_poster else None,
+                                      sidecar=Path(row.output_json))
+                try:
+                    self.outbox.commit_publication(published, staging=staging, job_id=row.id)
+                except FileExistsError as e:
+                    logger.error("job %s: cannot finish its publication (%s); rendering it again", row.id, e)
+                    self.ledger.set_columns(row.id, output_video=None, output_poster=None, output_json=None)
+                    continue
+                self._mark_done(row.id, sidecar)
+                logger.info("job %s (%s): finished a publication interrupted by a restart", row.id, row.name)
+            else:
+                self.ledger.set_columns(row.id, output_video=None, output_poster=None, output_json=None)
 
     def _stopped(self, job_id: str, reason: str) -> None:
         assert self.ledger is not None
@@ -393,19 +431,30 @@ class Supervisor:
         self._fail(row, code, message, traceback=traceback)
 
     def _fail(self, row: JobRow, code: str, message: str, traceback: str | None = None) -> None:
+        """A permanent failure: error JSON, a copy of the inputs under failed/, state failed."""
         assert self.ledger is not None
-        kept = None
+        kept = self.outbox.keep_originals(row.name, [])  # reserves failed/<name>[-n]/
+        error_path = self.outbox.root / f"{self.outbox.reserve_base(row.name)}.error.json"
+        self.ledger.set_columns(row.id, error_code=code, error_message=message, output_json=str(error_path),
+                                originals=str(kept))
+        self._finish_failure(self.ledger.get(row.id), traceback=traceback)
+
+    def _finish_failure(self, row: JobRow, traceback: str | None = None) -> None:
+        assert self.ledger is not None
+        kept = Path(str(row.originals))
         job_dir = Path(row.job_dir or self.settings.jobs_dir / row.id)
         if (job_dir / "input").is_dir():
-            kept = self.outbox.keep_originals(row.name, [(job_dir / "input", ".", False)])
-        error_path = self.outbox.write_error(row.name, error_payload(
-            job_id=row.id, name=row.name, state="failed", code=code, message=message, field=None,
-            originals=kept, attempts=row.attempts))
-        self.ledger.transition(row.id, "running", "failed", finished_at=time.time(), error_code=code,
-                               error_message=message, output_json=str(error_path),
+            kept.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(job_dir / "input", kept, symlinks=True, dirs_exist_ok=True)
+        error_path = Path(str(row.output_json))
+        if not error_path.exists():
+            self.outbox.write_error_at(error_path, error_payload(
+                job_id=row.id, name=row.name, state="failed", code=str(row.error_code),
+                message=str(row.error_message), field=None, originals=kept, attempts=row.attempts))
+        self.ledger.transition(row.id, "running", "failed", finished_at=time.time(),
                                event_data={"traceback": traceback} if traceback else None)
         shutil.rmtree(self.outbox.partial / row.id, ignore_errors=True)
-        logger.error("job %s (%s) failed: %s: %s", row.id, row.name, code, message)
+        logger.error("job %s (%s) failed: %s: %s", row.id, row.name, row.error_code, row.error_message)
 
     def _check_worker(self) -> bool:
         """Notice a dead worker: its jobs retry (or fail after max_attempts); start a new one."""

@@ -318,7 +318,7 @@ def test_transient_failure_retries_with_backoff(daemon: Daemon) -> None:
 def test_commands_status_submit_cancel_retry_delete(daemon: Daemon, tmp_path: Path) -> None:
     src = tmp_path / "src"
     make_job_bundle(src / "a", duration_s=1.0, seed=1)
-    make_job_bundle(src / "b", duration_s=1.0, seed=2, prompt="SLOW one")
+    make_job_bundle(src / "b", duration_s=1.0, seed=2, prompt="SLOW one", sample_steps=20)
     daemon.start()
     assert daemon.cli("submit", str(src / "a")).returncode == 0
     loose = make_loose_job(src, "c", duration_s=1.0, seed=3)

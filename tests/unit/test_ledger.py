@@ -25,7 +25,7 @@ def _queued(ledger: Ledger, name: str, priority: int = 0) -> str:
 
 def test_schema_wal_and_version(ledger: Ledger) -> None:
     assert ledger.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert ledger.conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert ledger.conn.execute("PRAGMA user_version").fetchone()[0] == 3
     cols = {r[1] for r in ledger.conn.execute("PRAGMA table_info(jobs)")}
     agreed = {"id", "name", "state", "priority", "seq", "source", "spec_json", "input_hashes_json", "attempts",
               "progress", "chunk", "num_chunks", "step", "num_steps", "stage", "waiting_reason", "created_at",
