@@ -439,6 +439,12 @@ def _load_document(raw: bytes) -> dict[str, Any]:
                                 "deeply") from e
     if not isinstance(doc, dict):
         raise InvalidJob.single("bad_json", f"job file must hold a JSON object, got {type(doc).__name__}")
+    try:  # a "\udcff" escape decodes to a lone surrogate: no file name or prompt can hold it
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidJob.single("bad_json", f"job file holds an unpaired surrogate escape "
+                                f"({e.object[e.start:e.end].encode('unicode_escape').decode()}): "
+                                "not valid Unicode text") from e
     return doc
 
 
