@@ -103,7 +103,9 @@ def _output_file(cfg: DashboardConfig, job_id: str, column: str) -> Path:
     if row.get("deleted_at"):
         raise _Problem(410, f"the outputs of job {job_id!r} were deleted")
     if row.get("state") != "done" or not row.get(column):
-        raise _Problem(404, f"job {job_id!r} has no {column.removeprefix('output_')} (state {row.get('state')})")
+        raise _Problem(
+            404, f"job {job_id!r} has no {column.removeprefix('output_')} (state {row.get('state')})"
+        )
     path = Path(row[column]).resolve()
     if not path.is_relative_to(cfg.outbox.resolve()):
         raise _Problem(404, f"the {column} of job {job_id!r} is outside the outbox; not served")
@@ -134,10 +136,12 @@ def create_app(cfg: DashboardConfig | Any) -> Starlette:
                 snap = reader.snapshot(conn, done_limit=cfg.done_limit, problem_limit=cfg.problem_limit)
             else:
                 with reader.read_transaction(conn):
-                    snap = reader.Snapshot(counts=reader.counts(conn),
-                                           jobs=reader.list_jobs(conn, states, _limit(limit, 100)),
-                                           last_event_id=reader.last_event_id(conn),
-                                           daemon=reader.last_daemon_event(conn))
+                    snap = reader.Snapshot(
+                        counts=reader.counts(conn),
+                        jobs=reader.list_jobs(conn, states, _limit(limit, 100)),
+                        last_event_id=reader.last_event_id(conn),
+                        daemon=reader.last_daemon_event(conn),
+                    )
         return _json(views.snapshot_view(snap, now))
 
     def api_job(request: Request) -> Response:
@@ -149,20 +153,35 @@ def create_app(cfg: DashboardConfig | Any) -> Starlette:
         if row is None:
             raise _Problem(404, f"no job {job_id!r} in the ledger")
         now = time.time()
-        return _json({"now": now, "last_event_id": last_id, "job": views.job_view(row, now),
-                      "events": [views.event_view(e) for e in events]})
+        return _json(
+            {
+                "now": now,
+                "last_event_id": last_id,
+                "job": views.job_view(row, now),
+                "events": [views.event_view(e) for e in events],
+            }
+        )
 
     async def events(request: Request) -> Response:
         last = sse.parse_last_event_id(request.headers.get("last-event-id"))
         stop = anyio.Event()
-        return EventSourceResponse(sse.event_stream(cfg, last, stop), ping=cfg.ping_s, headers=NO_STORE,
-                                   shutdown_event=stop, shutdown_grace_period=sse.SHUTDOWN_GRACE_S)
+        return EventSourceResponse(
+            sse.event_stream(cfg, last, stop),
+            ping=cfg.ping_s,
+            headers=NO_STORE,
+            shutdown_event=stop,
+            shutdown_grace_period=sse.SHUTDOWN_GRACE_S,
+        )
 
     def video(request: Request) -> Response:
         path = _output_file(cfg, _job_id(request), "output_video")
         download = request.query_params.get("download") == "1"
-        return FileResponse(path, media_type="video/mp4", filename=path.name,
-                            content_disposition_type="attachment" if download else "inline")
+        return FileResponse(
+            path,
+            media_type="video/mp4",
+            filename=path.name,
+            content_disposition_type="attachment" if download else "inline",
+        )
 
     def poster(request: Request) -> Response:
         path = _output_file(cfg, _job_id(request), "output_poster")
@@ -195,8 +214,9 @@ def create_app(cfg: DashboardConfig | Any) -> Starlette:
         assert isinstance(exc, reader.LedgerUnavailable)
         if request.url.path.startswith("/api/"):
             return _json(views.unavailable_view(str(cfg.ledger_path), exc.reason, time.time()), 503)
-        return PlainTextResponse(f"the ledger cannot be read now: {exc.reason}", status_code=503,
-                                 headers=NO_STORE)
+        return PlainTextResponse(
+            f"the ledger cannot be read now: {exc.reason}", status_code=503, headers=NO_STORE
+        )
 
     get = ["GET", "HEAD"]
     routes = [
@@ -218,6 +238,10 @@ def create_app(cfg: DashboardConfig | Any) -> Starlette:
     ]
     if cfg.token:
         middleware.append(Middleware(TokenMiddleware, token=cfg.token))
-    app = Starlette(routes=routes, middleware=middleware, exception_handlers={_Problem: problem, reader.LedgerUnavailable: unavailable})
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={_Problem: problem, reader.LedgerUnavailable: unavailable},
+    )
     app.state.config = cfg
     return app

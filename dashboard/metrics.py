@@ -50,24 +50,42 @@ def render(conn: sqlite3.Connection | None) -> str:
     lines.append("infinitetalk_ledger_up 1")
     with reader.read_transaction(conn):
         counts = reader.counts(conn)
-        render_s = [r[0] for r in conn.execute(
-            "SELECT render_s FROM jobs WHERE state = 'done' AND render_s IS NOT NULL").fetchall()]
-        waits = [r[0] for r in conn.execute(
-            "SELECT started_at - queued_at FROM jobs WHERE started_at IS NOT NULL AND queued_at IS NOT NULL"
-        ).fetchall()]
+        render_s = [
+            r[0]
+            for r in conn.execute(
+                "SELECT render_s FROM jobs WHERE state = 'done' AND render_s IS NOT NULL"
+            ).fetchall()
+        ]
+        waits = [
+            r[0]
+            for r in conn.execute(
+                "SELECT started_at - queued_at FROM jobs"
+                " WHERE started_at IS NOT NULL AND queued_at IS NOT NULL"
+            ).fetchall()
+        ]
         running = conn.execute(
-            "SELECT id, name, COALESCE(progress, 0) FROM jobs WHERE state = 'running' ORDER BY seq").fetchall()
+            "SELECT id, name, COALESCE(progress, 0) FROM jobs WHERE state = 'running' ORDER BY seq"
+        ).fetchall()
         last_id = reader.last_event_id(conn)
     lines += _head("infinitetalk_jobs", "gauge", "Jobs in the ledger by state.")
     lines += [f'infinitetalk_jobs{{state="{_label(s)}"}} {n}' for s, n in counts.items()]
-    lines += histogram("infinitetalk_render_seconds", "Render time of the finished jobs in the ledger.",
-                       render_s, RENDER_BUCKETS)
-    lines += histogram("infinitetalk_queue_wait_seconds",
-                       "Time from queued to started, for every job that started.",
-                       [max(0.0, w) for w in waits], WAIT_BUCKETS)
+    lines += histogram(
+        "infinitetalk_render_seconds",
+        "Render time of the finished jobs in the ledger.",
+        render_s,
+        RENDER_BUCKETS,
+    )
+    lines += histogram(
+        "infinitetalk_queue_wait_seconds",
+        "Time from queued to started, for every job that started.",
+        [max(0.0, w) for w in waits],
+        WAIT_BUCKETS,
+    )
     lines += _head("infinitetalk_job_progress", "gauge", "Progress (0..1) of each running job.")
-    lines += [f'infinitetalk_job_progress{{id="{_label(i)}",name="{_label(n or "")}"}} {_num(p)}'
-              for i, n, p in running]
+    lines += [
+        f'infinitetalk_job_progress{{id="{_label(i)}",name="{_label(n or "")}"}} {_num(p)}'
+        for i, n, p in running
+    ]
     lines += _head("infinitetalk_last_event_id", "gauge", "Id of the newest ledger event.")
     lines.append(f"infinitetalk_last_event_id {last_id}")
     return "\n".join(lines) + "\n"

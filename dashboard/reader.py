@@ -52,8 +52,9 @@ class LedgerConnection(sqlite3.Connection):
 
 def _open(path: Path, query: str) -> LedgerConnection:
     uri = "file:" + urllib.parse.quote(str(path.resolve())) + "?" + query
-    conn = sqlite3.connect(uri, uri=True, timeout=5.0, check_same_thread=False, isolation_level=None,
-                           factory=LedgerConnection)
+    conn = sqlite3.connect(
+        uri, uri=True, timeout=5.0, check_same_thread=False, isolation_level=None, factory=LedgerConnection
+    )
     try:
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA query_only=1")
@@ -133,19 +134,26 @@ def _in(states: tuple[str, ...]) -> str:
 
 def active_jobs(conn: sqlite3.Connection) -> list[Row]:
     """Jobs not yet final, in arrival order (the page sorts the queue by priority itself)."""
-    return _rows(conn, f"SELECT * FROM jobs WHERE state IN ({_in(ACTIVE_STATES)}) ORDER BY seq, created_at",
-                 ACTIVE_STATES)
+    return _rows(
+        conn,
+        f"SELECT * FROM jobs WHERE state IN ({_in(ACTIVE_STATES)}) ORDER BY seq, created_at",
+        ACTIVE_STATES,
+    )
 
 
 def final_jobs(conn: sqlite3.Connection, states: tuple[str, ...], limit: int) -> list[Row]:
     """The newest `limit` jobs in `states`, newest first."""
-    sql = (f"SELECT * FROM jobs WHERE state IN ({_in(states)}) "
-           "ORDER BY COALESCE(finished_at, created_at) DESC, seq DESC LIMIT ?")
+    sql = (
+        f"SELECT * FROM jobs WHERE state IN ({_in(states)}) "
+        "ORDER BY COALESCE(finished_at, created_at) DESC, seq DESC LIMIT ?"
+    )
     return _rows(conn, sql, (*states, limit))
 
 
 def last_daemon_event(conn: sqlite3.Connection) -> Row | None:
-    rows = _rows(conn, "SELECT * FROM events WHERE job_id IS NULL AND kind = 'daemon' ORDER BY id DESC LIMIT 1")
+    rows = _rows(
+        conn, "SELECT * FROM events WHERE job_id IS NULL AND kind = 'daemon' ORDER BY id DESC LIMIT 1"
+    )
     return rows[0] if rows else None
 
 
@@ -153,7 +161,8 @@ def read_snapshot(conn: sqlite3.Connection, *, done_limit: int, problem_limit: i
     """The page's state; call inside `read_transaction` so every part agrees."""
     return Snapshot(
         counts=counts(conn),
-        jobs=active_jobs(conn) + final_jobs(conn, ("done",), done_limit)
+        jobs=active_jobs(conn)
+        + final_jobs(conn, ("done",), done_limit)
         + final_jobs(conn, PROBLEM_STATES, problem_limit),
         last_event_id=last_event_id(conn),
         daemon=last_daemon_event(conn),

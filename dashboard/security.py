@@ -25,17 +25,19 @@ SAFE_METHODS = ("GET", "HEAD")
 TOKEN_COOKIE = "infinitetalk_token"
 PUBLIC_PATHS = ("/healthz",)
 
-CSP = "; ".join([
-    "default-src 'none'",
-    "script-src 'self'",
-    "style-src 'self'",
-    "img-src 'self' data:",
-    "media-src 'self'",
-    "connect-src 'self'",
-    "base-uri 'none'",
-    "form-action 'none'",
-    "frame-ancestors 'none'",
-])
+CSP = "; ".join(
+    [
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self' data:",
+        "media-src 'self'",
+        "connect-src 'self'",
+        "base-uri 'none'",
+        "form-action 'none'",
+        "frame-ancestors 'none'",
+    ]
+)
 
 SECURITY_HEADERS = {
     "content-security-policy": CSP,
@@ -117,8 +119,7 @@ class TokenMiddleware:
         if self._matches((query.get("token") or [None])[0]):
             rest = urllib.parse.urlencode([(k, v) for k, vs in query.items() if k != "token" for v in vs])
             response = RedirectResponse(scope["path"] + (f"?{rest}" if rest else ""), status_code=303)
-            response.set_cookie(TOKEN_COOKIE, self.token.decode(), httponly=True, samesite="strict",
-                                path="/")
+            response.set_cookie(TOKEN_COOKIE, self.token.decode(), httponly=True, samesite="strict", path="/")
             await response(scope, receive, send)
             return
         response = PlainTextResponse(

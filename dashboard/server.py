@@ -29,13 +29,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         description="Serve the read-only dashboard. It reads the daemon's ledger and outbox; "
         "it keeps running while the daemon is stopped.",
     )
-    parser.add_argument("--config", type=Path, help="TOML config file (default: $INFINITETALK_CONFIG, "
-                        "then ./infinitetalk.toml)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="TOML config file (default: $INFINITETALK_CONFIG, then ./infinitetalk.toml)",
+    )
     parser.add_argument("--host", help="bind address (default: [dashboard] host, 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port (default: [dashboard] port, 8000)")
-    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
-                        help="also accept this Host header name (e.g. a reverse proxy's); repeatable")
-    parser.add_argument("--ledger", type=Path, help="ledger file to read instead of <state_dir>/ledger.sqlite3")
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also accept this Host header name (e.g. a reverse proxy's); repeatable",
+    )
+    parser.add_argument(
+        "--ledger", type=Path, help="ledger file to read instead of <state_dir>/ledger.sqlite3"
+    )
     parser.add_argument("--outbox", type=Path, help="outbox folder instead of the config's")
     parser.set_defaults(func=run)
 
@@ -72,10 +82,14 @@ def run(args: argparse.Namespace) -> int:
         return 78  # EX_CONFIG
     configure_logging(settings.log_level)
     if not cfg.is_local and not cfg.token:
-        logger.warning("the dashboard binds %s without an access token: anyone who can reach it "
-                       "sees the queue and the videos; set [dashboard] token", cfg.host)
-    logger.info("dashboard on http://%s:%d/ reading %s (outbox %s)", cfg.host, cfg.port,
-                cfg.ledger_path, cfg.outbox)
+        logger.warning(
+            "the dashboard binds %s without an access token: anyone who can reach it "
+            "sees the queue and the videos; set [dashboard] token",
+            cfg.host,
+        )
+    logger.info(
+        "dashboard on http://%s:%d/ reading %s (outbox %s)", cfg.host, cfg.port, cfg.ledger_path, cfg.outbox
+    )
     uvicorn.run(
         create_app(cfg),
         host=cfg.host,

@@ -123,7 +123,9 @@ class _Cursor:
         return newest < last_id or reader.count_events_after(conn, last_id) != newest - last_id
 
     def _snapshot(self, conn: sqlite3.Connection) -> ServerSentEvent:
-        snap = reader.read_snapshot(conn, done_limit=self.cfg.done_limit, problem_limit=self.cfg.problem_limit)
+        snap = reader.read_snapshot(
+            conn, done_limit=self.cfg.done_limit, problem_limit=self.cfg.problem_limit
+        )
         self.last_id = snap.last_event_id
         body = views.snapshot_view(snap, time.time())
         return ServerSentEvent(_dumps(body), event="snapshot", id=str(snap.last_event_id))
@@ -145,8 +147,9 @@ class _Cursor:
         return frames
 
 
-async def event_stream(cfg: DashboardConfig, last_event_id: int | None,
-                       stop: anyio.Event | None = None) -> AsyncIterator[bytes]:
+async def event_stream(
+    cfg: DashboardConfig, last_event_id: int | None, stop: anyio.Event | None = None
+) -> AsyncIterator[bytes]:
     """Encoded frames for one client until it disconnects or `stop` is set (server shutdown: the
     stream then ends cleanly and the browser reconnects later with its Last-Event-ID). The frames
     of one read go out as one chunk, so a long replay costs one send per batch."""

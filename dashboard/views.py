@@ -72,10 +72,18 @@ def job_view(row: Row, now: float) -> dict[str, Any]:
 def event_view(row: Row) -> dict[str, Any]:
     data = _decode(row.get("data_json"))
     if isinstance(data, dict):  # output paths in event data are shown as file names too
-        data = {k: os.path.basename(v) if k in _OUTPUTS and isinstance(v, str) else v
-                for k, v in data.items() if k not in _HIDDEN}
-    return {"id": row["id"], "job_id": row.get("job_id"), "at": row.get("at"), "kind": row.get("kind"),
-            "data": data}
+        data = {
+            k: os.path.basename(v) if k in _OUTPUTS and isinstance(v, str) else v
+            for k, v in data.items()
+            if k not in _HIDDEN
+        }
+    return {
+        "id": row["id"],
+        "job_id": row.get("job_id"),
+        "at": row.get("at"),
+        "kind": row.get("kind"),
+        "data": data,
+    }
 
 
 def snapshot_view(snap: Snapshot, now: float) -> dict[str, Any]:

@@ -21,9 +21,19 @@ from typing import Any
 
 import websocket
 
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--mute-audio", "--autoplay-policy=no-user-gesture-required", "--window-size=1280,900")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--mute-audio",
+    "--autoplay-policy=no-user-gesture-required",
+    "--window-size=1280,900",
+)
 
 
 class CDPError(RuntimeError):
@@ -59,14 +69,22 @@ class Page:
         elif method == "Runtime.consoleAPICalled" and params.get("type") == "error":
             self.errors.append(" ".join(str(a.get("value", a.get("description"))) for a in params["args"]))
         elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
-            self.errors.append(f"{params['entry'].get('source')}: {params['entry']['text']} {params['entry'].get('url', '')}")
+            self.errors.append(
+                f"{params['entry'].get('source')}: {params['entry']['text']} {params['entry'].get('url', '')}"
+            )
         elif method == "Network.responseReceived":
-            self.responses.append({"url": params["response"]["url"], "status": params["response"]["status"],
-                                   "headers": params["response"].get("headers", {})})
+            self.responses.append(
+                {
+                    "url": params["response"]["url"],
+                    "status": params["response"]["status"],
+                    "headers": params["response"].get("headers", {}),
+                }
+            )
 
     def evaluate(self, expression: str, *, await_promise: bool = False) -> Any:
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True,
-                           awaitPromise=await_promise)
+        result = self.call(
+            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=await_promise
+        )
         if "exceptionDetails" in result:
             raise CDPError(f"{expression!r} threw: {result['exceptionDetails']}")
         return result["result"].get("value")
@@ -111,11 +129,16 @@ class Browser:
     def start(cls, profile: Path, *, width: int = 1280, height: int = 900) -> Browser:
         exe = shutil.which("chromium")
         if exe is None:
-            raise RuntimeError("Debian's chromium is needed for the browser tests (scripts/system-deps installs it)")
+            raise RuntimeError(
+                "Debian's chromium is needed for the browser tests (scripts/system-deps installs it)"
+            )
         profile.mkdir(parents=True, exist_ok=True)
         log = (profile / "chromium.log").open("wb")
-        proc = subprocess.Popen([exe, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
-                                 "about:blank"], stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [exe, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             port = _devtools_port(profile, proc)
             targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10))
@@ -128,8 +151,13 @@ class Browser:
         page = Page(ws=ws)
         for domain in ("Page", "Runtime", "Log", "Network"):
             page.call(f"{domain}.enable")
-        page.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
-                  mobile=False)
+        page.call(
+            "Emulation.setDeviceMetricsOverride",
+            width=width,
+            height=height,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
         return cls(proc=proc, page=page)
 
     def close(self) -> None:
@@ -149,7 +177,9 @@ def _devtools_port(profile: Path, proc: subprocess.Popen[bytes], timeout_s: floa
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"chromium exited with {proc.returncode}: {(profile / 'chromium.log').read_text()}")
+            raise RuntimeError(
+                f"chromium exited with {proc.returncode}: {(profile / 'chromium.log').read_text()}"
+            )
         if marker.exists():
             lines = marker.read_text().splitlines()
             if lines and lines[0].isdigit():

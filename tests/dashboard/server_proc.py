@@ -43,9 +43,13 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30.
 
 
 @contextmanager
-def dashboard_server(config: Path, port: int, log: Path, *,
-                     wrap: Callable[[list[str]], list[str]] | None = None,
-                     ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def dashboard_server(
+    config: Path,
+    port: int,
+    log: Path,
+    *,
+    wrap: Callable[[list[str]], list[str]] | None = None,
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """Yield (base URL, process); the process is stopped (SIGTERM, then SIGKILL) afterwards.
     `wrap` turns the command line into another (e.g. one run inside `unshare`)."""
     argv = [sys.executable, "-m", "daemon", "dashboard", "--config", str(config)]

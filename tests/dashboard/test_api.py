@@ -10,19 +10,34 @@ from daemon.ledger import Ledger
 from tests.dashboard.conftest import SPEC, finish_job, queue_job, run_job
 
 
-def test_jobs_lists_states_counts_and_decoded_settings(client: TestClient, ledger: Ledger, outbox: Path) -> None:
+def test_jobs_lists_states_counts_and_decoded_settings(
+    client: TestClient, ledger: Ledger, outbox: Path
+) -> None:
     first = queue_job(ledger, "alice")
     second = queue_job(ledger, "bob", priority=5)
     ledger.insert_job(name="carol", source="inbox/carol", state="waiting", waiting_reason="incomplete upload")
-    rejected = ledger.insert_job(name="dave", source="inbox/dave.json", state="rejected",
-                                 error_code="BAD_JSON", error_message="line 3: trailing comma",
-                                 error_field="dave.json")
+    rejected = ledger.insert_job(
+        name="dave",
+        source="inbox/dave.json",
+        state="rejected",
+        error_code="BAD_JSON",
+        error_message="line 3: trailing comma",
+        error_field="dave.json",
+    )
     run_job(ledger, second.id)  # priority 5 goes first
 
     body = client.get("/api/jobs").json()
     assert body["ledger"] == {"available": True}
-    assert body["counts"] == {"waiting": 1, "queued": 1, "running": 1, "retry_wait": 0, "done": 0,
-                              "failed": 0, "rejected": 1, "cancelled": 0}
+    assert body["counts"] == {
+        "waiting": 1,
+        "queued": 1,
+        "running": 1,
+        "retry_wait": 0,
+        "done": 0,
+        "failed": 0,
+        "rejected": 1,
+        "cancelled": 0,
+    }
     jobs = {j["name"]: j for j in body["jobs"]}
     assert set(jobs) == {"alice", "bob", "carol", "dave"}
     assert jobs["alice"]["state"] == "queued" and jobs["alice"]["settings"] == SPEC
@@ -35,7 +50,9 @@ def test_jobs_lists_states_counts_and_decoded_settings(client: TestClient, ledge
     assert first.id in {j["id"] for j in body["jobs"]} and rejected.id == jobs["dave"]["id"]
 
 
-def test_outputs_are_urls_and_names_never_server_paths(client: TestClient, ledger: Ledger, outbox: Path) -> None:
+def test_outputs_are_urls_and_names_never_server_paths(
+    client: TestClient, ledger: Ledger, outbox: Path
+) -> None:
     job = queue_job(ledger, "alice")
     run_job(ledger, job.id)
     finish_job(ledger, outbox, job.id, "alice")
@@ -60,8 +77,14 @@ def test_job_detail_has_the_whole_history_in_order(client: TestClient, ledger: L
     assert kinds == ["created", "queued", "started", "progress", "progress", "done"]
     ids = [e["id"] for e in body["events"]]
     assert ids == sorted(ids)
-    assert body["events"][4]["data"] == {"progress": 0.75, "chunk": 2, "num_chunks": 2, "step": 2,
-                                         "num_steps": 4, "stage": "denoise"}
+    assert body["events"][4]["data"] == {
+        "progress": 0.75,
+        "chunk": 2,
+        "num_chunks": 2,
+        "step": 2,
+        "num_steps": 4,
+        "stage": "denoise",
+    }
 
 
 def test_filters_limits_and_errors(client: TestClient, ledger: Ledger) -> None:
@@ -148,23 +171,30 @@ def test_healthz_reports_the_ledger(client: TestClient, ledger: Ledger) -> None:
     assert body["ledger"]["last_event_id"] == 2
 
 
-def test_reads_after_the_daemon_closed_the_ledger(client: TestClient, ledger: Ledger, state_dir: Path) -> None:
+def test_reads_after_the_daemon_closed_the_ledger(
+    client: TestClient, ledger: Ledger, state_dir: Path
+) -> None:
     queue_job(ledger, "a")
     ledger.close()  # a clean daemon exit checkpoints and removes -wal and -shm
     assert not (state_dir / "ledger.sqlite3-wal").exists()
     body = client.get("/api/jobs").json()
     assert [j["name"] for j in body["jobs"]] == ["a"]
-    assert not (state_dir / "ledger.sqlite3-wal").exists() or (state_dir / "ledger.sqlite3-wal").stat().st_size == 0
+    assert (
+        not (state_dir / "ledger.sqlite3-wal").exists()
+        or (state_dir / "ledger.sqlite3-wal").stat().st_size == 0
+    )
 
 
-def test_create_app_takes_the_daemons_settings(tmp_path: Path, ledger: Ledger, state_dir: Path,
-                                               outbox: Path) -> None:
+def test_create_app_takes_the_daemons_settings(
+    tmp_path: Path, ledger: Ledger, state_dir: Path, outbox: Path
+) -> None:
     from daemon.config import settings_from_mapping
     from dashboard.app import create_app
 
     queue_job(ledger, "from-settings")
-    settings = settings_from_mapping({"state_dir": str(state_dir), "outbox": str(outbox),
-                                      "dashboard": {"port": 8123}}, base=tmp_path)
+    settings = settings_from_mapping(
+        {"state_dir": str(state_dir), "outbox": str(outbox), "dashboard": {"port": 8123}}, base=tmp_path
+    )
     app = create_app(settings)
     assert app.state.config.port == 8123 and app.state.config.ledger_path == state_dir / "ledger.sqlite3"
     with TestClient(app, base_url="http://localhost:8123") as c:

@@ -47,20 +47,32 @@ def _text(selector: str) -> str:
     return f"(document.querySelector({selector!r})?.textContent || '')"
 
 
-def test_page_follows_a_job_from_queue_to_video(tmp_path: Path, ledger: Ledger, state_dir: Path, outbox: Path,
-                                                browser: Browser) -> None:
-    ledger.insert_job(name="broken-upload", source="inbox/broken-upload.json", state="rejected",
-                      error_code="BAD_JSON", error_message="job.json line 4: trailing comma",
-                      error_field="broken-upload.json")
-    ledger.insert_job(name="bob-interview", source="inbox/bob-interview", state="waiting",
-                      waiting_reason="incomplete upload")
+def test_page_follows_a_job_from_queue_to_video(
+    tmp_path: Path, ledger: Ledger, state_dir: Path, outbox: Path, browser: Browser
+) -> None:
+    ledger.insert_job(
+        name="broken-upload",
+        source="inbox/broken-upload.json",
+        state="rejected",
+        error_code="BAD_JSON",
+        error_message="job.json line 4: trailing comma",
+        error_field="broken-upload.json",
+    )
+    ledger.insert_job(
+        name="bob-interview",
+        source="inbox/bob-interview",
+        state="waiting",
+        waiting_reason="incomplete upload",
+    )
     ledger.daemon_event("started", pid=4242)
     port = free_port()
     config = write_config(tmp_path / "infinitetalk.toml", state_dir=state_dir, outbox=outbox, port=port)
     with dashboard_server(config, port, tmp_path / "dashboard.log") as (url, _proc):
         page = browser.page
         page.goto(url + "/")
-        page.wait_for("document.body.dataset.ready === '1' && document.getElementById('conn').dataset.state === 'live'")
+        page.wait_for(
+            "document.body.dataset.ready === '1' && document.getElementById('conn').dataset.state === 'live'"
+        )
         page.wait_for(f"{_text('#daemon')}.startsWith('daemon started')")
         page.wait_for(f"{_text('#waiting-list')}.includes('incomplete upload')")
         problems = page.evaluate(_text("#problems-list"))
@@ -71,9 +83,10 @@ def test_page_follows_a_job_from_queue_to_video(tmp_path: Path, ledger: Ledger, 
         alice = queue_job(ledger, "alice-studio")
         two = SPEC | {"cond_audio": {"person1": "a.wav", "person2": "b.wav"}, "audio_type": "add"}
         queue_job(ledger, "carol-podcast", spec_json=json.dumps(two))
-        page.wait_for(f"document.querySelectorAll('#queue-list tr').length === 2")
-        assert page.evaluate("[...document.querySelectorAll('#queue-list tr')].map(r => r.children[1].textContent)") \
-            == ["alice-studio", "carol-podcast"]
+        page.wait_for("document.querySelectorAll('#queue-list tr').length === 2")
+        assert page.evaluate(
+            "[...document.querySelectorAll('#queue-list tr')].map(r => r.children[1].textContent)"
+        ) == ["alice-studio", "carol-podcast"]
         page.wait_for("document.querySelector('#counts [data-state=queued] .n').textContent === '2'")
         assert "2 speakers (add)" in page.evaluate(_text("#queue-list tr:nth-child(2)"))
 
@@ -81,11 +94,13 @@ def test_page_follows_a_job_from_queue_to_video(tmp_path: Path, ledger: Ledger, 
         run_job(ledger, alice.id, chunk=1, step=2)
         card = f"#running-list [data-key='{alice.id}']"
         page.wait_for(f"{_text(card)}.includes('chunk 1/2 · step 2/4')")
-        assert page.evaluate(f"document.querySelector(\"{card} progress\").value") == 0.25
+        assert page.evaluate(f'document.querySelector("{card} progress").value') == 0.25
         assert page.evaluate("document.querySelectorAll('#queue-list tr').length") == 1
-        ledger.update_progress(alice.id, progress=0.875, chunk=2, num_chunks=2, step=3, num_steps=4, stage="denoise")
+        ledger.update_progress(
+            alice.id, progress=0.875, chunk=2, num_chunks=2, step=3, num_steps=4, stage="denoise"
+        )
         page.wait_for(f"{_text(card)}.includes('chunk 2/2 · step 3/4 · denoise · 88%')")
-        assert page.evaluate(f"document.querySelector(\"{card} progress\").value") == 0.875
+        assert page.evaluate(f'document.querySelector("{card} progress").value') == 0.875
         page.wait_for(f"/ETA \\d+:\\d\\d/.test({_text(card + ' .times')})")
         assert "elapsed" in page.evaluate(_text(card + " .times"))
         _shot(page, tmp_path, "dashboard-rendering.png")
@@ -93,18 +108,25 @@ def test_page_follows_a_job_from_queue_to_video(tmp_path: Path, ledger: Ledger, 
         # done: the card leaves, a video appears in the grid with its facts and a download link
         finish_job(ledger, outbox, alice.id, "alice-studio", duration_s=3.0)
         tile = f"#finished-list [data-key='{alice.id}']"
-        page.wait_for(f"!!document.querySelector(\"{tile} video\")")
+        page.wait_for(f'!!document.querySelector("{tile} video")')
         page.wait_for("document.querySelectorAll('#running-list > *').length === 0")
         facts = page.evaluate(_text(tile))
         assert "alice-studio" in facts and "0:03 video" in facts and "rendered in 0:13" in facts
         assert "480p" in facts and "seed 42" in facts
-        assert page.evaluate(f"document.querySelector(\"{tile} a[download]\").getAttribute('href')") \
+        assert (
+            page.evaluate(f"document.querySelector(\"{tile} a[download]\").getAttribute('href')")
             == f"/jobs/{alice.id}/video?download=1"
-        assert page.evaluate(f"document.querySelector(\"{tile} video\").poster").endswith(f"/jobs/{alice.id}/poster")
+        )
+        assert page.evaluate(f'document.querySelector("{tile} video").poster').endswith(
+            f"/jobs/{alice.id}/poster"
+        )
 
         # play it, then seek: the browser fetches it with Range requests
-        video = f"document.querySelector(\"{tile} video\")"
-        assert page.evaluate(f"{video}.canPlayType('video/mp4; codecs=\"avc1.640015, mp4a.40.2\"')") == "probably"
+        video = f'document.querySelector("{tile} video")'
+        assert (
+            page.evaluate(f"{video}.canPlayType('video/mp4; codecs=\"avc1.640015, mp4a.40.2\"')")
+            == "probably"
+        )
         page.evaluate(f"(() => {{ const v = {video}; v.muted = true; v.preload = 'auto'; v.load(); }})()")
         page.wait_for(f"{video}.readyState >= 3", timeout_s=30)
         assert page.evaluate(f"{video}.duration") == pytest.approx(3.0, abs=0.1)
@@ -124,7 +146,9 @@ def test_page_follows_a_job_from_queue_to_video(tmp_path: Path, ledger: Ledger, 
         # the job's own page: every event of its history, in order
         page.goto(f"{url}/jobs/{alice.id}")
         page.wait_for("document.body.dataset.ready === '1'")
-        kinds = page.evaluate("[...document.querySelectorAll('#history tr')].map(r => r.children[2].textContent)")
+        kinds = page.evaluate(
+            "[...document.querySelectorAll('#history tr')].map(r => r.children[2].textContent)"
+        )
         assert kinds == ["created", "queued", "started", "progress", "progress", "done"]
         assert "alice-studio" in page.evaluate(_text("#job-name"))
         assert page.evaluate("!!document.querySelector('#job-video video')")
@@ -132,7 +156,7 @@ def test_page_follows_a_job_from_queue_to_video(tmp_path: Path, ledger: Ledger, 
 
         # the daemon's ledger goes away (a new state dir, say): a clear note; when it returns, live again
         page.goto(url + "/")
-        page.wait_for(f"!!document.querySelector(\"{tile}\")")
+        page.wait_for(f'!!document.querySelector("{tile}")')
         ledger.daemon_event("stopped", pid=4242)
         page.wait_for("document.getElementById('daemon').dataset.state === 'stopped'")
         assert page.evaluate(_text("#daemon")).startswith("daemon stopped")
@@ -145,7 +169,7 @@ def test_page_follows_a_job_from_queue_to_video(tmp_path: Path, ledger: Ledger, 
         _shot(page, tmp_path, "dashboard-no-ledger.png")
         moved.rename(state_dir)
         page.wait_for("document.getElementById('ledger-note').hidden")
-        page.wait_for(f"!!document.querySelector(\"{tile} video\")")
+        page.wait_for(f'!!document.querySelector("{tile} video")')
         again = Ledger(state_dir / "ledger.sqlite3")
         try:
             carol = again.claim_next(max_running=3)
@@ -155,8 +179,14 @@ def test_page_follows_a_job_from_queue_to_video(tmp_path: Path, ledger: Ledger, 
             for i in range(50):
                 extra = again.insert_job(name=f"batch-{i:02d}", source=f"inbox/batch-{i:02d}", state="queued")
                 again.transition(extra.id, "queued", "running", started_at=again.clock())
-                again.transition(extra.id, "running", "done", finished_at=again.clock() + i, render_s=5.0,
-                                 output_video=str(outbox / "alice-studio.mp4"))
+                again.transition(
+                    extra.id,
+                    "running",
+                    "done",
+                    finished_at=again.clock() + i,
+                    render_s=5.0,
+                    output_video=str(outbox / "alice-studio.mp4"),
+                )
             page.wait_for(f"{_text('#finished-list > :first-child h3')} === 'batch-49'")
             assert page.evaluate("document.querySelectorAll('#finished-list > *').length") == 48
         finally:

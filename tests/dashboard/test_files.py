@@ -17,8 +17,9 @@ def _done(ledger: Ledger, outbox: Path, name: str = "alice") -> JobRow:
     return finish_job(ledger, outbox, job.id, name)
 
 
-def test_video_is_served_whole_and_is_a_real_h264_mp4(client: TestClient, ledger: Ledger, outbox: Path,
-                                                      tmp_path: Path) -> None:
+def test_video_is_served_whole_and_is_a_real_h264_mp4(
+    client: TestClient, ledger: Ledger, outbox: Path, tmp_path: Path
+) -> None:
     job = _done(ledger, outbox)
     response = client.get(f"/jobs/{job.id}/video")
     assert response.status_code == 200

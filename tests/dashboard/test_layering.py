@@ -14,9 +14,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("module", ["dashboard.app", "dashboard.server", "daemon.cli"])
 def test_importing_the_dashboard_does_not_import_torch(module: str) -> None:
-    code = (f"import sys, {module}\n"
-            "print(sorted(m for m in ('torch', 'pipeline', 'transformers') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    code = (
+        f"import sys, {module}\n"
+        "print(sorted(m for m in ('torch', 'pipeline', 'transformers') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == "[]", result.stdout
 
 

@@ -35,10 +35,13 @@ with reader.read_transaction(conn):
 
 
 def _read_through_ro_mount(folder: Path, ledger: Path) -> dict[str, object]:
-    script = (f"mount --bind {folder} {folder} && mount -o remount,bind,ro {folder} && "
-              f"! touch {folder}/probe 2>/dev/null && {sys.executable} -c '{READ}' {ledger}")
-    result = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True,
-                            timeout=60)
+    script = (
+        f"mount --bind {folder} {folder} && mount -o remount,bind,ro {folder} && "
+        f"! touch {folder}/probe 2>/dev/null && {sys.executable} -c '{READ}' {ledger}"
+    )
+    result = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     return dict(json.loads(result.stdout))
 
@@ -47,8 +50,9 @@ def _read_through_ro_mount(folder: Path, ledger: Path) -> dict[str, object]:
 def can_mount(tmp_path: Path) -> None:
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("needs root and unshare for a read-only bind mount")
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind {tmp_path} {tmp_path}"],
-                           capture_output=True, timeout=30)
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", f"mount --bind {tmp_path} {tmp_path}"], capture_output=True, timeout=30
+    )
     if probe.returncode != 0:
         pytest.skip(f"mount namespaces unavailable here: {probe.stderr.decode().strip()}")
 
@@ -120,8 +124,16 @@ def test_other_user_reads_through_a_read_only_shm(tmp_path_factory: pytest.TempP
         finally:
             os.umask(old)
         queue_job(daemon, "first")
-        as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-c", READ,
-                     str(path)]
+        as_nobody = [
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            READ,
+            str(path),
+        ]
 
         def read() -> dict[str, object]:
             result = subprocess.run(as_nobody, cwd=ROOT, capture_output=True, text=True, timeout=60)

@@ -77,7 +77,14 @@ def test_pages_have_no_inline_code_and_no_cdn(page: str) -> None:
 def test_scripts_never_write_html_strings() -> None:
     for script in STATIC_DIR.glob("*.js"):
         text = script.read_text()
-        for needle in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "setAttribute(\"style"):
+        for needle in (
+            "innerHTML",
+            "outerHTML",
+            "insertAdjacentHTML",
+            "document.write",
+            "eval(",
+            'setAttribute("style',
+        ):
             assert needle not in text, f"{script.name} uses {needle}"
 
 
@@ -99,8 +106,9 @@ def test_allowed_hosts_follow_the_bind() -> None:
     import socket
 
     assert socket.gethostname().lower() in wildcard and "localhost" in wildcard
-    cfg = DashboardConfig(ledger_path=Path("x"), outbox=Path("y"), host="10.0.0.2",
-                          extra_hosts=("Render.Example.org",))
+    cfg = DashboardConfig(
+        ledger_path=Path("x"), outbox=Path("y"), host="10.0.0.2", extra_hosts=("Render.Example.org",)
+    )
     assert cfg.allowed_hosts[-2:] == ("10.0.0.2", "render.example.org")
     assert not cfg.is_local
     with pytest.raises(ValueError, match="70000"):
@@ -129,11 +137,14 @@ def test_token_protects_everything_but_healthz(cfg: DashboardConfig, ledger: Led
         assert c.get("/api/jobs").status_code == 200  # the client now sends the cookie
         c.cookies.clear()
         assert c.get("/api/jobs", headers={"cookie": "infinitetalk_token=nope"}).status_code == 401
-        assert c.get("/api/jobs", headers={"cookie": "a=1; infinitetalk_token=s3cret-token"}).status_code == 200
+        assert (
+            c.get("/api/jobs", headers={"cookie": "a=1; infinitetalk_token=s3cret-token"}).status_code == 200
+        )
 
 
-def test_files_only_from_the_ledger_and_inside_the_outbox(client: TestClient, ledger: Ledger, outbox: Path,
-                                                          tmp_path: Path) -> None:
+def test_files_only_from_the_ledger_and_inside_the_outbox(
+    client: TestClient, ledger: Ledger, outbox: Path, tmp_path: Path
+) -> None:
     job = queue_job(ledger, "alice")
     run_job(ledger, job.id)
     finish_job(ledger, outbox, job.id, "alice")
@@ -142,8 +153,13 @@ def test_files_only_from_the_ledger_and_inside_the_outbox(client: TestClient, le
     secret.write_bytes(b"not for the web")
     other = queue_job(ledger, "mallory")
     run_job(ledger, other.id)
-    ledger.transition(other.id, "running", "done", output_video=str(outbox / ".." / "secret.mp4"),
-                      output_poster="/etc/passwd")
+    ledger.transition(
+        other.id,
+        "running",
+        "done",
+        output_video=str(outbox / ".." / "secret.mp4"),
+        output_poster="/etc/passwd",
+    )
     assert client.get(f"/jobs/{other.id}/video").status_code == 404
     assert client.get(f"/jobs/{other.id}/poster").status_code == 404
     # a symlink inside the outbox that leads out is not served either
@@ -151,8 +167,13 @@ def test_files_only_from_the_ledger_and_inside_the_outbox(client: TestClient, le
     ledger.set_columns(other.id, output_video=str(outbox / "link.mp4"))
     assert client.get(f"/jobs/{other.id}/video").status_code == 404
     # no path from the URL reaches the disk
-    for path in ("/jobs/../secret.mp4/video", "/jobs/%2e%2e/video", "/static/../app.py",
-                 "/static/%2e%2e/app.py", "/jobs/alice.mp4/video"):
+    for path in (
+        "/jobs/../secret.mp4/video",
+        "/jobs/%2e%2e/video",
+        "/static/../app.py",
+        "/static/%2e%2e/app.py",
+        "/jobs/alice.mp4/video",
+    ):
         response = client.get(path)
         assert response.status_code == 404, path
         assert b"not for the web" not in response.content
@@ -164,10 +185,10 @@ def test_ledger_connection_is_read_only(ledger: Ledger, cfg: DashboardConfig) ->
     conn = reader.connect(cfg.ledger_path)
     try:
         assert conn.execute("PRAGMA query_only").fetchone()[0] == 1
-        with pytest.raises(sqlite3.OperationalError, match="readonly|read-only"):
+        with pytest.raises(sqlite3.OperationalError, match=r"readonly|read-only"):
             conn.execute("UPDATE jobs SET state = 'done'")
         conn.execute("PRAGMA query_only=0")  # even without query_only the file is opened mode=ro
-        with pytest.raises(sqlite3.OperationalError, match="readonly|read-only"):
+        with pytest.raises(sqlite3.OperationalError, match=r"readonly|read-only"):
             conn.execute("DELETE FROM events")
     finally:
         conn.close()

@@ -21,8 +21,9 @@ from tests.dashboard.sse_client import frames, take
 pytestmark = pytest.mark.timeout(90)
 
 
-def test_serves_and_stops_promptly_with_open_streams(tmp_path: Path, ledger: Ledger, state_dir: Path,
-                                                     outbox: Path) -> None:
+def test_serves_and_stops_promptly_with_open_streams(
+    tmp_path: Path, ledger: Ledger, state_dir: Path, outbox: Path
+) -> None:
     queue_job(ledger, "alice")
     port = free_port()
     config = write_config(tmp_path / "infinitetalk.toml", state_dir=state_dir, outbox=outbox, port=port)
@@ -68,7 +69,12 @@ def test_serves_and_stops_promptly_with_open_streams(tmp_path: Path, ledger: Led
 def test_bad_settings_exit_78(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text("[dashboard]\nport = 70000\n")
-    result = subprocess.run([sys.executable, "-m", "daemon", "dashboard", "--config", str(config)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon", "dashboard", "--config", str(config)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 78
     assert "70000" in result.stderr

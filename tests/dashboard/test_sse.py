@@ -51,7 +51,9 @@ def test_snapshot_then_every_event_with_ledger_ids(client: TestClient, ledger: L
     assert all(str(outbox) not in f.data for f in got)  # server paths stay on the server
 
 
-def test_reconnect_with_last_event_id_misses_nothing(client: TestClient, ledger: Ledger, outbox: Path) -> None:
+def test_reconnect_with_last_event_id_misses_nothing(
+    client: TestClient, ledger: Ledger, outbox: Path
+) -> None:
     jobs = [queue_job(ledger, f"job{i}") for i in range(3)]
     with client.stream("GET", "/events") as response:
         stream = frames(response.iter_lines())
@@ -99,8 +101,9 @@ def test_heartbeats(cfg: DashboardConfig, ledger: Ledger) -> None:
     assert len(pings) >= 2
 
 
-def test_stream_survives_the_ledger_going_away_and_coming_back(client: TestClient, cfg: DashboardConfig,
-                                                              outbox: Path) -> None:
+def test_stream_survives_the_ledger_going_away_and_coming_back(
+    client: TestClient, cfg: DashboardConfig, outbox: Path
+) -> None:
     with client.stream("GET", "/events") as response:
         stream = frames(response.iter_lines())
         _, gone = take(stream, 2)
@@ -127,8 +130,9 @@ def test_stream_survives_the_ledger_going_away_and_coming_back(client: TestClien
     assert [j["name"] for j in snapshot.json()["jobs"]] == ["second"]
 
 
-def test_events_pruned_inside_the_replay_range_give_a_snapshot(client: TestClient, ledger: Ledger,
-                                                               outbox: Path) -> None:
+def test_events_pruned_inside_the_replay_range_give_a_snapshot(
+    client: TestClient, ledger: Ledger, outbox: Path
+) -> None:
     waiting = ledger.insert_job(name="keeps-waiting", source="inbox/w", state="waiting")
     position = _event_ids(ledger)[-1]  # the client saw this much
     old = queue_job(ledger, "old")

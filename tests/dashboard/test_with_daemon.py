@@ -22,8 +22,10 @@ pytestmark = pytest.mark.timeout(600)
 def test_follow_the_example_job_rendered_by_the_daemon(tmp_path: Path) -> None:
     port = free_port()
     config = tmp_path / "infinitetalk.toml"
-    config.write_text(f'inbox = "inbox"\noutbox = "outbox"\nstate_dir = "var"\nweights_dir = "weights"\n'
-                      f"settle_s = 1.0\n\n[dashboard]\nport = {port}\n")
+    config.write_text(
+        f'inbox = "inbox"\noutbox = "outbox"\nstate_dir = "var"\nweights_dir = "weights"\n'
+        f"settle_s = 1.0\n\n[dashboard]\nport = {port}\n"
+    )
     with dashboard_server(config, port, tmp_path / "dashboard.log") as (url, _):
         seen: list[Frame] = []
         finished = threading.Event()
@@ -38,10 +40,25 @@ def test_follow_the_example_job_rendered_by_the_daemon(tmp_path: Path) -> None:
 
         listener = threading.Thread(target=listen, daemon=True)
         listener.start()
-        subprocess.run([sys.executable, "examples/make_example.py", str(tmp_path / "inbox" / "example"),
-                        "--duration", "2"], cwd=ROOT, check=True, timeout=120)
-        daemon = subprocess.run([sys.executable, "-m", "daemon", "daemon", "--config", str(config), "--once"],
-                                cwd=ROOT, capture_output=True, text=True, timeout=480)
+        subprocess.run(
+            [
+                sys.executable,
+                "examples/make_example.py",
+                str(tmp_path / "inbox" / "example"),
+                "--duration",
+                "2",
+            ],
+            cwd=ROOT,
+            check=True,
+            timeout=120,
+        )
+        daemon = subprocess.run(
+            [sys.executable, "-m", "daemon", "daemon", "--config", str(config), "--once"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=480,
+        )
         assert daemon.returncode == 0, daemon.stderr[-3000:]
         assert finished.wait(timeout=30), [f.event for f in seen]
 
