@@ -313,14 +313,24 @@ class Ledger:
                                               next_attempt_at=None))
         return moved
 
-    def claim_next(self, *, max_running: int) -> JobRow | None:
-        """`queued -> running` for the next job (priority, then arrival) if fewer than the cap run."""
+    def next_queued(self) -> JobRow | None:
+        """The job `claim_next` would take (priority, then arrival), without taking it."""
+        row = self.conn.execute("SELECT * FROM jobs WHERE state = 'queued' ORDER BY priority DESC, seq LIMIT 1").fetchone()
+        return JobRow.from_row(row) if row else None
+
+    def claim_next(self, *, max_running: int, job_id: str | None = None) -> JobRow | None:
+        """`queued -> running` for the next job (priority, then arrival), or for `job_id`, if
+        fewer than `max_running` run; None when the cap is reached or nothing is queued."""
         with self.tx():
             if self._count("running") >= max_running:
                 return None
-            row = self.conn.execute(
-                "SELECT id, attempts FROM jobs WHERE state = 'queued' ORDER BY priority DESC, seq LIMIT 1"
-            ).fetchone()
+            if job_id is None:
+                row = self.conn.execute(
+                    "SELECT id, attempts FROM jobs WHERE state = 'queued' ORDER BY priority DESC, seq LIMIT 1"
+                ).fetchone()
+            else:
+                row = self.conn.execute("SELECT id, attempts FROM jobs WHERE state = 'queued' AND id = ?",
+                                        (job_id,)).fetchone()
             if row is None:
                 return None
             return self._transition(

@@ -108,6 +108,8 @@ class Supervisor:
         self.reload = threading.Event()
         self.wake = threading.Event()
         self.running: dict[str, Running] = {}
+        #: jobs that were running together when the worker died: each runs alone until it ends
+        self.isolate: set[str] = set()
         self.lock_fd: int | None = None
         self.ledger: Ledger | None = None
         self.outbox = Outbox(settings.outbox)
@@ -261,9 +263,16 @@ class Supervisor:
     # ------------------------------------------------------------------ dispatch and results
 
     def _dispatch(self) -> None:
+        """Start queued jobs while there is room. A job that was running when the worker died
+        alongside others runs alone next time, so an innocent job is not failed by a poison one."""
         assert self.ledger is not None and self.worker is not None
         while True:
-            row = self.ledger.claim_next(max_running=self.settings.max_running)
+            if self.isolate & set(self.running):
+                return
+            upcoming = self.ledger.next_queued()
+            if upcoming is None or (upcoming.id in self.isolate and self.running):
+                return
+            row = self.ledger.claim_next(max_running=self.settings.max_running, job_id=upcoming.id)
             if row is None:
                 return
             try:
@@ -357,6 +366,7 @@ class Supervisor:
 
     def _mark_done(self, job_id: str, sidecar: dict[str, Any]) -> None:
         assert self.ledger is not None
+        self.isolate.discard(job_id)
         self.ledger.transition(
             job_id, "running", "done", finished_at=sidecar.get("finished_at") or time.time(), progress=1.0,
             stage="done", frames=sidecar.get("frames"), duration_s=sidecar.get("duration_s"),
@@ -441,6 +451,7 @@ class Supervisor:
 
     def _finish_failure(self, row: JobRow, traceback: str | None = None) -> None:
         assert self.ledger is not None
+        self.isolate.discard(row.id)
         kept = Path(str(row.originals))
         job_dir = Path(row.job_dir or self.settings.jobs_dir / row.id)
         if (job_dir / "input").is_dir():
@@ -466,6 +477,8 @@ class Supervisor:
         fatal = self.fatal
         was_ready = worker.ready
         worker.kill()
+        if len(self.running) > 1:
+            self.isolate |= set(self.running)
         for job_id in list(self.running):
             self._failed(job_id, "worker_crash", "the render worker process died during this job",
                          transient=True)

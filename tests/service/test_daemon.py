@@ -366,3 +366,46 @@ def test_commands_status_submit_cancel_retry_delete(daemon: Daemon, tmp_path: Pa
     assert daemon.job("b")["deleted_at"] is not None
     assert json.loads(daemon.cli("status", "--json", check=True).stdout)["counts"]["cancelled"] == 1
     assert c["state"] == "done"
+
+
+def test_jobs_running_beside_a_poison_job_are_not_failed_by_it(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, env={"FAKE_PIPELINE_STEP_S": "0.2"})
+    try:
+        _bundle(d, "innocent1", seed=1, prompt="one")
+        _bundle(d, "innocent2", seed=2, prompt="two")
+        _bundle(d, "poison", seed=3, prompt="CRASH the worker")
+        d.start()
+        poison = d.wait_state("poison", "failed", timeout=120)
+        assert poison["attempts"] == 3 and poison["error_code"] == "worker_crash"
+        for name in ("innocent1", "innocent2"):
+            job = d.wait_state(name, ("done", "failed"), timeout=60)
+            assert job["state"] == "done", job
+    finally:
+        d.stop()
+
+
+def test_sighup_reloads_caps_without_dropping_jobs(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, env={"FAKE_PIPELINE_STEP_S": "0.05"})
+    try:
+        d.start()
+        d.wait_for(lambda: any(e["kind"] == "daemon" for e in d.events()), 30, "daemon started")
+        d.config.write_text(d.config.read_text().replace("[defaults]", "max_running = 1\n[defaults]"))
+        d.signal(signal.SIGHUP)
+        d.wait_for(lambda: any("config reloaded" in e["data_json"] for e in d.events()), 30, "reload")
+        for i in range(3):
+            _bundle(d, f"hup{i}", seed=i, prompt=f"job {i}")
+        peak = [0]
+
+        def check() -> None:
+            peak[0] = max(peak[0], d.counts().get("running", 0))
+
+        d.wait_for(lambda: d.counts().get("done", 0) == 3, 60, "3 done", every=check)
+        assert peak[0] == 1
+        # a broken config on SIGHUP keeps the old one and the daemon serving
+        d.config.write_text("max_running = \n")
+        d.signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert d.proc is not None and d.proc.poll() is None
+        assert "config not reloaded" in d.log.read_text()
+    finally:
+        d.stop()
