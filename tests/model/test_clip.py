@@ -114,3 +114,12 @@ def test_half_precision_close_to_fp32(
     out = half.encode_image_clip(ref["image"])
     assert out.dtype == dtype
     assert rel_err(out, encoder.encode_image_clip(ref["image"])) <= HALF_RTOL
+
+
+@pytest.mark.gpu
+def test_cuda_matches_reference(weights: Path, ref: dict[str, torch.Tensor]) -> None:
+    for dtype, bound in ((torch.float32, 1e-3), (torch.float16, HALF_RTOL), (torch.bfloat16, HALF_RTOL)):
+        enc = load_clip(weights, tiny_clip_config(), device="cuda", dtype=dtype)
+        out = enc.encode_image_clip(ref["image"])  # a CPU input is moved to the model's device
+        assert out.device.type == "cuda" and out.dtype == dtype
+        assert rel_err(out.cpu(), ref["out"]) <= bound

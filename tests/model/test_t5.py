@@ -145,3 +145,14 @@ def test_bf16_close_to_fp32(weights: Path, encoder: TextEncoder, fixture: tuple)
     for a, b in zip(half.encode_text(prompts), encoder.encode_text(prompts)):
         assert a.dtype == torch.bfloat16
         assert rel_err(a, b) <= BF16_RTOL
+
+
+@pytest.mark.gpu
+def test_cuda_matches_reference(weights: Path, fixture: tuple) -> None:
+    tensors, meta = fixture
+    prompts = json.loads(meta["t5_prompts"])
+    for dtype, bound in ((torch.float32, 1e-3), (torch.bfloat16, BF16_RTOL)):
+        enc = load_t5(weights, tiny_t5_config(), device="cuda", dtype=dtype)
+        for i, out in enumerate(enc.encode_text(prompts)):
+            assert out.device.type == "cuda"
+            assert rel_err(out.cpu(), tensors[f"out{i}"]) <= bound

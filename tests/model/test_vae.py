@@ -113,3 +113,16 @@ def test_bf16_close_to_fp32(weights: Path, model: WanVAE, ref: dict[str, torch.T
     half = load_vae(weights, TINY_VAE, dtype=torch.bfloat16)
     assert rel_err(half.encode(ref["video"]), model.encode(ref["video"])) <= BF16_RTOL
     assert rel_err(half.decode(ref["latents"]), model.decode(ref["latents"])) <= BF16_RTOL
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_channels_last_matches_reference(weights: Path, ref: dict[str, torch.Tensor]) -> None:
+    """The fast GPU setting stays within the bf16 bound of the reference's float32 outputs."""
+    fast = load_vae(weights, TINY_VAE, device="cuda", dtype=torch.bfloat16, channels_last=True)
+    latents = fast.encode(ref["video"].cuda())
+    video = fast.decode(ref["latents"].cuda())
+    assert latents.device.type == "cuda" and latents.dtype == torch.float32
+    assert rel_err(latents.cpu(), ref["encoded"]) <= BF16_RTOL
+    assert rel_err(video.cpu(), ref["decoded"]) <= BF16_RTOL
+    exact = load_vae(weights, TINY_VAE, device="cuda")  # float32 (cuDNN may use TF32)
+    assert rel_err(exact.decode(ref["latents"].cuda()).cpu(), ref["decoded"]) <= 1e-2
