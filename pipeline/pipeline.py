@@ -60,7 +60,7 @@ class Segment:
 
     start: int  # first output frame
     plan: windows.ChunkPlan
-    features: tuple[Tensor, ...]  # per speaker [T_seg (+pad), K, C] float32, padded to plan.end
+    features: tuple[Tensor, ...]  # per speaker [T_seg, K, C] (memory-mapped), read up to plan.end
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -285,6 +285,14 @@ class InfiniteTalkPipeline:
                 f"the model needs more than {frame_num} frames ({(frame_num + 1) / FPS:.2f} s)"
             )
         features = tuple(self.audio_encoder.audio_features(track, num_frames=num_rows) for track in speech.tracks)
+        del speech
+        # on disk and memory-mapped: a long audio's features (12 x 768 floats a frame) do not
+        # stay in host memory; the DiT reads them in its dtype anyway
+        dtype = self.dit.dtype if self.dit.dtype != torch.float16 else torch.float32
+        torch.save({f"person{i + 1}": f.to(dtype).contiguous() for i, f in enumerate(features)},
+                   work_dir / "features.pt")
+        mapped = torch.load(work_dir / "features.pt", mmap=True, weights_only=True)
+        features = tuple(mapped[f"person{i + 1}"] for i in range(len(features)))
         timings["audio_features_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -504,7 +512,7 @@ class InfiniteTalkPipeline:
         dtype = self.dit.dtype
 
         # audio windows: [1, P, F, 5, K, C]
-        audio = torch.stack([windows.chunk_audio(f, start, frame_num) for f in seg.features])[None]
+        audio = torch.stack([windows.chunk_audio(f, start, frame_num, seg.plan.end) for f in seg.features])[None]
         audio = audio.to(self.device, dtype)
         null_audio = torch.zeros_like(audio[:, :1])
         noise = torch.randn(self.config.vae.z_dim, lat_f, lat_h, lat_w, generator=gen, dtype=torch.float32)
@@ -642,13 +650,12 @@ def plan_segments(
         if cut - bounds[-1] > frame_num and total - cut > frame_num:
             bounds.append(cut)
     if len(bounds) == 1:
-        return (Segment(start=0, plan=whole, features=tuple(windows.pad_features(f, whole.end) for f in features)),)
+        return (Segment(start=0, plan=whole, features=features),)
     bounds.append(total)
     segments = []
     for a, b in zip(bounds[:-1], bounds[1:]):
         plan = windows.plan_chunks(b - a, frame_num=frame_num, motion_frame=motion, max_frame_num=None, mode="streaming")
-        feats = tuple(windows.pad_features(f[a:b], plan.end) for f in features)
-        segments.append(Segment(start=a, plan=plan, features=feats))
+        segments.append(Segment(start=a, plan=plan, features=tuple(f[a:b] for f in features)))
     return tuple(segments)
 
 

@@ -98,6 +98,19 @@ def window_indices(start: int, frame_num: int, num_rows: int) -> Tensor:
     return torch.clamp(centres + offsets, min=0, max=num_rows - 1)  # [F, 5]
 
 
-def chunk_audio(features: Tensor, start: int, frame_num: int) -> Tensor:
-    """One speaker's audio windows for a chunk: [T', L, C] -> [frame_num, 5, L, C]."""
-    return features[window_indices(start, frame_num, features.shape[0])]
+def padded_rows(rows: int, end: int) -> int:
+    """Rows of the features after `pad_features(features, end)` (without building them)."""
+    return rows if end < rows else rows + end - rows + 3
+
+
+def chunk_audio(features: Tensor, start: int, frame_num: int, end: int | None = None) -> Tensor:
+    """One speaker's audio windows for a chunk: [T, K, C] -> [frame_num, 5, K, C].
+
+    With `end` (the plan's end), rows past the audio come from the reflection `pad_features`
+    would append, read in place: row T + j is row T - 1 - j. No padded copy is made, so the
+    features can stay memory-mapped."""
+    rows = features.shape[0]
+    total = rows if end is None else padded_rows(rows, end)
+    idx = window_indices(start, frame_num, total)  # [F, 5] into the padded rows
+    idx = torch.where(idx >= rows, 2 * rows - 1 - idx, idx)  # reflected rows
+    return features[idx]

@@ -93,6 +93,8 @@ def test_audio_windows_and_padding() -> None:
     padded = windows.pad_features(feats, 12)  # end 12 >= T 10 -> 5 reflected rows
     assert padded[:, 0, 0].tolist() == list(range(10)) + [9, 8, 7, 6, 5]
     assert windows.pad_features(feats, 9) is feats
+    for start in range(0, 9):  # reading the reflection in place equals padding first
+        torch.testing.assert_close(windows.chunk_audio(feats, start, 5, end=12), windows.chunk_audio(padded, start, 5))
     win = windows.chunk_audio(padded, 8, 5)
     assert win.shape == (5, 5, 1, 1) and win[-1, :, 0, 0].tolist() == [9, 8, 7, 6, 5] and win[0, :, 0, 0].tolist() == [6, 7, 8, 9, 9]
 
