@@ -139,12 +139,16 @@ def loudness_norm(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, lufs: float
         return pyloudnorm.normalize.loudness(audio, loudness, lufs).astype(np.float32)
 
 
-def prepare_track(path: Path | str, sample_rate: int = SAMPLE_RATE, min_seconds: float = MIN_SECONDS) -> np.ndarray:
+def prepare_track(
+    path: Path | str, sample_rate: int = SAMPLE_RATE, min_seconds: float = MIN_SECONDS
+) -> np.ndarray:
     """read_audio + loudness_norm, with AudioError for audio shorter than `min_seconds`."""
     audio = read_audio(path, sample_rate)
     seconds = audio.shape[0] / sample_rate
     if seconds < max(min_seconds, MIN_SECONDS):
-        raise AudioError(path, f"audio too short: {seconds:.2f} s, needs at least {max(min_seconds, MIN_SECONDS):.2f} s")
+        raise AudioError(
+            path, f"audio too short: {seconds:.2f} s, needs at least {max(min_seconds, MIN_SECONDS):.2f} s"
+        )
     return loudness_norm(audio, sample_rate)
 
 

@@ -109,7 +109,9 @@ def write_unigram_tokenizer(folder: Path, *, kind: str) -> None:
     tok = Tokenizer(models.Unigram(vocab, unk_id=unk, byte_fallback=False))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.post_processor = processors.TemplateProcessing(single=template[0], pair=template[1], special_tokens=post)
+    tok.post_processor = processors.TemplateProcessing(
+        single=template[0], pair=template[1], special_tokens=post
+    )
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     for s in specials + (["<mask>"] if kind == "xlmr" else []):
         tok.add_special_tokens([s])
@@ -144,7 +146,9 @@ def random_tensor(gen: torch.Generator, key: str, shape: tuple[int, ...]) -> Ten
     return noise / math.sqrt(fan_in)
 
 
-def random_state(gen: torch.Generator, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> dict[str, Tensor]:
+def random_state(
+    gen: torch.Generator, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype
+) -> dict[str, Tensor]:
     return {k: random_tensor(gen, k, s).to(dtype) for k, s in shapes.items()}
 
 
@@ -204,7 +208,7 @@ def wav2vec_checkpoint_shapes(hub_config: dict[str, Any]) -> dict[str, tuple[int
 
 
 def write_tiny_encoders(weights_dir: Path, seed: int) -> dict[str, dict[str, Any]]:
-    """Write the tiny encoder files into `weights_dir` (see the module docstring); return tiny.json sections."""
+    """Write the tiny encoder files into `weights_dir` (module docstring); return tiny.json sections."""
     from safetensors.torch import save_file
 
     weights_dir = Path(weights_dir)

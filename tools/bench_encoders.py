@@ -42,7 +42,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def random_init(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+def random_init(
+    model: torch.nn.Module, device: torch.device, dtype: torch.dtype, seed: int = 0
+) -> torch.nn.Module:
     gen = torch.Generator(device=device).manual_seed(seed)
     model = model.to_empty(device=device)
     with torch.no_grad():
@@ -66,7 +68,11 @@ def bench_vae(device: torch.device, tiny: bool) -> dict:
     model = random_init(model, device, torch.float32)
     results: dict = {}
     ref_dec = ref_enc = None
-    for label, dtype, cl in (("fp32", torch.float32, False), ("bf16", torch.bfloat16, False), ("bf16_cl", torch.bfloat16, True)):
+    for label, dtype, cl in (
+        ("fp32", torch.float32, False),
+        ("bf16", torch.bfloat16, False),
+        ("bf16_cl", torch.bfloat16, True),
+    ):
         m = model.to(dtype)
         m.channels_last = False
         if cl:
@@ -112,7 +118,11 @@ def bench_clip(device: torch.device, tiny: bool) -> dict:
 def bench_t5(device: torch.device, tiny: bool) -> dict:
     from transformers import UMT5EncoderModel
 
-    cfg = t5.T5Config(vocab_size=300, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2) if tiny else t5.T5Config()
+    cfg = (
+        t5.T5Config(vocab_size=300, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2)
+        if tiny
+        else t5.T5Config()
+    )
     with torch.device("meta"):
         model = UMT5EncoderModel(t5._hf_config(cfg))
     model = random_init(model, device, torch.bfloat16)
@@ -134,7 +144,11 @@ def bench_wav2vec(device: torch.device, tiny: bool) -> dict:
 
     from pipeline.models.wav2vec import AudioEncoder, Wav2VecConfig
 
-    hub = Wav2Vec2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32) if tiny else Wav2Vec2Config()
+    hub = (
+        Wav2Vec2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+        if tiny
+        else Wav2Vec2Config()
+    )
 
     class Identity:
         def __call__(self, x, sampling_rate):  # noqa: ANN001
@@ -144,7 +158,9 @@ def bench_wav2vec(device: torch.device, tiny: bool) -> dict:
     for where in ("cpu", device.type):
         dev = torch.device(where)
         model = Wav2Vec2Model(hub).to(dev).eval()
-        enc = AudioEncoder(model, Identity(), Wav2VecConfig(hidden_size=hub.hidden_size, num_layers=hub.num_hidden_layers))
+        enc = AudioEncoder(
+            model, Identity(), Wav2VecConfig(hidden_size=hub.hidden_size, num_layers=hub.num_hidden_layers)
+        )
         speech = torch.randn(16000 * 60).numpy() * 0.1
         t, out = timed(lambda: enc.audio_features(speech), dev, runs=1)
         print("wav2vec", where, t, tuple(out.shape), flush=True)
@@ -160,7 +176,10 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
-    info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
+    info = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
     print(info, flush=True)
     results = {"info": info}
     parser_only = {"vae": bench_vae, "clip": bench_clip, "t5": bench_t5, "wav2vec2": bench_wav2vec}

@@ -65,7 +65,9 @@ class ClipConfig:
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+            raise ValueError(
+                f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
+            )
         if self.dim % self.num_heads:
             raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
 
@@ -104,7 +106,11 @@ def checkpoint_shapes(cfg: ClipConfig) -> dict[str, tuple[int, ...]]:
             p + "mlp.0.weight": (m, d), p + "mlp.0.bias": (m,),
             p + "mlp.2.weight": (d, m), p + "mlp.2.bias": (d,),
         }  # fmt: skip
-    shapes |= {"visual.post_norm.weight": (d,), "visual.post_norm.bias": (d,), "visual.head": (d, cfg.embed_dim)}
+    shapes |= {
+        "visual.post_norm.weight": (d,),
+        "visual.post_norm.bias": (d,),
+        "visual.head": (d, cfg.embed_dim),
+    }
     shapes |= {
         "textual.token_embedding.weight": (cfg.text_vocab_size, t),
         "textual.type_embedding.weight": (1, t),
@@ -160,7 +166,7 @@ def map_state_dict(
             layer, rest = prefix + f"encoder.layers.{match.group(1)}.", match.group(2)
             if rest in ("attn.to_qkv.weight", "attn.to_qkv.bias"):
                 kind = rest.rsplit(".", 1)[1]
-                for name, part in zip(("q_proj", "k_proj", "v_proj"), tensor.split(d, dim=0)):
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), tensor.split(d, dim=0), strict=True):
                     mapped[layer + f"self_attn.{name}.{kind}"] = part
             elif rest in _LAYER_KEYS:
                 mapped[layer + _LAYER_KEYS[rest]] = tensor
@@ -214,7 +220,9 @@ class ImageEncoder:
     def preprocess(self, frames: Tensor) -> Tensor:
         """frames [B, 3, H, W] in [-1, 1] -> normalised pixels [B, 3, S, S] (float32)."""
         if frames.ndim != 4 or frames.shape[1] != 3:
-            raise ValueError(f"encode_image_clip expects frames [B, 3, H, W], got shape {tuple(frames.shape)}")
+            raise ValueError(
+                f"encode_image_clip expects frames [B, 3, H, W], got shape {tuple(frames.shape)}"
+            )
         size = (self.cfg.image_size, self.cfg.image_size)
         x = F.interpolate(frames.float(), size=size, mode="bicubic", align_corners=False)
         x = x * 0.5 + 0.5
@@ -236,7 +244,10 @@ def load_clip(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float16,
 ) -> ImageEncoder:
-    """Load the visual tower from `<weights_dir>/Wan2.1-I2V-14B-480P/<CLIP file>` (float16 as the reference)."""
+    """Load the visual tower from `<weights_dir>/Wan2.1-I2V-14B-480P/<CLIP file>`.
+
+    float16 by default, as the reference.
+    """
     from transformers import CLIPVisionModel
 
     file = Path(weights_dir) / "Wan2.1-I2V-14B-480P" / CLIP_FILE

@@ -94,7 +94,9 @@ def wan_to_hf_key(key: str) -> str:
     return f"encoder.block.{match.group(1)}.{_BLOCK_KEYS[match.group(2)]}"
 
 
-def map_state_dict(state: dict[str, Tensor], expected: dict[str, tuple[int, ...]], source: str) -> dict[str, Tensor]:
+def map_state_dict(
+    state: dict[str, Tensor], expected: dict[str, tuple[int, ...]], source: str
+) -> dict[str, Tensor]:
     """Rename Wan keys to transformers keys; raise naming every unmapped, missing or mis-shaped tensor."""
     mapped: dict[str, Tensor] = {}
     unknown: list[str] = []
@@ -176,7 +178,7 @@ class TextEncoder:
         mask = batch.attention_mask.to(self.device)  # [B, L]
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, L, D]
         lengths = mask.sum(dim=1).tolist()
-        return [h[:n] for h, n in zip(hidden, lengths)]
+        return [h[:n] for h, n in zip(hidden, lengths, strict=True)]
 
 
 def load_tokenizer(folder: Path):  # -> transformers tokenizer

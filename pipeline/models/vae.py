@@ -264,12 +264,14 @@ class Encoder3d(nn.Module):
         dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
         self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
         layers: list[nn.Module] = []
-        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
             for _ in range(cfg.num_res_blocks):
                 layers.append(ResidualBlock(in_dim, out_dim))
                 in_dim = out_dim
             if i < len(cfg.dim_mult) - 1:
-                layers.append(Resample(out_dim, "downsample3d" if cfg.temporal_downsample[i] else "downsample2d"))
+                layers.append(
+                    Resample(out_dim, "downsample3d" if cfg.temporal_downsample[i] else "downsample2d")
+                )
         self.downsamples = nn.Sequential(*layers)
         self.middle = _middle(dims[-1])
         self.head = Head(dims[-1], cfg.z_dim * 2)
@@ -291,7 +293,7 @@ class Decoder3d(nn.Module):
         self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
         self.middle = _middle(dims[0])
         layers: list[nn.Module] = []
-        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
             if i > 0:
                 in_dim //= 2  # the previous upsampling halved the channels
             for _ in range(cfg.num_res_blocks + 1):
@@ -335,7 +337,7 @@ class WanVAE(nn.Module):
     def use_channels_last(self) -> WanVAE:
         """Store conv weights and activations channels-last (faster cuDNN conv3d in bf16 on GPUs)."""
         for module in self.modules():
-            for name, param in list(module.named_parameters(recurse=False)):
+            for param in module.parameters(recurse=False):
                 if param.ndim in (4, 5):
                     fmt = torch.channels_last_3d if param.ndim == 5 else torch.channels_last
                     param.data = param.data.contiguous(memory_format=fmt)

@@ -60,7 +60,10 @@ class AudioEncoder:
 
     @torch.no_grad()
     def audio_features(self, speech: np.ndarray, num_frames: int | None = None) -> Tensor:
-        """speech [N] float (16 kHz mono) -> [T, K, Dh] float32 on the CPU; T = num_frames or int(N/16000*25)."""
+        """speech [N] float (16 kHz mono) -> [T, K, Dh] float32 on the CPU.
+
+        T = num_frames, or int(N / 16000 * 25) when None (the reference's rule).
+        """
         speech = np.asarray(speech)
         if speech.ndim != 1:
             raise ValueError(f"audio_features expects mono speech [N], got shape {speech.shape}")
@@ -133,7 +136,8 @@ def load_wav2vec(
     if model.config.hidden_size != cfg.hidden_size or model.config.num_hidden_layers != cfg.num_layers:
         raise ValueError(
             f"{folder}/config.json: hidden_size={model.config.hidden_size}, "
-            f"num_hidden_layers={model.config.num_hidden_layers}; expected {cfg.hidden_size} and {cfg.num_layers}"
+            f"num_hidden_layers={model.config.num_hidden_layers}; "
+            f"expected {cfg.hidden_size} and {cfg.num_layers}"
         )
     extractor = Wav2Vec2FeatureExtractor.from_pretrained(str(folder), local_files_only=True)
     return AudioEncoder(model.to(device).eval().requires_grad_(False), extractor, cfg)

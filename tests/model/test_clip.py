@@ -81,7 +81,9 @@ def test_unused_tensors_are_skipped_by_name() -> None:
     assert sum(torch.Size(s).numel() for s in shapes.values()) == 1_193_014_785  # model.md 2.7
     state = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
     mapped, skipped = map_state_dict(state, cfg, _expected(cfg), "released layout")
-    assert all(k.startswith(("textual.", "visual.transformer.31.", "visual.head", "log_scale")) for k in skipped)
+    assert all(
+        k.startswith(("textual.", "visual.transformer.31.", "visual.head", "log_scale")) for k in skipped
+    )
     assert {"log_scale", "visual.head", "visual.transformer.31.attn.to_qkv.weight"} <= set(skipped)
     assert sum(k.startswith("textual.") for k in skipped) == sum(k.startswith("textual.") for k in shapes)
     assert len(mapped) == len(_expected(cfg))

@@ -101,8 +101,9 @@ def _fields(cfg: T5Config) -> dict:
 
 def test_full_size_key_map_covers_every_tensor() -> None:
     """Every released key maps to a distinct UMT5EncoderModel parameter of the same shape, and back."""
-    from pipeline.models.t5 import _hf_config
     from transformers import UMT5EncoderModel
+
+    from pipeline.models.t5 import _hf_config
 
     cfg = T5Config()
     with torch.device("meta"):
@@ -124,12 +125,15 @@ def test_unmapped_or_missing_keys_are_named(weights: Path) -> None:
     state = {k: torch.empty(s, device="meta") for k, s in checkpoint_shapes(cfg).items()}
     state["blocks.0.attn.bias"] = torch.empty(1, device="meta")
     del state["blocks.1.ffn.fc2.weight"]
-    from pipeline.models.t5 import _hf_config
     from transformers import UMT5EncoderModel
+
+    from pipeline.models.t5 import _hf_config
 
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in UMT5EncoderModel(_hf_config(cfg)).state_dict().items()}
-    with pytest.raises(RuntimeError, match=r"blocks\.0\.attn\.bias.*encoder\.block\.1\.layer\.1\.DenseReluDense\.wo"):
+    with pytest.raises(
+        RuntimeError, match=r"blocks\.0\.attn\.bias.*encoder\.block\.1\.layer\.1\.DenseReluDense\.wo"
+    ):
         map_state_dict(state, expected, "bad.pth")
 
 
@@ -142,7 +146,7 @@ def test_bf16_close_to_fp32(weights: Path, encoder: TextEncoder, fixture: tuple)
     half = load_t5(weights, tiny_t5_config())  # bfloat16, the reference's dtype
     assert half.model.shared.weight.dtype == torch.bfloat16
     prompts = json.loads(fixture[1]["t5_prompts"])
-    for a, b in zip(half.encode_text(prompts), encoder.encode_text(prompts)):
+    for a, b in zip(half.encode_text(prompts), encoder.encode_text(prompts), strict=True):
         assert a.dtype == torch.bfloat16
         assert rel_err(a, b) <= BF16_RTOL
 

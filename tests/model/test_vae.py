@@ -75,7 +75,10 @@ def test_decode_is_causal(model: WanVAE, ref: dict[str, torch.Tensor]) -> None:
     assert rel_err(prefix, full[:, :5]) <= 1e-5
 
 
-@pytest.mark.parametrize(("shape", "needle"), [((3, 8, 32, 32), "F=8"), ((3, 5, 30, 32), "H=30"), ((4, 5, 32, 32), "(4, 5, 32, 32)")])
+@pytest.mark.parametrize(
+    ("shape", "needle"),
+    [((3, 8, 32, 32), "F=8"), ((3, 5, 30, 32), "H=30"), ((4, 5, 32, 32), "(4, 5, 32, 32)")],
+)
 def test_encode_rejects_bad_shapes(model: WanVAE, shape: tuple[int, ...], needle: str) -> None:
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         model.encode(torch.zeros(shape))

@@ -126,7 +126,9 @@ def _load_ref_modules(ref: Path) -> dict[str, types.ModuleType]:
     # t5.py evaluates `torch.cuda.current_device()` as a default argument at import time
     current_device, torch.cuda.current_device = torch.cuda.current_device, lambda: 0
     for name in ("vae", "tokenizers", "t5", "xlm_roberta", "clip"):
-        spec = importlib.util.spec_from_file_location(f"wan.modules.{name}", ref / "wan" / "modules" / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(
+            f"wan.modules.{name}", ref / "wan" / "modules" / f"{name}.py"
+        )
         assert spec and spec.loader
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
@@ -156,7 +158,10 @@ def _ref_cli_functions(ref: Path, names: tuple[str, ...]) -> dict[str, object]:
         "np": np, "torch": torch, "librosa": librosa, "pyln": pyln, "rearrange": rearrange,
         "os": __import__("os"), "subprocess": subprocess,
     }  # fmt: skip
-    exec(compile(ast.Module(body=picked, type_ignores=[]), str(ref / "generate_infinitetalk.py"), "exec"), namespace)
+    exec(
+        compile(ast.Module(body=picked, type_ignores=[]), str(ref / "generate_infinitetalk.py"), "exec"),
+        namespace,
+    )
     return namespace
 
 
@@ -200,8 +205,9 @@ def make_vae(mods: dict, weights: Path, meta: dict) -> dict[str, torch.Tensor]:
 def make_t5(mods: dict, weights: Path, meta: dict) -> dict[str, torch.Tensor]:
     cfg = tiny_encoders.tiny_t5_config()
     model = mods["t5"].T5Encoder(
-        vocab=cfg.vocab_size, dim=cfg.dim, dim_attn=cfg.dim_attn, dim_ffn=cfg.dim_ffn, num_heads=cfg.num_heads,
-        num_layers=cfg.num_layers, num_buckets=cfg.num_buckets, shared_pos=False, dropout=0.1,
+        vocab=cfg.vocab_size, dim=cfg.dim, dim_attn=cfg.dim_attn, dim_ffn=cfg.dim_ffn,
+        num_heads=cfg.num_heads, num_layers=cfg.num_layers, num_buckets=cfg.num_buckets,
+        shared_pos=False, dropout=0.1,
     )  # fmt: skip
     root = weights / "Wan2.1-I2V-14B-480P"
     model.load_state_dict(torch.load(root / t5.T5_FILE, map_location="cpu"), strict=True)
@@ -239,7 +245,9 @@ def make_clip(mods: dict, weights: Path, meta: dict) -> dict[str, torch.Tensor]:
         [sys.modules["torchvision.transforms"].Normalize(mean=list(clip.CLIP_MEAN), std=list(clip.CLIP_STD))]
     )
     gen = torch.Generator().manual_seed(2)
-    image = torch.rand(1, 3, 1, 40, 56, generator=gen) * 2 - 1  # [B, 3, F=1, H, W], as generate_infinitetalk passes
+    image = (
+        torch.rand(1, 3, 1, 40, 56, generator=gen) * 2 - 1
+    )  # [B, 3, F=1, H, W], as generate_infinitetalk passes
     with torch.no_grad():
         out = wrapper.visual(image.clone())
     meta["clip_digest"] = _state_hash(file)
@@ -250,7 +258,9 @@ def _speech_like(seconds: float, rate: int, channels: int, seed: int) -> np.ndar
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * rate)) / rate
     envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3.0 * t) ** 2
-    voice = sum(np.sin(2 * np.pi * f * t + rng.uniform(0, 6)) / k for k, f in enumerate((140, 280, 420, 900), 1))
+    voice = sum(
+        np.sin(2 * np.pi * f * t + rng.uniform(0, 6)) / k for k, f in enumerate((140, 280, 420, 900), 1)
+    )
     signal = 0.2 * envelope * voice + 0.01 * rng.standard_normal(t.shape)
     stereo = np.stack([signal * (1.0 - 0.3 * c) for c in range(channels)], axis=1)
     return np.round(np.clip(stereo, -1, 1) * 32767).astype(np.int16)  # [n, channels]
@@ -260,12 +270,16 @@ def make_audio(ref: Path, weights: Path, meta: dict) -> dict[str, torch.Tensor]:
     import soundfile
     from transformers import Wav2Vec2FeatureExtractor
 
-    fns = _ref_cli_functions(ref, ("loudness_norm", "audio_prepare_single", "audio_prepare_multi", "get_embedding"))
+    fns = _ref_cli_functions(
+        ref, ("loudness_norm", "audio_prepare_single", "audio_prepare_multi", "get_embedding")
+    )
     Wav2Vec2Model = sys.modules["src.audio_analysis.wav2vec2"].Wav2Vec2Model
     folder = weights / "chinese-wav2vec2-base"
     # the reference's forward sets config.output_attentions, which transformers >= 4.48 only allows
     # with eager attention (the known patch for recent transformers; same math)
-    encoder = Wav2Vec2Model.from_pretrained(str(folder), local_files_only=True, attn_implementation="eager").eval()
+    encoder = Wav2Vec2Model.from_pretrained(
+        str(folder), local_files_only=True, attn_implementation="eager"
+    ).eval()
     extractor = Wav2Vec2FeatureExtractor.from_pretrained(str(folder), local_files_only=True)
 
     raw1 = _speech_like(1.5, 22050, 2, seed=3)  # person 1: 22.05 kHz stereo WAV
@@ -290,7 +304,8 @@ def make_audio(ref: Path, weights: Path, meta: dict) -> dict[str, torch.Tensor]:
         "raw1": t(raw1), "raw2": t(raw2),
         "single": t(single.astype(np.float32)),
         "para_mix": t(para_mix.astype(np.float32)),
-        "add1": t(add1.astype(np.float32)), "add2": t(add2.astype(np.float32)), "add_mix": t(add_mix.astype(np.float32)),
+        "add1": t(add1.astype(np.float32)), "add2": t(add2.astype(np.float32)),
+        "add_mix": t(add_mix.astype(np.float32)),
         "emb_single": emb_single.float(), "emb_add1": emb_add1.float(), "emb_add2": emb_add2.float(),
     }  # fmt: skip
 
@@ -327,7 +342,7 @@ def main() -> None:
             tensors = {k: v.contiguous() for k, v in make(meta).items()}
             path = args.out / f"encoders_{name}.safetensors"
             save_file(tensors, str(path), metadata=meta)
-            print(f"{path.relative_to(ROOT)}: {path.stat().st_size / 1e3:.0f} kB, {sorted(tensors)}")
+            print(f"{path}: {path.stat().st_size / 1e3:.0f} kB, {sorted(tensors)}")
 
 
 if __name__ == "__main__":
