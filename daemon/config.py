@@ -77,6 +77,9 @@ class Settings:
     weights_dir: Path = _f(Path("weights"), "released weights; if it holds none, a tiny model is "
                            "written under state_dir and used")
     device: str = _f("auto", "torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:N")
+    devices: tuple[str, ...] = _f((), "one render worker (one resident model) per device, e.g. "
+                                  "[\"cuda:0\", \"cuda:1\"]; empty: every visible GPU when device = auto, "
+                                  "else device")
     dtype: str = _f("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     quant: str = _f("none", "DiT weight quantization: none or fp8")
     lora: tuple[str, ...] = _f((), "LoRA files (relative to weights_dir) merged at load; empty: "

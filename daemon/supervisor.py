@@ -86,11 +86,39 @@ def backoff_s(settings: Settings, attempts: int) -> float:
     return float(min(settings.retry_backoff_max_s, settings.retry_backoff_s * 2 ** max(0, attempts - 1)))
 
 
+def gpu_count(environ: dict[str, str] | None = None) -> int:
+    """Visible NVIDIA GPUs, without importing torch: $CUDA_VISIBLE_DEVICES, else `nvidia-smi -L`."""
+    env = os.environ if environ is None else environ
+    if "CUDA_VISIBLE_DEVICES" in env:
+        return len([d for d in env["CUDA_VISIBLE_DEVICES"].split(",") if d.strip() and d.strip() != "-1"])
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def worker_devices(settings: Settings) -> list[str]:
+    """One render worker per entry: `devices` if set, every visible GPU for device = auto, else `device`."""
+    if settings.devices:
+        return list(settings.devices)
+    if settings.device == "auto":
+        n = gpu_count()
+        if n >= 2:
+            return [f"cuda:{i}" for i in range(n)]
+    return [settings.device]
+
+
 @dataclass(slots=True)
 class Running:
     job_id: str
     name: str
     order: RunOrder
+    worker: int = 0
     last_write: float = 0.0
     progress: dict[str, Any] = field(default_factory=dict)
 
@@ -113,12 +141,13 @@ class Supervisor:
         self.lock_fd: int | None = None
         self.ledger: Ledger | None = None
         self.outbox = Outbox(settings.outbox)
-        self.worker: WorkerHandle | None = None
+        self.devices: list[str] = worker_devices(settings)
+        self.workers: list[WorkerHandle | None] = [None] * len(self.devices)
+        self.fatal: dict[int, str] = {}
         self.start_failures = 0
         self.last_status = ""
         self.weights_dir = settings.weights_dir
         self.tiny = False
-        self.fatal: str | None = None
         self.intake: Intake | None = None
         self.watcher: Watcher | None = None
 
@@ -160,7 +189,8 @@ class Supervisor:
         self.watcher.start()
         self.weights_dir, self.tiny = self._choose_weights()
         self.intake.model_min_audio_s = model_min_audio_s(self.weights_dir)
-        self._start_worker()
+        self._start_worker(0)  # the others start once weights exist (the first may write tiny ones)
+        self._start_more_workers()
 
     def _choose_weights(self) -> tuple[Path, bool]:
         s = self.settings
@@ -172,16 +202,47 @@ class Supervisor:
             s.weights_dir)
         return s.tiny_weights_dir, True
 
-    def _start_worker(self) -> None:
+    def _start_more_workers(self) -> None:
+        if not has_weights(self.weights_dir):
+            return
+        for index, worker in enumerate(self.workers):
+            if worker is None:
+                self._start_worker(index)
+
+    def _start_worker(self, index: int) -> None:
         s = self.settings
         config = WorkerConfig(
-            weights_dir=self.weights_dir, device=s.device, dtype=s.dtype, quant=s.quant, lora=s.lora,
+            weights_dir=self.weights_dir, device=self.devices[index], dtype=s.dtype, quant=s.quant, lora=s.lora,
             lora_scale=s.lora_scale, attention=s.attention, max_running=s.max_running,
             factory=self.pipeline_factory, log_level=s.log_level,
             write_tiny=self.tiny and not has_weights(self.weights_dir),
         )
-        self.worker = WorkerHandle(config)
-        self.worker.start()
+        worker = WorkerHandle(config)
+        worker.start()
+        self.workers[index] = worker
+
+    def _live_workers(self) -> list[tuple[int, WorkerHandle]]:
+        return [(i, w) for i, w in enumerate(self.workers) if w is not None]
+
+    def _ready_worker(self) -> tuple[int, WorkerHandle] | None:
+        """The ready worker with the fewest jobs (jobs spread across GPUs)."""
+        ready = [(len(w.jobs), i, w) for i, w in self._live_workers() if w.ready and w.alive()]
+        if not ready:
+            return None
+        _, index, worker = min(ready, key=lambda t: (t[0], t[1]))
+        return index, worker
+
+    def _wait_workers(self, timeout_s: float) -> None:
+        from multiprocessing.connection import wait
+
+        conns = [w.conn for _, w in self._live_workers() if w.conn is not None]
+        if conns:
+            try:
+                wait(conns, timeout_s)
+            except OSError:
+                time.sleep(timeout_s)
+        else:
+            self.wake.wait(timeout_s)
 
     # ------------------------------------------------------------------ the loop
 
@@ -217,17 +278,20 @@ class Supervisor:
                 self.intake.admit_claimed()
                 if not self._check_worker():
                     return 1
-                if self.worker is not None and self.worker.ready:
+                self._start_more_workers()
+                first_ready = self._ready_worker()
+                if first_ready is not None:
                     if not ready_sent:
                         ready_sent = True
-                        frame_num = self.worker.info.get("frame_num")
+                        info = first_ready[1].info
+                        frame_num = info.get("frame_num")
                         if frame_num:
                             self.intake.model_min_audio_s = (int(frame_num) + 1) / 25
                         else:
                             self.intake.model_min_audio_s = model_min_audio_s(self.weights_dir) or 0.0
                         self.wake.set()
-                        logger.info("model ready (%s, load %.1f s); rendering", self.worker.info.get("device"),
-                                    self.worker.info.get("load_s", 0.0))
+                        logger.info("model ready (%s, load %.1f s); rendering", info.get("device"),
+                                    info.get("load_s", 0.0))
                         self.notifier.ready(self._status_text())
                     self._dispatch()
                 if now - last_housekeeping >= self.settings.rescan_s:
@@ -239,11 +303,8 @@ class Supervisor:
                 if self.once and self._once_done():
                     self.stop.set()
                     continue
-                if self.worker is not None:
-                    self.worker.wait(self.settings.tick_s)
-                    self._handle_messages()
-                else:
-                    self.wake.wait(self.settings.tick_s)
+                self._wait_workers(self.settings.tick_s)
+                self._handle_messages()
         finally:
             self._close()
 
@@ -265,8 +326,11 @@ class Supervisor:
     def _dispatch(self) -> None:
         """Start queued jobs while there is room. A job that was running when the worker died
         alongside others runs alone next time, so an innocent job is not failed by a poison one."""
-        assert self.ledger is not None and self.worker is not None
+        assert self.ledger is not None
         while True:
+            target = self._ready_worker()
+            if target is None:
+                return
             if self.isolate & set(self.running):
                 return
             upcoming = self.ledger.next_queued()
@@ -280,9 +344,11 @@ class Supervisor:
             except Exception as e:  # noqa: BLE001 - a stored job that cannot be rebuilt fails, the daemon goes on
                 self._fail(row, "bad_input", f"cannot prepare the job: {type(e).__name__}: {e}")
                 continue
-            self.running[row.id] = Running(job_id=row.id, name=row.name, order=order)
-            self.worker.run(order)
-            logger.info("job %s (%s) started, attempt %d", row.id, row.name, row.attempts)
+            index, worker = target
+            self.running[row.id] = Running(job_id=row.id, name=row.name, order=order, worker=index)
+            worker.run(order)
+            logger.info("job %s (%s) started on %s, attempt %d", row.id, row.name, self.devices[index],
+                        row.attempts)
 
     def _order(self, row: JobRow) -> RunOrder:
         job_dir = Path(row.job_dir or self.settings.jobs_dir / row.id)
@@ -293,22 +359,25 @@ class Supervisor:
                         checkpoint_dir=job_dir / "checkpoint", attempt=row.attempts)
 
     def _handle_messages(self) -> None:
-        assert self.worker is not None
-        for message in self.worker.poll():
-            kind = message[0]
-            if kind == "progress":
-                self._progress(message[1], message[2])
-            elif kind == "done":
-                self._done(message[1], message[2])
-            elif kind == "stopped":
-                self._stopped(message[1], message[2])
-            elif kind == "failed":
-                info = message[2]
-                self._failed(message[1], info["code"], info["message"], transient=info["transient"],
-                             traceback=info.get("traceback"))
-            elif kind == "fatal":
-                logger.error("render worker could not start: %s", message[1])
-                self.fatal = str(message[1])
+        for index, worker in self._live_workers():
+            for message in worker.poll():
+                self._handle_message(index, message)
+
+    def _handle_message(self, index: int, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "progress":
+            self._progress(message[1], message[2])
+        elif kind == "done":
+            self._done(message[1], message[2])
+        elif kind == "stopped":
+            self._stopped(message[1], message[2])
+        elif kind == "failed":
+            info = message[2]
+            self._failed(message[1], info["code"], info["message"], transient=info["transient"],
+                         traceback=info.get("traceback"))
+        elif kind == "fatal":
+            logger.error("render worker on %s could not start: %s", self.devices[index], message[1])
+            self.fatal[index] = str(message[1])
 
     def _progress(self, job_id: str, data: dict[str, Any]) -> None:
         assert self.ledger is not None
@@ -325,9 +394,11 @@ class Supervisor:
                                     num_steps=data["num_steps"], stage=data["stage"])
 
     def _done(self, job_id: str, result: dict[str, Any]) -> None:
-        assert self.ledger is not None and self.worker is not None
+        assert self.ledger is not None
         run = self.running.pop(job_id, None)
         row = self.ledger.get(job_id)
+        worker = self.workers[run.worker] if run is not None else None
+        worker_info = worker.info if worker is not None else {}
         order = run.order if run else self._order(row)
         poster = order.poster_path if order.poster_path.exists() else None
         if poster is None:
@@ -336,9 +407,10 @@ class Supervisor:
         sidecar = {
             "job_id": row.id, "name": row.name, "state": "done", "source": row.source,
             "input_hashes": row.input_hashes, "settings": row.spec,
-            "model": {**{k: v for k, v in self.worker.info.items() if k not in ("pid", "load_s")},
+            "model": {**{k: v for k, v in worker_info.items() if k not in ("pid", "load_s")},
+                      "worker_pid": worker_info.get("pid"),
                       "tiny": self.tiny, "weights_dir": str(self.weights_dir)},
-            "gpu": self.worker.info.get("gpu"),
+            "gpu": worker_info.get("gpu"),
             "frames": result.get("num_frames"), "fps": result.get("fps"), "duration_s": result.get("duration_s"),
             "width": result.get("width"), "height": result.get("height"), "seed": result.get("seed"),
             "attempts": row.attempts, "resumed_from_chunk": result.get("resumed_from_chunk", 0),
@@ -468,40 +540,45 @@ class Supervisor:
         logger.error("job %s (%s) failed: %s: %s", row.id, row.name, row.error_code, row.error_message)
 
     def _check_worker(self) -> bool:
-        """Notice a dead worker: its jobs retry (or fail after max_attempts); start a new one."""
-        assert self.ledger is not None
-        worker = self.worker
-        if worker is None or worker.alive():
-            return True
-        self._handle_messages()  # whatever it said before dying
-        fatal = self.fatal
-        was_ready = worker.ready
-        worker.kill()
-        if len(self.running) > 1:
-            self.isolate |= set(self.running)
-        for job_id in list(self.running):
-            self._failed(job_id, "worker_crash", "the render worker process died during this job",
-                         transient=True)
-        if fatal and not was_ready:
-            logger.error("giving up: the model cannot be loaded")
-            return False
-        self.start_failures = 0 if was_ready else self.start_failures + 1
-        if self.start_failures >= MAX_START_FAILURES:
-            logger.error("the render worker died %d times before it was ready; giving up", self.start_failures)
-            return False
-        logger.warning("render worker died; starting a new one")
-        self.fatal = None
-        self._start_worker()
+        """Notice dead workers: their jobs retry (or fail after max_attempts); start new ones."""
+        for index, worker in self._live_workers():
+            if worker.alive():
+                continue
+            for message in worker.poll():  # whatever it said before dying
+                self._handle_message(index, message)
+            fatal = self.fatal.pop(index, None)
+            was_ready = worker.ready
+            worker.kill()
+            mine = [job_id for job_id, run in self.running.items() if run.worker == index]
+            if len(mine) > 1:
+                self.isolate |= set(mine)
+            for job_id in mine:
+                self._failed(job_id, "worker_crash", "the render worker process died during this job",
+                             transient=True)
+            if fatal and not was_ready:
+                logger.error("giving up: the model cannot be loaded on %s", self.devices[index])
+                return False
+            self.start_failures = 0 if was_ready else self.start_failures + 1
+            if self.start_failures >= MAX_START_FAILURES:
+                logger.error("the render worker died %d times before it was ready; giving up", self.start_failures)
+                return False
+            logger.warning("render worker on %s died; starting a new one", self.devices[index])
+            self._start_worker(index)
         return True
 
     # ------------------------------------------------------------------ requests, reload, status
+
+    def _stop_job(self, job_id: str, reason: str) -> None:
+        run = self.running.get(job_id)
+        worker = self.workers[run.worker] if run is not None else None
+        if worker is not None:
+            worker.stop_job(job_id, reason)
 
     def _apply_request(self, action: str, job_id: str) -> control.Outcome:
         assert self.ledger is not None
 
         def stop_running(jid: str) -> None:
-            if self.worker is not None:
-                self.worker.stop_job(jid, "cancel")
+            self._stop_job(jid, "cancel")
 
         outcome = control.apply_request(self.settings, self.ledger, self.outbox, action, job_id,
                                         stop_running=stop_running)
@@ -536,7 +613,7 @@ class Supervisor:
         text = (f"{c['running']} running, {c['queued']} queued, {c['waiting']} waiting, {c['done']} done, "
                 f"{c['failed']} failed (caps {self.settings.max_queued} queued / {self.settings.max_running} "
                 "running)")
-        if self.worker is None or not self.worker.ready:
+        if self._ready_worker() is None:
             text = "loading the model; " + text
         for run in list(self.running.values())[:3]:
             p = run.progress
@@ -560,14 +637,14 @@ class Supervisor:
         logger.info("stopping: %d running job(s) stop at the next step boundary", len(self.running))
         self.notifier.stopping(f"stopping; {len(self.running)} job(s) finishing their current step")
         self.notifier.extend_timeout(s.stop_timeout_s + 30)
-        if self.worker is not None:
-            for job_id in self.running:
-                self.worker.stop_job(job_id, "shutdown")
+        for job_id in list(self.running):
+            self._stop_job(job_id, "shutdown")
         deadline = time.monotonic() + s.stop_timeout_s
         while self.running and time.monotonic() < deadline and not self.force.is_set():
-            if self.worker is None or not self.worker.alive():
+            if not any(self.workers[run.worker] is not None and self.workers[run.worker].alive()  # type: ignore[union-attr]
+                       for run in self.running.values()):
                 break
-            self.worker.wait(0.2)
+            self._wait_workers(0.2)
             self._handle_messages()
             self.notifier.ping_if_due()
         self._force_stop()
@@ -575,8 +652,8 @@ class Supervisor:
 
     def _force_stop(self) -> None:
         assert self.ledger is not None
-        if self.worker is not None:
-            self.worker.shutdown(timeout_s=2.0 if not self.force.is_set() else 0.1)
+        for _, worker in self._live_workers():
+            worker.shutdown(timeout_s=2.0 if not self.force.is_set() else 0.1)
         for job_id in list(self.running):
             self.running.pop(job_id)
             try:
@@ -589,8 +666,8 @@ class Supervisor:
     def _close(self) -> None:
         if self.watcher is not None:
             self.watcher.stop()
-        if self.worker is not None:
-            self.worker.kill()
+        for _, worker in self._live_workers():
+            worker.kill()
         if self.ledger is not None:
             self.ledger.close()
         if self.lock_fd is not None:

@@ -409,3 +409,21 @@ def test_sighup_reloads_caps_without_dropping_jobs(tmp_path: Path) -> None:
         assert "config not reloaded" in d.log.read_text()
     finally:
         d.stop()
+
+
+def test_jobs_spread_across_several_workers(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, config={"devices": ["cpu", "cpu"], "max_running": 2},
+               env={"FAKE_PIPELINE_STEP_S": "0.2"})
+    try:
+        d.start()
+        d.wait_for(lambda: "model ready" in d.log.read_text(), 60, "the first worker")
+        time.sleep(2.0)  # the second worker is ready too by now (the fake pipeline loads instantly)
+        for i in range(2):
+            _bundle(d, f"spread{i}", seed=i, prompt=f"job {i}")
+        for i in range(2):
+            d.wait_state(f"spread{i}", "done")
+        pids = {json.loads((d.outbox / f"spread{i}.json").read_text())["model"]["worker_pid"] for i in range(2)}
+        assert len(pids) == 2, pids  # one job per worker process (one resident model each)
+        assert "started on cpu" in d.log.read_text()
+    finally:
+        d.stop()
