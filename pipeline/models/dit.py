@@ -26,7 +26,7 @@ region masks (same quantity as the reference's softmax-then-mask sums).
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,9 @@ from torch import Tensor, nn
 
 from pipeline.config import DiTConfig
 from pipeline.models.attention import Backend, attention
+
+if TYPE_CHECKING:
+    from pipeline.parallel import SequenceParallel
 
 RopeMode = Literal["exact", "fast"]
 
@@ -187,17 +190,26 @@ class WanSelfAttention(nn.Module):
         self.norm_k = WanRMSNorm(dim, eps=eps)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, ...], backend: Backend, region_masks: Tensor | None
+        self, x: Tensor, rope: tuple[Tensor, ...], backend: Backend, region_masks: Tensor | None,
+        sp: SequenceParallel | None = None, grid: tuple[int, int, int] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """x [B, L, D] -> ([B, L, D], speaker map [B, 3, L] when `region_masks` [3, S] is given)."""
+        """x [B, L, D] -> ([B, L, D], speaker map [B, 3, L] when `region_masks` [3, S] is given).
+
+        With `sp` (sequence parallel), x holds this rank's tokens and `grid` is the full token grid.
+        """
         b, seq, n, d = *x.shape[:2], self.num_heads, self.head_dim
         q = apply_rope(self.norm_q(self.q(x)).view(b, seq, n, d), rope)  # [B, L, N, Dh] fp32
         k = apply_rope(self.norm_k(self.k(x)).view(b, seq, n, d), rope)
         v = self.v(x).view(b, seq, n, d)
         q, k = q.to(v.dtype), k.to(v.dtype)
-        out = self.o(attention(q, k, v, backend=backend).flatten(2))  # [B, L, D]
+        if sp is None:
+            out = self.o(attention(q, k, v, backend=backend).flatten(2))  # [B, L, D]
+        else:
+            out = self.o(sp.attention(q, k, v, grid, backend).flatten(2))
         speaker_map = None
         if region_masks is not None:
+            if sp is not None:
+                k = sp.first_frame_keys(k, region_masks.shape[1])
             speaker_map = region_attention_map(q.to(out.dtype), k.to(out.dtype), region_masks, backend)
         return out, speaker_map
 
@@ -273,7 +285,8 @@ class AudioCrossAttention(nn.Module):
         self.background = float(class_range // 2)
 
     def forward(
-        self, x: Tensor, audio: Tensor, grid: tuple[int, int, int], speakers: int, speaker_map: Tensor | None, backend: Backend
+        self, x: Tensor, audio: Tensor, grid: tuple[int, int, int], speakers: int, speaker_map: Tensor | None, backend: Backend,
+        sp: SequenceParallel | None = None,
     ) -> Tensor:
         """x [B, L, D], audio [B, F, P·A, Da], speaker_map [B, 3, L] (P == 2) -> [B, L, D]."""
         b, seq, dim = x.shape
@@ -287,7 +300,7 @@ class AudioCrossAttention(nn.Module):
         if speakers == 2:
             if speaker_map is None:
                 raise ValueError("two speakers need the region masks (ref_target_masks)")
-            pos = self._speaker_positions(speaker_map)  # [B, L]
+            pos = self._speaker_positions(speaker_map, sp)  # [B, L]
             q = rope_1d(q.permute(0, 3, 1, 2, 4).reshape(b, n, seq, d), pos[:, None])
             q = q.view(b, n, f, s, d).permute(0, 2, 3, 1, 4)  # [B, F, S, N, Dh]
             audio_pos = torch.full((na,), self.speaker2[0] / 2 + self.speaker2[1] / 2, device=x.device)
@@ -297,10 +310,12 @@ class AudioCrossAttention(nn.Module):
         out = attention(q.reshape(b * f, s, n, d), k.reshape(b * f, na, n, d), v.reshape(b * f, na, n, d), backend=backend)
         return self.proj(out.reshape(b, seq, dim))
 
-    def _speaker_positions(self, speaker_map: Tensor) -> Tensor:
+    def _speaker_positions(self, speaker_map: Tensor, sp: SequenceParallel | None = None) -> Tensor:
         """[B, 3, L] attention mass per region -> [B, L] RoPE position per video token."""
         hi = speaker_map.amax(dim=2, keepdim=True)  # [B, 3, 1]
         lo = speaker_map.amin(dim=2, keepdim=True)
+        if sp is not None:  # this rank holds part of the tokens: the range is the group's
+            hi, lo = sp.bounds(hi, lo)
         scaled = []
         for idx, (start, end) in enumerate((self.speaker1, self.speaker2)):
             norm = (speaker_map[:, idx] - lo[:, idx]) / (hi[:, idx] - lo[:, idx] + 1e-8)
@@ -342,17 +357,22 @@ class WanAttentionBlock(nn.Module):
         speakers: int,
         region_masks: Tensor | None,
         backend: Backend,
+        sp: SequenceParallel | None = None,
+        full_grid: tuple[int, int, int] | None = None,
     ) -> Tensor:
-        """x [B, L, D] (param dtype), e0 [B, 6, D] fp32, rope = `Rope3D.tables(grid)` -> [B, L, D]."""
+        """x [B, L, D] (param dtype), e0 [B, 6, D] fp32, rope = `Rope3D.tables(grid)` -> [B, L, D].
+
+        With `sp`, x, rope and grid are this rank's share and `full_grid` the whole token grid.
+        """
         dtype = x.dtype
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (
             (self.modulation.float() + e0).chunk(6, dim=1)  # each [B, 1, D] fp32
         )
         h = (self.norm1(x).float() * (1 + scale_msa) + shift_msa).to(dtype)
-        y, speaker_map = self.self_attn(h, rope, backend, region_masks)
+        y, speaker_map = self.self_attn(h, rope, backend, region_masks, sp, full_grid)
         x = (x + y * gate_msa).to(dtype)
         x = x + self.cross_attn(self.norm3(x), context, backend)
-        x = x + self.audio_cross_attn(self.norm_x(x), audio, grid, speakers, speaker_map, backend)
+        x = x + self.audio_cross_attn(self.norm_x(x), audio, grid, speakers, speaker_map, backend, sp)
         y = self.ffn((self.norm2(x).float() * (1 + scale_ffn) + shift_ffn).to(dtype))
         return (x + y * gate_ffn).to(dtype)
 
@@ -452,6 +472,8 @@ class InfiniteTalkDiT(nn.Module):
         self.rope_mode: RopeMode = rope
         self.attention_backend: Backend = attention_backend
         self._rope: Rope3D | None = None
+        #: `pipeline.parallel.SequenceParallel` to split each forward over a process group, or None
+        self.sequence_parallel: SequenceParallel | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -536,11 +558,21 @@ class InfiniteTalkDiT(nn.Module):
 
         # 6. blocks
         rope = self.rope().tables(grid, device)
-        for block in self.blocks:
-            tokens = block(tokens, e0, grid, rope, context, audio_tokens, speakers, region_masks, self.attention_backend)
+        sp = self.sequence_parallel
+        if sp is None:
+            for block in self.blocks:
+                tokens = block(tokens, e0, grid, rope, context, audio_tokens, speakers, region_masks, self.attention_backend)
+        else:  # this rank's whole latent frames: [B, L_r, D]
+            tokens, rope, local = sp.shard(tokens, rope, grid)
+            local_audio = audio_tokens[:, sp.local_frames(grid)]  # [B, F_r, P·A, Da]
+            for block in self.blocks:
+                tokens = block(tokens, e0, local, rope, context, local_audio, speakers, region_masks,
+                               self.attention_backend, sp, grid)
 
         # 7. head and unpatchify: [B, L, p·C] -> [B, C, F, H, W]
         out = self.head(tokens, e)
+        if sp is not None:
+            out = sp.gather(out, grid)
         f, h, w = grid
         out = out.view(b, f, h, w, pt, ph, pw, cfg.out_dim)
         out = torch.einsum("bfhwpqrc->bcfphqwr", out)
