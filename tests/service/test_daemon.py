@@ -427,3 +427,52 @@ def test_jobs_spread_across_several_workers(tmp_path: Path) -> None:
         assert "started on cpu" in d.log.read_text()
     finally:
         d.stop()
+
+
+def test_restart_finishes_a_publication_interrupted_between_files_and_ledger(tmp_path: Path) -> None:
+    """The daemon died after recording where a result goes but before the ledger said done:
+    the next start links the staged files and marks the job done, without rendering again."""
+    from daemon.ledger import Ledger
+    from tests.service.fake_pipeline import write_mp4
+
+    d = Daemon(tmp_path, env={"FAKE_PIPELINE_STEP_S": "0.3"})
+    _bundle(d, "pub")
+    d.start()
+    job = d.wait_for(lambda: (j := d.job("pub")) and j["state"] == "running" and j["step"] and j, 60, "running")
+    d.kill9()
+    staging = d.outbox / ".partial" / job["id"]
+    staging.mkdir(parents=True, exist_ok=True)
+    write_mp4(staging / f"{job['id']}.mp4", frames=10)
+    video, sidecar = d.outbox / "pub.mp4", d.outbox / "pub.json"
+    (staging / "sidecar.json").write_text(json.dumps({"job_id": job["id"], "state": "done", "frames": 10,
+                                                      "duration_s": 0.4, "outputs": {"video": str(video)}}))
+    ledger = Ledger(d.state / "ledger.sqlite3")
+    ledger.set_columns(job["id"], output_video=str(video), output_json=str(sidecar))
+    ledger.close()
+    os.link(staging / f"{job['id']}.mp4", video)  # the first link made it, the sidecar's did not
+    d.start()
+    done = d.wait_state("pub", "done", timeout=30)
+    d.stop()
+    assert done["attempts"] == 1 and done["frames"] == 10
+    assert json.loads(sidecar.read_text())["job_id"] == job["id"]
+    assert [e["kind"] for e in d.events(job["id"])].count("started") == 1  # not rendered again
+    assert not staging.exists()
+
+
+def test_restart_finishes_a_claim_interrupted_after_the_rename(tmp_path: Path) -> None:
+    """The daemon died after moving a bundle out of the inbox but before queueing it."""
+    from daemon.ledger import Ledger
+
+    d = Daemon(tmp_path)
+    ledger = Ledger(d.state / "ledger.sqlite3")
+    row = ledger.insert_job(name="half", source=str(d.inbox / "half"), state="waiting",
+                            waiting_reason="checking media")
+    job_dir = d.state / "jobs" / row.id
+    ledger.set_columns(row.id, job_dir=str(job_dir))
+    ledger.close()
+    make_job_bundle(job_dir / "input", duration_s=1.0, seed=5)  # where the rename put it
+    d.start()
+    done = d.wait_state("half", "done", timeout=30)
+    d.stop()
+    assert done["id"] == row.id and done["spec_json"]
+    assert [j["name"] for j in d.jobs()] == ["half"]
