@@ -182,7 +182,11 @@ class JobSpec:
         the ledger stores as `spec_json` and the outbox JSON reports."""
         out = asdict(self)
         out["cond_audio"] = dict(self.cond_audio)
-        out["bbox"] = None if self.bbox is None else {p: list(b) for (p, _), b in zip(self.cond_audio, self.bbox)}
+        out["bbox"] = (
+            None
+            if self.bbox is None
+            else {p: list(b) for (p, _), b in zip(self.cond_audio, self.bbox, strict=True)}
+        )
         out["checksums"] = dict(self.checksums)
         return out
 
@@ -195,7 +199,9 @@ class JobSpec:
         audio = tuple((str(p), str(v)) for p, v in dict(data["cond_audio"]).items())
         bbox_map = data.get("bbox")
         bbox = None if bbox_map is None else tuple(_box4(bbox_map[p]) for p, _ in audio)
-        kwargs = {k: data[k] for k in cls.__dataclass_fields__ if k not in ("cond_audio", "bbox", "checksums")}
+        kwargs = {
+            k: data[k] for k in cls.__dataclass_fields__ if k not in ("cond_audio", "bbox", "checksums")
+        }
         return cls(
             **kwargs,
             cond_audio=audio,
@@ -256,7 +262,9 @@ def _is_number(value: Any) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
 
 
-def _get_int(doc: dict[str, Any], key: str, default: int | None, lo: int, hi: int, c: _Collector) -> int | None:
+def _get_int(
+    doc: dict[str, Any], key: str, default: int | None, lo: int, hi: int, c: _Collector
+) -> int | None:
     if key not in doc:
         return default
     value = doc[key]
@@ -305,7 +313,11 @@ def check_media_path(
         return None
     text = raw.strip().replace("\\", "/")
     if text.startswith("/") or (len(text) > 1 and text[1] == ":") or text.startswith("~"):
-        c.add("path_escape", field, f"{field}: absolute paths are not allowed ({raw!r}); name a file beside the job")
+        c.add(
+            "path_escape",
+            field,
+            f"{field}: absolute paths are not allowed ({raw!r}); name a file beside the job",
+        )
         return None
     parts = [p for p in PurePosixPath(text).parts if p not in ("", ".")]
     if not parts or ".." in parts:
@@ -332,10 +344,20 @@ def check_media_path(
             c.add("missing_file", field, f"{field}: cannot read {rel!r}: {e.strerror}")
             return None
         if stat.S_ISLNK(st.st_mode):
-            c.add("symlink", field, f"{field}: {rel!r} is (or passes through) a symbolic link, which is not allowed")
+            c.add(
+                "symlink",
+                field,
+                f"{field}: {rel!r} is (or passes through) a symbolic link, which is not allowed",
+            )
             return None
     if not stat.S_ISREG(st.st_mode):
-        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode) else "not a file"
+        kind = (
+            "a FIFO"
+            if stat.S_ISFIFO(st.st_mode)
+            else "a directory"
+            if stat.S_ISDIR(st.st_mode)
+            else "not a file"
+        )
         c.add("not_a_file", field, f"{field}: {rel!r} is {kind}, not a regular file")
         return None
     if st.st_size == 0:
@@ -355,11 +377,17 @@ def _parse_audio(
         return ()
     value = doc["cond_audio"]
     if not isinstance(value, dict) or not value:
-        c.add("bad_type", "cond_audio", f'cond_audio must be an object like {{"person1": "voice.wav"}}, got {value!r}')
+        c.add(
+            "bad_type",
+            "cond_audio",
+            f'cond_audio must be an object like {{"person1": "voice.wav"}}, got {value!r}',
+        )
         return ()
     extra = sorted(set(value) - set(PERSONS))
     if extra:
-        c.add("bad_value", "cond_audio", f"cond_audio keys must be person1 and optionally person2, got {extra}")
+        c.add(
+            "bad_value", "cond_audio", f"cond_audio keys must be person1 and optionally person2, got {extra}"
+        )
         return ()
     if "person1" not in value:
         c.add("missing_field", "cond_audio.person1", "cond_audio.person1 is required")
@@ -384,27 +412,43 @@ def _parse_bbox(doc: dict[str, Any], persons: tuple[str, ...], c: _Collector) ->
         return None
     value = doc["bbox"]
     if not isinstance(value, dict):
-        c.add("bad_type", "bbox", f'bbox must be an object like {{"person1": [r0, c0, r1, c1], ...}}, got {value!r}')
+        c.add(
+            "bad_type",
+            "bbox",
+            f'bbox must be an object like {{"person1": [r0, c0, r1, c1], ...}}, got {value!r}',
+        )
         return None
     if set(value) != set(persons):
-        c.add("bad_value", "bbox", f"bbox must have one box per speaker ({', '.join(persons)}), got {sorted(value)}")
+        c.add(
+            "bad_value",
+            "bbox",
+            f"bbox must have one box per speaker ({', '.join(persons)}), got {sorted(value)}",
+        )
         return None
     boxes = []
     for person in persons:
         box = value[person]
         key = f"bbox.{person}"
         if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
-            c.add("bad_type", key, f"{key} must be 4 numbers [row_min, col_min, row_max, col_max], got {box!r}")
+            c.add(
+                "bad_type", key, f"{key} must be 4 numbers [row_min, col_min, row_max, col_max], got {box!r}"
+            )
             return None
         r0, c0, r1, c1 = (float(v) for v in box)
         if min(r0, c0) < 0 or r1 <= r0 or c1 <= c0:
-            c.add("bad_value", key, f"{key} must satisfy 0 <= row_min < row_max and 0 <= col_min < col_max, got {box}")
+            c.add(
+                "bad_value",
+                key,
+                f"{key} must satisfy 0 <= row_min < row_max and 0 <= col_min < col_max, got {box}",
+            )
             return None
         boxes.append((r0, c0, r1, c1))
     return tuple(boxes)
 
 
-def _parse_checksums(doc: dict[str, Any], media: tuple[str, ...], c: _Collector) -> tuple[tuple[str, str], ...]:
+def _parse_checksums(
+    doc: dict[str, Any], media: tuple[str, ...], c: _Collector
+) -> tuple[tuple[str, str], ...]:
     if doc.get("checksums") is None:
         return ()
     value = doc["checksums"]
@@ -416,9 +460,17 @@ def _parse_checksums(doc: dict[str, Any], media: tuple[str, ...], c: _Collector)
         key = f"checksums.{name}"
         norm = str(name).replace("\\", "/").lstrip("./") if isinstance(name, str) else name
         if norm not in media:
-            c.add("bad_value", key, f"checksums names {name!r}, which is not one of the job's files {list(media)}")
+            c.add(
+                "bad_value",
+                key,
+                f"checksums names {name!r}, which is not one of the job's files {list(media)}",
+            )
             continue
-        if not isinstance(digest, str) or len(digest) != 64 or any(ch not in "0123456789abcdefABCDEF" for ch in digest):
+        if (
+            not isinstance(digest, str)
+            or len(digest) != 64
+            or any(ch not in "0123456789abcdefABCDEF" for ch in digest)
+        ):
             c.add("bad_value", key, f"{key} must be a sha256 hex digest (64 hex digits), got {digest!r}")
             continue
         out.append((norm, digest.lower()))
@@ -433,18 +485,24 @@ def _load_document(raw: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
-        raise InvalidJob.single("bad_json", f"job file is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+        raise InvalidJob.single(
+            "bad_json", f"job file is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from e
     except RecursionError as e:  # e.g. 100,000 nested brackets: a bad job, never a crashed daemon
-        raise InvalidJob.single("bad_json", "job file is not valid JSON: its arrays/objects are nested too "
-                                "deeply") from e
+        raise InvalidJob.single(
+            "bad_json", "job file is not valid JSON: its arrays/objects are nested too deeply"
+        ) from e
     if not isinstance(doc, dict):
         raise InvalidJob.single("bad_json", f"job file must hold a JSON object, got {type(doc).__name__}")
     try:  # a "\udcff" escape decodes to a lone surrogate: no file name or prompt can hold it
         json.dumps(doc, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as e:
-        raise InvalidJob.single("bad_json", f"job file holds an unpaired surrogate escape "
-                                f"({e.object[e.start:e.end].encode('unicode_escape').decode()}): "
-                                "not valid Unicode text") from e
+        raise InvalidJob.single(
+            "bad_json",
+            f"job file holds an unpaired surrogate escape "
+            f"({e.object[e.start : e.end].encode('unicode_escape').decode()}): "
+            "not valid Unicode text",
+        ) from e
     return doc
 
 
@@ -493,7 +551,9 @@ def parse_job(raw: bytes, *, base_dir: Path, defaults: JobDefaults | None = None
     if doc.get("sample_shift", 0) is None:
         shift = defaults.sample_shift
     text_scale = _get_float(doc, "sample_text_guide_scale", defaults.sample_text_guide_scale, 0.0, 100.0, c)
-    audio_scale = _get_float(doc, "sample_audio_guide_scale", defaults.sample_audio_guide_scale, 0.0, 100.0, c)
+    audio_scale = _get_float(
+        doc, "sample_audio_guide_scale", defaults.sample_audio_guide_scale, 0.0, 100.0, c
+    )
     motion = _get_int(doc, "motion_frame", defaults.motion_frame, 1, 77, c)
     if motion is not None and (motion - 1) % 4:
         c.add("bad_value", "motion_frame", f"motion_frame must be 4n+1 (1, 5, 9, 13, ...), got {motion}")

@@ -30,9 +30,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("job", type=Path, help="the job JSON; its media lie beside it")
     parser.add_argument("-o", "--output", type=Path, help="output MP4 (default: <job name>.mp4 here)")
     parser.add_argument("--weights", type=Path, help="weights folder (default: the config's weights_dir)")
-    parser.add_argument("--config", type=Path, help="config TOML (default: $INFINITETALK_CONFIG, ./infinitetalk.toml)")
+    parser.add_argument(
+        "--config", type=Path, help="config TOML (default: $INFINITETALK_CONFIG, ./infinitetalk.toml)"
+    )
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default=None, choices=("auto", "bf16", "fp16", "fp32"), help="compute dtype")
+    parser.add_argument(
+        "--dtype", default=None, choices=("auto", "bf16", "fp16", "fp32"), help="compute dtype"
+    )
     parser.add_argument("--resume-dir", type=Path, help="keep chunk checkpoints here; rerunning resumes")
     parser.add_argument("--no-poster", action="store_true", help="do not write <output>.jpg")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -67,7 +71,9 @@ def _weights(args: argparse.Namespace, settings: Any) -> tuple[Path, bool]:
     if _has_model(folder):
         return folder, False
     if args.weights is not None:
-        raise SystemExit(f"infinitetalk render: {folder} holds no weights (no tiny.json, no Wan2.1-I2V-14B-480P/)")
+        raise SystemExit(
+            f"infinitetalk render: {folder} holds no weights (no tiny.json, no Wan2.1-I2V-14B-480P/)"
+        )
     tiny = settings.tiny_weights_dir if settings is not None else Path("var") / "tiny-weights"
     print(
         f"infinitetalk render: no weights in {folder}; using the tiny random-weight model in {tiny} "
@@ -143,13 +149,19 @@ def run(args: argparse.Namespace) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     kwargs: dict[str, Any] = {}
     if settings is not None:
-        kwargs = {"quant": None if settings.quant == "none" else settings.quant, "lora_scale": settings.lora_scale,
-                  "lora": list(settings.lora) or "auto"}
+        kwargs = {
+            "quant": None if settings.quant == "none" else settings.quant,
+            "lora_scale": settings.lora_scale,
+            "lora": list(settings.lora) or "auto",
+        }
     print(f"loading the model from {weights} on {device} ({dtype_name}) ...", file=sys.stderr)
     t0 = time.perf_counter()
     pipe = InfiniteTalkPipeline.from_weights(weights, device=device, dtype=dtype, **kwargs)
-    print(f"loaded in {time.perf_counter() - t0:.1f} s; seed {spec.seed}"
-          f"{' (drawn)' if spec.seed_drawn else ''}", file=sys.stderr)
+    print(
+        f"loaded in {time.perf_counter() - t0:.1f} s; seed {spec.seed}"
+        f"{' (drawn)' if spec.seed_drawn else ''}",
+        file=sys.stderr,
+    )
 
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -157,8 +169,14 @@ def run(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     poster = None if args.no_poster else out.with_suffix(".jpg")
     try:
-        result = pipe.generate(spec.to_request(job.parent), out, poster_path=poster, on_progress=bar,
-                               should_stop=stop.is_set, checkpoint_dir=args.resume_dir)
+        result = pipe.generate(
+            spec.to_request(job.parent),
+            out,
+            poster_path=poster,
+            on_progress=bar,
+            should_stop=stop.is_set,
+            checkpoint_dir=args.resume_dir,
+        )
     except StopRequested:
         bar.close()
         hint = f"; rerun with --resume-dir {args.resume_dir} to continue" if args.resume_dir else ""
@@ -171,6 +189,9 @@ def run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGINT, previous)
     bar.close()
-    print(f"{result.video_path}: {result.num_frames} frames, {result.duration_s:.2f} s, "
-          f"{result.width}x{result.height}, seed {result.seed}, rendered in {result.timings_s.get('render_s', 0):.1f} s")
+    print(
+        f"{result.video_path}: {result.num_frames} frames, {result.duration_s:.2f} s, "
+        f"{result.width}x{result.height}, seed {result.seed}, "
+        f"rendered in {result.timings_s.get('render_s', 0):.1f} s"
+    )
     return 0

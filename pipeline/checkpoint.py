@@ -55,7 +55,9 @@ def save(folder: Path, state: ChunkState, *, motion: Tensor, rng_state: Tensor) 
     folder = Path(folder)
     tensors = folder / state.tensors
     tmp = tensors.with_name(f".{tensors.name}.tmp")
-    save_file({"motion": motion.detach().float().cpu().contiguous(), "rng": rng_state.cpu().contiguous()}, str(tmp))
+    save_file(
+        {"motion": motion.detach().float().cpu().contiguous(), "rng": rng_state.cpu().contiguous()}, str(tmp)
+    )
     tmp.replace(tensors)
     doc = {"format": FORMAT, **asdict(state), "segments": list(state.segments)}
     _atomic_write_bytes(folder / STATE_FILE, json.dumps(doc, indent=2).encode())

@@ -37,8 +37,8 @@ def rgb_to_lab(rgb: Tensor) -> Tensor:
 
 def lab_to_rgb(lab: Tensor) -> Tensor:
     """[..., 3] CIE Lab -> [..., 3] RGB clipped to [0, 1] (float64)."""
-    l, a, b = lab.unbind(-1)
-    fy = (l + 16.0) / 116.0
+    lightness, a, b = lab.unbind(-1)
+    fy = (lightness + 16.0) / 116.0
     fx = a / 500.0 + fy
     fz = (fy - b / 200.0).clamp(min=0)  # negative z is clipped, as scikit-image does
     f = torch.stack([fx, fy, fz], dim=-1)
@@ -66,7 +66,9 @@ def match_colors(frames: Tensor, reference: Tensor, strength: float) -> Tensor:
     lab = rgb_to_lab(src)  # [T, H, W, 3]
     mean_src = lab.mean(dim=(1, 2), keepdim=True)  # [T, 1, 1, 3]
     std_src = lab.std(dim=(1, 2), keepdim=True, correction=0)
-    scaled = (lab - mean_src) * (std_ref / torch.where(std_src == 0, torch.ones_like(std_src), std_src)) + mean_ref
+    scaled = (lab - mean_src) * (
+        std_ref / torch.where(std_src == 0, torch.ones_like(std_src), std_src)
+    ) + mean_ref
     corrected_lab = torch.where(std_src == 0, mean_ref.expand_as(lab), scaled)
     corrected = lab_to_rgb(corrected_lab)
     blended = (1 - strength) * src + strength * corrected

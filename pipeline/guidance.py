@@ -47,7 +47,9 @@ def combine(preds: dict[str, Tensor], text_scale: float, audio_scale: float) -> 
     needed = passes(text_scale, audio_scale)
     missing = [name for name in needed if name not in preds]
     if missing:
-        raise ValueError(f"guidance with text scale {text_scale} and audio scale {audio_scale} needs {missing}")
+        raise ValueError(
+            f"guidance with text scale {text_scale} and audio scale {audio_scale} needs {missing}"
+        )
     cond = preds[COND]
     if needed == (COND,):
         return cond

@@ -154,7 +154,9 @@ def detect_scene_cuts(path: Path, *, threshold: float = 0.08, min_gap: int = 5) 
     try:
         with av.open(str(path)) as container:
             for frame in container.decode(video=0):
-                thumb = frame.reformat(width=64, height=36, format="rgb24").to_ndarray().astype(np.float32) / 255
+                thumb = (
+                    frame.reformat(width=64, height=36, format="rgb24").to_ndarray().astype(np.float32) / 255
+                )
                 if previous is not None:
                     diffs.append(float(np.abs(thumb - previous).mean()))
                 previous = thumb
@@ -186,8 +188,12 @@ def check_decodable(path: Path) -> float:
             for frame in container.decode(*container.streams):
                 count += 1
                 if frame.time is not None:
-                    last = max(last, float(frame.time) + float(getattr(frame, "samples", 0) or 0) / float(
-                        getattr(frame, "sample_rate", 0) or 1))
+                    last = max(
+                        last,
+                        float(frame.time)
+                        + float(getattr(frame, "samples", 0) or 0)
+                        / float(getattr(frame, "sample_rate", 0) or 1),
+                    )
             if count == 0:
                 raise MediaError(path, "holds no decodable audio or video")
             return last
@@ -252,7 +258,7 @@ def mix_original_audio(paths: Sequence[Path], audio_type: str, out_wav: Path) ->
     # para: decode each to its own file, then sum block by block (constant memory)
     parts = [out_wav.with_name(f"{out_wav.stem}.part{i}.wav") for i in range(len(paths))]
     lengths = []
-    for path, part in zip(paths, parts):
+    for path, part in zip(paths, parts, strict=True):
         n = 0
         with sf.SoundFile(part, "w", samplerate=rate, channels=2, subtype="FLOAT") as out:
             for block in _decode_audio(path, rate):

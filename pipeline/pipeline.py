@@ -156,8 +156,18 @@ class InfiniteTalkPipeline:
         cfg = load_model_config(weights_dir)
         loras = resolve_loras(weights_dir, lora)
         t0 = time.perf_counter()
-        dit = load_dit_variant(weights_dir, cfg, "single", device=device, dtype=dtype, quant=quant, loras=loras,
-                               lora_scale=lora_scale, attention=attention, rope=rope)
+        dit = load_dit_variant(
+            weights_dir,
+            cfg,
+            "single",
+            device=device,
+            dtype=dtype,
+            quant=quant,
+            loras=loras,
+            lora_scale=lora_scale,
+            attention=attention,
+            rope=rope,
+        )
         clip_dtype = torch.float16 if device.type == "cuda" else torch.float32
         pipe = cls(
             config=cfg,
@@ -175,8 +185,13 @@ class InfiniteTalkPipeline:
             attention=attention,
             rope=rope,
         )
-        logger.info("loaded InfiniteTalk from %s in %.1f s (lora=%s, quant=%s)", weights_dir,
-                    time.perf_counter() - t0, [p.name for p in loras], quant)
+        logger.info(
+            "loaded InfiniteTalk from %s in %.1f s (lora=%s, quant=%s)",
+            weights_dir,
+            time.perf_counter() - t0,
+            [p.name for p in loras],
+            quant,
+        )
         return pipe
 
     def describe(self) -> dict[str, Any]:
@@ -202,16 +217,25 @@ class InfiniteTalkPipeline:
             self.dit = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            self.dit = load_dit_variant(self.weights_dir, self.config, variant, device=self.device, dtype=self.dtype,
-                                        quant=self.quant, loras=self.loras, lora_scale=self.lora_scale,
-                                        attention=self.attention, rope=self.rope)
+            self.dit = load_dit_variant(
+                self.weights_dir,
+                self.config,
+                variant,
+                device=self.device,
+                dtype=self.dtype,
+                quant=self.quant,
+                loras=self.loras,
+                lora_scale=self.lora_scale,
+                attention=self.attention,
+                rope=self.rope,
+            )
         else:
             from safetensors import safe_open
 
             params = dict(self.dit.named_parameters())
             path = audio_file(self.weights_dir, variant)  # type: ignore[arg-type]
             with safe_open(str(path), framework="pt", device="cpu") as f, torch.no_grad():
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
                     params[key].copy_(f.get_tensor(key).to(self.dtype))
             self._remerge_lora_on_audio()
         self.variant = variant
@@ -281,16 +305,21 @@ class InfiniteTalkPipeline:
         if num_rows <= frame_num:
             names = ", ".join(Path(p).name for p in request.audio)
             raise ValueError(
-                f"cond_audio: {names} gives {speech.duration_s:.2f} s of speech ({num_rows} frames at {FPS} fps); "
+                f"cond_audio: {names} gives {speech.duration_s:.2f} s of speech "
+                f"({num_rows} frames at {FPS} fps); "
                 f"the model needs more than {frame_num} frames ({(frame_num + 1) / FPS:.2f} s)"
             )
-        features = tuple(self.audio_encoder.audio_features(track, num_frames=num_rows) for track in speech.tracks)
+        features = tuple(
+            self.audio_encoder.audio_features(track, num_frames=num_rows) for track in speech.tracks
+        )
         del speech
         # on disk and memory-mapped: a long audio's features (12 x 768 floats a frame) do not
         # stay in host memory; the DiT reads them in its dtype anyway
         dtype = self.dit.dtype if self.dit.dtype != torch.float16 else torch.float32
-        torch.save({f"person{i + 1}": f.to(dtype).contiguous() for i, f in enumerate(features)},
-                   work_dir / "features.pt")
+        torch.save(
+            {f"person{i + 1}": f.to(dtype).contiguous() for i, f in enumerate(features)},
+            work_dir / "features.pt",
+        )
         mapped = torch.load(work_dir / "features.pt", mmap=True, weights_only=True)
         features = tuple(mapped[f"person{i + 1}"] for i in range(len(features)))
         timings["audio_features_s"] = time.perf_counter() - t0
@@ -305,10 +334,18 @@ class InfiniteTalkPipeline:
         segments = plan_segments(features, cuts, request, frame_num, motion)
         total = sum(s.plan.total_frames for s in segments)
         return Prepared(
-            request=request, target=target, segments=segments, total_frames=total,
-            num_speakers=len(request.audio), is_video=is_video, source_fps=source_fps,
-            first_frame=first_frame, masks=masks, audio_wav=work_dir / "audio.wav",
-            work_dir=work_dir, timings_s=timings,
+            request=request,
+            target=target,
+            segments=segments,
+            total_frames=total,
+            num_speakers=len(request.audio),
+            is_video=is_video,
+            source_fps=source_fps,
+            first_frame=first_frame,
+            masks=masks,
+            audio_wav=work_dir / "audio.wav",
+            work_dir=work_dir,
+            timings_s=timings,
         )
 
     # -----------------------------------------------------------------------------------------
@@ -328,12 +365,24 @@ class InfiniteTalkPipeline:
         persisted there and a later call with the same request resumes after it."""
         if checkpoint_dir is not None:
             prepared = self.prepare(request, Path(checkpoint_dir))
-            return self.render(prepared, out_path, poster_path=poster_path, on_progress=on_progress,
-                               should_stop=should_stop, resume=True)
+            return self.render(
+                prepared,
+                out_path,
+                poster_path=poster_path,
+                on_progress=on_progress,
+                should_stop=should_stop,
+                resume=True,
+            )
         with tempfile.TemporaryDirectory(prefix="infinitetalk-") as tmp:
             prepared = self.prepare(request, Path(tmp))
-            return self.render(prepared, out_path, poster_path=poster_path, on_progress=on_progress,
-                               should_stop=should_stop, resume=False)
+            return self.render(
+                prepared,
+                out_path,
+                poster_path=poster_path,
+                on_progress=on_progress,
+                should_stop=should_stop,
+                resume=False,
+            )
 
     def fingerprint(self, prepared: Prepared) -> str:
         """Identifies a render: request, input files (size, mtime) and model."""
@@ -342,7 +391,7 @@ class InfiniteTalkPipeline:
         doc = {
             "request": {k: str(getattr(req, k)) for k in req.__dataclass_fields__},
             "files": [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in map(Path, files)],
-            "model": self.describe(),
+            "model": {k: v for k, v in self.describe().items() if k != "device"},
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -369,16 +418,27 @@ class InfiniteTalkPipeline:
         if saved is not None:
             state, motion_frames, rng = saved
             gen.set_state(rng)
-            start_chunk, frames_written, seg_files = state.next_chunk, state.frames_written, list(state.segments)
+            start_chunk, frames_written, seg_files = (
+                state.next_chunk,
+                state.frames_written,
+                list(state.segments),
+            )
             poster = state.poster
-            logger.info("resuming at chunk %d of %d (%d frames done)", start_chunk + 1, prepared.num_chunks, frames_written)
+            logger.info(
+                "resuming at chunk %d of %d (%d frames done)",
+                start_chunk + 1,
+                prepared.num_chunks,
+                frames_written,
+            )
         elif not resume:
             checkpoint.clear(work)
         self._use_variant("multi" if prepared.num_speakers == 2 else "single")
 
         # 1. text: prompt and negative prompt, one batch
         t0 = time.perf_counter()
-        context, context_null = (c[None] for c in self.text_encoder.encode_text([req.prompt, req.negative_prompt]))
+        context, context_null = (
+            c[None] for c in self.text_encoder.encode_text([req.prompt, req.negative_prompt])
+        )
         timings["text_s"] = time.perf_counter() - t0
 
         steps = sampler.timesteps(req.sample_steps, _shift(req)).to(self.device)
@@ -410,8 +470,20 @@ class InfiniteTalkPipeline:
                     # 2-4. denoise
                     t0 = time.perf_counter()
                     latent = self._denoise_chunk(
-                        prepared, seg, start, cond, None if first_chunk else motion_frames, context, context_null,
-                        steps, passes, gen, report, chunk_index, should_stop, cond_cache,
+                        prepared,
+                        seg,
+                        start,
+                        cond,
+                        None if first_chunk else motion_frames,
+                        context,
+                        context_null,
+                        steps,
+                        passes,
+                        gen,
+                        report,
+                        chunk_index,
+                        should_stop,
+                        cond_cache,
                     )
                     t_denoise += time.perf_counter() - t0
                     # 5. decode, colour match, hand over to the encoder
@@ -433,11 +505,16 @@ class InfiniteTalkPipeline:
                         media.write_poster(new[min(len(new) - 1, len(new) // 2)], work / poster)
                     frames_written += len(new)
                     state = checkpoint.ChunkState(
-                        fingerprint=fingerprint, next_chunk=chunk_index + 1, frames_written=frames_written,
-                        segments=tuple(seg_files), tensors=f"tensors_{chunk_index:05d}.safetensors", poster=poster,
+                        fingerprint=fingerprint,
+                        next_chunk=chunk_index + 1,
+                        frames_written=frames_written,
+                        segments=tuple(seg_files),
+                        tensors=f"tensors_{chunk_index:05d}.safetensors",
+                        poster=poster,
                     )
-                    pending = encoder.submit(_encode_and_save, new, work / seg_name, state, work, motion_frames,
-                                             gen.get_state())
+                    pending = encoder.submit(
+                        _encode_and_save, new, work / seg_name, state, work, motion_frames, gen.get_state()
+                    )
                     chunk_index += 1
             if pending is not None:
                 pending.result()
@@ -453,8 +530,12 @@ class InfiniteTalkPipeline:
         report(stage="encode", chunk=num_chunks, step=req.sample_steps)
         t0 = time.perf_counter()
         out_path = Path(out_path)
-        media.assemble_mp4([work / s for s in seg_files], out_path, num_frames=prepared.total_frames,
-                           audio_wav=prepared.audio_wav)
+        media.assemble_mp4(
+            [work / s for s in seg_files],
+            out_path,
+            num_frames=prepared.total_frames,
+            audio_wav=prepared.audio_wav,
+        )
         if poster_path is not None and poster is not None:
             shutil.copyfile(work / poster, poster_path)
         timings["mux_s"] = time.perf_counter() - t0
@@ -462,8 +543,15 @@ class InfiniteTalkPipeline:
         report(stage="done", chunk=num_chunks, step=req.sample_steps)
         h, w = prepared.target
         return RenderResult(
-            video_path=out_path, poster_path=poster_path, num_frames=prepared.total_frames, fps=FPS,
-            duration_s=prepared.total_frames / FPS, width=w, height=h, seed=req.seed, timings_s=timings,
+            video_path=out_path,
+            poster_path=poster_path,
+            num_frames=prepared.total_frames,
+            fps=FPS,
+            duration_s=prepared.total_frames / FPS,
+            width=w,
+            height=h,
+            seed=req.seed,
+            timings_s=timings,
             resumed_from_chunk=start_chunk,
         )
 
@@ -508,11 +596,17 @@ class InfiniteTalkPipeline:
         frame_num = seg.plan.frame_num
         h, w = prepared.target
         stride_s = self.config.vae.spatial_stride
-        lat_f, lat_h, lat_w = (frame_num - 1) // self.config.vae.temporal_stride + 1, h // stride_s, w // stride_s
+        lat_f, lat_h, lat_w = (
+            (frame_num - 1) // self.config.vae.temporal_stride + 1,
+            h // stride_s,
+            w // stride_s,
+        )
         dtype = self.dit.dtype
 
         # audio windows: [1, P, F, 5, K, C]
-        audio = torch.stack([windows.chunk_audio(f, start, frame_num, seg.plan.end) for f in seg.features])[None]
+        audio = torch.stack([windows.chunk_audio(f, start, frame_num, seg.plan.end) for f in seg.features])[
+            None
+        ]
         audio = audio.to(self.device, dtype)
         null_audio = torch.zeros_like(audio[:, :1])
         noise = torch.randn(self.config.vae.z_dim, lat_f, lat_h, lat_w, generator=gen, dtype=torch.float32)
@@ -580,16 +674,37 @@ def resolve_loras(weights_dir: Path, lora: Path | str | Sequence[Path | str] | N
 
 
 def load_dit_variant(
-    weights_dir: Path, cfg: ModelConfig, variant: str, *, device: torch.device, dtype: torch.dtype,
-    quant: str | None, loras: tuple[Path, ...], lora_scale: float, attention: str, rope: str,
+    weights_dir: Path,
+    cfg: ModelConfig,
+    variant: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    quant: str | None,
+    loras: tuple[Path, ...],
+    lora_scale: float,
+    attention: str,
+    rope: str,
 ) -> Any:
     """The DiT with the one- or two-speaker audio weights and the LoRA(s) merged (then fp8)."""
     from pipeline.weights import FP8_RUNTIME_PREFIX, load_dit, quantize_linears
 
-    common = {"variant": variant, "device": device, "dtype": dtype, "rope": rope, "attention_backend": attention}
+    common = {
+        "variant": variant,
+        "device": device,
+        "dtype": dtype,
+        "rope": rope,
+        "attention_backend": attention,
+    }
     if len(loras) <= 1:
-        return load_dit(weights_dir, cfg.dit, quant=quant, lora=loras[0] if loras else None,  # type: ignore[arg-type]
-                        lora_scale=lora_scale, **common)
+        return load_dit(
+            weights_dir,
+            cfg.dit,
+            quant=quant,
+            lora=loras[0] if loras else None,  # type: ignore[arg-type]
+            lora_scale=lora_scale,
+            **common,
+        )
     from pipeline.lora import merge_lora
 
     model = load_dit(weights_dir, cfg.dit, quant=None, **common)  # type: ignore[arg-type]
@@ -614,7 +729,10 @@ def first_frame_mask(frame_num: int, lat_h: int, lat_w: int, device: torch.devic
 
 
 def speaker_masks(
-    src_h: int, src_w: int, bbox: tuple[tuple[float, float, float, float], ...] | None, target: tuple[int, int]
+    src_h: int,
+    src_w: int,
+    bbox: tuple[tuple[float, float, float, float], ...] | None,
+    target: tuple[int, int],
 ) -> Tensor:
     """Speaker regions [3, lat_h, lat_w] (person 1, person 2, background) as the reference
     builds them: boxes [row_min, col_min, row_max, col_max] in source pixels, or the default
@@ -632,7 +750,9 @@ def speaker_masks(
     background = (masks.sum(0) == 0).float()
     full = torch.cat([masks, background[None]])  # [3, src_h, src_w]
     cropped = buckets.resize_and_crop_masks(full, target)  # [3, H, W]
-    lat = torch.nn.functional.interpolate(cropped[None], size=(target[0] // 8, target[1] // 8), mode="nearest")[0]
+    lat = torch.nn.functional.interpolate(
+        cropped[None], size=(target[0] // 8, target[1] // 8), mode="nearest"
+    )[0]
     return (lat > 0).float()
 
 
@@ -642,8 +762,9 @@ def plan_segments(
     """Split the render at scene cuts (output frames) into independent segments, each longer than
     one chunk (shorter shots are merged into the previous one), and plan each one's chunks."""
     rows = features[0].shape[0]
-    whole = windows.plan_chunks(rows, frame_num=frame_num, motion_frame=motion,
-                                max_frame_num=request.max_frame_num, mode=request.mode)
+    whole = windows.plan_chunks(
+        rows, frame_num=frame_num, motion_frame=motion, max_frame_num=request.max_frame_num, mode=request.mode
+    )
     total = whole.total_frames
     bounds = [0]
     for cut in sorted(set(cuts)):
@@ -653,8 +774,10 @@ def plan_segments(
         return (Segment(start=0, plan=whole, features=features),)
     bounds.append(total)
     segments = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        plan = windows.plan_chunks(b - a, frame_num=frame_num, motion_frame=motion, max_frame_num=None, mode="streaming")
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        plan = windows.plan_chunks(
+            b - a, frame_num=frame_num, motion_frame=motion, max_frame_num=None, mode="streaming"
+        )
         segments.append(Segment(start=a, plan=plan, features=tuple(f[a:b] for f in features)))
     return tuple(segments)
 
@@ -670,7 +793,9 @@ def _encode_and_save(
 class _Reporter:
     """Builds Progress values and hands them to the callback."""
 
-    def __init__(self, callback: ProgressCallback | None, num_chunks: int, num_steps: int, total_frames: int) -> None:
+    def __init__(
+        self, callback: ProgressCallback | None, num_chunks: int, num_steps: int, total_frames: int
+    ) -> None:
         self.callback = callback
         self.num_chunks = num_chunks
         self.num_steps = num_steps
@@ -680,17 +805,36 @@ class _Reporter:
     def __call__(self, *, stage: str, chunk: int, step: int) -> None:
         if self.callback is None:
             return
-        self.callback(Progress(stage=stage, chunk=chunk, num_chunks=self.num_chunks, step=step,
-                               num_steps=self.num_steps, frames_done=self.frames_done,
-                               total_frames=self.total_frames))
+        self.callback(
+            Progress(
+                stage=stage,
+                chunk=chunk,
+                num_chunks=self.num_chunks,
+                step=step,
+                num_steps=self.num_steps,
+                frames_done=self.frames_done,
+                total_frames=self.total_frames,
+            )
+        )
 
 
-def chunks_for(audio_seconds: float, *, frame_num: int = 81, motion_frame: int = 9,
-               max_frame_num: int | None = None, mode: str = "streaming") -> int:
+def chunks_for(
+    audio_seconds: float,
+    *,
+    frame_num: int = 81,
+    motion_frame: int = 9,
+    max_frame_num: int | None = None,
+    mode: str = "streaming",
+) -> int:
     """How many chunks a render of that much audio takes (for ETAs)."""
     rows = int(audio_seconds * FPS)
-    return windows.plan_chunks(rows, frame_num=frame_num, motion_frame=motion_frame,
-                               max_frame_num=max_frame_num, mode=mode).num_chunks if rows > frame_num else 0
+    return (
+        windows.plan_chunks(
+            rows, frame_num=frame_num, motion_frame=motion_frame, max_frame_num=max_frame_num, mode=mode
+        ).num_chunks
+        if rows > frame_num
+        else 0
+    )
 
 
 __all__ = ["InfiniteTalkPipeline", "Prepared", "Segment", "chunks_for"]

@@ -34,7 +34,9 @@ def timesteps(num_steps: int, shift: float, num_train: int = NUM_TRAIN_TIMESTEPS
     return shift_timesteps(t, shift, num_train)
 
 
-def euler_step(latent: Tensor, velocity: Tensor, t: Tensor, t_next: Tensor, num_train: int = NUM_TRAIN_TIMESTEPS) -> Tensor:
+def euler_step(
+    latent: Tensor, velocity: Tensor, t: Tensor, t_next: Tensor, num_train: int = NUM_TRAIN_TIMESTEPS
+) -> Tensor:
     """One Euler step from t to t_next (t > t_next): `latent - velocity * (t - t_next) / num_train`.
 
     latent, velocity: [C, F, H, W] float32; t, t_next: 0-d or [1] float32 tensors.

@@ -60,7 +60,8 @@ def plan_chunks(
         raise ValueError(f"motion_frame must be 4n+1 and below frame_num {frame_num}, got {motion_frame}")
     if audio_frames <= frame_num:
         raise ValueError(
-            f"the audio gives {audio_frames} frames ({audio_frames / 25:.2f} s at 25 fps); the model needs more "
+            f"the audio gives {audio_frames} frames ({audio_frames / 25:.2f} s at 25 fps); "
+            "the model needs more "
             f"than {frame_num} ({frame_num / 25:.2f} s)"
         )
     if mode not in ("streaming", "clip"):
@@ -69,15 +70,25 @@ def plan_chunks(
         raise ValueError(f"max_frame_num must be positive, got {max_frame_num}")
     if mode == "clip" or (max_frame_num is not None and max_frame_num <= frame_num):
         total = frame_num if max_frame_num is None else min(frame_num, max_frame_num)
-        return ChunkPlan(starts=(0,), frame_num=frame_num, motion_frame=motion_frame,
-                         total_frames=total, audio_frames=audio_frames)
+        return ChunkPlan(
+            starts=(0,),
+            frame_num=frame_num,
+            motion_frame=motion_frame,
+            total_frames=total,
+            audio_frames=audio_frames,
+        )
     target = audio_frames if max_frame_num is None else min(max_frame_num, audio_frames)
     stride = frame_num - motion_frame
     starts = [0]
     while starts[-1] + frame_num < target:
         starts.append(starts[-1] + stride)
-    return ChunkPlan(starts=tuple(starts), frame_num=frame_num, motion_frame=motion_frame,
-                     total_frames=target, audio_frames=audio_frames)
+    return ChunkPlan(
+        starts=tuple(starts),
+        frame_num=frame_num,
+        motion_frame=motion_frame,
+        total_frames=target,
+        audio_frames=audio_frames,
+    )
 
 
 def pad_features(features: Tensor, end: int) -> Tensor:

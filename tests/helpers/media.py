@@ -22,7 +22,9 @@ def _face_image(width: int, height: int, *, seed: int, faces: int = 1) -> np.nda
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     base = rng.uniform(40, 200, size=3).astype(np.float32)
-    img = np.stack([base[0] + 40 * xx / width, base[1] + 40 * yy / height, base[2] - 30 * xx / width], axis=-1)
+    img = np.stack(
+        [base[0] + 40 * xx / width, base[1] + 40 * yy / height, base[2] - 30 * xx / width], axis=-1
+    )
     for i in range(faces):
         cx = width * (i + 0.5) / faces
         cy = height * 0.45
@@ -87,7 +89,9 @@ def make_wav(
     return Path(path)
 
 
-def make_audio(path: Path, *, duration_s: float = 4.0, rate: int = 44100, channels: int = 2, seed: int = 0) -> Path:
+def make_audio(
+    path: Path, *, duration_s: float = 4.0, rate: int = 44100, channels: int = 2, seed: int = 0
+) -> Path:
     """Compressed audio (mp3, flac, m4a, ogg) through PyAV; `.wav` goes through `make_wav`."""
     import av
 
@@ -155,7 +159,9 @@ def make_mp4(
         for packet in video.encode(None):
             container.mux(packet)
         if astream is not None:
-            _write_audio(container, astream, speech_like(duration_s, rate=44100, channels=2, seed=seed), 44100)
+            _write_audio(
+                container, astream, speech_like(duration_s, rate=44100, channels=2, seed=seed), 44100
+            )
     return Path(path)
 
 
@@ -190,8 +196,14 @@ def make_job_bundle(
         make_wav(directory / "voice.WAV", duration_s=duration_s, seed=media_seed)
         doc.update(cond_video="face.png", cond_audio={"person1": "voice.WAV"})
     elif kind == "video":
-        make_mp4(directory / "talk.mp4", duration_s=duration_s, width=64, height=48,
-                 scene_cut_s=duration_s / 2, seed=media_seed)
+        make_mp4(
+            directory / "talk.mp4",
+            duration_s=duration_s,
+            width=64,
+            height=48,
+            scene_cut_s=duration_s / 2,
+            seed=media_seed,
+        )
         make_wav(directory / "voice.WAV", duration_s=duration_s, seed=media_seed)
         doc.update(cond_video="talk.mp4", cond_audio={"person1": "voice.WAV"})
     elif kind in ("two_para", "two_add"):

@@ -78,7 +78,9 @@ def test_chunk_plan_matches_the_reference_loop(t: int, max_frames: int | None) -
 
 def test_no_40_second_cap_and_clip_mode() -> None:
     ten_minutes = 10 * 60 * 25
-    plan = windows.plan_chunks(ten_minutes, frame_num=81, motion_frame=9, max_frame_num=None, mode="streaming")
+    plan = windows.plan_chunks(
+        ten_minutes, frame_num=81, motion_frame=9, max_frame_num=None, mode="streaming"
+    )
     assert plan.total_frames == ten_minutes and plan.num_chunks == 1 + -(-(ten_minutes - 81) // 72)
     clip = windows.plan_chunks(ten_minutes, frame_num=81, motion_frame=9, max_frame_num=None, mode="clip")
     assert clip.starts == (0,) and clip.total_frames == 81
@@ -94,9 +96,15 @@ def test_audio_windows_and_padding() -> None:
     assert padded[:, 0, 0].tolist() == list(range(10)) + [9, 8, 7, 6, 5]
     assert windows.pad_features(feats, 9) is feats
     for start in range(0, 9):  # reading the reflection in place equals padding first
-        torch.testing.assert_close(windows.chunk_audio(feats, start, 5, end=12), windows.chunk_audio(padded, start, 5))
+        torch.testing.assert_close(
+            windows.chunk_audio(feats, start, 5, end=12), windows.chunk_audio(padded, start, 5)
+        )
     win = windows.chunk_audio(padded, 8, 5)
-    assert win.shape == (5, 5, 1, 1) and win[-1, :, 0, 0].tolist() == [9, 8, 7, 6, 5] and win[0, :, 0, 0].tolist() == [6, 7, 8, 9, 9]
+    assert (
+        win.shape == (5, 5, 1, 1)
+        and win[-1, :, 0, 0].tolist() == [9, 8, 7, 6, 5]
+        and win[0, :, 0, 0].tolist() == [6, 7, 8, 9, 9]
+    )
 
 
 def test_buckets_keys_match_the_reference_table() -> None:
@@ -137,13 +145,15 @@ def test_lab_conversion_against_direct_formula_and_roundtrip() -> None:
     lab = color.rgb_to_lab(rgb)
     for i in range(0, 50, 7):
         np.testing.assert_allclose(lab[i].numpy(), _lab_direct(rgb[i].numpy()), rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(color.rgb_to_lab(torch.ones(1, 3, dtype=torch.float64))[0].numpy(), [100, 0, 0], atol=1e-2)
+    np.testing.assert_allclose(
+        color.rgb_to_lab(torch.ones(1, 3, dtype=torch.float64))[0].numpy(), [100, 0, 0], atol=1e-2
+    )
     torch.testing.assert_close(color.lab_to_rgb(lab), rgb, rtol=1e-6, atol=1e-6)
 
 
 def test_match_colors_moves_statistics_to_the_reference() -> None:
     g = torch.Generator().manual_seed(4)
-    ref = (torch.rand(3, 1, 8, 8, generator=g) * 0.5 - 0.6)  # dark reference
+    ref = torch.rand(3, 1, 8, 8, generator=g) * 0.5 - 0.6  # dark reference
     frames = torch.rand(3, 2, 8, 8, generator=g) * 0.5 + 0.3  # bright frames
     out = color.match_colors(frames, ref, 1.0)
     assert out.shape == frames.shape and out.dtype == frames.dtype

@@ -60,8 +60,13 @@ def test_multi_chunk_render_interrupted_and_resumed_is_identical(pipe, tmp_path:
     req = _request(bundle)
     events: list[Progress] = []
     calls = pipe.dit_calls
-    full = pipe.generate(req, tmp_path / "full.mp4", poster_path=tmp_path / "full.jpg",
-                         on_progress=events.append, checkpoint_dir=tmp_path / "ck_full")
+    full = pipe.generate(
+        req,
+        tmp_path / "full.mp4",
+        poster_path=tmp_path / "full.jpg",
+        on_progress=events.append,
+        checkpoint_dir=tmp_path / "ck_full",
+    )
     # 1.64 s -> 41 frames -> chunks at 0 and 24 (33-frame tiny chunks, 9 motion frames)
     assert full.num_frames == 41 and full.duration_s == pytest.approx(1.64)
     assert pipe.dit_calls - calls == 2 * 1 * 2  # 2 chunks x 1 step x 2 passes (text scale 1)
@@ -79,7 +84,9 @@ def test_multi_chunk_render_interrupted_and_resumed_is_identical(pipe, tmp_path:
     with pytest.raises(StopRequested):
         pipe.generate(req, tmp_path / "resumed.mp4", on_progress=stop_in_chunk_2, checkpoint_dir=ck)
     state = json.loads((ck / checkpoint.STATE_FILE).read_text())
-    assert state["next_chunk"] == 1 and state["frames_written"] == 33 and state["segments"] == ["seg_00000.mp4"]
+    assert (
+        state["next_chunk"] == 1 and state["frames_written"] == 33 and state["segments"] == ["seg_00000.mp4"]
+    )
     assert not (tmp_path / "resumed.mp4").exists()
     resumed = pipe.generate(req, tmp_path / "resumed.mp4", checkpoint_dir=ck)
     assert resumed.resumed_from_chunk == 1
@@ -87,7 +94,9 @@ def test_multi_chunk_render_interrupted_and_resumed_is_identical(pipe, tmp_path:
 
 
 def test_should_stop_between_steps(pipe, tmp_path: Path) -> None:
-    bundle = make_job_bundle(tmp_path / "job", kind="image", duration_s=1.4, seed=1, sample_steps=3, mode="clip")
+    bundle = make_job_bundle(
+        tmp_path / "job", kind="image", duration_s=1.4, seed=1, sample_steps=3, mode="clip"
+    )
     seen: list[int] = []
 
     def should_stop() -> bool:
@@ -100,8 +109,16 @@ def test_should_stop_between_steps(pipe, tmp_path: Path) -> None:
 
 
 def test_clip_mode_and_one_pass_guidance(pipe, tmp_path: Path) -> None:
-    bundle = make_job_bundle(tmp_path / "job", kind="image", duration_s=2.0, seed=2, sample_steps=2, mode="clip",
-                             sample_text_guide_scale=1.0, sample_audio_guide_scale=1.0)
+    bundle = make_job_bundle(
+        tmp_path / "job",
+        kind="image",
+        duration_s=2.0,
+        seed=2,
+        sample_steps=2,
+        mode="clip",
+        sample_text_guide_scale=1.0,
+        sample_audio_guide_scale=1.0,
+    )
     calls = pipe.dit_calls
     res = pipe.generate(_request(bundle), tmp_path / "clip.mp4")
     assert pipe.dit_calls - calls == 2  # both scales 1: one DiT pass per step
@@ -110,8 +127,16 @@ def test_clip_mode_and_one_pass_guidance(pipe, tmp_path: Path) -> None:
 
 
 def test_max_frame_num_caps_video_and_audio(pipe, tmp_path: Path) -> None:
-    bundle = make_job_bundle(tmp_path / "job", kind="image", duration_s=2.0, seed=3, sample_steps=1,
-                             max_frame_num=20, sample_text_guide_scale=3.0, sample_audio_guide_scale=2.0)
+    bundle = make_job_bundle(
+        tmp_path / "job",
+        kind="image",
+        duration_s=2.0,
+        seed=3,
+        sample_steps=1,
+        max_frame_num=20,
+        sample_text_guide_scale=3.0,
+        sample_audio_guide_scale=2.0,
+    )
     calls = pipe.dit_calls
     res = pipe.generate(_request(bundle), tmp_path / "capped.mp4")
     assert pipe.dit_calls - calls == 3  # text scale 3, audio scale 2: three passes
@@ -123,7 +148,9 @@ def test_max_frame_num_caps_video_and_audio(pipe, tmp_path: Path) -> None:
 def test_two_speakers(pipe, tmp_path: Path, kind: str) -> None:
     settings = {"bbox": {"person1": [0, 0, 61, 48], "person2": [0, 48, 61, 97]}} if kind == "two_para" else {}
     duration = 1.5 if kind == "two_para" else 0.8
-    bundle = make_job_bundle(tmp_path / "job", kind=kind, duration_s=duration, seed=4, sample_steps=1, **settings)
+    bundle = make_job_bundle(
+        tmp_path / "job", kind=kind, duration_s=duration, seed=4, sample_steps=1, **settings
+    )
     res = pipe.generate(_request(bundle), tmp_path / f"{kind}.mp4")
     assert pipe.variant == "multi"
     expected = duration if kind == "two_para" else duration * 1.75  # add: person 1 then person 2
@@ -132,8 +159,15 @@ def test_two_speakers(pipe, tmp_path: Path, kind: str) -> None:
 
 
 def test_video_dubbing_with_a_scene_cut(pipe, tmp_path: Path) -> None:
-    bundle = make_job_bundle(tmp_path / "job", kind="video", duration_s=2.8, seed=6, sample_steps=1,
-                             sample_text_guide_scale=1.0, sample_audio_guide_scale=1.0)
+    bundle = make_job_bundle(
+        tmp_path / "job",
+        kind="video",
+        duration_s=2.8,
+        seed=6,
+        sample_steps=1,
+        sample_text_guide_scale=1.0,
+        sample_audio_guide_scale=1.0,
+    )
     req = _request(bundle)
     prepared = pipe.prepare(req, tmp_path / "work")
     # the source cuts at 1.4 s: two independent shots of 35 frames, each two tiny chunks
@@ -163,8 +197,9 @@ def test_invalid_inputs_name_the_file(pipe, tmp_path: Path) -> None:
 def test_tiny_render_on_cuda_in_bf16(tiny_weights_dir: Path, tmp_path: Path) -> None:
     """The GPU path (bf16 DiT/T5, fp16 CLIP, fp32 VAE) end to end, two speakers, three passes."""
     gpu = InfiniteTalkPipeline.from_weights(tiny_weights_dir, device="cuda", dtype=torch.bfloat16)
-    bundle = make_job_bundle(tmp_path / "job", kind="two_para", duration_s=1.5, seed=8, sample_steps=2,
-                             sample_text_guide_scale=4.0)
+    bundle = make_job_bundle(
+        tmp_path / "job", kind="two_para", duration_s=1.5, seed=8, sample_steps=2, sample_text_guide_scale=4.0
+    )
     res = gpu.generate(_request(bundle), tmp_path / "gpu.mp4", checkpoint_dir=tmp_path / "ck")
     assert gpu.dit.dtype == torch.bfloat16 and res.num_frames == 37
     _check_mp4(res.video_path, frames=37, size=(res.height, res.width))

@@ -18,12 +18,20 @@ ROOT = Path(__file__).resolve().parents[2]
 def _cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("INFINITETALK_CONFIG", None)
-    return subprocess.run([sys.executable, "-m", "daemon", "render", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", "render", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_render_without_weights_uses_the_tiny_model(tmp_path: Path) -> None:
-    bundle = make_job_bundle(tmp_path / "hello", kind="image", duration_s=1.5, sample_steps=1, mode="clip", seed=9)
+    bundle = make_job_bundle(
+        tmp_path / "hello", kind="image", duration_s=1.5, sample_steps=1, mode="clip", seed=9
+    )
     proc = _cli(str(bundle / "job.json"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "tiny random-weight model" in proc.stderr and "var/tiny-weights" in proc.stderr

@@ -21,7 +21,9 @@ FIXTURES = ROOT / "tests" / "fixtures" / "parity"
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("make_sampler_fixture", ROOT / "tools/parity/make_sampler_fixture.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_sampler_fixture", ROOT / "tools/parity/make_sampler_fixture.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

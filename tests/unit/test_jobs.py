@@ -165,12 +165,17 @@ def test_missing_fields_and_files(tmp_path: Path) -> None:
         "cond_audio": "missing_field",
     }
     with pytest.raises(InvalidJob) as info:
-        parse_job(_raw({"prompt": "p", "cond_video": "nope.png", "cond_audio": {"person2": "x.wav"}}), base_dir=tmp_path)
+        parse_job(
+            _raw({"prompt": "p", "cond_video": "nope.png", "cond_audio": {"person2": "x.wav"}}),
+            base_dir=tmp_path,
+        )
     assert _codes(info.value) == {"cond_video": "missing_file", "cond_audio.person1": "missing_field"}
     assert "nope.png" in info.value.message
 
 
-@pytest.mark.parametrize("path", ["/etc/passwd.png", "../outside.png", "sub/../../x.png", "~/x.png", "C:/x.png"])
+@pytest.mark.parametrize(
+    "path", ["/etc/passwd.png", "../outside.png", "sub/../../x.png", "~/x.png", "C:/x.png"]
+)
 def test_paths_leaving_the_folder_are_rejected(tmp_path: Path, path: str) -> None:
     base = tmp_path / "inbox"
     _files(base, "b.wav")
@@ -236,7 +241,9 @@ def test_load_job_uses_the_file_folder(tmp_path: Path) -> None:
     bundle = tmp_path / "myjob"
     _files(bundle, "face.webp", "voice.m4a")
     (bundle / "job.json").write_text(
-        json.dumps({"prompt": "p", "cond_video": "face.webp", "cond_audio": {"person1": "voice.m4a"}, "seed": 1})
+        json.dumps(
+            {"prompt": "p", "cond_video": "face.webp", "cond_audio": {"person1": "voice.m4a"}, "seed": 1}
+        )
     )
     spec = load_job(bundle / "job.json")
     assert spec.to_request(bundle).cond_media == bundle.absolute() / "face.webp"

@@ -50,7 +50,9 @@ def make_media(folder: Path) -> tuple[Path, Path]:
     """The reference image and speech both sides use (fixed seeds)."""
     from tests.helpers.media import make_rgba_png, make_wav
 
-    return make_rgba_png(folder / "face.png", seed=11), make_wav(folder / "voice.WAV", duration_s=AUDIO_SECONDS, seed=12)
+    return make_rgba_png(folder / "face.png", seed=11), make_wav(
+        folder / "voice.WAV", duration_s=AUDIO_SECONDS, seed=12
+    )
 
 
 def request_for(image: Path, audio: Path, case: str):  # noqa: ANN201
@@ -58,9 +60,18 @@ def request_for(image: Path, audio: Path, case: str):  # noqa: ANN201
 
     steps, shift, text_scale, audio_scale = CASES[case]
     return GenerationRequest(
-        prompt=PROMPT, negative_prompt=NEGATIVE, cond_media=image, audio=(audio,), size="infinitetalk-480",
-        sample_steps=steps, sample_shift=shift, sample_text_guide_scale=text_scale,
-        sample_audio_guide_scale=audio_scale, seed=SEED, mode="clip", color_correction_strength=0.0,
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        cond_media=image,
+        audio=(audio,),
+        size="infinitetalk-480",
+        sample_steps=steps,
+        sample_shift=shift,
+        sample_text_guide_scale=text_scale,
+        sample_audio_guide_scale=audio_scale,
+        seed=SEED,
+        mode="clip",
+        color_correction_strength=0.0,
     )
 
 
@@ -83,8 +94,10 @@ def install_multitalk_shims() -> None:
     """What `wan/multitalk.py` imports beyond the DiT's shims (installed by `import_reference`)."""
     dummy = type("Dummy", (), {})
     tv = sys.modules.get("torchvision") or _module("torchvision")
-    tv.transforms = _module("torchvision.transforms", functional=_module("torchvision.transforms.functional",
-                                                                          center_crop=_center_crop))
+    tv.transforms = _module(
+        "torchvision.transforms",
+        functional=_module("torchvision.transforms.functional", center_crop=_center_crop),
+    )
     _module("diffusers.models")
     _module("diffusers.models.modeling_utils", no_init_weights=dummy, ContextManagers=dummy)
     _module("accelerate")
@@ -94,16 +107,25 @@ def install_multitalk_shims() -> None:
     _module("wan.modules.t5", T5EncoderModel=dummy, T5LayerNorm=dummy, T5RelativeEmbedding=dummy)
     _module("wan.modules.vae", WanVAE=dummy, CausalConv3d=dummy, RMS_norm=dummy, Upsample=dummy)
     _module("src")
-    _module("src.vram_management", AutoWrappedQLinear=dummy, AutoWrappedLinear=dummy, AutoWrappedModule=dummy,
-            enable_vram_management=dummy)
+    _module(
+        "src.vram_management",
+        AutoWrappedQLinear=dummy,
+        AutoWrappedLinear=dummy,
+        AutoWrappedModule=dummy,
+        enable_vram_management=dummy,
+    )
     import inspect
 
     if not hasattr(inspect, "ArgSpec"):  # imported (unused) by wan/multitalk.py; gone in Python 3.11
         inspect.ArgSpec = dummy  # type: ignore[attr-defined]
     from PIL import Image
 
-    _module("wan.utils.utils", convert_video_to_h264=dummy, get_video_codec=lambda path: "png",
-            extract_specific_frames=lambda path, index: Image.open(path).convert("RGB"))
+    _module(
+        "wan.utils.utils",
+        convert_video_to_h264=dummy,
+        get_video_codec=lambda path: "png",
+        extract_specific_frames=lambda path, index: Image.open(path).convert("RGB"),
+    )
     _module("optimum")
     _module("optimum.quanto", quantize=dummy, freeze=dummy, qint8=dummy, requantize=dummy)
     _module("optimum.quanto.nn")
@@ -147,7 +169,9 @@ class RefT5:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--ref", type=Path, default=Path("/work/ref"), help="MeiGen-AI/InfiniteTalk checkout")
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "fixtures" / "parity")
     args = parser.parse_args()
@@ -165,7 +189,9 @@ def main() -> None:
         features = prepared.segments[0].features[0][: prepared.segments[0].plan.audio_frames]
         torch.save(features.clone(), tmp / "person1.pt")
 
-        spec = importlib.util.spec_from_file_location("make_dit_fixtures", Path(__file__).with_name("make_dit_fixtures.py"))
+        spec = importlib.util.spec_from_file_location(
+            "make_dit_fixtures", Path(__file__).with_name("make_dit_fixtures.py")
+        )
         dit_tool = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(dit_tool)
         model_mod, utils, _ = dit_tool.import_reference(args.ref)
@@ -180,24 +206,56 @@ def main() -> None:
         ref = object.__new__(multitalk.InfiniteTalkPipeline)
         vae = RefVAE(pipe)
         ref.__dict__.update(
-            device=torch.device("cpu"), rank=0, t5_cpu=False, param_dtype=torch.float32, num_timesteps=1000,
-            num_train_timesteps=1000, use_timestep_transform=True, vae_stride=(4, 8, 8), patch_size=(1, 2, 2),
-            sp_size=1, vram_management=False, cpu_offload=False, sample_neg_prompt=NEGATIVE, model=model,
-            vae=vae, clip=RefCLIP(pipe), text_encoder=RefT5(pipe),
+            device=torch.device("cpu"),
+            rank=0,
+            t5_cpu=False,
+            param_dtype=torch.float32,
+            num_timesteps=1000,
+            num_train_timesteps=1000,
+            use_timestep_transform=True,
+            vae_stride=(4, 8, 8),
+            patch_size=(1, 2, 2),
+            sp_size=1,
+            vram_management=False,
+            cpu_offload=False,
+            sample_neg_prompt=NEGATIVE,
+            model=model,
+            vae=vae,
+            clip=RefCLIP(pipe),
+            text_encoder=RefT5(pipe),
         )
         frame_num = pipe.config.generation.frame_num
         for case, (steps, shift, text_scale, audio_scale) in CASES.items():
             vae.decoded.clear()
             ref.generate_infinitetalk(
-                {"prompt": PROMPT, "cond_video": str(image), "cond_audio": {"person1": str(tmp / "person1.pt")}},
-                size_buckget="infinitetalk-480", motion_frame=9, frame_num=frame_num, shift=shift,
-                sampling_steps=steps, text_guide_scale=text_scale, audio_guide_scale=audio_scale,
-                n_prompt=NEGATIVE, seed=SEED, offload_model=False, max_frames_num=frame_num,
-                color_correction_strength=0.0, extra_args=types.SimpleNamespace(use_teacache=False, use_apg=False),
+                {
+                    "prompt": PROMPT,
+                    "cond_video": str(image),
+                    "cond_audio": {"person1": str(tmp / "person1.pt")},
+                },
+                size_buckget="infinitetalk-480",
+                motion_frame=9,
+                frame_num=frame_num,
+                shift=shift,
+                sampling_steps=steps,
+                text_guide_scale=text_scale,
+                audio_guide_scale=audio_scale,
+                n_prompt=NEGATIVE,
+                seed=SEED,
+                offload_model=False,
+                max_frames_num=frame_num,
+                color_correction_strength=0.0,
+                extra_args=types.SimpleNamespace(use_teacache=False, use_apg=False),
             )
             (latents,) = vae.decoded
-            meta = {"steps": str(steps), "shift": str(shift), "text_scale": str(text_scale),
-                    "audio_scale": str(audio_scale), "seed": str(SEED), "reference": str(args.ref)}
+            meta = {
+                "steps": str(steps),
+                "shift": str(shift),
+                "text_scale": str(text_scale),
+                "audio_scale": str(audio_scale),
+                "seed": str(SEED),
+                "reference": str(args.ref),
+            }
             save_file({"latents": latents.contiguous()}, str(args.out / f"{case}.safetensors"), metadata=meta)
             print(f"{case}: latents {tuple(latents.shape)} |x| {latents.abs().mean():.4f}")
 
