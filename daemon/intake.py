@@ -108,6 +108,10 @@ class Intake:
             except JobRejected as rejected:
                 self.reject(row, entry, rejected)
                 continue
+            except OSError as e:  # e.g. a file the daemon may not read: report it, keep serving
+                logger.warning("job %s (%s): cannot check it yet: %s", row.id, row.name, e)
+                self.ledger.set_waiting_reason(row.id, f"cannot read the upload: {e.strerror or e}")
+                continue
             if result is not None:
                 ready.append(result)
         for source, row in waiting.items():
@@ -232,6 +236,9 @@ class Intake:
                 self.claim(item)
             except JobRejected as rejected:
                 self._reject_claimed(item.row, rejected)
+            except OSError as e:  # the rename failed (permissions, vanished file): retried next scan
+                logger.warning("job %s (%s): cannot take it yet: %s", item.row.id, item.row.name, e)
+                self.ledger.set_waiting_reason(item.row.id, f"cannot take the upload: {e.strerror or e}")
 
     def claim(self, item: Ready) -> JobRow | None:
         """Move the inputs into the state dir, hash them, check for a duplicate, queue the job.
@@ -299,13 +306,15 @@ class Intake:
             input_dir = Path(row.job_dir) / "input"
             if not (input_dir / inbox_mod.BUNDLE_JOB_FILE).is_file():
                 continue
-            if not source.endswith(f"/{row.name}") or Path(source).suffix.lower() == ".json":
-                self._move_loose_media(source, input_dir, _loose_media_names(input_dir / inbox_mod.BUNDLE_JOB_FILE))
             logger.info("job %s (%s): finishing a claim interrupted by a restart", row.id, row.name)
             try:
+                if Path(source).suffix.lower() == ".json":  # a loose job: its media may still be in the inbox
+                    self._move_loose_media(source, input_dir, _loose_media_names(input_dir / inbox_mod.BUNDLE_JOB_FILE))
                 self._complete_claim(row, input_dir)
             except JobRejected as rejected:
                 self._reject_claimed(row, rejected)
+            except OSError as e:
+                logger.warning("job %s (%s): cannot finish its claim yet: %s", row.id, row.name, e)
 
     def admit_claimed(self) -> None:
         """Claimed jobs left waiting (queue was full, or a restart in between) get queued as room frees."""

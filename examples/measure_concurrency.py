@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--audio", type=float, default=3.0, help="seconds of speech per job")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--rounds", type=int, default=2, help="repetitions of each mode (best one counts)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="concurrency-"))
     weights = args.weights or tmp / "weights"
@@ -67,7 +68,7 @@ def main() -> None:
     print(f"model loaded in {worker.info.get('load_s')} s on {worker.info.get('device')}")
     try:
         results = {}
-        for mode in ("sequential", "together", "sequential", "together"):
+        for mode in ("sequential", "together") * args.rounds:
             orders = []
             for i in range(args.jobs):
                 bundle = make_example(tmp / f"{mode}-{i}-{time.time_ns()}", duration_s=args.audio)
@@ -81,7 +82,7 @@ def main() -> None:
             results.setdefault(mode, []).append(elapsed)
             print(f"{mode:<10} {args.jobs} jobs: {elapsed:.2f} s")
         seq, tog = min(results["sequential"]), min(results["together"])
-        print(f"best of 2: one after another {seq:.2f} s, side by side {tog:.2f} s, "
+        print(f"best of {args.rounds}: one after another {seq:.2f} s, side by side {tog:.2f} s, "
               f"{100 * (1 - tog / seq):.0f}% less wall time")
     finally:
         worker.shutdown()
