@@ -56,7 +56,23 @@ class Entry:
 
     @property
     def source(self) -> str:
-        return str(self.path)
+        return storable(str(self.path))
+
+
+#: longest output base name, in UTF-8 bytes: "<name>-NN.error.json" must fit NAME_MAX (255)
+MAX_NAME_BYTES = 200
+
+
+def output_name(name: str) -> str:
+    """The job's name for the ledger and the outbox: storable, cut to MAX_NAME_BYTES."""
+    raw = storable(name).encode("utf-8")
+    return raw[:MAX_NAME_BYTES].decode("utf-8", "ignore") if len(raw) > MAX_NAME_BYTES else storable(name)
+
+
+def storable(text: str) -> str:
+    """`text` with the bytes of a non-UTF-8 file name written as `\\xNN` (the ledger stores UTF-8
+    only; a Latin-1 name made by an old client must not crash the daemon). UTF-8 names: as is."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def scan(inbox: Path) -> list[Entry]:
@@ -75,12 +91,18 @@ def scan(inbox: Path) -> list[Entry]:
         except FileNotFoundError:
             continue
         if stat.S_ISDIR(st.st_mode):
-            entries.append(Entry(kind="bundle", name=name, path=path, job_file=path / BUNDLE_JOB_FILE,
-                                 base_dir=path))
+            entries.append(Entry(kind="bundle", name=output_name(name), path=path,
+                                 job_file=path / BUNDLE_JOB_FILE, base_dir=path))
         elif name.lower().endswith(".json") and len(name) > 5:
-            entries.append(Entry(kind="loose", name=name[:-5], path=path, job_file=path, base_dir=inbox))
+            entries.append(Entry(kind="loose", name=output_name(name[:-5]), path=path, job_file=path,
+                                 base_dir=inbox))
         elif stat.S_ISLNK(st.st_mode) and name.lower().endswith(".json"):
-            entries.append(Entry(kind="loose", name=name[:-5], path=path, job_file=path, base_dir=inbox))
+            entries.append(Entry(kind="loose", name=output_name(name[:-5]), path=path, job_file=path,
+                                 base_dir=inbox))
+        elif stat.S_ISLNK(st.st_mode) and os.path.isdir(path):
+            # a symlinked bundle: an entry, so intake rejects it with a reason (never follows it)
+            entries.append(Entry(kind="bundle", name=output_name(name), path=path,
+                                 job_file=path / BUNDLE_JOB_FILE, base_dir=path))
     return entries
 
 
