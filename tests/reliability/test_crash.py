@@ -1,0 +1,143 @@
+"""kill -9 of the daemon and of its render worker, at chosen and at random points.
+
+Chosen points use strace's fault injection on the daemon's main process only: the syscall that
+takes a job (the rename of the bundle out of the inbox) or publishes it (the first hard link
+into the outbox) runs, then the process is held there while the test kills it. That lands the
+kill exactly between the filesystem step and the ledger step that should follow it.
+
+Random points: many rounds of "start, wait a random time, kill -9 the daemon or the worker".
+Afterwards every job is done exactly once (or still queued), the outbox holds no partial or
+orphan result, and the ledger and the folders agree (`harness.check_invariants`).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.reliability import harness
+from tests.reliability.harness import DaemonProc
+
+SEED = int(os.environ.get("RELIABILITY_SEED", "20261125"))
+HOLD_US = 20_000_000  # strace holds the daemon 20 s after the chosen syscall; the test kills it first
+
+needs_strace = pytest.mark.skipif(not shutil.which("strace"), reason="strace is needed to stop the daemon "
+                                  "at an exact syscall (apt-get install strace)")
+
+
+def drop(d: DaemonProc, name: str, seed: int, tmp: Path) -> Path:
+    """A complete bundle, placed in the inbox by one rename (as the staged recipes do)."""
+    staged = d.inbox / f".{name}.staging"
+    harness.make_bundle(staged, seed=seed)
+    os.rename(staged, d.inbox / name)
+    return d.inbox / name
+
+
+def hold_after(syscalls: str, nth: int = 1) -> list[str]:
+    """strace prefix: let the nth call of `syscalls` run, then hold the process before returning."""
+    return ["strace", "-qq", "-o", "/dev/null", "-e", f"trace={syscalls}",
+            "-e", f"inject={syscalls}:delay_exit={HOLD_US}:when={nth}"]
+
+
+def assert_done_once(d: DaemonProc, names: list[str]) -> None:
+    for name in names:
+        rows = d.jobs(name)
+        done = [r for r in rows if r["state"] == "done"]
+        assert len(done) == 1, f"{name}: {[(r['id'], r['state'], r['error_code'], r['error_message']) for r in rows]}"
+        videos = sorted(p.name for p in d.outbox.glob(f"{name}*.mp4"))
+        assert videos == [f"{name}.mp4"], f"{name} published as {videos}"
+
+
+@needs_strace
+@pytest.mark.timeout(240)
+def test_kill9_right_after_the_claim_rename(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The bundle has left the inbox for the state dir, the ledger does not know yet: kill -9."""
+    d: DaemonProc = daemon_factory("claim")
+    drop(d, "claimed", 1, tmp_path)
+    d.wrapper = hold_after("rename,renameat,renameat2")
+    d.start(wait_ready=False)
+    harness.wait_for(lambda: not (d.inbox / "claimed").exists() and any((d.state / "jobs").glob("*/input")),
+                     60, "the daemon to rename the bundle into its state dir")
+    d.kill9()
+    harness.count("kill -9 daemon")
+    harness.count("faults injected")
+    d.wrapper = []
+    d.start()
+    d.wait_state("claimed", ["done"], timeout_s=120)
+    d.wait_idle()
+    assert_done_once(d, ["claimed"])
+    harness.check_invariants(d)
+    d.stop()
+
+
+@needs_strace
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("nth", [1, 3], ids=["after-video-link", "after-sidecar-link"])
+def test_kill9_in_the_middle_of_publishing(nth: int, daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """kill -9 after the video (or all three files) got its outbox name, before the ledger says done."""
+    d: DaemonProc = daemon_factory(f"publish{nth}")
+    drop(d, "published", 2 + nth, tmp_path)
+    d.wrapper = hold_after("link,linkat", nth)
+    d.start(wait_ready=False)
+    target = d.outbox / ("published.mp4" if nth == 1 else "published.json")
+    harness.wait_for(target.exists, 120, f"{target.name} to appear in the outbox")
+    time.sleep(0.3)
+    assert d.jobs("published")[0]["state"] == "running"
+    d.kill9()
+    harness.count("kill -9 daemon")
+    harness.count("faults injected")
+    d.wrapper = []
+    d.start()
+    d.wait_state("published", ["done"], timeout_s=120)
+    d.wait_idle()
+    assert_done_once(d, ["published"])
+    harness.check_invariants(d)
+    d.stop()
+
+
+@pytest.mark.timeout(420)
+def test_kill9_daemon_and_worker_at_random_points(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Rounds of start / random wait / kill -9 (daemon or worker) while jobs arrive; then finish."""
+    rng = random.Random(SEED)
+    d: DaemonProc = daemon_factory("random", max_attempts=50, max_running=2)
+    names: list[str] = []
+    seed = 1000
+    for round_no in range(7):
+        for _ in range(rng.randint(1, 2)):
+            seed += 1
+            names.append(f"r{seed}")
+            drop(d, names[-1], seed, tmp_path)
+        d.start(wait_ready=False)
+        victim = rng.choice(["daemon", "daemon", "worker"])
+        if victim == "worker":
+            d.wait_ready()
+            time.sleep(rng.uniform(0.0, 4.0))
+            pid = d.worker_pid()
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                harness.count("kill -9 worker")
+            time.sleep(rng.uniform(0.5, 3.0))  # the daemon notices, retries, starts a new worker
+            d.assert_alive()
+            victim = "daemon"  # and then the daemon too, so the next round restarts it
+        else:
+            time.sleep(rng.uniform(1.0, 14.0))  # from intake and model load to renders and publishing
+        d.kill9()
+        harness.count("kill -9 daemon")
+        harness.check_invariants(d, idle=False)
+        for row in d.jobs():
+            assert row["state"] in ("waiting", "queued", "running", "retry_wait", "done"), row
+    d.start()
+    d.wait_idle(timeout_s=240)
+    for name in names:
+        d.wait_state(name, ["done"], timeout_s=60)
+    assert_done_once(d, names)
+    counts = harness.check_invariants(d)
+    harness.count("jobs done", counts.get("done", 0))
+    harness.count("jobs lost", len(names) - counts.get("done", 0))
+    d.stop()
