@@ -337,7 +337,7 @@ class Intake:
         """Reject an entry still in the inbox: keep its files under outbox/failed/, write error.json."""
         self._tracks.pop(entry.source, None)
         self._record_rejection(row, rejected)
-        self._keep_inbox_originals(row.source, row.name, Path(self._originals(row.id)))
+        self._keep_inbox_originals(entry.path, row.source, Path(self._originals(row.id)))
         self._finish_rejection(row.id)
 
     def _reject_claimed(self, row: JobRow, rejected: JobRejected) -> None:
@@ -360,8 +360,8 @@ class Intake:
                                 error_field=rejected.field or None, duplicate_of=rejected.duplicate_of,
                                 output_json=str(error_path), originals=str(kept))
 
-    def _keep_inbox_originals(self, source: str, name: str, kept: Path) -> None:
-        src = Path(source)
+    def _keep_inbox_originals(self, src: Path, source: str, kept: Path) -> None:
+        """Move an inbox entry (`src`, ledger source `source`) and its loose media into `kept`."""
         if src.is_dir() and not src.is_symlink():
             _clear_empty(kept)
             move(src, kept)
@@ -403,7 +403,7 @@ class Intake:
                 _clear_empty(kept)
                 move(claimed_input, kept)
             else:
-                self._keep_inbox_originals(row.source, row.name, kept)
+                self._keep_inbox_originals(Path(row.source), row.source, kept)
             self._finish_rejection(row.id)
 
 
