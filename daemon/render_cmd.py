@@ -13,6 +13,7 @@ Only the standard library is imported at module level; torch loads when the comm
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -40,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--resume-dir", type=Path, help="keep chunk checkpoints here; rerunning resumes")
     parser.add_argument("--no-poster", action="store_true", help="do not write <output>.jpg")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--gpus", type=int, default=1, help="split each DiT forward over N GPUs of this host "
+                        "(Ulysses sequence parallelism, docs/scaling.md; N divides 40: 2, 4, 5, 8)")
     parser.set_defaults(func=run)
 
 
@@ -119,6 +122,13 @@ class _Bar:
             self.bar.close()
 
 
+def _rank(args: argparse.Namespace) -> None:
+    """One process of `--gpus N` (its rank is in the environment; see pipeline.parallel)."""
+    code = run(args)
+    if code:
+        raise SystemExit(code)
+
+
 def run(args: argparse.Namespace) -> int:
     from daemon.jobs import InvalidJob, JobDefaults, load_job
 
@@ -134,6 +144,21 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out = args.output or Path(f"{_job_name(job)}.mp4")
     weights, _ = _weights(args, settings)
+    if args.gpus > 1 and "RANK" not in os.environ:  # start N ranks, each runs this command
+        from pipeline.parallel import check_launch, spawn_ranks
+
+        try:
+            check_launch(weights, args.gpus, args.device or (settings.device if settings is not None else "auto"))
+        except ValueError as e:
+            print(f"infinitetalk render: --gpus {args.gpus}: {e}", file=sys.stderr)
+            return 2
+        args.weights = weights
+        try:
+            spawn_ranks(_rank, args.gpus, (args,))
+        except Exception as e:  # a rank failed; its own error is on stderr
+            print(f"infinitetalk render: --gpus {args.gpus}: {e}".splitlines()[0], file=sys.stderr)
+            return 1
+        return 0
 
     import torch
 
@@ -147,6 +172,16 @@ def run(args: argparse.Namespace) -> int:
     if dtype_name == "auto":
         dtype_name = "bf16" if device.startswith("cuda") else "fp32"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    from pipeline.parallel import join_from_env
+
+    group = join_from_env(device)  # --gpus N: this process is one rank; rank 0 writes the outputs
+    if group is not None:
+        device = str(group.device)
+        if not group.is_main:
+            import tempfile
+
+            out = Path(tempfile.mkdtemp(prefix="infinitetalk-rank-")) / out.name  # removed at the end
+            args.no_poster, args.quiet, args.resume_dir = True, True, None
     kwargs: dict[str, Any] = {}
     if settings is not None:
         kwargs = {
@@ -157,6 +192,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"loading the model from {weights} on {device} ({dtype_name}) ...", file=sys.stderr)
     t0 = time.perf_counter()
     pipe = InfiniteTalkPipeline.from_weights(weights, device=device, dtype=dtype, **kwargs)
+    if group is not None:
+        if pipe.quant is not None:
+            print("infinitetalk render: --gpus > 1 does not support quant = fp8 yet", file=sys.stderr)
+            return 2
+        group.attach(pipe.dit)
     print(
         f"loaded in {time.perf_counter() - t0:.1f} s; seed {spec.seed}"
         f"{' (drawn)' if spec.seed_drawn else ''}",
@@ -189,6 +229,11 @@ def run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGINT, previous)
     bar.close()
+    if group is not None and not group.is_main:
+        import shutil
+
+        shutil.rmtree(out.parent, ignore_errors=True)
+        return 0
     print(
         f"{result.video_path}: {result.num_frames} frames, {result.duration_s:.2f} s, "
         f"{result.width}x{result.height}, seed {result.seed}, "
