@@ -276,3 +276,67 @@ def spawn(fn: Callable[..., None], nprocs: int, args: tuple[Any, ...] = ()) -> N
     if nprocs < 1:
         raise ValueError(f"nprocs must be >= 1, got {nprocs}")
     mp.spawn(fn, args=(nprocs, free_port(), *args), nprocs=nprocs, join=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankGroup:
+    """This process's place in a sequence-parallel render (see `join_from_env`)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes the outputs; the other ranks compute and discard."""
+        return self.rank == 0
+
+    def attach(self, dit: Any) -> None:
+        """Switch the DiT's forward to the Ulysses split over the default group."""
+        check_degree(dit.cfg.num_heads, self.world_size)
+        dit.sequence_parallel = SequenceParallel()
+
+
+def join_from_env(device: str) -> RankGroup | None:
+    """Join the torchrun-style group described by the environment (RANK, WORLD_SIZE, ...), if any.
+
+    `device` is the requested one ("cuda", "cuda:N" or "cpu"): CUDA ranks use NCCL and
+    cuda:LOCAL_RANK, CPU ranks gloo. Returns None when the environment names no group of 2+.
+    """
+    rdv = Rendezvous.from_env()
+    if rdv is None or rdv.world_size < 2:
+        return None
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    return RankGroup(rank=rdv.rank, world_size=rdv.world_size, device=init_group(rdv, backend=backend))
+
+
+def spawn_ranks(fn: Callable[..., None], nprocs: int, args: tuple[Any, ...] = ()) -> None:
+    """`fn(*args)` in `nprocs` processes with torchrun's environment set (RANK, LOCAL_RANK, ...).
+
+    For commands that join with `join_from_env`; raises if any rank fails.
+    """
+    spawn(_with_rank_env, nprocs, (fn, args))
+
+
+def _with_rank_env(rank: int, world_size: int, port: int, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        fn(*args)
+    finally:
+        close_group()
+
+
+def check_launch(weights_dir: Any, degree: int, device: str) -> None:
+    """Refuse a sequence-parallel launch that cannot work, before any process starts.
+
+    The degree must divide the model's heads (read from the weights folder) and, on CUDA, not
+    exceed the visible GPUs.
+    """
+    from pipeline.config import load_model_config
+
+    check_degree(load_model_config(weights_dir).dit.num_heads, degree)
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        visible = torch.cuda.device_count()
+        if degree > visible:
+            raise ValueError(f"{degree} GPUs asked for, {visible} visible")
