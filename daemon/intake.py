@@ -29,6 +29,7 @@ import shutil
 import stat
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -56,6 +57,8 @@ class _Track:
     sig: tuple[Any, ...] = ()
     sig_since: float = 0.0
     probed_sig: tuple[Any, ...] | None = None
+    probe: Future[None] | None = None
+    probe_sig: tuple[Any, ...] | None = None
     hashes: dict[tuple[str, int, int], str] = field(default_factory=dict)
 
 
@@ -76,9 +79,15 @@ class Intake:
         self.outbox = outbox
         self.clock = clock
         self._tracks: dict[str, _Track] = {}
+        self._probes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="probe")
+        #: set by the daemon: called when a background probe finishes (wakes the main loop)
+        self.wake_later: Callable[[], None] = lambda: None
         #: the shortest speech the loaded model can render (None: not known until the model is loaded)
         self.model_min_audio_s: float | None = None
         self._loose_media: dict[str, set[str]] = {}
+
+    def close(self) -> None:
+        self._probes.shutdown(wait=False, cancel_futures=True)
 
     def reconfigure(self, settings: Settings) -> None:
         self.settings = settings
@@ -195,10 +204,22 @@ class Intake:
             self.ledger.set_waiting_reason(row.id, "waiting for the model to load")
             return None
         if track.probed_sig != sig:
-            self.ledger.set_waiting_reason(row.id, "checking media")
-            for rel in spec.media_files:
-                probe_media(entry.base_dir / rel, rel=rel, field=_field_of(spec, rel),
-                            min_audio_s=max(s.min_audio_s, self.model_min_audio_s))
+            # Decoding a long video takes a while: probes run in a background thread so the main
+            # loop keeps serving (progress, dispatch, watchdog); the result is picked up by a
+            # later scan, and only if the files are still the ones probed.
+            if track.probe is None or track.probe_sig != sig:
+                if track.probe is not None:
+                    track.probe.cancel()
+                self.ledger.set_waiting_reason(row.id, "checking media")
+                track.probe_sig = sig
+                track.probe = self._probes.submit(
+                    _probe_all, entry.base_dir, spec, max(s.min_audio_s, self.model_min_audio_s))
+                track.probe.add_done_callback(lambda _: self.wake_later())
+                return None
+            if not track.probe.done():
+                return None
+            probe, track.probe = track.probe, None
+            probe.result()  # raises JobRejected for bad media
             track.probed_sig = sig
         return Ready(entry=entry, row=row, spec=spec)
 
@@ -493,6 +514,11 @@ def _loose_media_names(job_file: Path) -> set[str]:
 
 
 # ---------------------------------------------------------------------- decode probes
+
+
+def _probe_all(base_dir: Path, spec: JobSpec, min_audio_s: float) -> None:
+    for rel in spec.media_files:
+        probe_media(base_dir / rel, rel=rel, field=_field_of(spec, rel), min_audio_s=min_audio_s)
 
 
 def probe_media(path: Path, *, rel: str, field: str, min_audio_s: float) -> None:

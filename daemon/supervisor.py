@@ -185,6 +185,7 @@ class Supervisor:
                         "last finished chunk)", row.id, row.name)
         self.ledger.daemon_event("started", pid=os.getpid(), recovered=[r.id for r in recovered])
         self.intake = Intake(s, self.ledger, self.outbox)
+        self.intake.wake_later = self.wake.set
         self.watcher = Watcher(s.inbox, self.wake)
         self.watcher.start()
         self.weights_dir, self.tiny = self._choose_weights()
@@ -666,6 +667,8 @@ class Supervisor:
     def _close(self) -> None:
         if self.watcher is not None:
             self.watcher.stop()
+        if self.intake is not None:
+            self.intake.close()
         for _, worker in self._live_workers():
             worker.kill()
         if self.ledger is not None:
