@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--print-config", action="store_true",
                         help="print the complete config (every key, its value and its doc) and exit")
     parser.add_argument("--once", action="store_true",
-                        help="exit once every job found has finished (at least one)")
+                        help="exit once every job found has finished (at least one); "
+                        "exit status 1 if one of them failed or was rejected")
     parser.add_argument("--pipeline-factory", default="", help=argparse.SUPPRESS)
     parser.set_defaults(func=run)
 

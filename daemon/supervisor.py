@@ -248,6 +248,7 @@ class Supervisor:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> int:
+        self.started_wall = time.time()
         self.start()
         assert self.ledger is not None and self.intake is not None and self.watcher is not None
         last_scan = 0.0
@@ -260,7 +261,8 @@ class Supervisor:
                     self._force_stop()
                     return 0
                 if self.stop.is_set():
-                    return self._drain()
+                    code = self._drain()
+                    return self._once_status() if self.once else code
                 if self.reload.is_set():
                     self.reload.clear()
                     self._reload()
@@ -314,6 +316,14 @@ class Supervisor:
         if self.ledger.counts()["waiting"]:
             return min(self.settings.rescan_s, max(0.2, self.settings.settle_s / 2))
         return self.settings.rescan_s
+
+    def _once_status(self) -> int:
+        """`--once` exit status: 1 if a job of this run failed or was rejected, else 0."""
+        assert self.ledger is not None
+        bad = [j for j in self.ledger.jobs(["failed", "rejected"]) if (j.finished_at or 0) >= self.started_wall]
+        for job in bad:
+            logger.error("job %s (%s) %s: %s", job.id, job.name, job.state, job.error_message)
+        return 1 if bad else 0
 
     def _once_done(self) -> bool:
         """`--once`: exit when something was rendered and nothing is left to do."""
