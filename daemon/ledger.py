@@ -403,6 +403,15 @@ class Ledger:
                 self.conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         return len(ids)
 
+    def prune_progress_events(self, cutoff: float) -> int:
+        """Drop the `progress` events of jobs that finished before `cutoff` (state events stay)."""
+        with self.tx():
+            cur = self.conn.execute(
+                "DELETE FROM events WHERE kind = 'progress' AND job_id IN (SELECT id FROM jobs WHERE"
+                f" state IN ({', '.join('?' for _ in FINAL_STATES)}) AND COALESCE(finished_at, 0) < ?)",
+                (*FINAL_STATES, cutoff))
+            return int(cur.rowcount)
+
     # ------------------------------------------------------------------ reads
 
     def _count(self, state: str) -> int:

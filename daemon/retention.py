@@ -52,6 +52,8 @@ def apply_retention(settings: Settings, ledger: Ledger, *, now: float | None = N
                 counts["archives"] += 1
     if r.ledger_days > 0:
         counts["rows"] = ledger.purge_finished_before(now - r.ledger_days * DAY_S)
+    # progress events are only useful while a job runs: a day after it ends they go
+    ledger.prune_progress_events(now - DAY_S)
     if any(counts.values()):
         logger.info("retention: %d outputs, %d claimed inputs, %d ledger rows removed",
                     counts["outputs"], counts["archives"], counts["rows"])

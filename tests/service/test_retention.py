@@ -36,7 +36,10 @@ def test_retention_and_hand_deletion(tmp_path: Path) -> None:
     old = _done_job(ledger, settings.outbox, "old", now - 40 * DAY_S, settings.jobs_dir)
     week = _done_job(ledger, settings.outbox, "week", now - 8 * DAY_S, settings.jobs_dir)
     fresh = _done_job(ledger, settings.outbox, "fresh", now - 3600, settings.jobs_dir)
+    ledger.conn.execute("INSERT INTO events (job_id, at, kind, data_json) VALUES (?, 0, 'progress', '{}')", (week,))
     counts = apply_retention(settings, ledger, now=now)
+    assert [e for e in ledger.conn.execute("SELECT kind FROM events WHERE job_id = ?", (week,))
+            if e[0] == "progress"] == []
     assert counts == {"outputs": 2, "archives": 2, "rows": 1}
     assert ledger.find(old) is None  # past ledger_days: row and events gone
     assert ledger.get(week).deleted_at is not None and not (settings.outbox / "week.mp4").exists()
