@@ -43,19 +43,12 @@ def write_summary() -> None:
     if not FIGURES:
         return
     SUMMARY_PATH.parent.mkdir(parents=True, exist_ok=True)
-    old: dict[str, Any] = {}
-    if SUMMARY_PATH.exists():
-        try:
-            old = json.loads(SUMMARY_PATH.read_text())
-        except ValueError:
-            old = {}
     figures = dict(FIGURES)
     payload = {
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": f"{os.uname().nodename} ({os.cpu_count()} CPUs, {os.uname().machine}, Linux {os.uname().release})",
         "figures": figures,
         "recipes_run": {k: v for k, v in sorted(RECIPES_RUN.items())},
-        "previous": old.get("figures"),
     }
     SUMMARY_PATH.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
@@ -411,6 +404,23 @@ def check_invariants(d: DaemonProc, *, idle: bool = True) -> dict[str, int]:
     return dict(states)
 
 
+def tally(d: DaemonProc) -> dict[str, int]:
+    """Add this daemon's losses and duplicates, computed from its ledger, to the run's figures.
+
+    lost: admitted (a `queued` event) but neither done nor still queued/running;
+    duplicates: more than one `done` job with the same inputs and settings."""
+    jobs = d.jobs()
+    admitted = [j for j in jobs if "queued" in d.event_kinds(j["id"])]
+    lost = [j for j in admitted if j["state"] not in ("done", "queued", "running", "retry_wait")]
+    keys = Counter(j["dedupe_key"] for j in jobs if j["state"] == "done")
+    duplicates = sum(n - 1 for n in keys.values() if n > 1)
+    count("jobs admitted", len(admitted))
+    count("jobs done", sum(1 for j in jobs if j["state"] == "done"))
+    count("jobs lost", len(lost))
+    count("duplicate renders", duplicates)
+    return {"admitted": len(admitted), "lost": len(lost), "duplicates": duplicates}
+
+
 # ---------------------------------------------------------------------------- OpenSSH server
 
 
@@ -461,13 +471,13 @@ def start_sshd(folder: Path) -> tuple[subprocess.Popen[bytes], SshServer]:
             "PermitRootLogin prohibit-password", "Subsystem sftp internal-sftp", "MaxStartups 100:30:200",
             "MaxSessions 50", "LogLevel ERROR", "",
         ]))
-        log = open(folder / "sshd.log", "ab")
-        proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)], stdout=log,
-                                stderr=subprocess.STDOUT)
+        with open(folder / "sshd.log", "ab") as log:
+            proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)], stdout=log,
+                                    stderr=subprocess.STDOUT)
         server = SshServer(port=port, key=user_key, user=getpass.getuser(), config=config)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and proc.poll() is None:
-            probe = subprocess.run(server.ssh("true"), capture_output=True, timeout=20)
+            probe = subprocess.run(server.ssh("true"), capture_output=True, timeout=20, check=False)
             if probe.returncode == 0:
                 return proc, server
             last_error = probe.stderr.decode(errors="replace")

@@ -48,9 +48,8 @@ def bundle(d: DaemonProc, name: str | bytes, seed: int, *, edit: Callable[[Path,
     doc = json.loads((staged / "job.json").read_text())
     if edit is not None:
         edit(staged, doc)
-    if (staged / "job.json").is_file() and not (staged / "job.json").is_symlink():
-        if doc:
-            (staged / "job.json").write_text(json.dumps(doc))
+    if doc and (staged / "job.json").is_file() and not (staged / "job.json").is_symlink():
+        (staged / "job.json").write_text(json.dumps(doc))
     target = os.fsencode(d.inbox) + b"/" + (name if isinstance(name, bytes) else os.fsencode(name))
     os.rename(os.fsencode(staged), target)
     harness.count("faults injected")
@@ -194,6 +193,7 @@ def test_hostile_entries_each_get_their_error(daemon: DaemonProc, outside: Path)
     assert {p.name: harness.sha256(p) for p in victim.iterdir()} == before
     d.assert_alive()
     harness.check_invariants(d, idle=False)
+    harness.tally(d)
 
 
 def test_inotify_overflow_then_a_job_is_still_taken(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -232,6 +232,7 @@ def test_inotify_overflow_then_a_job_is_still_taken(daemon_factory, tmp_path: Pa
     shutil.rmtree(flood)
     d.assert_alive()
     harness.check_invariants(d)
+    harness.tally(d)
 
 
 @pytest.mark.timeout(300)

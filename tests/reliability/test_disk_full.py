@@ -1,0 +1,127 @@
+"""Disk full, for real: the outbox or the state dir is a size-limited tmpfs (`mount -t tmpfs -o
+size=...`, as root), filled to the last few KiB with a ballast file while a job is rendered or
+taken. The job must fail or wait with a clear error, nothing half-written may be published, and
+once the ballast is removed the daemon must carry on and render the job exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.reliability import harness
+from tests.reliability.harness import DaemonProc
+
+
+def mount_tmpfs(folder: Path, size: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}); disk-full tests need root "
+                    "or CAP_SYS_ADMIN")
+
+
+def umount(folder: Path) -> None:
+    subprocess.run(["umount", "-l", str(folder)], capture_output=True, check=False)
+
+
+def fill(folder: Path, leave_bytes: int) -> Path:
+    """A ballast file that leaves about `leave_bytes` free on folder's filesystem."""
+    st = os.statvfs(folder)
+    free = st.f_bavail * st.f_frsize
+    ballast = folder / ".ballast"
+    with open(ballast, "wb") as f:
+        remaining = max(0, free - leave_bytes)
+        block = b"\0" * (1 << 20)
+        while remaining > 0:
+            n = min(remaining, len(block))
+            try:
+                f.write(block[:n])
+            except OSError:
+                break
+            remaining -= n
+    return ballast
+
+
+@pytest.fixture()
+def mounts() -> Iterator[list[Path]]:
+    made: list[Path] = []
+    yield made
+    for folder in made:
+        umount(folder)
+
+
+def drop(d: DaemonProc, name: str, seed: int) -> None:
+    staged = d.inbox / f".{name}.staging"
+    harness.make_bundle(staged, seed=seed)
+    os.rename(staged, d.inbox / name)
+
+
+def published_names(d: DaemonProc) -> list[str]:
+    return sorted(p.name for p in d.outbox.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+@pytest.mark.timeout(240)
+def test_outbox_full_then_space_returns(daemon_factory, mounts: list[Path]) -> None:  # type: ignore[no-untyped-def]
+    d: DaemonProc = daemon_factory("outboxfull", max_attempts=30, retry_backoff_s=0.5, retry_backoff_max_s=1.0)
+    mount_tmpfs(d.outbox, "3m")
+    mounts.append(d.outbox)
+    d.start()
+    ballast = fill(d.outbox, 16 * 1024)  # too little for a video (~90 KB)
+    harness.count("faults injected")
+    drop(d, "full-outbox", 11)
+
+    def failed_once() -> bool:
+        d.assert_alive()
+        return any(e["kind"] in ("retry", "failed") for e in
+                   d.query("SELECT e.kind FROM events e JOIN jobs j ON j.id = e.job_id WHERE j.name = ?",
+                           ("full-outbox",)))
+
+    harness.wait_for(failed_once, 90, "a render into the full outbox to fail")
+    row = d.jobs("full-outbox")[-1]
+    assert row["error_code"] == "disk_full", row
+    assert "No space left" in (row["error_message"] or "") or "ENOSPC" in (row["error_message"] or ""), row
+    # nothing half-written is visible: no video, poster or sidecar for the job
+    assert not [n for n in published_names(d) if n.startswith("full-outbox") and not n.endswith(".error.json")]
+    time.sleep(2)
+    d.assert_alive()
+    ballast.unlink()
+    row = d.wait_state("full-outbox", ["done"], timeout_s=120)
+    assert Path(row["output_video"]).name == "full-outbox.mp4"
+    d.wait_idle()
+    harness.check_invariants(d)
+    harness.tally(d)
+    d.stop()
+
+
+@pytest.mark.timeout(240)
+def test_state_dir_full_then_space_returns(daemon_factory, mounts: list[Path]) -> None:  # type: ignore[no-untyped-def]
+    """The ledger and the claimed inputs live in the state dir: fill it while a job arrives."""
+    d: DaemonProc = daemon_factory("statefull", max_attempts=30, retry_backoff_s=0.5, retry_backoff_max_s=1.0)
+    mount_tmpfs(d.state, "8m")
+    mounts.append(d.state)
+    d.start()
+    ballast = fill(d.state, 8 * 1024)
+    harness.count("faults injected")
+    drop(d, "full-state", 12)
+    time.sleep(8)  # the daemon sees the job and cannot claim it (or even write the ledger)
+    stayed_up = d.alive()
+    harness.count("state-dir-full: daemon stayed up" if stayed_up else "state-dir-full: daemon exited")
+    assert not (d.outbox / "full-state.mp4").exists()
+    ballast.unlink()
+    if not stayed_up:
+        # under systemd, Restart=on-failure starts it again; do the same
+        assert "No space left" in d.log.read_text(errors="replace") or "full" in d.log_tail(), d.log_tail()
+        d.start()
+    d.wait_state("full-state", ["done"], timeout_s=120)
+    d.wait_idle()
+    assert published_names(d).count("full-state.mp4") == 1
+    harness.check_invariants(d)
+    harness.tally(d)
+    d.stop()
