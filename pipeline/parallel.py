@@ -233,10 +233,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def init_group(rdv: Rendezvous, *, backend: str | None = None, timeout_s: float = 600.0) -> torch.device:
-    """Join the default process group; returns this rank's device (cuda:local_rank, or cpu with gloo).
+def init_group(
+    rdv: Rendezvous, *, backend: str | None = None, timeout_s: float = 600.0, device: torch.device | str | None = None
+) -> torch.device:
+    """Join the default process group; returns this rank's device.
 
-    backend None: NCCL when CUDA is available, else gloo.
+    backend None: NCCL when CUDA is available, else gloo. device None: cuda:local_rank with NCCL,
+    the CPU with gloo.
     """
     import datetime
 
@@ -244,11 +247,15 @@ def init_group(rdv: Rendezvous, *, backend: str | None = None, timeout_s: float 
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend not in ("nccl", "gloo"):
         raise ValueError(f"process group backend must be 'nccl' or 'gloo', got {backend!r}")
-    device = torch.device("cpu")
-    if backend == "nccl":
+    if device is not None:
+        device = torch.device(device)
+    elif backend == "nccl":
         if rdv.local_rank >= torch.cuda.device_count():
             raise ValueError(f"local rank {rdv.local_rank} but only {torch.cuda.device_count()} CUDA devices are visible")
         device = torch.device("cuda", rdv.local_rank)
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(
         backend=backend,
