@@ -25,7 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", type=Path, default=None, help="TOML config file")
 
-    p = subparsers.add_parser("submit", help="copy a job (JOB.json with its media, or a bundle DIR) into the inbox")
+    p = subparsers.add_parser(
+        "submit", help="copy a job (JOB.json with its media, or a bundle DIR) into the inbox"
+    )
     p.add_argument("job", type=Path, help="a job JSON (its media beside it) or a bundle directory")
     p.add_argument("--name", default=None, help="name in the inbox (default: the file or folder name)")
     common(p)
@@ -36,9 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     common(p)
     p.set_defaults(func=run_status)
 
-    for action, text in (("cancel", "cancel a waiting, queued or running job"),
-                         ("retry", "queue a failed or cancelled job again"),
-                         ("delete", "remove a job's outputs (its ledger history is kept)")):
+    for action, text in (
+        ("cancel", "cancel a waiting, queued or running job"),
+        ("retry", "queue a failed or cancelled job again"),
+        ("delete", "remove a job's outputs (its ledger history is kept)"),
+    ):
         p = subparsers.add_parser(action, help=text)
         p.add_argument("job_id")
         p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon's answer")
@@ -94,7 +98,7 @@ def submit(source: Path, inbox: Path, name: str | None = None) -> Path:
             staging.mkdir()
             (staging / "job.json").write_bytes(raw)
             for rel in _job_media(doc):
-                src = (source.parent / rel)
+                src = source.parent / rel
                 if src.is_file():
                     target = staging / rel
                     target.parent.mkdir(parents=True, exist_ok=True)
@@ -147,8 +151,10 @@ def run_status(args: argparse.Namespace) -> int:
     for job in snapshot["jobs"]:
         extra = ""
         if job["state"] == "running":
-            extra = f" {job['progress'] * 100:5.1f}%  chunk {job['chunk']}/{job['num_chunks']} step {job['step']}/" \
-                    f"{job['num_steps']}"
+            extra = (
+                f" {job['progress'] * 100:5.1f}%  chunk {job['chunk']}/{job['num_chunks']} step {job['step']}/"
+                f"{job['num_steps']}"
+            )
         elif job["state"] == "waiting":
             extra = f" ({job['waiting_reason']})"
         elif job["state"] in ("failed", "rejected"):
@@ -177,8 +183,11 @@ def run_request(args: argparse.Namespace) -> int:
                 print(answer["message"], file=sys.stdout if answer["ok"] else sys.stderr)
                 return 0 if answer["ok"] else 1
             time.sleep(0.1)
-        print(f"the daemon did not answer within {args.timeout:g} s; the request stays queued in "
-              f"{settings.requests_dir}", file=sys.stderr)
+        print(
+            f"the daemon did not answer within {args.timeout:g} s; the request stays queued in "
+            f"{settings.requests_dir}",
+            file=sys.stderr,
+        )
         return 1
     from daemon.errors import DaemonLocked
     from daemon.ledger import Ledger

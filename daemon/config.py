@@ -53,8 +53,9 @@ class JobDefaultsSettings:
 
     size: str = _f("infinitetalk-480", "resolution bucket: infinitetalk-480 or infinitetalk-720")
     sample_steps: int = _f(4, "denoising steps per chunk (4 with the lightx2v LoRA)")
-    sample_shift: float | None = _f(2.0, "flow shift; unset (\"\"): 7 for 480, 11 for 720 (the reference's rule)",
-                                    optional=True)
+    sample_shift: float | None = _f(
+        2.0, 'flow shift; unset (""): 7 for 480, 11 for 720 (the reference\'s rule)', optional=True
+    )
     sample_text_guide_scale: float = _f(1.0, "text classifier-free guidance (1: off, as with the LoRA)")
     sample_audio_guide_scale: float = _f(2.0, "audio classifier-free guidance")
     mode: str = _f("streaming", "streaming (long audio in chunks) or clip (one chunk)")
@@ -63,8 +64,9 @@ class JobDefaultsSettings:
     color_correction_strength: float = _f(1.0, "colour drift correction between chunks (0..1)")
     audio_type: str = _f("para", "two speakers: para (at once) or add (one after the other)")
     negative_prompt: str | None = _f(None, "negative prompt; unset: the InfiniteTalk default", optional=True)
-    seed: int | None = _f(None, "seed for jobs that give none; unset: drawn at random and recorded",
-                          optional=True)
+    seed: int | None = _f(
+        None, "seed for jobs that give none; unset: drawn at random and recorded", optional=True
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,16 +76,22 @@ class Settings:
     inbox: Path = _f(Path("inbox"), "folder watched for jobs (bundle dirs or loose NAME.json)")
     outbox: Path = _f(Path("outbox"), "folder the results are published to")
     state_dir: Path = _f(Path("var"), "daemon state: ledger.sqlite3, claimed inputs, checkpoints, lock")
-    weights_dir: Path = _f(Path("weights"), "released weights; if it holds none, a tiny model is "
-                           "written under state_dir and used")
+    weights_dir: Path = _f(
+        Path("weights"),
+        "released weights; if it holds none, a tiny model is written under state_dir and used",
+    )
     device: str = _f("auto", "torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:N")
-    devices: tuple[str, ...] = _f((), "one render worker (one resident model) per device, e.g. "
-                                  "[\"cuda:0\", \"cuda:1\"]; empty: every visible GPU when device = auto, "
-                                  "else device")
+    devices: tuple[str, ...] = _f(
+        (),
+        "one render worker (one resident model) per device, e.g. "
+        '["cuda:0", "cuda:1"]; empty: every visible GPU when device = auto, '
+        "else device",
+    )
     dtype: str = _f("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     quant: str = _f("none", "DiT weight quantization: none or fp8")
-    lora: tuple[str, ...] = _f((), "LoRA files (relative to weights_dir) merged at load; empty: "
-                               "the lightx2v LoRA when present")
+    lora: tuple[str, ...] = _f(
+        (), "LoRA files (relative to weights_dir) merged at load; empty: the lightx2v LoRA when present"
+    )
     lora_scale: float = _f(1.0, "scale of the merged LoRA(s)")
     attention: str = _f("auto", "attention backend: auto, sdpa, flash2, flash3")
     max_queued: int = _f(20, "most jobs in state queued; more wait in the inbox")
@@ -98,14 +106,19 @@ class Settings:
     max_file_mb: float = _f(2048.0, "largest accepted media file, in MiB")
     max_json_kb: float = _f(256.0, "largest accepted job JSON, in KiB")
     min_audio_s: float = _f(0.5, "shortest accepted speech track, in seconds (shorter: audio_too_short)")
-    stop_timeout_s: float = _f(120.0, "on SIGTERM, how long to wait for running jobs to reach a step boundary")
+    stop_timeout_s: float = _f(
+        120.0, "on SIGTERM, how long to wait for running jobs to reach a step boundary"
+    )
     log_level: str = _f("info", "debug, info, warning or error")
-    dashboard: DashboardSettings = field(default_factory=DashboardSettings,
-                                         metadata={"doc": "the [dashboard] table"})
-    retention: RetentionSettings = field(default_factory=RetentionSettings,
-                                         metadata={"doc": "the [retention] table"})
-    defaults: JobDefaultsSettings = field(default_factory=JobDefaultsSettings,
-                                          metadata={"doc": "the [defaults] table"})
+    dashboard: DashboardSettings = field(
+        default_factory=DashboardSettings, metadata={"doc": "the [dashboard] table"}
+    )
+    retention: RetentionSettings = field(
+        default_factory=RetentionSettings, metadata={"doc": "the [retention] table"}
+    )
+    defaults: JobDefaultsSettings = field(
+        default_factory=JobDefaultsSettings, metadata={"doc": "the [defaults] table"}
+    )
     config_file: Path | None = field(default=None, metadata={"doc": "", "internal": True})
 
     @property
@@ -135,11 +148,16 @@ class Settings:
 
         d = self.defaults
         kwargs: dict[str, Any] = {
-            "size": d.size, "sample_steps": d.sample_steps, "sample_shift": d.sample_shift,
+            "size": d.size,
+            "sample_steps": d.sample_steps,
+            "sample_shift": d.sample_shift,
             "sample_text_guide_scale": d.sample_text_guide_scale,
-            "sample_audio_guide_scale": d.sample_audio_guide_scale, "mode": d.mode,
-            "motion_frame": d.motion_frame, "max_frame_num": d.max_frame_num,
-            "color_correction_strength": d.color_correction_strength, "audio_type": d.audio_type,
+            "sample_audio_guide_scale": d.sample_audio_guide_scale,
+            "mode": d.mode,
+            "motion_frame": d.motion_frame,
+            "max_frame_num": d.max_frame_num,
+            "color_correction_strength": d.color_correction_strength,
+            "audio_type": d.audio_type,
             "max_media_bytes": int(self.max_file_mb * 1024 * 1024),
         }
         if d.negative_prompt is not None:
@@ -160,8 +178,15 @@ _CHOICES = {
     "audio_type": ("para", "add"),
 }
 _OPTIONAL_TYPES: dict[str, type] = {"seed": int, "max_frame_num": int, "negative_prompt": str}
-_POSITIVE = {"max_queued", "max_running", "max_attempts", "sample_steps", "max_file_mb", "max_json_kb",
-             "port"}
+_POSITIVE = {
+    "max_queued",
+    "max_running",
+    "max_attempts",
+    "sample_steps",
+    "max_file_mb",
+    "max_json_kb",
+    "port",
+}
 
 
 def find_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Path | None:

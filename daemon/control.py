@@ -56,7 +56,9 @@ def pending_requests(settings: Settings) -> list[Path]:
     folder = settings.requests_dir
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.glob("*.json") if not p.name.endswith(".done.json") and not p.name.startswith("."))
+    return sorted(
+        p for p in folder.glob("*.json") if not p.name.endswith(".done.json") and not p.name.startswith(".")
+    )
 
 
 def consume_requests(settings: Settings, apply: Callable[[str, str], Outcome]) -> int:
@@ -90,8 +92,15 @@ def remove_outputs(job: JobRow) -> list[str]:
     return removed
 
 
-def apply_request(settings: Settings, ledger: Ledger, outbox: Outbox, action: str, job_id: str, *,
-                  stop_running: Callable[[str], None] | None = None) -> Outcome:
+def apply_request(
+    settings: Settings,
+    ledger: Ledger,
+    outbox: Outbox,
+    action: str,
+    job_id: str,
+    *,
+    stop_running: Callable[[str], None] | None = None,
+) -> Outcome:
     """Apply one request. `stop_running` asks the worker to stop a running job (daemon only)."""
     job = ledger.find(job_id)
     if job is None:
@@ -108,16 +117,27 @@ def apply_request(settings: Settings, ledger: Ledger, outbox: Outbox, action: st
     return Outcome(ok=False, message=f"unknown action {action!r}")
 
 
-def _cancel(settings: Settings, ledger: Ledger, outbox: Outbox, job: JobRow,
-            stop_running: Callable[[str], None] | None) -> Outcome:
+def _cancel(
+    settings: Settings,
+    ledger: Ledger,
+    outbox: Outbox,
+    job: JobRow,
+    stop_running: Callable[[str], None] | None,
+) -> Outcome:
     now = time.time()
     if job.state == "running":
         if stop_running is not None:
             ledger.request_cancel(job.id)
             stop_running(job.id)
             return Outcome(ok=True, message=f"job {job.id} stops at the next step boundary", state="running")
-        row = ledger.transition(job.id, "running", "cancelled", finished_at=now, error_code="cancelled",
-                                error_message="cancelled by the user")
+        row = ledger.transition(
+            job.id,
+            "running",
+            "cancelled",
+            finished_at=now,
+            error_code="cancelled",
+            error_message="cancelled by the user",
+        )
         return Outcome(ok=True, message=f"job {job.id} cancelled", state=row.state)
     if job.state == "waiting" and not job.job_dir:
         source = Path(job.source)
@@ -125,40 +145,77 @@ def _cancel(settings: Settings, ledger: Ledger, outbox: Outbox, job: JobRow,
         if source.exists():
             items = [(source, source.name, True)]
             kept = outbox.keep_originals(job.name, items)
-        row = ledger.transition(job.id, "waiting", "cancelled", finished_at=now, error_code="cancelled",
-                                error_message="cancelled by the user" + (f"; files kept in {kept}" if kept else ""))
+        row = ledger.transition(
+            job.id,
+            "waiting",
+            "cancelled",
+            finished_at=now,
+            error_code="cancelled",
+            error_message="cancelled by the user" + (f"; files kept in {kept}" if kept else ""),
+        )
         return Outcome(ok=True, message=f"job {job.id} cancelled", state=row.state)
     if job.state in ("waiting", "queued", "retry_wait"):
-        row = ledger.transition(job.id, job.state, "cancelled", finished_at=now, error_code="cancelled",
-                                error_message="cancelled by the user")
+        row = ledger.transition(
+            job.id,
+            job.state,
+            "cancelled",
+            finished_at=now,
+            error_code="cancelled",
+            error_message="cancelled by the user",
+        )
         return Outcome(ok=True, message=f"job {job.id} cancelled", state=row.state)
-    return Outcome(ok=False, message=f"job {job.id} is {job.state}; only waiting, queued, retry_wait or "
-                   "running jobs can be cancelled", state=job.state)
+    return Outcome(
+        ok=False,
+        message=f"job {job.id} is {job.state}; only waiting, queued, retry_wait or "
+        "running jobs can be cancelled",
+        state=job.state,
+    )
 
 
 def _retry(ledger: Ledger, job: JobRow) -> Outcome:
     if job.state not in ("failed", "cancelled"):
-        return Outcome(ok=False, message=f"job {job.id} is {job.state}; only failed or cancelled jobs can be "
-                       "retried (a rejected job must be fixed and dropped again)", state=job.state)
+        return Outcome(
+            ok=False,
+            message=f"job {job.id} is {job.state}; only failed or cancelled jobs can be "
+            "retried (a rejected job must be fixed and dropped again)",
+            state=job.state,
+        )
     if not job.job_dir or not (Path(job.job_dir) / "input").is_dir() or not job.spec_json:
-        return Outcome(ok=False, message=f"job {job.id} has no claimed inputs left to retry with "
-                       "(never taken from the inbox, or removed by retention)", state=job.state)
+        return Outcome(
+            ok=False,
+            message=f"job {job.id} has no claimed inputs left to retry with "
+            "(never taken from the inbox, or removed by retention)",
+            state=job.state,
+        )
     if job.output_json and job.output_json.endswith(".error.json"):
         Path(job.output_json).unlink(missing_ok=True)  # it no longer describes the job
-    row = ledger.transition(job.id, job.state, "retry_wait", attempts=0, next_attempt_at=time.time(),
-                            finished_at=None, cancel_requested=0, output_json=None,
-                            event_data={"reason": "retry requested"})
+    row = ledger.transition(
+        job.id,
+        job.state,
+        "retry_wait",
+        attempts=0,
+        next_attempt_at=time.time(),
+        finished_at=None,
+        cancel_requested=0,
+        output_json=None,
+        event_data={"reason": "retry requested"},
+    )
     return Outcome(ok=True, message=f"job {job.id} will be queued again", state=row.state)
 
 
 def _delete(ledger: Ledger, job: JobRow) -> Outcome:
     if job.state in ("queued", "running", "retry_wait"):
-        return Outcome(ok=False, message=f"job {job.id} is {job.state}; cancel it before deleting", state=job.state)
+        return Outcome(
+            ok=False, message=f"job {job.id} is {job.state}; cancel it before deleting", state=job.state
+        )
     if job.deleted_at is not None:
         return Outcome(ok=True, message=f"job {job.id}'s outputs were already deleted", state=job.state)
     removed = remove_outputs(job)
     if job.job_dir and Path(job.job_dir).is_dir():
         shutil.rmtree(job.job_dir, ignore_errors=True)
     ledger.mark_deleted(job.id, reason="deleted by the user")
-    return Outcome(ok=True, message=f"job {job.id}: removed {len(removed)} output file(s); its history is kept",
-                   state=job.state)
+    return Outcome(
+        ok=True,
+        message=f"job {job.id}: removed {len(removed)} output file(s); its history is kept",
+        state=job.state,
+    )

@@ -31,7 +31,9 @@ class LedgerConflict(DaemonError):
         self.job_id = job_id
         self.expected = tuple(expected)
         self.actual = actual
-        super().__init__(f"job {job_id}: expected state {'|'.join(self.expected)}, found {actual or 'no such job'}")
+        super().__init__(
+            f"job {job_id}: expected state {'|'.join(self.expected)}, found {actual or 'no such job'}"
+        )
 
 
 class DaemonLocked(DaemonError):

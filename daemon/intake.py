@@ -72,8 +72,14 @@ class Ready:
 
 
 class Intake:
-    def __init__(self, settings: Settings, ledger: Ledger, outbox: Outbox, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        outbox: Outbox,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings
         self.ledger = ledger
         self.outbox = outbox
@@ -109,8 +115,9 @@ class Intake:
         for entry in entries:
             row = waiting.get(entry.source)
             if row is None:
-                row = self.ledger.insert_job(name=entry.name, source=entry.source, state="waiting",
-                                             waiting_reason="checking upload")
+                row = self.ledger.insert_job(
+                    name=entry.name, source=entry.source, state="waiting", waiting_reason="checking upload"
+                )
                 logger.info("job %s: %s seen in the inbox", row.id, entry.name)
             try:
                 result = self._check(entry, row)
@@ -128,9 +135,15 @@ class Intake:
             if source not in present and not claimed:
                 self._tracks.pop(source, None)
                 try:
-                    self.ledger.transition(row.id, "waiting", "cancelled", finished_at=time.time(), job_dir=None,
-                                           error_code="removed",
-                                           error_message="removed from the inbox before it was taken")
+                    self.ledger.transition(
+                        row.id,
+                        "waiting",
+                        "cancelled",
+                        finished_at=time.time(),
+                        job_dir=None,
+                        error_code="removed",
+                        error_message="removed from the inbox before it was taken",
+                    )
                 except LedgerConflict:
                     pass
         self._admit(sorted(ready, key=lambda r: r.row.seq))
@@ -152,17 +165,20 @@ class Intake:
 
         def wait(reason: str, code: str = "incomplete", fld: str = "") -> None:
             if timed_out:
-                raise JobRejected(code, f"still incomplete after {s.incomplete_timeout_s:g} s: {reason}",
-                                  field=fld)
+                raise JobRejected(
+                    code, f"still incomplete after {s.incomplete_timeout_s:g} s: {reason}", field=fld
+                )
             self.ledger.set_waiting_reason(row.id, reason)
 
         job_file = entry.job_file
         if entry.kind == "loose" and job_file.is_symlink():
-            raise JobRejected("symlink", f"{entry.name}.json is a symbolic link, which is not allowed",
-                              field=job_file.name)
+            raise JobRejected(
+                "symlink", f"{entry.name}.json is a symbolic link, which is not allowed", field=job_file.name
+            )
         if entry.kind == "bundle" and entry.path.is_symlink():
-            raise JobRejected("symlink", f"bundle {entry.name} is a symbolic link, which is not allowed",
-                              field=entry.name)
+            raise JobRejected(
+                "symlink", f"bundle {entry.name} is a symbolic link, which is not allowed", field=entry.name
+            )
         try:
             st = os.lstat(job_file)
         except FileNotFoundError:
@@ -171,8 +187,11 @@ class Intake:
         if not stat.S_ISREG(st.st_mode):
             raise JobRejected("not_a_file", f"{job_file.name} is not a regular file", field=job_file.name)
         if st.st_size > s.max_json_kb * 1024:
-            raise JobRejected("too_large", f"{job_file.name} is {st.st_size} bytes, over max_json_kb "
-                              f"({s.max_json_kb:g} KiB)", field=job_file.name)
+            raise JobRejected(
+                "too_large",
+                f"{job_file.name} is {st.st_size} bytes, over max_json_kb ({s.max_json_kb:g} KiB)",
+                field=job_file.name,
+            )
         if entry.kind == "bundle" and inbox_mod.has_temporary_files(entry.path):
             wait("upload in progress (temporary files in the bundle)")
             return None
@@ -191,11 +210,15 @@ class Intake:
                 return None
             raise JobRejected(e.code, str(e), field=e.field) from e
         if spec.checksums:
-            bad = [name for name, digest in spec.checksums
-                   if self._hash(track, entry.base_dir / name) != digest]
+            bad = [
+                name for name, digest in spec.checksums if self._hash(track, entry.base_dir / name) != digest
+            ]
             if bad:
-                wait(f"incomplete upload: checksum mismatch for {', '.join(bad)}", code="checksum_mismatch",
-                     fld=bad[0])
+                wait(
+                    f"incomplete upload: checksum mismatch for {', '.join(bad)}",
+                    code="checksum_mismatch",
+                    fld=bad[0],
+                )
                 return None
         elif not quiet:
             wait(f"settling: files changed {now - track.sig_since:.0f} s ago (settle_s = {s.settle_s:g})")
@@ -213,7 +236,8 @@ class Intake:
                 self.ledger.set_waiting_reason(row.id, "checking media")
                 track.probe_sig = sig
                 track.probe = self._probes.submit(
-                    _probe_all, entry.base_dir, spec, max(s.min_audio_s, self.model_min_audio_s))
+                    _probe_all, entry.base_dir, spec, max(s.min_audio_s, self.model_min_audio_s)
+                )
                 track.probe.add_done_callback(lambda _: self.wake_later())
                 return None
             if not track.probe.done():
@@ -303,15 +327,27 @@ class Intake:
         hashes = {rel: sha256_file(input_dir / rel) for rel in spec.media_files}
         for name, digest in spec.checksums:
             if hashes.get(name) != digest:
-                raise JobRejected("checksum_mismatch", f"{name} changed while it was taken "
-                                  f"(sha256 {hashes.get(name)} != {digest})", field=name)
+                raise JobRejected(
+                    "checksum_mismatch",
+                    f"{name} changed while it was taken (sha256 {hashes.get(name)} != {digest})",
+                    field=name,
+                )
         key = dedupe_key(spec, hashes)
         original = self.ledger.find_duplicate(key)
         if original is not None and original.id != row.id:
-            raise JobRejected("duplicate", f"same inputs and settings as job {original.id} ({original.name}, "
-                              f"{original.state})", field="", duplicate_of=original.id)
-        self.ledger.set_columns(row.id, spec_json=spec.to_json(), input_hashes_json=json.dumps(hashes, sort_keys=True),
-                                dedupe_key=key, priority=spec.priority)
+            raise JobRejected(
+                "duplicate",
+                f"same inputs and settings as job {original.id} ({original.name}, {original.state})",
+                field="",
+                duplicate_of=original.id,
+            )
+        self.ledger.set_columns(
+            row.id,
+            spec_json=spec.to_json(),
+            input_hashes_json=json.dumps(hashes, sort_keys=True),
+            dedupe_key=key,
+            priority=spec.priority,
+        )
         admitted = self.ledger.admit(row.id, max_queued=self.settings.max_queued)
         if admitted is None:
             self.ledger.set_waiting_reason(row.id, f"queue full ({self.settings.max_queued} queued)")
@@ -330,7 +366,9 @@ class Intake:
             logger.info("job %s (%s): finishing a claim interrupted by a restart", row.id, row.name)
             try:
                 if Path(source).suffix.lower() == ".json":  # a loose job: its media may still be in the inbox
-                    self._move_loose_media(source, input_dir, _loose_media_names(input_dir / inbox_mod.BUNDLE_JOB_FILE))
+                    self._move_loose_media(
+                        source, input_dir, _loose_media_names(input_dir / inbox_mod.BUNDLE_JOB_FILE)
+                    )
                 self._complete_claim(row, input_dir)
             except JobRejected as rejected:
                 self._reject_claimed(row, rejected)
@@ -377,9 +415,15 @@ class Intake:
         """The intent, before any file moves: error fields, the error JSON path, the originals dir."""
         kept = self.outbox.keep_originals(row.name, [])  # reserves failed/<name>[-n]/
         error_path = self.outbox.root / f"{self.outbox.reserve_base(row.name)}.error.json"
-        self.ledger.set_columns(row.id, error_code=rejected.code, error_message=rejected.message,
-                                error_field=rejected.field or None, duplicate_of=rejected.duplicate_of,
-                                output_json=str(error_path), originals=str(kept))
+        self.ledger.set_columns(
+            row.id,
+            error_code=rejected.code,
+            error_message=rejected.message,
+            error_field=rejected.field or None,
+            duplicate_of=rejected.duplicate_of,
+            output_json=str(error_path),
+            originals=str(kept),
+        )
 
     def _keep_inbox_originals(self, src: Path, source: str, kept: Path) -> None:
         """Move an inbox entry (`src`, ledger source `source`) and its loose media into `kept`."""
@@ -406,10 +450,19 @@ class Intake:
         row = self.ledger.get(job_id)
         error_path = Path(str(row.output_json))
         if not error_path.exists():
-            self.outbox.write_error_at(error_path, error_payload(
-                job_id=row.id, name=row.name, state="rejected", code=str(row.error_code),
-                message=str(row.error_message), field=row.error_field, originals=Path(str(row.originals)),
-                duplicate_of=row.duplicate_of))
+            self.outbox.write_error_at(
+                error_path,
+                error_payload(
+                    job_id=row.id,
+                    name=row.name,
+                    state="rejected",
+                    code=str(row.error_code),
+                    message=str(row.error_message),
+                    field=row.error_field,
+                    originals=Path(str(row.originals)),
+                    duplicate_of=row.duplicate_of,
+                ),
+            )
         self.ledger.transition(row.id, "waiting", "rejected", finished_at=time.time(), waiting_reason=None)
         logger.warning("job %s (%s) rejected: %s: %s", row.id, row.name, row.error_code, row.error_message)
 
@@ -453,12 +506,27 @@ def _move_into(src: Path, dest: Path) -> Path:
     return dest
 
 
-def error_payload(*, job_id: str, name: str, state: str, code: str, message: str, field: str | None,
-                  originals: Path | None, duplicate_of: str | None = None, **extra: Any) -> dict[str, Any]:
+def error_payload(
+    *,
+    job_id: str,
+    name: str,
+    state: str,
+    code: str,
+    message: str,
+    field: str | None,
+    originals: Path | None,
+    duplicate_of: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     """The body of `<name>.error.json`."""
     payload: dict[str, Any] = {
-        "job_id": job_id, "name": name, "state": state, "code": code, "message": message,
-        "field": field or None, "originals": str(originals) if originals else None,
+        "job_id": job_id,
+        "name": name,
+        "state": state,
+        "code": code,
+        "message": message,
+        "field": field or None,
+        "originals": str(originals) if originals else None,
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if duplicate_of:
@@ -474,8 +542,10 @@ def dedupe_key(spec: JobSpec, hashes: dict[str, str]) -> str:
         settings.pop(key, None)
     if spec.seed_drawn:
         settings.pop("seed", None)
-    roles = {"cond_video": hashes[spec.cond_video],
-             **{person: hashes[path] for person, path in spec.cond_audio}}
+    roles = {
+        "cond_video": hashes[spec.cond_video],
+        **{person: hashes[path] for person, path in spec.cond_audio},
+    }
     blob = json.dumps({"inputs": roles, "settings": settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -534,15 +604,19 @@ def probe_media(path: Path, *, rel: str, field: str, min_audio_s: float) -> None
                 _check_wav_length(path)
             duration = _probe_stream(path, "audio")
             if duration < min_audio_s:
-                raise JobRejected("audio_too_short", f"{field}: {rel} holds {duration:.2f} s of audio; at least "
-                                  f"{min_audio_s:g} s are needed", field=field)
+                raise JobRejected(
+                    "audio_too_short",
+                    f"{field}: {rel} holds {duration:.2f} s of audio; at least {min_audio_s:g} s are needed",
+                    field=field,
+                )
         else:
             _probe_stream(path, "video")
     except JobRejected:
         raise
     except Exception as e:  # noqa: BLE001 - any decoder failure means the file is unusable
-        raise JobRejected("bad_media", f"{field}: {rel} cannot be decoded: {type(e).__name__}: {e}",
-                          field=field) from e
+        raise JobRejected(
+            "bad_media", f"{field}: {rel} cannot be decoded: {type(e).__name__}: {e}", field=field
+        ) from e
 
 
 def _check_wav_length(path: Path) -> None:
@@ -561,8 +635,10 @@ def _check_wav_length(path: Path) -> None:
             declared = int.from_bytes(chunk[4:8], "little")
             if chunk[:4] == b"data":
                 if declared not in (0, 0xFFFFFFFF) and pos + 8 + declared > size:
-                    raise ValueError(f"its data chunk declares {declared} bytes but the file holds only "
-                                     f"{size - pos - 8} (truncated upload?)")
+                    raise ValueError(
+                        f"its data chunk declares {declared} bytes but the file holds only "
+                        f"{size - pos - 8} (truncated upload?)"
+                    )
                 return
             pos += 8 + declared + (declared & 1)
 

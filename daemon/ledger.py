@@ -42,34 +42,85 @@ from daemon.errors import LedgerConflict
 STATES = ("waiting", "queued", "running", "retry_wait", "done", "failed", "rejected", "cancelled")
 ACTIVE_STATES = ("waiting", "queued", "running", "retry_wait")
 FINAL_STATES = ("done", "failed", "rejected", "cancelled")
-EVENT_KINDS = ("created", "waiting", "queued", "started", "progress", "retry", "done", "failed",
-               "rejected", "cancelled", "deleted", "daemon")
+EVENT_KINDS = (
+    "created",
+    "waiting",
+    "queued",
+    "started",
+    "progress",
+    "retry",
+    "done",
+    "failed",
+    "rejected",
+    "cancelled",
+    "deleted",
+    "daemon",
+)
 #: the event kind each state change writes
-STATE_EVENT = {"waiting": "waiting", "queued": "queued", "running": "started", "retry_wait": "retry",
-               "done": "done", "failed": "failed", "rejected": "rejected", "cancelled": "cancelled"}
+STATE_EVENT = {
+    "waiting": "waiting",
+    "queued": "queued",
+    "running": "started",
+    "retry_wait": "retry",
+    "done": "done",
+    "failed": "failed",
+    "rejected": "rejected",
+    "cancelled": "cancelled",
+}
 
 JOB_COLUMNS: dict[str, type] = {
-    "id": str, "name": str, "state": str, "priority": int, "seq": int, "source": str,
-    "spec_json": str, "input_hashes_json": str, "attempts": int, "progress": float,
-    "chunk": int, "num_chunks": int, "step": int, "num_steps": int, "stage": str,
-    "waiting_reason": str, "created_at": float, "queued_at": float, "started_at": float,
-    "finished_at": float, "next_attempt_at": float, "output_video": str, "output_poster": str,
-    "output_json": str, "duration_s": float, "frames": int, "render_s": float, "error_code": str,
-    "error_message": str, "error_field": str, "duplicate_of": str, "deleted_at": float,
+    "id": str,
+    "name": str,
+    "state": str,
+    "priority": int,
+    "seq": int,
+    "source": str,
+    "spec_json": str,
+    "input_hashes_json": str,
+    "attempts": int,
+    "progress": float,
+    "chunk": int,
+    "num_chunks": int,
+    "step": int,
+    "num_steps": int,
+    "stage": str,
+    "waiting_reason": str,
+    "created_at": float,
+    "queued_at": float,
+    "started_at": float,
+    "finished_at": float,
+    "next_attempt_at": float,
+    "output_video": str,
+    "output_poster": str,
+    "output_json": str,
+    "duration_s": float,
+    "frames": int,
+    "render_s": float,
+    "error_code": str,
+    "error_message": str,
+    "error_field": str,
+    "duplicate_of": str,
+    "deleted_at": float,
     # added by the daemon (migration 1)
-    "dedupe_key": str, "job_dir": str, "resumed_from_chunk": int, "cancel_requested": int,
+    "dedupe_key": str,
+    "job_dir": str,
+    "resumed_from_chunk": int,
+    "cancel_requested": int,
     # migration 2: where a rejected or failed job's original files are kept
     "originals": str,
 }
 EVENT_COLUMNS: dict[str, type] = {"id": int, "job_id": str, "at": float, "kind": str, "data_json": str}
 
 
-
 def _migration_0(db: sqlite_utils.Database) -> None:
     db["jobs"].create(  # type: ignore[union-attr]
-        {k: v for k, v in JOB_COLUMNS.items() if k not in ("dedupe_key", "job_dir", "resumed_from_chunk",
-                                                             "cancel_requested", "originals")},
-        pk="id", not_null={"name", "state", "priority", "seq", "source", "attempts", "created_at"},
+        {
+            k: v
+            for k, v in JOB_COLUMNS.items()
+            if k not in ("dedupe_key", "job_dir", "resumed_from_chunk", "cancel_requested", "originals")
+        },
+        pk="id",
+        not_null={"name", "state", "priority", "seq", "source", "attempts", "created_at"},
         defaults={"priority": 0, "attempts": 0, "progress": 0.0},
     )
     db.execute(
@@ -155,11 +206,34 @@ class JobRow:
 
     def summary(self) -> dict[str, Any]:
         """The fields `infinitetalk status --json` prints for a job."""
-        keys = ("id", "name", "state", "priority", "attempts", "stage", "chunk", "num_chunks", "step",
-                "num_steps", "waiting_reason", "created_at", "started_at", "finished_at",
-                "next_attempt_at", "output_video", "output_poster", "output_json", "duration_s",
-                "frames", "render_s", "error_code", "error_message", "error_field", "duplicate_of",
-                "deleted_at")
+        keys = (
+            "id",
+            "name",
+            "state",
+            "priority",
+            "attempts",
+            "stage",
+            "chunk",
+            "num_chunks",
+            "step",
+            "num_steps",
+            "waiting_reason",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "next_attempt_at",
+            "output_video",
+            "output_poster",
+            "output_json",
+            "duration_s",
+            "frames",
+            "render_s",
+            "error_code",
+            "error_message",
+            "error_field",
+            "duplicate_of",
+            "deleted_at",
+        )
         out = {k: getattr(self, k) for k in keys}
         out["progress"] = min(1.0, max(0.0, float(self.progress or 0.0)))
         return out
@@ -173,8 +247,9 @@ def new_job_id() -> str:
 def connect(path: Path, *, readonly: bool = False, timeout_s: float = 30.0) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit), WAL, with a busy timeout."""
     if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout_s,
-                               isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, timeout=timeout_s, isolation_level=None, check_same_thread=False
+        )
         conn.execute("PRAGMA query_only=1")
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -239,8 +314,16 @@ class Ledger:
 
     # ------------------------------------------------------------------ writes
 
-    def insert_job(self, *, name: str, source: str, state: str, priority: int = 0,
-                   event_data: Mapping[str, Any] | None = None, **columns: Any) -> JobRow:
+    def insert_job(
+        self,
+        *,
+        name: str,
+        source: str,
+        state: str,
+        priority: int = 0,
+        event_data: Mapping[str, Any] | None = None,
+        **columns: Any,
+    ) -> JobRow:
         """A new job seen in the inbox; writes `created` and the event of its first state."""
         if state not in ("waiting", "queued", "rejected"):
             raise ValueError(f"a new job starts waiting, queued or rejected, not {state!r}")
@@ -251,8 +334,18 @@ class Ledger:
         with self.tx():
             seq = self.conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
             job_id = columns.pop("id", None) or new_job_id()
-            row = {"id": job_id, "name": name, "source": source, "state": state, "priority": priority,
-                   "seq": seq, "created_at": now, "attempts": 0, "progress": 0.0, **columns}
+            row = {
+                "id": job_id,
+                "name": name,
+                "source": source,
+                "state": state,
+                "priority": priority,
+                "seq": seq,
+                "created_at": now,
+                "attempts": 0,
+                "progress": 0.0,
+                **columns,
+            }
             if state == "queued":
                 row.setdefault("queued_at", now)
             if state == "rejected":
@@ -262,14 +355,28 @@ class Ledger:
             self._event(job_id, STATE_EVENT[state], _state_data(state, row, event_data))
         return self.get(job_id)
 
-    def transition(self, job_id: str, expected: str | Iterable[str], new: str, *,
-                   event_data: Mapping[str, Any] | None = None, **columns: Any) -> JobRow:
+    def transition(
+        self,
+        job_id: str,
+        expected: str | Iterable[str],
+        new: str,
+        *,
+        event_data: Mapping[str, Any] | None = None,
+        **columns: Any,
+    ) -> JobRow:
         """Compare-and-set `expected -> new` with its event, in one transaction."""
         with self.tx():
             return self._transition(job_id, expected, new, event_data=event_data, **columns)
 
-    def _transition(self, job_id: str, expected: str | Iterable[str], new: str, *,
-                    event_data: Mapping[str, Any] | None = None, **columns: Any) -> JobRow:
+    def _transition(
+        self,
+        job_id: str,
+        expected: str | Iterable[str],
+        new: str,
+        *,
+        event_data: Mapping[str, Any] | None = None,
+        **columns: Any,
+    ) -> JobRow:
         if new not in STATES:
             raise ValueError(f"unknown state {new!r}")
         allowed = (expected,) if isinstance(expected, str) else tuple(expected)
@@ -295,8 +402,9 @@ class Ledger:
         with self.tx():
             if self._count("queued") >= max_queued:
                 return None
-            return self._transition(job_id, "waiting", "queued", queued_at=self.clock(),
-                                    waiting_reason=None, **columns)
+            return self._transition(
+                job_id, "waiting", "queued", queued_at=self.clock(), waiting_reason=None, **columns
+            )
 
     def requeue_due_retries(self, *, max_queued: int) -> list[JobRow]:
         """`retry_wait -> queued` for jobs whose backoff has passed, as room allows."""
@@ -307,15 +415,22 @@ class Ledger:
                 return moved
             due = self.conn.execute(
                 "SELECT id FROM jobs WHERE state = 'retry_wait' AND COALESCE(next_attempt_at, 0) <= ?"
-                " ORDER BY next_attempt_at, seq LIMIT ?", (self.clock(), room)).fetchall()
+                " ORDER BY next_attempt_at, seq LIMIT ?",
+                (self.clock(), room),
+            ).fetchall()
             for (job_id,) in due:
-                moved.append(self._transition(job_id, "retry_wait", "queued", queued_at=self.clock(),
-                                              next_attempt_at=None))
+                moved.append(
+                    self._transition(
+                        job_id, "retry_wait", "queued", queued_at=self.clock(), next_attempt_at=None
+                    )
+                )
         return moved
 
     def next_queued(self) -> JobRow | None:
         """The job `claim_next` would take (priority, then arrival), without taking it."""
-        row = self.conn.execute("SELECT * FROM jobs WHERE state = 'queued' ORDER BY priority DESC, seq LIMIT 1").fetchone()
+        row = self.conn.execute(
+            "SELECT * FROM jobs WHERE state = 'queued' ORDER BY priority DESC, seq LIMIT 1"
+        ).fetchone()
         return JobRow.from_row(row) if row else None
 
     def claim_next(self, *, max_running: int, job_id: str | None = None) -> JobRow | None:
@@ -329,14 +444,24 @@ class Ledger:
                     "SELECT id, attempts FROM jobs WHERE state = 'queued' ORDER BY priority DESC, seq LIMIT 1"
                 ).fetchone()
             else:
-                row = self.conn.execute("SELECT id, attempts FROM jobs WHERE state = 'queued' AND id = ?",
-                                        (job_id,)).fetchone()
+                row = self.conn.execute(
+                    "SELECT id, attempts FROM jobs WHERE state = 'queued' AND id = ?", (job_id,)
+                ).fetchone()
             if row is None:
                 return None
             return self._transition(
-                row["id"], "queued", "running", started_at=self.clock(), attempts=row["attempts"] + 1,
-                stage="starting", error_code=None, error_message=None, error_field=None,
-                output_video=None, output_poster=None, output_json=None,
+                row["id"],
+                "queued",
+                "running",
+                started_at=self.clock(),
+                attempts=row["attempts"] + 1,
+                stage="starting",
+                error_code=None,
+                error_message=None,
+                error_field=None,
+                output_video=None,
+                output_poster=None,
+                output_json=None,
                 event_data={"attempt": row["attempts"] + 1},
             )
 
@@ -345,19 +470,39 @@ class Ledger:
         with self.tx():
             cur = self.conn.execute(
                 "UPDATE jobs SET waiting_reason = ? WHERE id = ? AND state = 'waiting'"
-                " AND COALESCE(waiting_reason, '') != ? RETURNING id", (reason, job_id, reason))
+                " AND COALESCE(waiting_reason, '') != ? RETURNING id",
+                (reason, job_id, reason),
+            )
             if cur.fetchone() is not None:
                 self._event(job_id, "waiting", {"state": "waiting", "waiting_reason": reason})
 
-    def update_progress(self, job_id: str, *, progress: float, chunk: int, num_chunks: int, step: int,
-                        num_steps: int, stage: str, event: bool = True) -> None:
+    def update_progress(
+        self,
+        job_id: str,
+        *,
+        progress: float,
+        chunk: int,
+        num_chunks: int,
+        step: int,
+        num_steps: int,
+        stage: str,
+        event: bool = True,
+    ) -> None:
         """Live progress of a running job (the caller throttles to about one per second)."""
-        data = {"progress": min(1.0, max(0.0, progress)), "chunk": chunk, "num_chunks": num_chunks,
-                "step": step, "num_steps": num_steps, "stage": stage}
+        data = {
+            "progress": min(1.0, max(0.0, progress)),
+            "chunk": chunk,
+            "num_chunks": num_chunks,
+            "step": step,
+            "num_steps": num_steps,
+            "stage": stage,
+        }
         with self.tx():
             cur = self.conn.execute(
                 "UPDATE jobs SET progress = ?, chunk = ?, num_chunks = ?, step = ?, num_steps = ?, stage = ?"
-                " WHERE id = ? AND state = 'running' RETURNING id", (*data.values(), job_id))
+                " WHERE id = ? AND state = 'running' RETURNING id",
+                (*data.values(), job_id),
+            )
             if cur.fetchone() is not None and event:
                 self._event(job_id, "progress", data)
 
@@ -370,7 +515,8 @@ class Ledger:
         with self.tx():
             row = self.conn.execute(
                 "UPDATE jobs SET deleted_at = ? WHERE id = ? AND deleted_at IS NULL RETURNING *",
-                (self.clock(), job_id)).fetchone()
+                (self.clock(), job_id),
+            ).fetchone()
             if row is None:
                 raise LedgerConflict(job_id, ("not deleted",), "deleted")
             self._event(job_id, "deleted", {"reason": reason})
@@ -382,22 +528,38 @@ class Ledger:
         if bad:
             raise ValueError(f"unknown job columns {sorted(bad)}")
         with self.tx():
-            self.conn.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in columns)} WHERE id = ?",
-                              (*columns.values(), job_id))
+            self.conn.execute(
+                f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in columns)} WHERE id = ?",
+                (*columns.values(), job_id),
+            )
 
     def recover_running(self) -> list[JobRow]:
         """At start-up: jobs left `running` by a daemon that died go back to `queued` (attempt kept)."""
         with self.tx():
             ids = [r[0] for r in self.conn.execute("SELECT id FROM jobs WHERE state = 'running'")]
-            return [self._transition(i, "running", "queued", queued_at=self.clock(), stage="recovered",
-                                     event_data={"reason": "daemon restarted while running"}) for i in ids]
+            return [
+                self._transition(
+                    i,
+                    "running",
+                    "queued",
+                    queued_at=self.clock(),
+                    stage="recovered",
+                    event_data={"reason": "daemon restarted while running"},
+                )
+                for i in ids
+            ]
 
     def purge_finished_before(self, cutoff: float) -> int:
         """Retention: drop final rows (and their events) finished before `cutoff`."""
         with self.tx():
-            ids = [r[0] for r in self.conn.execute(
-                f"SELECT id FROM jobs WHERE state IN ({', '.join('?' for _ in FINAL_STATES)})"
-                " AND COALESCE(finished_at, created_at) < ?", (*FINAL_STATES, cutoff))]
+            ids = [
+                r[0]
+                for r in self.conn.execute(
+                    f"SELECT id FROM jobs WHERE state IN ({', '.join('?' for _ in FINAL_STATES)})"
+                    " AND COALESCE(finished_at, created_at) < ?",
+                    (*FINAL_STATES, cutoff),
+                )
+            ]
             for job_id in ids:
                 self.conn.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
                 self.conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
@@ -409,7 +571,8 @@ class Ledger:
             cur = self.conn.execute(
                 "DELETE FROM events WHERE kind = 'progress' AND job_id IN (SELECT id FROM jobs WHERE"
                 f" state IN ({', '.join('?' for _ in FINAL_STATES)}) AND COALESCE(finished_at, 0) < ?)",
-                (*FINAL_STATES, cutoff))
+                (*FINAL_STATES, cutoff),
+            )
             return int(cur.rowcount)
 
     # ------------------------------------------------------------------ reads
@@ -436,14 +599,24 @@ class Ledger:
     def find_duplicate(self, dedupe_key: str) -> JobRow | None:
         row = self.conn.execute(
             "SELECT * FROM jobs WHERE dedupe_key = ? AND state IN ('queued', 'running', 'retry_wait', 'done')"
-            " AND deleted_at IS NULL ORDER BY seq LIMIT 1", (dedupe_key,)).fetchone()
+            " AND deleted_at IS NULL ORDER BY seq LIMIT 1",
+            (dedupe_key,),
+        ).fetchone()
         return JobRow.from_row(row) if row else None
 
 
 def _state_data(state: str, row: Mapping[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
     data: dict[str, Any] = {"state": state}
-    for key in ("waiting_reason", "error_code", "error_message", "error_field", "duplicate_of",
-                "next_attempt_at", "output_video", "attempts"):
+    for key in (
+        "waiting_reason",
+        "error_code",
+        "error_message",
+        "error_field",
+        "duplicate_of",
+        "next_attempt_at",
+        "output_video",
+        "attempts",
+    ):
         if row.get(key) not in (None, ""):
             data[key] = row[key]
     data.update(extra or {})
@@ -472,8 +645,9 @@ def list_jobs(conn: sqlite3.Connection, states: Iterable[str] | None = None) -> 
         rows = conn.execute("SELECT * FROM jobs ORDER BY seq").fetchall()
     else:
         wanted = tuple(states)
-        rows = conn.execute(f"SELECT * FROM jobs WHERE state IN ({', '.join('?' for _ in wanted)})"
-                            " ORDER BY seq", wanted).fetchall()
+        rows = conn.execute(
+            f"SELECT * FROM jobs WHERE state IN ({', '.join('?' for _ in wanted)}) ORDER BY seq", wanted
+        ).fetchall()
     return [JobRow.from_row(r) for r in rows]
 
 

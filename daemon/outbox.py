@@ -96,7 +96,9 @@ class Outbox:
         if self.partial.is_dir():
             for child in self.partial.iterdir():
                 if child.name not in kept:
-                    shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+                    shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(
+                        missing_ok=True
+                    )
                     removed.append(child.name)
         return removed
 
@@ -123,8 +125,16 @@ class Outbox:
                 return base
         raise AssertionError("unreachable")
 
-    def stage_publication(self, *, job_id: str, name: str, video: Path, poster: Path | None,
-                          sidecar: Mapping[str, Any], taken: set[str] = frozenset()) -> Published:  # type: ignore[assignment]
+    def stage_publication(
+        self,
+        *,
+        job_id: str,
+        name: str,
+        video: Path,
+        poster: Path | None,
+        sidecar: Mapping[str, Any],
+        taken: set[str] = frozenset(),
+    ) -> Published:  # type: ignore[assignment]
         """Phase 1 of publishing: pick the final names, write the sidecar into staging (fsync).
 
         Nothing is visible in the outbox yet. The caller records the returned paths (the intent)
@@ -133,11 +143,19 @@ class Outbox:
         """
         self.root.mkdir(parents=True, exist_ok=True)
         base = self.reserve_base(name, taken)
-        published = Published(base=base, video=self.root / f"{base}.mp4",
-                              poster=self.root / f"{base}.jpg" if poster is not None and poster.exists() else None,
-                              sidecar=self.root / f"{base}.json")
-        payload = {**sidecar, "outputs": {"video": str(published.video),
-                                          "poster": str(published.poster) if published.poster else None}}
+        published = Published(
+            base=base,
+            video=self.root / f"{base}.mp4",
+            poster=self.root / f"{base}.jpg" if poster is not None and poster.exists() else None,
+            sidecar=self.root / f"{base}.json",
+        )
+        payload = {
+            **sidecar,
+            "outputs": {
+                "video": str(published.video),
+                "poster": str(published.poster) if published.poster else None,
+            },
+        }
         staged = video.parent / STAGED_SIDECAR
         with open(staged, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=2, sort_keys=True, default=str)
@@ -179,10 +197,13 @@ class Outbox:
         except (OSError, ValueError):
             return None
 
-    def publish(self, *, job_id: str, name: str, video: Path, poster: Path | None,
-                sidecar: Mapping[str, Any]) -> Published:
+    def publish(
+        self, *, job_id: str, name: str, video: Path, poster: Path | None, sidecar: Mapping[str, Any]
+    ) -> Published:
         """Stage and commit in one go (no ledger in between); used where no crash window matters."""
-        published = self.stage_publication(job_id=job_id, name=name, video=video, poster=poster, sidecar=sidecar)
+        published = self.stage_publication(
+            job_id=job_id, name=name, video=video, poster=poster, sidecar=sidecar
+        )
         self.commit_publication(published, staging=video.parent, job_id=job_id)
         self.finish_publication(job_id)
         return published

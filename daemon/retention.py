@@ -40,7 +40,11 @@ def apply_retention(settings: Settings, ledger: Ledger, *, now: float | None = N
     if r.outputs_days > 0:
         cutoff = now - r.outputs_days * DAY_S
         for job in final:
-            if job.deleted_at is None and (job.finished_at or now) < cutoff and (job.output_video or job.output_json):
+            if (
+                job.deleted_at is None
+                and (job.finished_at or now) < cutoff
+                and (job.output_video or job.output_json)
+            ):
                 remove_outputs(job)
                 ledger.mark_deleted(job.id, reason=f"retention: older than {r.outputs_days:g} days")
                 counts["outputs"] += 1
@@ -55,6 +59,10 @@ def apply_retention(settings: Settings, ledger: Ledger, *, now: float | None = N
     # progress events are only useful while a job runs: a day after it ends they go
     ledger.prune_progress_events(now - DAY_S)
     if any(counts.values()):
-        logger.info("retention: %d outputs, %d claimed inputs, %d ledger rows removed",
-                    counts["outputs"], counts["archives"], counts["rows"])
+        logger.info(
+            "retention: %d outputs, %d claimed inputs, %d ledger rows removed",
+            counts["outputs"],
+            counts["archives"],
+            counts["rows"],
+        )
     return counts

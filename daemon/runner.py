@@ -112,8 +112,12 @@ def load_pipeline(config: WorkerConfig) -> Any:
     device = resolve_device(config.device)
     kwargs: dict[str, Any] = {"device": device, "dtype": resolve_dtype(config.dtype, device)}
     params = inspect.signature(InfiniteTalkPipeline.from_weights).parameters
-    optional = {"quant": None if config.quant == "none" else config.quant, "attention": config.attention,
-                "lora_scale": config.lora_scale, "lora": list(config.lora) or None}
+    optional = {
+        "quant": None if config.quant == "none" else config.quant,
+        "attention": config.attention,
+        "lora_scale": config.lora_scale,
+        "lora": list(config.lora) or None,
+    }
     for key, value in optional.items():
         if key in params and value is not None:
             kwargs[key] = value
@@ -171,8 +175,11 @@ def worker_main(conn: Any, config: WorkerConfig) -> None:
     # Ctrl-C reaches the whole process group; the daemon decides how its jobs stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s worker %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s worker %(levelname)s %(name)s: %(message)s",
+    )
     channel = _Channel(conn)
     started = time.monotonic()
     try:
@@ -187,9 +194,14 @@ def worker_main(conn: Any, config: WorkerConfig) -> None:
 
 
 def describe(pipe: Any, config: WorkerConfig) -> dict[str, Any]:
-    info: dict[str, Any] = {"weights_dir": str(config.weights_dir), "quant": config.quant,
-                            "lora": list(config.lora), "lora_scale": config.lora_scale,
-                            "attention": config.attention, "pid": os.getpid()}
+    info: dict[str, Any] = {
+        "weights_dir": str(config.weights_dir),
+        "quant": config.quant,
+        "lora": list(config.lora),
+        "lora_scale": config.lora_scale,
+        "attention": config.attention,
+        "pid": os.getpid(),
+    }
     extra = getattr(pipe, "describe", None)
     if callable(extra):
         info.update(extra())
@@ -212,7 +224,9 @@ def on_progress_stage(on_progress: Any, stage: str) -> None:
     """Report a stage with no chunk/step position yet (e.g. preparing the inputs)."""
     from pipeline.types import Progress
 
-    on_progress(Progress(stage=stage, chunk=0, num_chunks=0, step=0, num_steps=0, frames_done=0, total_frames=0))
+    on_progress(
+        Progress(stage=stage, chunk=0, num_chunks=0, step=0, num_steps=0, frames_done=0, total_frames=0)
+    )
 
 
 class Worker:
@@ -255,7 +269,9 @@ class Worker:
     def start(self, order: RunOrder) -> None:
         stop = threading.Event()
         self.stops[order.job_id] = (stop, [])
-        thread = threading.Thread(target=self._run, args=(order, stop), name=f"job-{order.job_id}", daemon=True)
+        thread = threading.Thread(
+            target=self._run, args=(order, stop), name=f"job-{order.job_id}", daemon=True
+        )
         self.threads[order.job_id] = thread
         thread.start()
 
@@ -266,10 +282,14 @@ class Worker:
 
         def on_progress(progress: Any) -> None:
             now = time.monotonic()
-            final = progress.stage == "done" or (progress.step == progress.num_steps and progress.stage == "denoise")
+            final = progress.stage == "done" or (
+                progress.step == progress.num_steps and progress.stage == "denoise"
+            )
             if now - last[0] >= 0.25 or final:
                 last[0] = now
-                self.channel.send("progress", order.job_id, {**asdict(progress), "progress": progress.fraction})
+                self.channel.send(
+                    "progress", order.job_id, {**asdict(progress), "progress": progress.fraction}
+                )
             if stop.is_set():
                 raise StopRequested(self._reason(order.job_id))
 
@@ -282,9 +302,16 @@ class Worker:
             self.channel.send("stopped", order.job_id, self._reason(order.job_id))
         except BaseException as e:  # noqa: BLE001 - the worker's one broad handler: classify, report
             code, transient, fatal = classify(e)
-            self.channel.send("failed", order.job_id, {
-                "code": code, "transient": transient, "message": f"{type(e).__name__}: {e}",
-                "traceback": traceback.format_exc(limit=20)})
+            self.channel.send(
+                "failed",
+                order.job_id,
+                {
+                    "code": code,
+                    "transient": transient,
+                    "message": f"{type(e).__name__}: {e}",
+                    "traceback": traceback.format_exc(limit=20),
+                },
+            )
             if fatal:
                 time.sleep(0.2)
                 os._exit(70)
@@ -305,9 +332,15 @@ class Worker:
         """
         pipe = self.pipe
         if "gpu_lock" in self.accepts:
-            return pipe.generate(order.request, order.out_path, on_progress=on_progress, should_stop=stop.is_set,
-                                 checkpoint_dir=order.checkpoint_dir, poster_path=order.poster_path,
-                                 gpu_lock=self.gpu_lock)
+            return pipe.generate(
+                order.request,
+                order.out_path,
+                on_progress=on_progress,
+                should_stop=stop.is_set,
+                checkpoint_dir=order.checkpoint_dir,
+                poster_path=order.poster_path,
+                gpu_lock=self.gpu_lock,
+            )
         if callable(getattr(pipe, "prepare", None)) and callable(getattr(pipe, "render", None)):
             on_progress_stage(on_progress, "prepare")
             with self.prepare_lock:
@@ -317,10 +350,23 @@ class Worker:
 
                 raise StopRequested(self._reason(order.job_id))
             with self.gpu_lock:
-                return pipe.render(prepared, order.out_path, poster_path=order.poster_path, on_progress=on_progress,
-                                   should_stop=stop.is_set, resume=True)
-        kwargs = {k: v for k, v in {"poster_path": order.poster_path, "should_stop": stop.is_set,
-                                    "checkpoint_dir": order.checkpoint_dir}.items() if k in self.accepts}
+                return pipe.render(
+                    prepared,
+                    order.out_path,
+                    poster_path=order.poster_path,
+                    on_progress=on_progress,
+                    should_stop=stop.is_set,
+                    resume=True,
+                )
+        kwargs = {
+            k: v
+            for k, v in {
+                "poster_path": order.poster_path,
+                "should_stop": stop.is_set,
+                "checkpoint_dir": order.checkpoint_dir,
+            }.items()
+            if k in self.accepts
+        }
         return pipe.generate(order.request, order.out_path, on_progress=on_progress, **kwargs)
 
     def _reason(self, job_id: str) -> str:

@@ -17,16 +17,27 @@ EX_TEMPFAIL = 75
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser(
-        "daemon", help="run the hot-folder render service in the foreground (systemd notify protocol)",
+        "daemon",
+        help="run the hot-folder render service in the foreground (systemd notify protocol)",
         description="Watch the inbox, render jobs with the resident model, publish to the outbox.",
     )
-    parser.add_argument("--config", type=Path, default=None,
-                        help="TOML config file (default: $INFINITETALK_CONFIG, then ./infinitetalk.toml)")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the complete config (every key, its value and its doc) and exit")
-    parser.add_argument("--once", action="store_true",
-                        help="exit once every job found has finished (at least one); "
-                        "exit status 1 if one of them failed or was rejected")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML config file (default: $INFINITETALK_CONFIG, then ./infinitetalk.toml)",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the complete config (every key, its value and its doc) and exit",
+    )
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        help="exit once every job found has finished (at least one); "
+        "exit status 1 if one of them failed or was rejected",
+    )
     parser.add_argument("--pipeline-factory", default="", help=argparse.SUPPRESS)
     parser.set_defaults(func=run)
 
@@ -48,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
     from daemon.supervisor import Supervisor
 
     configure_logging(settings.log_level)
-    supervisor = Supervisor(settings, config_path=settings.config_file, once=args.once,
-                            pipeline_factory=args.pipeline_factory)
+    supervisor = Supervisor(
+        settings, config_path=settings.config_file, once=args.once, pipeline_factory=args.pipeline_factory
+    )
     supervisor.install_signals()
     try:
         return supervisor.run()

@@ -61,8 +61,10 @@ def acquire_lock(path: Path) -> int:
             other = os.read(fd, 32).decode().strip() or "?"
         finally:
             os.close(fd)
-        raise DaemonLocked(f"another infinitetalk daemon (pid {other}) is using the state dir {path.parent}; "
-                           "stop it first (only one daemon may run per state dir)") from None
+        raise DaemonLocked(
+            f"another infinitetalk daemon (pid {other}) is using the state dir {path.parent}; "
+            "stop it first (only one daemon may run per state dir)"
+        ) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
@@ -96,7 +98,9 @@ def gpu_count(environ: dict[str, str] | None = None) -> int:
     import subprocess
 
     try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=False).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=False
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return 0
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
@@ -124,8 +128,15 @@ class Running:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, *, notifier: Notifier | None = None,
-                 config_path: Path | None = None, once: bool = False, pipeline_factory: str = "") -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        notifier: Notifier | None = None,
+        config_path: Path | None = None,
+        once: bool = False,
+        pipeline_factory: str = "",
+    ) -> None:
         self.settings = settings
         self.config_path = config_path
         self.notifier = notifier or Notifier.from_env()
@@ -181,8 +192,12 @@ class Supervisor:
         self.outbox.clean_staging()
         recovered = self.ledger.recover_running()
         for row in recovered:
-            logger.info("job %s (%s) was running when the daemon stopped; queued again (resumes from its "
-                        "last finished chunk)", row.id, row.name)
+            logger.info(
+                "job %s (%s) was running when the daemon stopped; queued again (resumes from its "
+                "last finished chunk)",
+                row.id,
+                row.name,
+            )
         self.ledger.daemon_event("started", pid=os.getpid(), recovered=[r.id for r in recovered])
         self.intake = Intake(s, self.ledger, self.outbox)
         self.intake.wake_later = self.wake.set
@@ -199,8 +214,11 @@ class Supervisor:
             return s.weights_dir, (s.weights_dir / TINY_MARKER).is_file()
         logger.warning(
             "weights_dir %s holds no weights: using a TINY RANDOM-WEIGHT model in %s (its videos are "
-            "noise; put the released weights in %s for real renders)", s.weights_dir, s.tiny_weights_dir,
-            s.weights_dir)
+            "noise; put the released weights in %s for real renders)",
+            s.weights_dir,
+            s.tiny_weights_dir,
+            s.weights_dir,
+        )
         return s.tiny_weights_dir, True
 
     def _start_more_workers(self) -> None:
@@ -213,9 +231,16 @@ class Supervisor:
     def _start_worker(self, index: int) -> None:
         s = self.settings
         config = WorkerConfig(
-            weights_dir=self.weights_dir, device=self.devices[index], dtype=s.dtype, quant=s.quant, lora=s.lora,
-            lora_scale=s.lora_scale, attention=s.attention, max_running=s.max_running,
-            factory=self.pipeline_factory, log_level=s.log_level,
+            weights_dir=self.weights_dir,
+            device=self.devices[index],
+            dtype=s.dtype,
+            quant=s.quant,
+            lora=s.lora,
+            lora_scale=s.lora_scale,
+            attention=s.attention,
+            max_running=s.max_running,
+            factory=self.pipeline_factory,
+            log_level=s.log_level,
             write_tiny=self.tiny and not has_weights(self.weights_dir),
         )
         worker = WorkerHandle(config)
@@ -293,8 +318,11 @@ class Supervisor:
                         else:
                             self.intake.model_min_audio_s = model_min_audio_s(self.weights_dir) or 0.0
                         self.wake.set()
-                        logger.info("model ready (%s, load %.1f s); rendering", info.get("device"),
-                                    info.get("load_s", 0.0))
+                        logger.info(
+                            "model ready (%s, load %.1f s); rendering",
+                            info.get("device"),
+                            info.get("load_s", 0.0),
+                        )
                         self.notifier.ready(self._status_text())
                     self._dispatch()
                 if now - last_housekeeping >= self.settings.rescan_s:
@@ -320,7 +348,9 @@ class Supervisor:
     def _once_status(self) -> int:
         """`--once` exit status: 1 if a job of this run failed or was rejected, else 0."""
         assert self.ledger is not None
-        bad = [j for j in self.ledger.jobs(["failed", "rejected"]) if (j.finished_at or 0) >= self.started_wall]
+        bad = [
+            j for j in self.ledger.jobs(["failed", "rejected"]) if (j.finished_at or 0) >= self.started_wall
+        ]
         for job in bad:
             logger.error("job %s (%s) %s: %s", job.id, job.name, job.state, job.error_message)
         return 1 if bad else 0
@@ -358,16 +388,22 @@ class Supervisor:
             index, worker = target
             self.running[row.id] = Running(job_id=row.id, name=row.name, order=order, worker=index)
             worker.run(order)
-            logger.info("job %s (%s) started on %s, attempt %d", row.id, row.name, self.devices[index],
-                        row.attempts)
+            logger.info(
+                "job %s (%s) started on %s, attempt %d", row.id, row.name, self.devices[index], row.attempts
+            )
 
     def _order(self, row: JobRow) -> RunOrder:
         job_dir = Path(row.job_dir or self.settings.jobs_dir / row.id)
         spec = JobSpec.from_dict(row.spec)
         staging = self.outbox.staging_dir(row.id)
-        return RunOrder(job_id=row.id, request=spec.to_request(job_dir / "input"),
-                        out_path=staging / f"{row.id}.mp4", poster_path=staging / f"{row.id}.jpg",
-                        checkpoint_dir=job_dir / "checkpoint", attempt=row.attempts)
+        return RunOrder(
+            job_id=row.id,
+            request=spec.to_request(job_dir / "input"),
+            out_path=staging / f"{row.id}.mp4",
+            poster_path=staging / f"{row.id}.jpg",
+            checkpoint_dir=job_dir / "checkpoint",
+            attempt=row.attempts,
+        )
 
     def _handle_messages(self) -> None:
         for index, worker in self._live_workers():
@@ -384,8 +420,13 @@ class Supervisor:
             self._stopped(message[1], message[2])
         elif kind == "failed":
             info = message[2]
-            self._failed(message[1], info["code"], info["message"], transient=info["transient"],
-                         traceback=info.get("traceback"))
+            self._failed(
+                message[1],
+                info["code"],
+                info["message"],
+                transient=info["transient"],
+                traceback=info.get("traceback"),
+            )
         elif kind == "fatal":
             logger.error("render worker on %s could not start: %s", self.devices[index], message[1])
             self.fatal[index] = str(message[1])
@@ -400,9 +441,15 @@ class Supervisor:
         if now - run.last_write < 1.0 and data.get("stage") != "done":
             return
         run.last_write = now
-        self.ledger.update_progress(job_id, progress=float(data.get("progress", 0.0)), chunk=data["chunk"],
-                                    num_chunks=data["num_chunks"], step=data["step"],
-                                    num_steps=data["num_steps"], stage=data["stage"])
+        self.ledger.update_progress(
+            job_id,
+            progress=float(data.get("progress", 0.0)),
+            chunk=data["chunk"],
+            num_chunks=data["num_chunks"],
+            step=data["step"],
+            num_steps=data["num_steps"],
+            stage=data["stage"],
+        )
 
     def _done(self, job_id: str, result: dict[str, Any]) -> None:
         assert self.ledger is not None
@@ -416,31 +463,57 @@ class Supervisor:
             poster = make_poster(order.out_path, order.poster_path)
         finished = time.time()
         sidecar = {
-            "job_id": row.id, "name": row.name, "state": "done", "source": row.source,
-            "input_hashes": row.input_hashes, "settings": row.spec,
-            "model": {**{k: v for k, v in worker_info.items() if k not in ("pid", "load_s")},
-                      "worker_pid": worker_info.get("pid"),
-                      "tiny": self.tiny, "weights_dir": str(self.weights_dir)},
+            "job_id": row.id,
+            "name": row.name,
+            "state": "done",
+            "source": row.source,
+            "input_hashes": row.input_hashes,
+            "settings": row.spec,
+            "model": {
+                **{k: v for k, v in worker_info.items() if k not in ("pid", "load_s")},
+                "worker_pid": worker_info.get("pid"),
+                "tiny": self.tiny,
+                "weights_dir": str(self.weights_dir),
+            },
             "gpu": worker_info.get("gpu"),
-            "frames": result.get("num_frames"), "fps": result.get("fps"), "duration_s": result.get("duration_s"),
-            "width": result.get("width"), "height": result.get("height"), "seed": result.get("seed"),
-            "attempts": row.attempts, "resumed_from_chunk": result.get("resumed_from_chunk", 0),
-            "timings_s": {**(result.get("timings_s") or {}), "render": result.get("render_s"),
-                          "queue_wait": round((row.started_at or finished) - (row.queued_at or row.created_at), 3),
-                          "total": round(finished - row.created_at, 3)},
-            "created_at": row.created_at, "finished_at": finished,
+            "frames": result.get("num_frames"),
+            "fps": result.get("fps"),
+            "duration_s": result.get("duration_s"),
+            "width": result.get("width"),
+            "height": result.get("height"),
+            "seed": result.get("seed"),
+            "attempts": row.attempts,
+            "resumed_from_chunk": result.get("resumed_from_chunk", 0),
+            "timings_s": {
+                **(result.get("timings_s") or {}),
+                "render": result.get("render_s"),
+                "queue_wait": round((row.started_at or finished) - (row.queued_at or row.created_at), 3),
+                "total": round(finished - row.created_at, 3),
+            },
+            "created_at": row.created_at,
+            "finished_at": finished,
         }
         try:
-            published = self.outbox.stage_publication(job_id=row.id, name=row.name, video=order.out_path,
-                                                      poster=poster, sidecar=sidecar)
+            published = self.outbox.stage_publication(
+                job_id=row.id, name=row.name, video=order.out_path, poster=poster, sidecar=sidecar
+            )
             # the intent: a daemon killed from here on completes this publication at start-up
-            self.ledger.set_columns(row.id, output_video=str(published.video), output_json=str(published.sidecar),
-                                    output_poster=str(published.poster) if published.poster else None)
+            self.ledger.set_columns(
+                row.id,
+                output_video=str(published.video),
+                output_json=str(published.sidecar),
+                output_poster=str(published.poster) if published.poster else None,
+            )
             self.outbox.commit_publication(published, staging=order.out_path.parent, job_id=row.id)
         except OSError as e:
             self.ledger.set_columns(row.id, output_video=None, output_poster=None, output_json=None)
-            self._failed(job_id, "disk_full" if e.errno == 28 else "publish_error",
-                         f"publishing failed: {e}", transient=e.errno == 28, row=self.ledger.get(job_id))
+            self._failed(
+                job_id,
+                "disk_full" if e.errno == 28 else "publish_error",
+                f"publishing failed: {e}",
+                transient=e.errno == 28,
+                row=self.ledger.get(job_id),
+            )
             return
         self._mark_done(row.id, sidecar)
         shutil.rmtree(order.checkpoint_dir, ignore_errors=True)
@@ -451,8 +524,14 @@ class Supervisor:
         assert self.ledger is not None
         self.isolate.discard(job_id)
         self.ledger.transition(
-            job_id, "running", "done", finished_at=sidecar.get("finished_at") or time.time(), progress=1.0,
-            stage="done", frames=sidecar.get("frames"), duration_s=sidecar.get("duration_s"),
+            job_id,
+            "running",
+            "done",
+            finished_at=sidecar.get("finished_at") or time.time(),
+            progress=1.0,
+            stage="done",
+            frames=sidecar.get("frames"),
+            duration_s=sidecar.get("duration_s"),
             render_s=(sidecar.get("timings_s") or {}).get("render"),
             resumed_from_chunk=sidecar.get("resumed_from_chunk", 0),
         )
@@ -472,9 +551,12 @@ class Supervisor:
             if sidecar is not None and (staging / f"{row.id}.mp4").exists():
                 from daemon.outbox import Published
 
-                published = Published(base=Path(row.output_json).stem, video=Path(str(row.output_video)),
-                                      poster=Path(row.output_poster) if row.output_poster else None,
-                                      sidecar=Path(row.output_json))
+                published = Published(
+                    base=Path(row.output_json).stem,
+                    video=Path(str(row.output_video)),
+                    poster=Path(row.output_poster) if row.output_poster else None,
+                    sidecar=Path(row.output_json),
+                )
                 try:
                     self.outbox.commit_publication(published, staging=staging, job_id=row.id)
                 except FileExistsError as e:
@@ -491,8 +573,14 @@ class Supervisor:
         self.running.pop(job_id, None)
         row = self.ledger.get(job_id)
         if reason == "cancel" or row.cancel_requested:
-            self.ledger.transition(job_id, "running", "cancelled", finished_at=time.time(),
-                                   error_code="cancelled", error_message="cancelled by the user")
+            self.ledger.transition(
+                job_id,
+                "running",
+                "cancelled",
+                finished_at=time.time(),
+                error_code="cancelled",
+                error_message="cancelled by the user",
+            )
             logger.info("job %s (%s) cancelled", job_id, row.name)
         else:
             self._requeue(row, f"stopped ({reason})")
@@ -500,12 +588,27 @@ class Supervisor:
     def _requeue(self, row: JobRow, why: str) -> None:
         """Running -> queued without counting the attempt (shutdown, not the job's fault)."""
         assert self.ledger is not None
-        self.ledger.transition(row.id, "running", "queued", queued_at=time.time(), stage="interrupted",
-                               attempts=max(0, row.attempts - 1), event_data={"reason": why})
+        self.ledger.transition(
+            row.id,
+            "running",
+            "queued",
+            queued_at=time.time(),
+            stage="interrupted",
+            attempts=max(0, row.attempts - 1),
+            event_data={"reason": why},
+        )
         logger.info("job %s (%s) %s; queued again", row.id, row.name, why)
 
-    def _failed(self, job_id: str, code: str, message: str, *, transient: bool,
-                traceback: str | None = None, row: JobRow | None = None) -> None:
+    def _failed(
+        self,
+        job_id: str,
+        code: str,
+        message: str,
+        *,
+        transient: bool,
+        traceback: str | None = None,
+        row: JobRow | None = None,
+    ) -> None:
         assert self.ledger is not None
         self.running.pop(job_id, None)
         row = row or self.ledger.get(job_id)
@@ -513,11 +616,24 @@ class Supervisor:
             return
         if transient and row.attempts < self.settings.max_attempts:
             delay = backoff_s(self.settings, row.attempts)
-            self.ledger.transition(job_id, "running", "retry_wait", next_attempt_at=time.time() + delay,
-                                   error_code=code, error_message=message,
-                                   event_data={"delay_s": delay, "traceback": traceback})
-            logger.warning("job %s (%s) attempt %d failed (%s: %s); retry in %.0f s", job_id, row.name,
-                           row.attempts, code, message, delay)
+            self.ledger.transition(
+                job_id,
+                "running",
+                "retry_wait",
+                next_attempt_at=time.time() + delay,
+                error_code=code,
+                error_message=message,
+                event_data={"delay_s": delay, "traceback": traceback},
+            )
+            logger.warning(
+                "job %s (%s) attempt %d failed (%s: %s); retry in %.0f s",
+                job_id,
+                row.name,
+                row.attempts,
+                code,
+                message,
+                delay,
+            )
             return
         if transient:
             message = f"{message} (gave up after {row.attempts} attempts)"
@@ -528,8 +644,9 @@ class Supervisor:
         assert self.ledger is not None
         kept = self.outbox.keep_originals(row.name, [])  # reserves failed/<name>[-n]/
         error_path = self.outbox.root / f"{self.outbox.reserve_base(row.name)}.error.json"
-        self.ledger.set_columns(row.id, error_code=code, error_message=message, output_json=str(error_path),
-                                originals=str(kept))
+        self.ledger.set_columns(
+            row.id, error_code=code, error_message=message, output_json=str(error_path), originals=str(kept)
+        )
         self._finish_failure(self.ledger.get(row.id), traceback=traceback)
 
     def _finish_failure(self, row: JobRow, traceback: str | None = None) -> None:
@@ -542,11 +659,26 @@ class Supervisor:
             shutil.copytree(job_dir / "input", kept, symlinks=True, dirs_exist_ok=True)
         error_path = Path(str(row.output_json))
         if not error_path.exists():
-            self.outbox.write_error_at(error_path, error_payload(
-                job_id=row.id, name=row.name, state="failed", code=str(row.error_code),
-                message=str(row.error_message), field=None, originals=kept, attempts=row.attempts))
-        self.ledger.transition(row.id, "running", "failed", finished_at=time.time(),
-                               event_data={"traceback": traceback} if traceback else None)
+            self.outbox.write_error_at(
+                error_path,
+                error_payload(
+                    job_id=row.id,
+                    name=row.name,
+                    state="failed",
+                    code=str(row.error_code),
+                    message=str(row.error_message),
+                    field=None,
+                    originals=kept,
+                    attempts=row.attempts,
+                ),
+            )
+        self.ledger.transition(
+            row.id,
+            "running",
+            "failed",
+            finished_at=time.time(),
+            event_data={"traceback": traceback} if traceback else None,
+        )
         shutil.rmtree(self.outbox.partial / row.id, ignore_errors=True)
         logger.error("job %s (%s) failed: %s: %s", row.id, row.name, row.error_code, row.error_message)
 
@@ -564,14 +696,17 @@ class Supervisor:
             if len(mine) > 1:
                 self.isolate |= set(mine)
             for job_id in mine:
-                self._failed(job_id, "worker_crash", "the render worker process died during this job",
-                             transient=True)
+                self._failed(
+                    job_id, "worker_crash", "the render worker process died during this job", transient=True
+                )
             if fatal and not was_ready:
                 logger.error("giving up: the model cannot be loaded on %s", self.devices[index])
                 return False
             self.start_failures = 0 if was_ready else self.start_failures + 1
             if self.start_failures >= MAX_START_FAILURES:
-                logger.error("the render worker died %d times before it was ready; giving up", self.start_failures)
+                logger.error(
+                    "the render worker died %d times before it was ready; giving up", self.start_failures
+                )
                 return False
             logger.warning("render worker on %s died; starting a new one", self.devices[index])
             self._start_worker(index)
@@ -591,8 +726,9 @@ class Supervisor:
         def stop_running(jid: str) -> None:
             self._stop_job(jid, "cancel")
 
-        outcome = control.apply_request(self.settings, self.ledger, self.outbox, action, job_id,
-                                        stop_running=stop_running)
+        outcome = control.apply_request(
+            self.settings, self.ledger, self.outbox, action, job_id, stop_running=stop_running
+        )
         logger.info("request %s %s: %s", action, job_id, outcome.message)
         return outcome
 
@@ -604,8 +740,22 @@ class Supervisor:
             logger.error("SIGHUP: config not reloaded: %s", e)
             self.notifier.ready(self._status_text())
             return
-        restart_keys = [k for k in ("inbox", "outbox", "state_dir", "weights_dir", "device", "dtype", "quant",
-                                    "lora", "lora_scale", "attention") if getattr(new, k) != getattr(self.settings, k)]
+        restart_keys = [
+            k
+            for k in (
+                "inbox",
+                "outbox",
+                "state_dir",
+                "weights_dir",
+                "device",
+                "dtype",
+                "quant",
+                "lora",
+                "lora_scale",
+                "attention",
+            )
+            if getattr(new, k) != getattr(self.settings, k)
+        ]
         if restart_keys:
             logger.warning("SIGHUP: %s changed; these take effect after a restart", ", ".join(restart_keys))
             import dataclasses
@@ -613,7 +763,9 @@ class Supervisor:
             new = dataclasses.replace(new, **{k: getattr(self.settings, k) for k in restart_keys})
         self.settings = new
         self.intake.reconfigure(new)
-        logger.info("SIGHUP: config reloaded (max_queued %d, max_running %d)", new.max_queued, new.max_running)
+        logger.info(
+            "SIGHUP: config reloaded (max_queued %d, max_running %d)", new.max_queued, new.max_running
+        )
         assert self.ledger is not None
         self.ledger.daemon_event("config reloaded", max_queued=new.max_queued, max_running=new.max_running)
         self.notifier.ready(self._status_text())
@@ -621,16 +773,20 @@ class Supervisor:
     def _status_text(self) -> str:
         assert self.ledger is not None
         c = self.ledger.counts()
-        text = (f"{c['running']} running, {c['queued']} queued, {c['waiting']} waiting, {c['done']} done, "
-                f"{c['failed']} failed (caps {self.settings.max_queued} queued / {self.settings.max_running} "
-                "running)")
+        text = (
+            f"{c['running']} running, {c['queued']} queued, {c['waiting']} waiting, {c['done']} done, "
+            f"{c['failed']} failed (caps {self.settings.max_queued} queued / {self.settings.max_running} "
+            "running)"
+        )
         if self._ready_worker() is None:
             text = "loading the model; " + text
         for run in list(self.running.values())[:3]:
             p = run.progress
             if p:
-                text += (f"; {run.name} chunk {p.get('chunk')}/{p.get('num_chunks')} step {p.get('step')}/"
-                         f"{p.get('num_steps')}")
+                text += (
+                    f"; {run.name} chunk {p.get('chunk')}/{p.get('num_chunks')} step {p.get('step')}/"
+                    f"{p.get('num_steps')}"
+                )
         return text
 
     def _status(self) -> None:
@@ -652,8 +808,10 @@ class Supervisor:
             self._stop_job(job_id, "shutdown")
         deadline = time.monotonic() + s.stop_timeout_s
         while self.running and time.monotonic() < deadline and not self.force.is_set():
-            if not any(self.workers[run.worker] is not None and self.workers[run.worker].alive()  # type: ignore[union-attr]
-                       for run in self.running.values()):
+            if not any(
+                self.workers[run.worker] is not None and self.workers[run.worker].alive()  # type: ignore[union-attr]
+                for run in self.running.values()
+            ):
                 break
             self._wait_workers(0.2)
             self._handle_messages()

@@ -32,8 +32,9 @@ class WorkerHandle:
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe(duplex=True)
         config = WorkerConfig(**{**_fields(self.config), "parent_pid": os.getpid()})
-        self.process = ctx.Process(target=worker_main, args=(child, config), name="infinitetalk-worker",
-                                   daemon=True)
+        self.process = ctx.Process(
+            target=worker_main, args=(child, config), name="infinitetalk-worker", daemon=True
+        )
         self.process.start()
         child.close()
         self.conn = parent

@@ -83,7 +83,12 @@ def make_example(target: Path, *, duration_s: float = 4.0) -> Path:
     staging.mkdir(parents=True)
     portrait().save(staging / "portrait.png")
     write_wav(staging / "speech.WAV", speech_like(duration_s))
-    job = {"prompt": PROMPT, "cond_video": "portrait.png", "cond_audio": {"person1": "speech.WAV"}, "seed": 42}
+    job = {
+        "prompt": PROMPT,
+        "cond_video": "portrait.png",
+        "cond_audio": {"person1": "speech.WAV"},
+        "seed": 42,
+    }
     (staging / "job.json").write_text(json.dumps(job, indent=2) + "\n")
     os.rename(staging, target)
     return target
@@ -103,8 +108,11 @@ def demo_target(config: Path | None) -> Path | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("target", type=Path, nargs="?", help="bundle folder to create, e.g. inbox/example")
-    parser.add_argument("--demo", action="store_true",
-                        help="write <inbox>/example of the daemon's config unless it was rendered already")
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="write <inbox>/example of the daemon's config unless it was rendered already",
+    )
     parser.add_argument("--config", type=Path, default=None, help="daemon config file (with --demo)")
     parser.add_argument("--duration", type=float, default=4.0, help="seconds of speech")
     args = parser.parse_args()

@@ -56,8 +56,9 @@ def main() -> None:
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="concurrency-"))
     weights = args.weights or tmp / "weights"
-    config = WorkerConfig(weights_dir=weights, device=args.device, max_running=args.jobs,
-                          write_tiny=args.weights is None)
+    config = WorkerConfig(
+        weights_dir=weights, device=args.device, max_running=args.jobs, write_tiny=args.weights is None
+    )
     worker = WorkerHandle(config)
     worker.start()
     while not worker.ready:
@@ -72,18 +73,29 @@ def main() -> None:
             orders = []
             for i in range(args.jobs):
                 bundle = make_example(tmp / f"{mode}-{i}-{time.time_ns()}", duration_s=args.audio)
-                spec = parse_job((bundle / "job.json").read_bytes(), base_dir=bundle,
-                                 defaults=JobDefaults(sample_steps=args.steps))
+                spec = parse_job(
+                    (bundle / "job.json").read_bytes(),
+                    base_dir=bundle,
+                    defaults=JobDefaults(sample_steps=args.steps),
+                )
                 job_id = f"{mode[:3]}{i}{time.time_ns() % 10**6}"
-                orders.append(RunOrder(job_id=job_id, request=spec.to_request(bundle),
-                                       out_path=tmp / job_id / "out.mp4", poster_path=tmp / job_id / "poster.jpg",
-                                       checkpoint_dir=tmp / job_id / "ckpt"))
+                orders.append(
+                    RunOrder(
+                        job_id=job_id,
+                        request=spec.to_request(bundle),
+                        out_path=tmp / job_id / "out.mp4",
+                        poster_path=tmp / job_id / "poster.jpg",
+                        checkpoint_dir=tmp / job_id / "ckpt",
+                    )
+                )
             elapsed = run_batch(worker, orders, together=mode == "together")
             results.setdefault(mode, []).append(elapsed)
             print(f"{mode:<10} {args.jobs} jobs: {elapsed:.2f} s")
         seq, tog = min(results["sequential"]), min(results["together"])
-        print(f"best of {args.rounds}: one after another {seq:.2f} s, side by side {tog:.2f} s, "
-              f"{100 * (1 - tog / seq):.0f}% less wall time")
+        print(
+            f"best of {args.rounds}: one after another {seq:.2f} s, side by side {tog:.2f} s, "
+            f"{100 * (1 - tog / seq):.0f}% less wall time"
+        )
     finally:
         worker.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)

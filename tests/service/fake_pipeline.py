@@ -39,9 +39,17 @@ class FakePipeline:
     def describe(self) -> dict[str, Any]:
         return {"device": "cpu", "fake": True}
 
-    def generate(self, request: Any, out_path: Path, *, on_progress: Any = None, should_stop: Any = None,
-                 checkpoint_dir: Path | None = None, poster_path: Path | None = None,
-                 gpu_lock: Any = None) -> RenderResult:
+    def generate(
+        self,
+        request: Any,
+        out_path: Path,
+        *,
+        on_progress: Any = None,
+        should_stop: Any = None,
+        checkpoint_dir: Path | None = None,
+        poster_path: Path | None = None,
+        gpu_lock: Any = None,
+    ) -> RenderResult:
         self.calls += 1
         steps = request.sample_steps
         step_s = 0.3 if "SLOW" in request.prompt else STEP_S
@@ -67,17 +75,44 @@ class FakePipeline:
                 else:
                     time.sleep(step_s)
                 if on_progress is not None:
-                    on_progress(Progress(stage="denoise", chunk=chunk, num_chunks=CHUNKS, step=step,
-                                         num_steps=steps, frames_done=0, total_frames=CHUNKS * 5))
+                    on_progress(
+                        Progress(
+                            stage="denoise",
+                            chunk=chunk,
+                            num_chunks=CHUNKS,
+                            step=step,
+                            num_steps=steps,
+                            frames_done=0,
+                            total_frames=CHUNKS * 5,
+                        )
+                    )
             if marker is not None:
                 marker.write_text(json.dumps({"done": chunk}))
         write_mp4(out_path, frames=CHUNKS * 5)
         if on_progress is not None:
-            on_progress(Progress(stage="done", chunk=CHUNKS, num_chunks=CHUNKS, step=steps, num_steps=steps,
-                                 frames_done=CHUNKS * 5, total_frames=CHUNKS * 5))
-        return RenderResult(video_path=out_path, poster_path=None, num_frames=CHUNKS * 5, fps=25,
-                            duration_s=CHUNKS * 5 / 25, width=32, height=32, seed=request.seed,
-                            timings_s={"denoise": 0.0}, resumed_from_chunk=start_chunk - 1)
+            on_progress(
+                Progress(
+                    stage="done",
+                    chunk=CHUNKS,
+                    num_chunks=CHUNKS,
+                    step=steps,
+                    num_steps=steps,
+                    frames_done=CHUNKS * 5,
+                    total_frames=CHUNKS * 5,
+                )
+            )
+        return RenderResult(
+            video_path=out_path,
+            poster_path=None,
+            num_frames=CHUNKS * 5,
+            fps=25,
+            duration_s=CHUNKS * 5 / 25,
+            width=32,
+            height=32,
+            seed=request.seed,
+            timings_s={"denoise": 0.0},
+            resumed_from_chunk=start_chunk - 1,
+        )
 
 
 def write_mp4(path: Path, *, frames: int) -> None:

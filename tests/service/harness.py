@@ -17,8 +17,13 @@ ROOT = Path(__file__).resolve().parents[2]
 FAKE = "tests.service.fake_pipeline:make"
 
 BASE_CONFIG: dict[str, Any] = {
-    "settle_s": 0.3, "rescan_s": 0.5, "tick_s": 0.05, "retry_backoff_s": 0.2, "retry_backoff_max_s": 1.0,
-    "incomplete_timeout_s": 30, "stop_timeout_s": 20,
+    "settle_s": 0.3,
+    "rescan_s": 0.5,
+    "tick_s": 0.05,
+    "retry_backoff_s": 0.2,
+    "retry_backoff_max_s": 1.0,
+    "incomplete_timeout_s": 30,
+    "stop_timeout_s": 20,
 }
 DEFAULTS_TABLE = "[defaults]\nsample_steps = 2\n"
 
@@ -30,9 +35,15 @@ def _toml(values: dict[str, Any]) -> str:
 class Daemon:
     """One daemon tree: inbox/, outbox/, var/, a config file; start/stop/kill the process."""
 
-    def __init__(self, root: Path, *, fake: bool = True, config: dict[str, Any] | None = None,
-                 weights_dir: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        fake: bool = True,
+        config: dict[str, Any] | None = None,
+        weights_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.root = root
         self.inbox = root / "inbox"
         self.outbox = root / "outbox"
@@ -63,8 +74,15 @@ class Daemon:
         return self.proc
 
     def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "daemon", *args, "--config", str(self.config)],
-                              cwd=self.root, env=self.env, capture_output=True, text=True, check=check, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "daemon", *args, "--config", str(self.config)],
+            cwd=self.root,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=120,
+        )
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
@@ -122,8 +140,13 @@ class Daemon:
             out[row["state"]] = row["n"]
         return out
 
-    def wait_for(self, predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition",
-                 every: Callable[[], None] | None = None) -> Any:
+    def wait_for(
+        self,
+        predicate: Callable[[], Any],
+        timeout: float = 60.0,
+        what: str = "condition",
+        every: Callable[[], None] | None = None,
+    ) -> Any:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             value = predicate()
@@ -132,13 +155,20 @@ class Daemon:
             if every is not None:
                 every()
             if self.proc is not None and self.proc.poll() is not None and self.proc.returncode not in (None,):
-                raise AssertionError(f"daemon exited ({self.proc.returncode}) while waiting for {what}:\n"
-                                     + self.log.read_text()[-4000:])
+                raise AssertionError(
+                    f"daemon exited ({self.proc.returncode}) while waiting for {what}:\n"
+                    + self.log.read_text()[-4000:]
+                )
             time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}; jobs: {json.dumps(self.jobs(), default=str)[:3000]}\n"
-                             + self.log.read_text()[-4000:])
+        raise AssertionError(
+            f"timed out waiting for {what}; jobs: {json.dumps(self.jobs(), default=str)[:3000]}\n"
+            + self.log.read_text()[-4000:]
+        )
 
     def wait_state(self, name: str, states: str | tuple[str, ...], timeout: float = 60.0) -> dict[str, Any]:
         wanted = (states,) if isinstance(states, str) else states
-        return self.wait_for(lambda: (j := self.job(name)) is not None and j["state"] in wanted and j,
-                             timeout, f"{name} in {wanted}")
+        return self.wait_for(
+            lambda: (j := self.job(name)) is not None and j["state"] in wanted and j,
+            timeout,
+            f"{name} in {wanted}",
+        )

@@ -30,8 +30,12 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
 def _bundle(d: Daemon, name: str, **settings: object) -> Path:
     """Write a bundle under a dot-name, then rename it into the inbox (as `submit` does)."""
     staging = d.inbox / f".{name}.tmp"
-    make_job_bundle(staging, duration_s=settings.pop("duration_s", 1.0), seed=settings.pop("seed", 0),  # type: ignore[arg-type]
-                    **settings)
+    make_job_bundle(
+        staging,
+        duration_s=settings.pop("duration_s", 1.0),
+        seed=settings.pop("seed", 0),  # type: ignore[arg-type]
+        **settings,
+    )
     os.rename(staging, d.inbox / name)
     return d.inbox / name
 
@@ -86,9 +90,33 @@ def test_caps_hold_with_thirty_jobs(tmp_path: Path) -> None:
         d.wait_for(lambda: d.counts().get("done", 0) == 30, 150, "30 jobs done", every=check)
     finally:
         d.stop()
-    assert peak["queued"] == 20 and peak["running"] == 3 and peak["waiting"] >= 7, peak
-    waits = [j for j in d.jobs() if any(e["kind"] == "waiting" and "queue full" in e["data_json"]
-                                        for e in d.events(j["id"]))]
+    assert peak["queued"] <= 20 and peak["running"] <= 3, peak
+    # Replay the ledger's history: every state change wrote its event in the same transaction,
+    # so the counts after each event are exactly the counts the ledger went through.
+    state_of_event = {
+        "waiting": "waiting",
+        "queued": "queued",
+        "started": "running",
+        "retry": "retry_wait",
+        "done": "done",
+        "failed": "failed",
+        "rejected": "rejected",
+        "cancelled": "cancelled",
+    }
+    states: dict[str, str] = {}
+    history_peak = {"queued": 0, "running": 0, "waiting": 0}
+    for event in d.events():
+        if event["kind"] in state_of_event:
+            states[event["job_id"]] = state_of_event[event["kind"]]
+            for state in history_peak:
+                history_peak[state] = max(history_peak[state], sum(1 for v in states.values() if v == state))
+    assert history_peak["queued"] == 20 and history_peak["running"] == 3, history_peak
+    assert history_peak["waiting"] >= 7, history_peak
+    waits = [
+        j
+        for j in d.jobs()
+        if any(e["kind"] == "waiting" and "queue full" in e["data_json"] for e in d.events(j["id"]))
+    ]
     assert waits, "some jobs must have waited for room in the queue"
     assert len(list(d.outbox.glob("job*.mp4"))) == 30
 
@@ -171,8 +199,13 @@ def test_incomplete_upload_waits_then_completes(daemon: Daemon) -> None:
     bundle.mkdir()
     # rsync order: the job file lands before the media
     (bundle / "job.json").write_bytes((staging / "job.json").read_bytes())
-    job = daemon.wait_for(lambda: (j := daemon.job("late")) and j["waiting_reason"]
-                          and "waiting for" in j["waiting_reason"] and j, 30, "incomplete upload noticed")
+    job = daemon.wait_for(
+        lambda: (
+            (j := daemon.job("late")) and j["waiting_reason"] and "waiting for" in j["waiting_reason"] and j
+        ),
+        30,
+        "incomplete upload noticed",
+    )
     assert job["state"] == "waiting"
     (bundle / "face.png").write_bytes((staging / "face.png").read_bytes())
     (bundle / "voice.WAV").write_bytes((staging / "voice.WAV").read_bytes())
@@ -187,16 +220,21 @@ def test_checksums_gate_completeness_and_timeout_rejects(tmp_path: Path) -> None
         make_job_bundle(staging, duration_s=1.0)
         voice = (staging / "voice.WAV").read_bytes()
         doc = json.loads((staging / "job.json").read_text())
-        doc["checksums"] = {"face.png": hashlib.sha256((staging / "face.png").read_bytes()).hexdigest(),
-                            "voice.WAV": hashlib.sha256(voice).hexdigest()}
+        doc["checksums"] = {
+            "face.png": hashlib.sha256((staging / "face.png").read_bytes()).hexdigest(),
+            "voice.WAV": hashlib.sha256(voice).hexdigest(),
+        }
         (staging / "job.json").write_text(json.dumps(doc))
         bundle = d.inbox / "hashed"
         bundle.mkdir()
         for name in ("job.json", "face.png"):
             (bundle / name).write_bytes((staging / name).read_bytes())
         (bundle / "voice.WAV").write_bytes(voice[: len(voice) // 2])  # an interrupted upload
-        d.wait_for(lambda: (j := d.job("hashed")) and "checksum mismatch" in (j["waiting_reason"] or ""), 20,
-                   "checksum mismatch noticed")
+        d.wait_for(
+            lambda: (j := d.job("hashed")) and "checksum mismatch" in (j["waiting_reason"] or ""),
+            20,
+            "checksum mismatch noticed",
+        )
         (bundle / "voice.WAV").write_bytes(voice)
         d.wait_state("hashed", "done")
         # an upload that never completes is rejected after incomplete_timeout_s
@@ -240,8 +278,11 @@ def test_kill9_mid_render_resumes_from_the_last_chunk(tmp_path: Path) -> None:
     d = Daemon(tmp_path, env={"FAKE_PIPELINE_STEP_S": "0.25"})
     _bundle(d, "long")
     d.start()
-    d.wait_for(lambda: (j := d.job("long")) and j["state"] == "running" and (j["chunk"] or 0) >= 2, 60,
-               "chunk 2 running")
+    d.wait_for(
+        lambda: (j := d.job("long")) and j["state"] == "running" and (j["chunk"] or 0) >= 2,
+        60,
+        "chunk 2 running",
+    )
     d.kill9()
     job = d.job("long")
     assert job["state"] == "running"  # what the dead daemon left behind
@@ -249,7 +290,7 @@ def test_kill9_mid_render_resumes_from_the_last_chunk(tmp_path: Path) -> None:
     d.start()
     done = d.wait_state("long", "done", timeout=60)
     d.stop()
-    log = (Path(done["job_dir"]) / "checkpoint" / "log.txt")
+    log = Path(done["job_dir"]) / "checkpoint" / "log.txt"
     assert not log.exists()  # checkpoints are removed once the job is published
     sidecar = json.loads((d.outbox / "long.json").read_text())
     assert sidecar["resumed_from_chunk"] >= 1
@@ -285,8 +326,13 @@ def test_second_daemon_refuses_and_bad_config_exits_78(daemon: Daemon, tmp_path:
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "daemon", "daemon", "--config", str(bad)], capture_output=True,
-                         text=True, env=daemon.env, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "daemon", "daemon", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        env=daemon.env,
+        timeout=60,
+    )
     assert out.returncode == 78 and "max_queud: unknown key" in out.stderr
 
 
@@ -326,7 +372,9 @@ def test_commands_status_submit_cancel_retry_delete(daemon: Daemon, tmp_path: Pa
     a = daemon.wait_state("a", "done")
     c = daemon.wait_state("c", "done")
     assert daemon.cli("submit", str(src / "b")).returncode == 0
-    b = daemon.wait_for(lambda: (j := daemon.job("b")) and j["state"] == "running" and j["step"] and j, 30, "b runs")
+    b = daemon.wait_for(
+        lambda: (j := daemon.job("b")) and j["state"] == "running" and j["step"] and j, 30, "b runs"
+    )
 
     status = json.loads(daemon.cli("status", "--json", check=True).stdout)
     assert status["counts"]["done"] == 2 and status["counts"]["running"] == 1
@@ -412,8 +460,9 @@ def test_sighup_reloads_caps_without_dropping_jobs(tmp_path: Path) -> None:
 
 
 def test_jobs_spread_across_several_workers(tmp_path: Path) -> None:
-    d = Daemon(tmp_path, config={"devices": ["cpu", "cpu"], "max_running": 2},
-               env={"FAKE_PIPELINE_STEP_S": "0.2"})
+    d = Daemon(
+        tmp_path, config={"devices": ["cpu", "cpu"], "max_running": 2}, env={"FAKE_PIPELINE_STEP_S": "0.2"}
+    )
     try:
         d.start()
         d.wait_for(lambda: "model ready" in d.log.read_text(), 60, "the first worker")
@@ -422,7 +471,9 @@ def test_jobs_spread_across_several_workers(tmp_path: Path) -> None:
             _bundle(d, f"spread{i}", seed=i, prompt=f"job {i}")
         for i in range(2):
             d.wait_state(f"spread{i}", "done")
-        pids = {json.loads((d.outbox / f"spread{i}.json").read_text())["model"]["worker_pid"] for i in range(2)}
+        pids = {
+            json.loads((d.outbox / f"spread{i}.json").read_text())["model"]["worker_pid"] for i in range(2)
+        }
         assert len(pids) == 2, pids  # one job per worker process (one resident model each)
         assert "started on cpu" in d.log.read_text()
     finally:
@@ -438,14 +489,25 @@ def test_restart_finishes_a_publication_interrupted_between_files_and_ledger(tmp
     d = Daemon(tmp_path, env={"FAKE_PIPELINE_STEP_S": "0.3"})
     _bundle(d, "pub")
     d.start()
-    job = d.wait_for(lambda: (j := d.job("pub")) and j["state"] == "running" and j["step"] and j, 60, "running")
+    job = d.wait_for(
+        lambda: (j := d.job("pub")) and j["state"] == "running" and j["step"] and j, 60, "running"
+    )
     d.kill9()
     staging = d.outbox / ".partial" / job["id"]
     staging.mkdir(parents=True, exist_ok=True)
     write_mp4(staging / f"{job['id']}.mp4", frames=10)
     video, sidecar = d.outbox / "pub.mp4", d.outbox / "pub.json"
-    (staging / "sidecar.json").write_text(json.dumps({"job_id": job["id"], "state": "done", "frames": 10,
-                                                      "duration_s": 0.4, "outputs": {"video": str(video)}}))
+    (staging / "sidecar.json").write_text(
+        json.dumps(
+            {
+                "job_id": job["id"],
+                "state": "done",
+                "frames": 10,
+                "duration_s": 0.4,
+                "outputs": {"video": str(video)},
+            }
+        )
+    )
     ledger = Ledger(d.state / "ledger.sqlite3")
     ledger.set_columns(job["id"], output_video=str(video), output_json=str(sidecar))
     ledger.close()
@@ -465,8 +527,9 @@ def test_restart_finishes_a_claim_interrupted_after_the_rename(tmp_path: Path) -
 
     d = Daemon(tmp_path)
     ledger = Ledger(d.state / "ledger.sqlite3")
-    row = ledger.insert_job(name="half", source=str(d.inbox / "half"), state="waiting",
-                            waiting_reason="checking media")
+    row = ledger.insert_job(
+        name="half", source=str(d.inbox / "half"), state="waiting", waiting_reason="checking media"
+    )
     job_dir = d.state / "jobs" / row.id
     ledger.set_columns(row.id, job_dir=str(job_dir))
     ledger.close()

@@ -21,10 +21,10 @@ def _boxes(path: Path) -> list[str]:
     """Top-level MP4 box types, in file order."""
     out, data, pos = [], path.read_bytes(), 0
     while pos + 8 <= len(data):
-        size = int.from_bytes(data[pos:pos + 4], "big")
-        kind = data[pos + 4:pos + 8].decode("latin-1")
+        size = int.from_bytes(data[pos : pos + 4], "big")
+        kind = data[pos + 4 : pos + 8].decode("latin-1")
         if size == 1:
-            size = int.from_bytes(data[pos + 8:pos + 16], "big")
+            size = int.from_bytes(data[pos + 8 : pos + 16], "big")
         out.append(kind)
         if size < 8:
             break
@@ -74,9 +74,16 @@ def test_kill9_mid_render_then_restart_completes_once_from_the_last_chunk(tiny_d
     make_job_bundle(staging, duration_s=4.0, seed=3, sample_steps=3)
     os.rename(staging, d.inbox / "long")
     d.start()
-    d.wait_for(lambda: (j := d.job("long")) and j["state"] == "running" and (j["chunk"] or 0) >= 2
-               and (Path(j["job_dir"]) / "checkpoint" / "state.json").exists(), 240,
-               "chunk 1 of the long job checkpointed")
+    d.wait_for(
+        lambda: (
+            (j := d.job("long"))
+            and j["state"] == "running"
+            and (j["chunk"] or 0) >= 2
+            and (Path(j["job_dir"]) / "checkpoint" / "state.json").exists()
+        ),
+        240,
+        "chunk 1 of the long job checkpointed",
+    )
     d.kill9()
     checkpoint = Path(d.job("long")["job_dir"]) / "checkpoint"
     assert any(checkpoint.iterdir())

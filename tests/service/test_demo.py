@@ -24,11 +24,19 @@ def _free_port() -> int:
 @pytest.mark.timeout(600)
 def test_demo_once_renders_the_example(tmp_path: Path) -> None:
     config = tmp_path / "demo.toml"
-    config.write_text(f'inbox = "inbox"\noutbox = "outbox"\nstate_dir = "var"\nweights_dir = "weights"\n'
-                      f"settle_s = 0.3\nrescan_s = 1.0\n[dashboard]\nport = {_free_port()}\n")
+    config.write_text(
+        f'inbox = "inbox"\noutbox = "outbox"\nstate_dir = "var"\nweights_dir = "weights"\n'
+        f"settle_s = 0.3\nrescan_s = 1.0\n[dashboard]\nport = {_free_port()}\n"
+    )
     env = {**os.environ, "INFINITETALK_CONFIG": str(config)}
-    out = subprocess.run([str(ROOT / "scripts" / "demo"), "--once"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=570)
+    out = subprocess.run(
+        [str(ROOT / "scripts" / "demo"), "--once"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=570,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "TINY RANDOM-WEIGHT" in out.stderr
     video = tmp_path / "outbox" / "example.mp4"

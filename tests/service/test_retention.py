@@ -21,8 +21,15 @@ def _done_job(ledger: Ledger, outbox: Path, name: str, finished_at: float, jobs_
     video.write_bytes(b"v")
     sidecar.write_text("{}")
     (jobs_dir / row.id / "input").mkdir(parents=True)
-    ledger.transition(row.id, "running", "done", finished_at=finished_at, output_video=str(video),
-                      output_json=str(sidecar), job_dir=str(jobs_dir / row.id))
+    ledger.transition(
+        row.id,
+        "running",
+        "done",
+        finished_at=finished_at,
+        output_video=str(video),
+        output_json=str(sidecar),
+        job_dir=str(jobs_dir / row.id),
+    )
     return row.id
 
 
@@ -36,10 +43,15 @@ def test_retention_and_hand_deletion(tmp_path: Path) -> None:
     old = _done_job(ledger, settings.outbox, "old", now - 40 * DAY_S, settings.jobs_dir)
     week = _done_job(ledger, settings.outbox, "week", now - 8 * DAY_S, settings.jobs_dir)
     fresh = _done_job(ledger, settings.outbox, "fresh", now - 3600, settings.jobs_dir)
-    ledger.conn.execute("INSERT INTO events (job_id, at, kind, data_json) VALUES (?, 0, 'progress', '{}')", (week,))
+    ledger.conn.execute(
+        "INSERT INTO events (job_id, at, kind, data_json) VALUES (?, 0, 'progress', '{}')", (week,)
+    )
     counts = apply_retention(settings, ledger, now=now)
-    assert [e for e in ledger.conn.execute("SELECT kind FROM events WHERE job_id = ?", (week,))
-            if e[0] == "progress"] == []
+    assert [
+        e
+        for e in ledger.conn.execute("SELECT kind FROM events WHERE job_id = ?", (week,))
+        if e[0] == "progress"
+    ] == []
     assert counts == {"outputs": 2, "archives": 2, "rows": 1}
     assert ledger.find(old) is None  # past ledger_days: row and events gone
     assert ledger.get(week).deleted_at is not None and not (settings.outbox / "week.mp4").exists()
@@ -50,7 +62,9 @@ def test_retention_and_hand_deletion(tmp_path: Path) -> None:
     assert notice_removed_outputs(ledger) == [fresh]
     assert notice_removed_outputs(ledger) == []
     assert ledger.get(fresh).state == "done"
-    off = dataclasses.replace(settings, retention=RetentionSettings(outputs_days=0, archive_days=0, ledger_days=0))
+    off = dataclasses.replace(
+        settings, retention=RetentionSettings(outputs_days=0, archive_days=0, ledger_days=0)
+    )
     assert apply_retention(off, ledger, now=now + 1000 * DAY_S) == {"outputs": 0, "archives": 0, "rows": 0}
 
 

@@ -24,8 +24,10 @@ def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     conf = tmp_path / "etc" / "it.toml"
     conf.parent.mkdir()
-    conf.write_text('inbox = "../in"\nstate_dir = "/abs/state"\nmax_queued = 5\n[dashboard]\nport = 9001\n'
-                    '[defaults]\nsample_steps = 2\nseed = 7\n')
+    conf.write_text(
+        'inbox = "../in"\nstate_dir = "/abs/state"\nmax_queued = 5\n[dashboard]\nport = 9001\n'
+        "[defaults]\nsample_steps = 2\nseed = 7\n"
+    )
     s = load_settings(conf, environ={})
     assert s.inbox == tmp_path / "in"
     assert s.state_dir == Path("/abs/state")

@@ -11,11 +11,26 @@ import pytest
 from daemon.inbox import Watcher, has_temporary_files, is_temporary, scan, signature
 
 
-@pytest.mark.parametrize("name", [
-    ".face.png.Xy12ab", ".rsync-partial", ".~tmp~", "voice.wav.part", "x.ab12cd34.partial", "big.mp4.filepart",
-    "a.tmp", "dl.crdownload", ".syncthing.face.png.tmp", "~syncthing~face.png.tmp", ".DS_Store", "._face.png",
-    ".nfs000001", "job.json.TMP", "job.json.swp",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        ".face.png.Xy12ab",
+        ".rsync-partial",
+        ".~tmp~",
+        "voice.wav.part",
+        "x.ab12cd34.partial",
+        "big.mp4.filepart",
+        "a.tmp",
+        "dl.crdownload",
+        ".syncthing.face.png.tmp",
+        "~syncthing~face.png.tmp",
+        ".DS_Store",
+        "._face.png",
+        ".nfs000001",
+        "job.json.TMP",
+        "job.json.swp",
+    ],
+)
 def test_temporary_names_are_ignored(name: str) -> None:
     assert is_temporary(name)
 

@@ -18,7 +18,9 @@ def ledger(tmp_path: Path) -> Ledger:
 
 
 def _queued(ledger: Ledger, name: str, priority: int = 0) -> str:
-    row = ledger.insert_job(name=name, source=f"/in/{name}", state="waiting", waiting_reason="checking upload")
+    row = ledger.insert_job(
+        name=name, source=f"/in/{name}", state="waiting", waiting_reason="checking upload"
+    )
     assert ledger.admit(row.id, max_queued=100, priority=priority) is not None
     return row.id
 
@@ -27,14 +29,48 @@ def test_schema_wal_and_version(ledger: Ledger) -> None:
     assert ledger.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert ledger.conn.execute("PRAGMA user_version").fetchone()[0] == 3
     cols = {r[1] for r in ledger.conn.execute("PRAGMA table_info(jobs)")}
-    agreed = {"id", "name", "state", "priority", "seq", "source", "spec_json", "input_hashes_json", "attempts",
-              "progress", "chunk", "num_chunks", "step", "num_steps", "stage", "waiting_reason", "created_at",
-              "queued_at", "started_at", "finished_at", "next_attempt_at", "output_video", "output_poster",
-              "output_json", "duration_s", "frames", "render_s", "error_code", "error_message", "error_field",
-              "duplicate_of", "deleted_at"}
+    agreed = {
+        "id",
+        "name",
+        "state",
+        "priority",
+        "seq",
+        "source",
+        "spec_json",
+        "input_hashes_json",
+        "attempts",
+        "progress",
+        "chunk",
+        "num_chunks",
+        "step",
+        "num_steps",
+        "stage",
+        "waiting_reason",
+        "created_at",
+        "queued_at",
+        "started_at",
+        "finished_at",
+        "next_attempt_at",
+        "output_video",
+        "output_poster",
+        "output_json",
+        "duration_s",
+        "frames",
+        "render_s",
+        "error_code",
+        "error_message",
+        "error_field",
+        "duplicate_of",
+        "deleted_at",
+    }
     assert agreed <= cols
-    assert {r[1] for r in ledger.conn.execute("PRAGMA table_info(events)")} == {"id", "job_id", "at", "kind",
-                                                                              "data_json"}
+    assert {r[1] for r in ledger.conn.execute("PRAGMA table_info(events)")} == {
+        "id",
+        "job_id",
+        "at",
+        "kind",
+        "data_json",
+    }
     Ledger(ledger.path).close()  # migrating again is a no-op
 
 
@@ -46,7 +82,14 @@ def test_every_state_change_has_its_event(ledger: Ledger) -> None:
     kinds = [e["kind"] for e in events_after(ledger.conn) if e["job_id"] == job]
     assert kinds == ["created", "waiting", "queued", "started", "progress", "done"]
     progress = [e for e in events_after(ledger.conn) if e["kind"] == "progress"][0]["data"]
-    assert progress == {"progress": 0.5, "chunk": 1, "num_chunks": 2, "step": 2, "num_steps": 4, "stage": "denoise"}
+    assert progress == {
+        "progress": 0.5,
+        "chunk": 1,
+        "num_chunks": 2,
+        "step": 2,
+        "num_steps": 4,
+        "stage": "denoise",
+    }
 
 
 def test_transition_is_compare_and_set(ledger: Ledger) -> None:

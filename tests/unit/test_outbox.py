@@ -21,7 +21,9 @@ def test_publish_moves_everything_and_writes_the_sidecar(tmp_path: Path) -> None
     outbox = Outbox(tmp_path / "out")
     outbox.ensure()
     video, poster = _staged(outbox, "j1")
-    published = outbox.publish(job_id="j1", name="alice", video=video, poster=poster, sidecar={"job_id": "j1"})
+    published = outbox.publish(
+        job_id="j1", name="alice", video=video, poster=poster, sidecar={"job_id": "j1"}
+    )
     assert published.video == tmp_path / "out" / "alice.mp4"
     assert published.video.read_bytes() == b"video-j1"
     assert json.loads(published.sidecar.read_text())["outputs"]["video"] == str(published.video)
@@ -47,7 +49,9 @@ def test_keep_originals_moves_or_copies(tmp_path: Path) -> None:
     src.mkdir()
     (src / "a.json").write_text("{}")
     (src / "shared.wav").write_bytes(b"w")
-    kept = outbox.keep_originals("bob", [(src / "a.json", "a.json", True), (src / "shared.wav", "shared.wav", False)])
+    kept = outbox.keep_originals(
+        "bob", [(src / "a.json", "a.json", True), (src / "shared.wav", "shared.wav", False)]
+    )
     assert kept == tmp_path / "out" / "failed" / "bob"
     assert (kept / "a.json").exists() and not (src / "a.json").exists()
     assert (kept / "shared.wav").exists() and (src / "shared.wav").exists()
