@@ -297,7 +297,10 @@ class Intake:
         self.ledger.set_columns(row.id, job_dir=str(job_dir))
         job_dir.mkdir(parents=True, exist_ok=True)
         if entry.kind == "bundle":
-            move(entry.path, input_dir)
+            if input_dir.is_dir():  # copied here across filesystems before a crash: that copy is complete
+                shutil.rmtree(entry.path)
+            else:
+                move(entry.path, input_dir)
         else:
             input_dir.mkdir(exist_ok=True)
             move(entry.job_file, input_dir / inbox_mod.BUNDLE_JOB_FILE)

@@ -271,17 +271,25 @@ class Outbox:
 
 
 def _move(src: Path, dest: Path) -> None:
-    """Rename, falling back to copy + delete across filesystems."""
+    """Rename; across filesystems, copy to a temporary sibling of `dest`, rename it into place,
+    then delete `src`. Either way `dest` appears complete or not at all."""
     try:
         os.rename(src, dest)
     except OSError as e:
         if e.errno != errno.EXDEV:
             raise
+        tmp = dest.with_name(f".{dest.name}.copying")
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp)
+        elif tmp.exists() or tmp.is_symlink():
+            tmp.unlink()
         if src.is_dir() and not src.is_symlink():
-            shutil.copytree(src, dest, symlinks=True)
+            shutil.copytree(src, tmp, symlinks=True)
+            os.rename(tmp, dest)
             shutil.rmtree(src)
         else:
-            shutil.copy2(src, dest, follow_symlinks=False)
+            shutil.copy2(src, tmp, follow_symlinks=False)
+            os.rename(tmp, dest)
             src.unlink()
 
 

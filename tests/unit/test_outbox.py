@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from daemon.outbox import Outbox
 
 
@@ -65,3 +67,27 @@ def test_clean_staging_removes_leftovers(tmp_path: Path) -> None:
     _staged(outbox, "live")
     assert outbox.clean_staging(keep=["live"]) == ["old"]
     assert (outbox.partial / "live").exists()
+
+
+def test_move_across_filesystems_appears_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    from daemon import outbox as outbox_mod
+
+    real_rename = os.rename
+    calls = []
+
+    def rename(src: object, dest: object) -> None:
+        calls.append((src, dest))
+        if len(calls) == 1:  # the first, direct rename: pretend the target is another filesystem
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_rename(src, dest)  # type: ignore[arg-type]
+
+    src = tmp_path / "bundle"
+    src.mkdir()
+    (src / "a.wav").write_bytes(b"a")
+    monkeypatch.setattr(os, "rename", rename)
+    outbox_mod.move(src, tmp_path / "claimed")
+    assert (tmp_path / "claimed" / "a.wav").read_bytes() == b"a" and not src.exists()
+    assert calls[1][0] == tmp_path / ".claimed.copying"  # copied under a temporary name first
