@@ -86,3 +86,18 @@ def test_check_decodable(tmp_path: Path) -> None:
     truncated.write_bytes(b"ID3" + b"\x00" * 50)
     with pytest.raises(media.MediaError, match="cut.mp3"):
         media.check_decodable(truncated)
+
+
+def test_helper_bundles_are_valid_jobs_with_decodable_media(tmp_path: Path) -> None:
+    from daemon.jobs import load_job
+    from tests.helpers.media import JOB_KINDS, make_job_bundle, make_loose_job
+
+    for kind in JOB_KINDS:
+        bundle = make_job_bundle(tmp_path / kind, kind=kind, duration_s=1.0, seed=3)
+        spec = load_job(bundle / "job.json")
+        assert spec.seed == 3 and spec.num_speakers == (2 if kind.startswith("two") else 1)
+        for rel in spec.media_files:
+            media.check_decodable(bundle / rel)
+    loose = make_loose_job(tmp_path / "inbox", "hello", kind="image", duration_s=1.0)
+    spec = load_job(loose)
+    assert spec.media_files == ("hello-face.png", "hello-voice.WAV")
