@@ -94,6 +94,11 @@ class Settings:
     )
     lora_scale: float = _f(1.0, "scale of the merged LoRA(s)")
     attention: str = _f("auto", "attention backend: auto, sdpa, flash2, flash3")
+    pipeline_factory: str = _f(
+        "",
+        "advanced: module:callable that builds the pipeline in a render worker from its "
+        "WorkerConfig (e.g. pipeline.parallel_pipeline:from_worker_config); empty: InfiniteTalkPipeline",
+    )
     max_queued: int = _f(20, "most jobs in state queued; more wait in the inbox")
     max_running: int = _f(3, "most jobs rendering at once (they share the GPU)")
     settle_s: float = _f(5.0, "a job without checksums is complete when its files are quiet this long")

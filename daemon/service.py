@@ -60,7 +60,10 @@ def run(args: argparse.Namespace) -> int:
 
     configure_logging(settings.log_level)
     supervisor = Supervisor(
-        settings, config_path=settings.config_file, once=args.once, pipeline_factory=args.pipeline_factory
+        settings,
+        config_path=settings.config_file,
+        once=args.once,
+        pipeline_factory=args.pipeline_factory or settings.pipeline_factory,
     )
     supervisor.install_signals()
     try:
