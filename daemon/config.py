@@ -80,7 +80,11 @@ class Settings:
         Path("weights"),
         "released weights; if it holds none, a tiny model is written under state_dir and used",
     )
-    device: str = _f("auto", "torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:N")
+    device: str = _f(
+        "auto",
+        "torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:N; a comma list (cuda:0,cuda:1) "
+        "gives one worker spanning those devices (for a multi-GPU pipeline_factory)",
+    )
     devices: tuple[str, ...] = _f(
         (),
         "one render worker (one resident model) per device, e.g. "
@@ -281,11 +285,21 @@ def _coerce(f: dataclasses.Field[Any], value: Any, name: str) -> Any:
         choices = _CHOICES.get(f.name)
         if choices and value not in choices:
             raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-        if f.name == "device" and not (value in ("auto", "cpu", "cuda") or value.startswith("cuda:")):
-            raise ConfigError(f"{name} must be auto, cpu, cuda or cuda:N, got {value!r}")
+        if f.name == "device" and not _valid_device(value):
+            raise ConfigError(
+                f"{name} must be auto, cpu, cuda, cuda:N, or a comma list of these for one worker "
+                f"spanning several devices (cuda:0,cuda:1), got {value!r}"
+            )
     if f.name in _POSITIVE and value <= 0:
         raise ConfigError(f"{name} must be > 0, got {value!r}")
     return value
+
+
+def _valid_device(value: str) -> bool:
+    if value == "auto":
+        return True
+    parts = [p.strip() for p in value.split(",")]
+    return all(p in ("cpu", "cuda") or (p.startswith("cuda:") and p[5:].isdigit()) for p in parts)
 
 
 def _resolve(settings: Settings, base: Path, source: Path | None) -> Settings:
