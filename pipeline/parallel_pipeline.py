@@ -13,7 +13,9 @@ followers write to a scratch folder. Two agreements keep the ranks in step:
 * stop: at every step each rank's `should_stop` becomes the OR over the group (an all-reduce of
   the flag), so all ranks raise `StopRequested` at the same step;
 * resume: before a job, rank 0's checkpoint folder is copied to each follower's, so all ranks
-  resume from the same chunk.
+  resume from the same chunk;
+* job end: `generate` returns on rank 0 only after every follower has finished and removed its
+  checkpoint copy.
 
 A follower that dies leaves rank 0 in a collective until the group timeout; the group is then
 broken (`GroupBroken`) and the holder should start a new one.
@@ -214,6 +216,9 @@ class GroupPipeline:
                     self.broken = True
                     raise GroupBroken(f"GPU group lost during the render: {e}") from e
                 raise
+            finally:
+                if not self.broken:
+                    self.control.any(False)  # the followers have finished and cleaned up too
 
     def close(self) -> None:
         """Tell the followers to exit and leave the group."""
@@ -287,6 +292,7 @@ def follow(spec: GroupSpec, rank: int, port: int) -> int:
             finally:
                 if ckpt is not None:
                     shutil.rmtree(ckpt, ignore_errors=True)
+                control.any(False)  # job end: rank 0 returns only after this
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         parallel.close_group()
