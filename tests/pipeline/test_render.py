@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from daemon.jobs import load_job
-from pipeline import InfiniteTalkPipeline, StopRequested, checkpoint
+from pipeline import InfiniteTalkPipeline, StopRequested, checkpoint, media
 from pipeline.types import Progress
 from tests.helpers.media import make_job_bundle, make_wav
 
@@ -55,11 +55,18 @@ def _audio_seconds(path: Path) -> float:
         return float(s.duration * s.time_base)
 
 
-def test_multi_chunk_render_interrupted_and_resumed_is_identical(pipe, tmp_path: Path) -> None:
+def test_multi_chunk_render_interrupted_and_resumed_is_identical(pipe, tmp_path: Path, monkeypatch) -> None:
     bundle = make_job_bundle(tmp_path / "job", kind="image", duration_s=1.64, seed=5, sample_steps=1)
     req = _request(bundle)
     events: list[Progress] = []
     calls = pipe.dit_calls
+    handed: list[int] = []  # frames handed to the encoder per call: one chunk's new frames at a time
+    encode = media.encode_segment
+    monkeypatch.setattr(
+        media,
+        "encode_segment",
+        lambda frames, path, **kw: (handed.append(len(frames)), encode(frames, path, **kw))[1],
+    )
     full = pipe.generate(
         req,
         tmp_path / "full.mp4",
@@ -72,6 +79,7 @@ def test_multi_chunk_render_interrupted_and_resumed_is_identical(pipe, tmp_path:
     assert pipe.dit_calls - calls == 2 * 1 * 2  # 2 chunks x 1 step x 2 passes (text scale 1)
     assert {(e.chunk, e.num_chunks) for e in events if e.stage == "denoise"} == {(1, 2), (2, 2)}
     assert events[-1].stage == "done" and events[-1].frames_done == 41
+    assert handed == [33, 8]  # chunk 0: 33 frames; chunk 1: its 24 new frames, cut at the audio's end
     _check_mp4(full.video_path, frames=41, size=(full.height, full.width))
     assert abs(full.duration_s - _audio_seconds(bundle / "voice.WAV")) < 1 / FPS
     assert (tmp_path / "full.jpg").read_bytes()[:2] == b"\xff\xd8"
