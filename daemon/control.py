@@ -204,7 +204,7 @@ def _retry(ledger: Ledger, job: JobRow) -> Outcome:
 
 
 def _delete(ledger: Ledger, job: JobRow) -> Outcome:
-    if job.state in ("queued", "running", "retry_wait"):
+    if job.state in ("waiting", "queued", "running", "retry_wait"):
         return Outcome(
             ok=False, message=f"job {job.id} is {job.state}; cancel it before deleting", state=job.state
         )
