@@ -122,6 +122,8 @@ class InfiniteTalkPipeline:
         self.rope = rope
         self.variant = "single"
         self.dit_calls = 0  # DiT forward passes run (all renders), for tests and stats
+        self.perf: Any = None  # pipeline.perf.PerfConfig applied to the models (None: as loaded)
+        self.perf_settings: dict[str, Any] = {}
 
     # -----------------------------------------------------------------------------------------
     # loading
@@ -138,6 +140,7 @@ class InfiniteTalkPipeline:
         quant: str | None = None,
         attention: str = "auto",
         rope: str = "exact",
+        perf: Any = None,
     ) -> InfiniteTalkPipeline:
         """Load DiT, VAE, T5, CLIP and wav2vec2 from a weights folder (released layout or tiny).
 
@@ -192,7 +195,19 @@ class InfiniteTalkPipeline:
             [p.name for p in loras],
             quant,
         )
+        pipe.apply_perf(perf)
         return pipe
+
+    def apply_perf(self, perf: Any = None) -> dict[str, Any]:
+        """Speed settings (pipeline.perf.PerfConfig; docs/benchmarks.md). None: the fast defaults
+        on CUDA (cuDNN attention, fp32 RoPE, compiled blocks, fp8 math when quant is fp8, VAE in
+        bf16 channels-last), nothing elsewhere (CPU runs keep the reference numerics)."""
+        from pipeline.perf import apply_perf, default_perf
+
+        self.perf = perf if perf is not None else default_perf(self.device, quant=self.quant, attention=self.attention)
+        if self.perf is not None:
+            self.perf_settings = apply_perf(self.perf, dit=self.dit, vae=self.vae)
+        return self.perf_settings
 
     def describe(self) -> dict[str, Any]:
         """The model identity, for result manifests."""
@@ -229,6 +244,10 @@ class InfiniteTalkPipeline:
                 attention=self.attention,
                 rope=self.rope,
             )
+            if self.perf is not None:
+                from pipeline.perf import apply_perf
+
+                apply_perf(self.perf, dit=self.dit)
         else:
             from safetensors import safe_open
 
