@@ -114,6 +114,19 @@ def apply_vae_perf(perf: PerfConfig, vae: nn.Module) -> dict[str, Any]:
     return {"vae_dtype": str(dtype).removeprefix("torch."), "channels_last": channels_last}
 
 
+def default_perf(device: torch.device | str, *, quant: str | None = None, attention: str = "auto") -> PerfConfig | None:
+    """The settings a pipeline gets when none are given: the fast path on CUDA, None elsewhere."""
+    from pipeline.models.attention import BACKENDS
+
+    if torch.device(device).type != "cuda":
+        return None
+    if attention not in BACKENDS:
+        if not str(attention).startswith("flash"):
+            raise ValueError(f"attention must be one of {BACKENDS} (or flash2/flash3), got {attention!r}")
+        attention = "flash"
+    return PerfConfig(attention=attention, fp8=quant == "fp8")  # type: ignore[arg-type]
+
+
 def apply_perf(perf: PerfConfig, *, dit: nn.Module | None = None, vae: nn.Module | None = None) -> dict[str, Any]:
     """Apply `perf` to whichever models are given; returns what was actually set (for manifests)."""
     report: dict[str, Any] = {}
