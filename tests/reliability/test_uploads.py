@@ -14,6 +14,7 @@ Each recipe runs with and without checksums in job.json:
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import shutil
@@ -174,3 +175,15 @@ def test_every_upload_rendered_exactly_once(daemon: DaemonProc) -> None:
     tally = harness.tally(daemon)
     assert tally["lost"] == tally["duplicates"] == 0, tally
     daemon.assert_alive()
+
+
+def test_doc_checksum_snippet_writes_the_right_hashes(tmp_path: Path) -> None:
+    """The "Adding checksums" snippet of docs/uploading.md, run as written, hashes every media file."""
+    snippet = re.search(r"## Adding checksums\s*```sh\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
+    assert snippet is not None
+    job = harness.make_bundle(tmp_path / "job42", seed=next(_seeds), checksums=False)
+    result = subprocess.run(["bash", "-c", "set -e\n" + snippet.group(1)], cwd=tmp_path, capture_output=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    doc = json.loads((job / "job.json").read_text())
+    assert doc["checksums"] == {name: harness.sha256(job / name) for name in ("face.png", "voice.WAV")}
