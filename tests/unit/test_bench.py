@@ -99,3 +99,14 @@ def test_cudnn_backend_refuses_cpu_tensors():
     with pytest.raises(ValueError, match="cudnn attention needs CUDA"):
         attention(q, q, q, backend="cudnn")
     assert torch.allclose(attention(q, q, q, backend="auto"), attention(q, q, q, backend="sdpa"))
+
+
+def test_default_perf_is_fast_on_cuda_only():
+    from pipeline.perf import PerfConfig, default_perf
+
+    assert default_perf("cpu") is None
+    assert default_perf("cuda") == PerfConfig()
+    assert default_perf("cuda:0", quant="fp8").fp8 is True
+    assert default_perf("cuda", attention="flash3").attention == "flash"
+    with pytest.raises(ValueError, match="'xformers'"):
+        default_perf("cuda", attention="xformers")
