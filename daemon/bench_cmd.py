@@ -49,30 +49,79 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         description="Speed and memory of the whole stack with random full-size weights built on the GPU "
         "(no weight files). See docs/benchmarks.md.",
     )
-    p.add_argument("--size", type=_sizes, default=("480", "720"), metavar="480|720|both",
-                   help="sizes whose DiT forward and VAE are timed (default both)")
-    p.add_argument("--chunk-size", type=_sizes, default=("480",), metavar="480|720|both|none",
-                   help="sizes whose full chunk loop is run (default 480)")
-    p.add_argument("--dtype", type=_dtypes, default=("bf16",), metavar="bf16|fp8|both",
-                   help="DiT linear layers in bf16, fp8 (quantised from the random bf16 weights) or both "
-                   "(fp8 after bf16, same weights); default bf16")
-    p.add_argument("--passes", type=_passes, default=(1, 2), metavar="1,2",
-                   help="DiT passes per step in the chunk loop (1 = audio CFG 1, 2 = audio CFG != 1)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="torch.compile the DiT block on the fast path (default on)")
-    p.add_argument("--attention", choices=("auto", "sdpa", "cudnn", "flash"), default="auto",
-                   help="attention kernel of the fast path (default auto: cuDNN on Hopper)")
-    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time the plain path (reference numerics, eager) and check the fast one against it")
-    p.add_argument("--t5", action=argparse.BooleanOptionalAction, default=True,
-                   help="build the umT5-XXL encoder too (resident memory; once-per-video cost)")
-    p.add_argument("--chunks", type=int, default=2, help="chunks per chunk loop (default 2; the last is steady state)")
-    p.add_argument("--load-probe-blocks", type=int, default=4,
-                   help="DiT blocks written to disk and loaded back to time the load path (0 = skip)")
-    p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
-                   help="kernel breakdown of one fast forward at the first size (default on)")
-    p.add_argument("--quick", action="store_true",
-                   help="480p only, fewer repeats, one chunk loop (1 pass), no load probe")
+    p.add_argument(
+        "--size",
+        type=_sizes,
+        default=("480", "720"),
+        metavar="480|720|both",
+        help="sizes whose DiT forward and VAE are timed (default both)",
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=_sizes,
+        default=("480",),
+        metavar="480|720|both|none",
+        help="sizes whose full chunk loop is run (default 480)",
+    )
+    p.add_argument(
+        "--dtype",
+        type=_dtypes,
+        default=("bf16",),
+        metavar="bf16|fp8|both",
+        help="DiT linear layers in bf16, fp8 (quantised from the random bf16 weights) or both "
+        "(fp8 after bf16, same weights); default bf16",
+    )
+    p.add_argument(
+        "--passes",
+        type=_passes,
+        default=(1, 2),
+        metavar="1,2",
+        help="DiT passes per step in the chunk loop (1 = audio CFG 1, 2 = audio CFG != 1)",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="torch.compile the DiT block on the fast path (default on)",
+    )
+    p.add_argument(
+        "--attention",
+        choices=("auto", "sdpa", "cudnn", "flash"),
+        default="auto",
+        help="attention kernel of the fast path (default auto: cuDNN on Hopper)",
+    )
+    p.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the plain path (reference numerics, eager) and check the fast one against it",
+    )
+    p.add_argument(
+        "--t5",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="build the umT5-XXL encoder too (resident memory; once-per-video cost)",
+    )
+    p.add_argument(
+        "--chunks", type=int, default=2, help="chunks per chunk loop (default 2; the last is steady state)"
+    )
+    p.add_argument(
+        "--load-probe-blocks",
+        type=int,
+        default=4,
+        help="DiT blocks written to disk and loaded back to time the load path (0 = skip)",
+    )
+    p.add_argument(
+        "--profile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="kernel breakdown of one fast forward at the first size (default on)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="480p only, fewer repeats, one chunk loop (1 pass), no load probe",
+    )
     p.add_argument("--device", default="cuda", help="torch device (default cuda)")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the full report as JSON")
     p.set_defaults(func=run)
@@ -81,15 +130,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def options_from_args(args: argparse.Namespace):  # -> pipeline.bench.BenchOptions
     from pipeline.bench import BenchOptions
 
-    kwargs = dict(
-        sizes=args.size, chunk_sizes=args.chunk_size, dtypes=args.dtype, passes=args.passes,
-        compile=args.compile, attention=args.attention, baseline=args.baseline, t5=args.t5,
-        num_chunks=args.chunks, load_probe_blocks=args.load_probe_blocks, device=args.device,
-        profile=args.profile,
-    )
+    kwargs = {
+        "sizes": args.size,
+        "chunk_sizes": args.chunk_size,
+        "dtypes": args.dtype,
+        "passes": args.passes,
+        "compile": args.compile,
+        "attention": args.attention,
+        "baseline": args.baseline,
+        "t5": args.t5,
+        "num_chunks": args.chunks,
+        "load_probe_blocks": args.load_probe_blocks,
+        "device": args.device,
+        "profile": args.profile,
+    }
     if args.quick:
-        kwargs |= dict(sizes=("480",), chunk_sizes=("480",), passes=args.passes[:1], warmup=1, repeats=3,
-                       load_probe_blocks=0)
+        kwargs |= {
+            "sizes": ("480",),
+            "chunk_sizes": ("480",),
+            "passes": args.passes[:1],
+            "warmup": 1,
+            "repeats": 3,
+            "load_probe_blocks": 0,
+        }
     return BenchOptions(**kwargs)
 
 
@@ -104,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"infinitetalk bench: {e}", file=sys.stderr)
         return 2
+
     def save(partial: dict) -> None:
         if args.json is not None:
             args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -113,8 +113,11 @@ class Stats:
         return cls(median_s=statistics.median(samples), min_s=min(samples), samples=tuple(samples))
 
     def as_dict(self) -> dict[str, Any]:
-        return {"median_s": round(self.median_s, 4), "min_s": round(self.min_s, 4),
-                "samples": [round(s, 4) for s in self.samples]}
+        return {
+            "median_s": round(self.median_s, 4),
+            "min_s": round(self.min_s, 4),
+            "samples": [round(s, 4) for s in self.samples],
+        }
 
 
 class Clock:
@@ -184,8 +187,9 @@ def randomise_(module: nn.Module, gen: torch.Generator, std: float = 0.02) -> No
             b.normal_(0.0, std, generator=gen)
 
 
-def materialise(module: nn.Module, device: torch.device, dtype: torch.dtype, gen: torch.Generator,
-                std: float = 0.02) -> nn.Module:
+def materialise(
+    module: nn.Module, device: torch.device, dtype: torch.dtype, gen: torch.Generator, std: float = 0.02
+) -> nn.Module:
     """A meta-device module -> random weights of `dtype` allocated directly on `device`."""
     module = module.to(dtype=dtype)  # free on meta
     module = module.to_empty(device=device)
@@ -228,8 +232,9 @@ def build_random_clip(cfg: Any, device: torch.device, dtype: torch.dtype, seed: 
     for module in model.modules():  # position ids: rebuilt, not noise
         for name, buf in list(module.named_buffers(recurse=False)):
             if name == "position_ids":
-                module.register_buffer(name, torch.arange(buf.shape[-1], device=device).expand(buf.shape),
-                                       persistent=False)
+                module.register_buffer(
+                    name, torch.arange(buf.shape[-1], device=device).expand(buf.shape), persistent=False
+                )
     _materialise_buffers(model, device)
     return ImageEncoder(model.eval().requires_grad_(False), cfg)
 
@@ -271,7 +276,9 @@ class Shape:
         return (f // pt) * (h // ph) * (w // pw)
 
 
-def dit_inputs(cfg: DiTConfig, shape: Shape, device: torch.device, dtype: torch.dtype, seed: int) -> dict[str, Tensor]:
+def dit_inputs(
+    cfg: DiTConfig, shape: Shape, device: torch.device, dtype: torch.dtype, seed: int
+) -> dict[str, Tensor]:
     """Random DiT inputs of one chunk (one speaker): performance.md 4.1 item 3."""
     g = torch.Generator(device=device).manual_seed(seed)
     f, h, w = shape.latent
@@ -304,8 +311,12 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env |= {"gpu": props.name, "gpu_memory_gib": round(props.total_memory / GiB, 1),
-                "sms": props.multi_processor_count, "capability": f"{props.major}.{props.minor}"}
+        env |= {
+            "gpu": props.name,
+            "gpu_memory_gib": round(props.total_memory / GiB, 1),
+            "sms": props.multi_processor_count,
+            "capability": f"{props.major}.{props.minor}",
+        }
         env |= nvidia_smi()
     else:
         env["gpu"] = None
@@ -315,20 +326,33 @@ def environment(device: torch.device) -> dict[str, Any]:
 def nvidia_smi() -> dict[str, Any]:
     query = "driver_version,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu"
     try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=20, check=True).stdout.strip().splitlines()[0]
+        out = (
+            subprocess.run(
+                ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()[0]
+        )
     except (OSError, subprocess.SubprocessError, IndexError):
         return {}
     values = [v.strip() for v in out.split(",")]
-    return dict(zip(("driver", "sm_clock_mhz", "max_sm_clock_mhz", "power_w", "power_limit_w", "temp_c"), values))
+    return dict(
+        zip(("driver", "sm_clock_mhz", "max_sm_clock_mhz", "power_w", "power_limit_w", "temp_c"), values)
+    )
 
 
 def memory(device: torch.device) -> dict[str, float]:
     if device.type != "cuda":
         return {}
-    return {"allocated_gib": round(torch.cuda.memory_allocated(device) / GiB, 2),
-            "peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / GiB, 2),
-            "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / GiB, 2)}
+    return {
+        "allocated_gib": round(torch.cuda.memory_allocated(device) / GiB, 2),
+        "peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / GiB, 2),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / GiB, 2),
+    }
 
 
 def reset_peak(device: torch.device) -> None:
@@ -343,8 +367,12 @@ def reset_peak(device: torch.device) -> None:
 class Bench:
     """State of one benchmark run: the random models, the report being filled."""
 
-    def __init__(self, opts: BenchOptions, log: Callable[[str], None] = print,
-                 checkpoint: Callable[[dict[str, Any]], None] | None = None) -> None:
+    def __init__(
+        self,
+        opts: BenchOptions,
+        log: Callable[[str], None] = print,
+        checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         from pipeline.models.clip import ClipConfig
         from pipeline.models.t5 import T5Config
         from pipeline.models.vae import VAEConfig
@@ -353,7 +381,9 @@ class Bench:
         self.log = log
         self.device = torch.device(opts.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("infinitetalk bench needs a CUDA device (or --device cpu for a tiny smoke run)")
+            raise RuntimeError(
+                "infinitetalk bench needs a CUDA device (or --device cpu for a tiny smoke run)"
+            )
         self.clock = Clock(self.device)
         self.cfg = opts.dit
         self.vae_cfg = opts.vae or VAEConfig()
@@ -418,7 +448,9 @@ class Bench:
             for size in opts.chunk_sizes:
                 for n_pass in opts.passes:
                     with self.section(f"chunks {size} {dtype_name} {n_pass}-pass"):
-                        self.chunks(self.shape(size), dtype_name, n_pass, replace(fast, fp8=dtype_name == "fp8"))
+                        self.chunks(
+                            self.shape(size), dtype_name, n_pass, replace(fast, fp8=dtype_name == "fp8")
+                        )
         self.report["summary"] = summarise(self.report)
         self.report["environment_after"] = nvidia_smi() if self.device.type == "cuda" else {}
         return self.report
@@ -461,10 +493,15 @@ class Bench:
         from pipeline.weights import load_files
 
         n = self.opts.load_probe_blocks
-        state = {f"blocks.{i}.{k}": v.detach().to("cpu", copy=True).contiguous()
-                 for i in range(n) for k, v in self.dit.blocks[i].state_dict().items()}
+        state = {
+            f"blocks.{i}.{k}": v.detach().to("cpu", copy=True).contiguous()
+            for i in range(n)
+            for k, v in self.dit.blocks[i].state_dict().items()
+        }
         nbytes = sum(v.numel() * v.element_size() for v in state.values())
-        with tempfile.TemporaryDirectory(prefix="itbench-", dir=os.environ.get("INFINITETALK_BENCH_TMP")) as tmp:
+        with tempfile.TemporaryDirectory(
+            prefix="itbench-", dir=os.environ.get("INFINITETALK_BENCH_TMP")
+        ) as tmp:
             path = Path(tmp) / "probe-00001-of-00001.safetensors"
             t0 = time.perf_counter()
             save_file(state, str(path))
@@ -489,9 +526,16 @@ class Bench:
             del probe
         gbps = nbytes / 1e9 / load_s
         full_gb = module_bytes(self.dit) / 1e9
-        return {"blocks": n, "shard_gb": round(nbytes / 1e9, 2), "write_s": round(write_s, 2),
-                "page_cache_dropped": cold, "load_s": round(load_s, 4), "load_gbps": round(gbps, 2),
-                "dit_gb": round(full_gb, 2), "dit_load_s_extrapolated": round(full_gb / gbps, 1)}
+        return {
+            "blocks": n,
+            "shard_gb": round(nbytes / 1e9, 2),
+            "write_s": round(write_s, 2),
+            "page_cache_dropped": cold,
+            "load_s": round(load_s, 4),
+            "load_gbps": round(gbps, 2),
+            "dit_gb": round(full_gb, 2),
+            "dit_load_s_extrapolated": round(full_gb / gbps, 1),
+        }
 
     def to_fp8(self) -> None:
         from pipeline.compile import uncompile_blocks
@@ -500,8 +544,12 @@ class Bench:
         uncompile_blocks(self.dit)
         reset_peak(self.device)
         t, n = self.clock.time(lambda: to_fp8(self.dit))
-        self.report["fp8"] = {"quantise_s": round(t, 2), "layers": n,
-                              "dit_gb": round(module_bytes(self.dit) / 1e9, 2), "memory": memory(self.device)}
+        self.report["fp8"] = {
+            "quantise_s": round(t, 2),
+            "layers": n,
+            "dit_gb": round(module_bytes(self.dit) / 1e9, 2),
+            "memory": memory(self.device),
+        }
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -524,8 +572,12 @@ class Bench:
         reset_peak(self.device)
         stats, first, out = self.clock.repeat(lambda: self.dit(**inputs), warmup, repeats)
         entry: dict[str, Any] = {
-            "tokens": shape.tokens(self.cfg), **stats.as_dict(), "first_call_s": round(first, 2),
-            "settings": applied, "graph_breaks": graph_breaks() - breaks0, "memory": memory(self.device),
+            "tokens": shape.tokens(self.cfg),
+            **stats.as_dict(),
+            "first_call_s": round(first, 2),
+            "settings": applied,
+            "graph_breaks": graph_breaks() - breaks0,
+            "memory": memory(self.device),
         }
         flops = dit_forward_flops(self.cfg, shape)
         entry["pflop"] = round(flops / 1e15, 3)
@@ -536,8 +588,10 @@ class Bench:
         elif key in self.plain_out:
             entry["rel_err_vs_plain"] = rel_err(out.float().cpu(), self.plain_out[key])
         self.report.setdefault("forward", {}).setdefault(shape.name, {})[label] = entry
-        self.log(f"[bench] forward {shape.name} {label}: median {stats.median_s:.3f} s, min {stats.min_s:.3f} s "
-                 f"(first {first:.1f} s) {entry.get('rel_err_vs_plain', '')}")
+        self.log(
+            f"[bench] forward {shape.name} {label}: median {stats.median_s:.3f} s, min {stats.min_s:.3f} s "
+            f"(first {first:.1f} s) {entry.get('rel_err_vs_plain', '')}"
+        )
 
     @torch.no_grad()
     def profile(self, shape: Shape, label: str) -> None:
@@ -554,7 +608,9 @@ class Bench:
         for event in prof.key_averages():
             if "cuda" not in str(getattr(event, "device_type", "")).lower():
                 continue  # CPU-side op: its kernels are counted as their own (CUDA) events
-            t = float(getattr(event, "self_device_time_total", 0.0) or getattr(event, "device_time_total", 0.0))
+            t = float(
+                getattr(event, "self_device_time_total", 0.0) or getattr(event, "device_time_total", 0.0)
+            )
             if t > 0:
                 kernels[event.key] = kernels.get(event.key, 0.0) + t / 1e6
         total = sum(kernels.values())
@@ -562,8 +618,11 @@ class Bench:
         for name, t in kernels.items():
             kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + t
         top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
-        entry = {"device_s": round(total, 3), "by_kind_s": {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-                 "top": [[name[:120], round(t, 4)] for name, t in top]}
+        entry = {
+            "device_s": round(total, 3),
+            "by_kind_s": {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top": [[name[:120], round(t, 4)] for name, t in top],
+        }
         self.report.setdefault("profile", {})[f"{shape.name}_{label}"] = entry
         self.log(f"[bench] profile {shape.name} {label}: {json.dumps(entry, indent=1)}")
 
@@ -577,7 +636,9 @@ class Bench:
         g = torch.Generator(device=self.device).manual_seed(self.opts.seed + 20)
         f, h, w = shape.latent
         latents = torch.randn(self.vae_cfg.z_dim, f, h, w, generator=g, device=self.device)
-        video = torch.rand(3, shape.frame_num, shape.height, shape.width, generator=g, device=self.device) * 2 - 1
+        video = (
+            torch.rand(3, shape.frame_num, shape.height, shape.width, generator=g, device=self.device) * 2 - 1
+        )
         motion = video[:, -self.opts.motion_frame :]
         entry: dict[str, Any] = {}
         decoded: dict[str, Tensor] = {}
@@ -617,15 +678,21 @@ class Bench:
         new_frames = self.opts.frame_num - self.opts.motion_frame
         video_s = new_frames / FPS
         entry = {
-            "settings": applied, "passes": n_pass, "steps": self.opts.steps, "chunks": per_chunk,
-            "wall_s": round(wall, 2), "steady_chunk_s": steady["total_s"],
+            "settings": applied,
+            "passes": n_pass,
+            "steps": self.opts.steps,
+            "chunks": per_chunk,
+            "wall_s": round(wall, 2),
+            "steady_chunk_s": steady["total_s"],
             "new_frames_per_chunk": new_frames,
             "gpu_s_per_video_s": round(steady["total_s"] / video_s, 2),
             "memory": memory(self.device),
-            "frames_shape": list(runner.last_video_shape), "finite": runner.finite,
+            "frames_shape": list(runner.last_video_shape),
+            "finite": runner.finite,
         }
         self.report.setdefault("chunks", {}).setdefault(shape.name, {}).setdefault(dtype_name, {})[
-            f"{n_pass}-pass"] = entry
+            f"{n_pass}-pass"
+        ] = entry
         return entry
 
 
@@ -642,14 +709,15 @@ class ChunkRunner:
         dev = bench.device
         self.gen = torch.Generator(device="cpu").manual_seed(bench.opts.seed + 30)
         g = torch.Generator(device=dev).manual_seed(bench.opts.seed + 31)
-        self.cond = (torch.rand(3, 1, shape.height, shape.width, generator=g, device=dev) * 2 - 1)
+        self.cond = torch.rand(3, 1, shape.height, shape.width, generator=g, device=dev) * 2 - 1
         cfg = bench.cfg
         f = shape.latent[0]
         fa = (f - 1) * cfg.vae_scale + 1
         dtype = bench.dit.dtype
         self.context = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g, device=dev).to(dtype)
-        self.audio = torch.randn(1, 1, fa, cfg.audio_window, cfg.audio_blocks, cfg.audio_channels, generator=g,
-                                 device=dev).to(dtype)
+        self.audio = torch.randn(
+            1, 1, fa, cfg.audio_window, cfg.audio_blocks, cfg.audio_channels, generator=g, device=dev
+        ).to(dtype)
         self.null_audio = torch.zeros_like(self.audio)
         self.steps = sampler.timesteps(bench.opts.steps, SHIFTS.get(shape.name, 7.0)).to(dev)
         self.cache: tuple[Tensor, Tensor] | None = None
@@ -672,8 +740,13 @@ class ChunkRunner:
             times["clip_s"], clip_fea = clock.time(lambda: b.clip.encode_image_clip(self.cond[:, 0][None]))
 
             def encode_y() -> Tensor:
-                pixels = torch.cat([self.cond, torch.zeros(3, shape.frame_num - 1, shape.height, shape.width,
-                                                           device=b.device)], dim=1)
+                pixels = torch.cat(
+                    [
+                        self.cond,
+                        torch.zeros(3, shape.frame_num - 1, shape.height, shape.width, device=b.device),
+                    ],
+                    dim=1,
+                )
                 mask = torch.zeros(4, f, h, w, device=b.device)
                 mask[:, 0] = 1.0
                 return torch.cat([mask, b.vae.encode(pixels)])
@@ -697,7 +770,10 @@ class ChunkRunner:
             for i in range(len(self.steps) - 1):
                 lat[:, :n_motion] = motion
                 t = self.steps[i : i + 1]
-                preds = {name: b.dit(lat[None], t, self.context, clip_fea, y, conditions[name])[0] for name in passes}
+                preds = {
+                    name: b.dit(lat[None], t, self.context, clip_fea, y, conditions[name])[0]
+                    for name in passes
+                }
                 velocity = guidance.combine(preds, 1.0, audio_scale)
                 lat = sampler.euler_step(lat, velocity, self.steps[i], self.steps[i + 1])
                 lat[:, :n_motion] = motion
@@ -784,24 +860,34 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
 def format_report(report: dict[str, Any]) -> str:
     env = report.get("environment", {})
     lines = [
-        f"GPU: {env.get('gpu')} ({env.get('gpu_memory_gib')} GiB, {env.get('sms')} SMs), driver {env.get('driver')}, "
-        f"torch {env.get('torch')}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}",
+        (
+            f"GPU: {env.get('gpu')} ({env.get('gpu_memory_gib')} GiB, {env.get('sms')} SMs), "
+            f"driver {env.get('driver')}, torch {env.get('torch')}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}"
+        ),
     ]
     build = report.get("build", {})
     if build:
-        lines.append(f"random weights built on the device: DiT {build.get('dit_gb')} GB in {build.get('dit_s')} s; "
-                     f"VAE {build.get('vae_gb')} GB, CLIP {build.get('clip_gb')} GB, T5 {build.get('t5_gb', '-')} GB")
+        lines.append(
+            f"random weights built on the device: DiT {build.get('dit_gb')} GB in {build.get('dit_s')} s; "
+            f"VAE {build.get('vae_gb')} GB, CLIP {build.get('clip_gb')} GB, T5 {build.get('t5_gb', '-')} GB"
+        )
     load = report.get("load")
     if load:
-        lines.append(f"load path (mmap safetensors -> GPU): {load['shard_gb']} GB in {load['load_s']} s = "
-                     f"{load['load_gbps']} GB/s (page cache dropped: {load['page_cache_dropped']}); "
-                     f"DiT {load['dit_gb']} GB -> ~{load['dit_load_s_extrapolated']} s")
+        lines.append(
+            f"load path (mmap safetensors -> GPU): {load['shard_gb']} GB in {load['load_s']} s = "
+            f"{load['load_gbps']} GB/s (page cache dropped: {load['page_cache_dropped']}); "
+            f"DiT {load['dit_gb']} GB -> ~{load['dit_load_s_extrapolated']} s"
+        )
     if "fp8" in report:
-        lines.append(f"fp8: {report['fp8']['layers']} linear layers quantised in {report['fp8']['quantise_s']} s, "
-                     f"DiT now {report['fp8']['dit_gb']} GB")
+        lines.append(
+            f"fp8: {report['fp8']['layers']} linear layers quantised in {report['fp8']['quantise_s']} s, "
+            f"DiT now {report['fp8']['dit_gb']} GB"
+        )
     lines.append("")
-    lines.append(f"{'DiT forward':<26}{'median s':>10}{'min s':>9}{'TFLOP/s':>9}{'first s':>9}{'peak GiB':>10}"
-                 f"{'rel err':>10}  settings")
+    lines.append(
+        f"{'DiT forward':<26}{'median s':>10}{'min s':>9}{'TFLOP/s':>9}{'first s':>9}{'peak GiB':>10}"
+        f"{'rel err':>10}  settings"
+    )
     for size, modes in report.get("forward", {}).items():
         for mode, e in modes.items():
             err = e.get("rel_err_vs_plain")
@@ -811,23 +897,28 @@ def format_report(report: dict[str, Any]) -> str:
                 f"{e['first_call_s']:>9.1f}{e['memory'].get('peak_allocated_gib', 0):>10.1f}"
                 f"{'' if err is None else f'{err:.2e}':>10}  {s['attention']}/{s['rope']}/"
                 f"{'compiled' if s['compiled'] else 'eager'}/fp8:{s['fp8_layers'] > 0 or mode == 'fp8'}"
-                f" breaks={e['graph_breaks']}")
+                f" breaks={e['graph_breaks']}"
+            )
     for size, e in report.get("vae", {}).items():
         for label in ("fp32", "fast"):
             v = e[label]
-            lines.append(f"VAE {size}p {label:<5}: decode {v['decode']['median_s']:.2f} s, encode "
-                         f"{report['options']['frame_num']} frames "
-                         f"{v['encode_all']['median_s']:.2f} s, encode {report['options']['motion_frame']} frames "
-                         f"{v['encode_motion']['median_s']:.2f} s  ({v['settings']})")
+            lines.append(
+                f"VAE {size}p {label:<5}: decode {v['decode']['median_s']:.2f} s, encode "
+                f"{report['options']['frame_num']} frames "
+                f"{v['encode_all']['median_s']:.2f} s, encode {report['options']['motion_frame']} frames "
+                f"{v['encode_motion']['median_s']:.2f} s  ({v['settings']})"
+            )
         lines.append(f"VAE {size}p fast decode rel err vs fp32: {e['fast_decode_rel_err_vs_fp32']:.2e}")
     lines.append("")
     for size, by_dtype in report.get("chunks", {}).items():
         for dtype_name, by_pass in by_dtype.items():
             for p, e in by_pass.items():
                 phases = ", ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in e["chunks"][-1].items())
-                lines.append(f"chunk {size}p {dtype_name} {p} ({e['steps']} steps): steady chunk {e['steady_chunk_s']:.2f} s "
-                             f"= {e['gpu_s_per_video_s']:.2f} GPU-s per video-s; peak "
-                             f"{e['memory'].get('peak_allocated_gib')} GiB; [{phases}]")
+                lines.append(
+                    f"chunk {size}p {dtype_name} {p} ({e['steps']} steps): steady chunk {e['steady_chunk_s']:.2f} s "
+                    f"= {e['gpu_s_per_video_s']:.2f} GPU-s per video-s; peak "
+                    f"{e['memory'].get('peak_allocated_gib')} GiB; [{phases}]"
+                )
                 if len(e["chunks"]) > 1:
                     first = ", ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in e["chunks"][0].items())
                     lines.append(f"    first chunk: [{first}]")
@@ -852,8 +943,12 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def run_bench(opts: BenchOptions, *, log: Callable[[str], None] = print,
-              checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def run_bench(
+    opts: BenchOptions,
+    *,
+    log: Callable[[str], None] = print,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Run every section `opts` asks for; returns the JSON-ready report (`checkpoint` gets the
     partial report after each section)."""
     return _jsonable(Bench(opts, log=log, checkpoint=checkpoint).run())

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -55,4 +54,4 @@ def graph_breaks() -> int:
     return int(sum(counters["graph_break"].values()))
 
 
-__all__ = ["compile_blocks", "uncompile_blocks", "is_compiled", "graph_breaks"]
+__all__ = ["compile_blocks", "graph_breaks", "is_compiled", "uncompile_blocks"]

@@ -49,5 +49,7 @@ def to_fp8(model: nn.Module, *, scaled_mm: bool | None = None) -> int:
     device = next(model.parameters()).device
     enabled = fp8_supported(device) if scaled_mm is None else scaled_mm
     if enabled and not fp8_supported(device):
-        raise ValueError(f"fp8 tensor-core math needs a CUDA device of compute capability >= 8.9, got {device}")
+        raise ValueError(
+            f"fp8 tensor-core math needs a CUDA device of compute capability >= 8.9, got {device}"
+        )
     return set_scaled_mm(model, enabled)

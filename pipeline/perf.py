@@ -55,7 +55,9 @@ class PerfConfig:
     @classmethod
     def plain(cls) -> PerfConfig:
         """The reference-equivalent settings (what the fast paths are checked against)."""
-        return cls(attention="sdpa", rope="exact", compile=False, fp8=False, vae_dtype="fp32", channels_last=False)
+        return cls(
+            attention="sdpa", rope="exact", compile=False, fp8=False, vae_dtype="fp32", channels_last=False
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,8 +92,13 @@ def apply_dit_perf(perf: PerfConfig, dit: nn.Module) -> dict[str, Any]:
         compile_blocks(dit)
     elif not compiled and is_compiled(dit):
         uncompile_blocks(dit)
-    logger.info("DiT speed settings: attention=%s rope=%s fp8_layers=%d compiled=%s", backend, perf.rope,
-                fp8_layers, compiled)
+    logger.info(
+        "DiT speed settings: attention=%s rope=%s fp8_layers=%d compiled=%s",
+        backend,
+        perf.rope,
+        fp8_layers,
+        compiled,
+    )
     return {"attention": backend, "rope": perf.rope, "fp8_layers": fp8_layers, "compiled": compiled}
 
 
@@ -114,7 +121,9 @@ def apply_vae_perf(perf: PerfConfig, vae: nn.Module) -> dict[str, Any]:
     return {"vae_dtype": str(dtype).removeprefix("torch."), "channels_last": channels_last}
 
 
-def default_perf(device: torch.device | str, *, quant: str | None = None, attention: str = "auto") -> PerfConfig | None:
+def default_perf(
+    device: torch.device | str, *, quant: str | None = None, attention: str = "auto"
+) -> PerfConfig | None:
     """The settings a pipeline gets when none are given: the fast path on CUDA, None elsewhere."""
     from pipeline.models.attention import BACKENDS
 
@@ -127,7 +136,9 @@ def default_perf(device: torch.device | str, *, quant: str | None = None, attent
     return PerfConfig(attention=attention, fp8=quant == "fp8")  # type: ignore[arg-type]
 
 
-def apply_perf(perf: PerfConfig, *, dit: nn.Module | None = None, vae: nn.Module | None = None) -> dict[str, Any]:
+def apply_perf(
+    perf: PerfConfig, *, dit: nn.Module | None = None, vae: nn.Module | None = None
+) -> dict[str, Any]:
     """Apply `perf` to whichever models are given; returns what was actually set (for manifests)."""
     report: dict[str, Any] = {}
     if dit is not None:

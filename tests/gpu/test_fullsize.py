@@ -27,8 +27,17 @@ def bench():
         pytest.skip("needs CUDA")
     from pipeline.bench import Bench, BenchOptions
 
-    opts = BenchOptions(sizes=("480",), chunk_sizes=("480",), passes=(1,), num_chunks=2, t5=False,
-                        load_probe_blocks=0, warmup=1, repeats=1, frame_num=FRAMES)
+    opts = BenchOptions(
+        sizes=("480",),
+        chunk_sizes=("480",),
+        passes=(1,),
+        num_chunks=2,
+        t5=False,
+        load_probe_blocks=0,
+        warmup=1,
+        repeats=1,
+        frame_num=FRAMES,
+    )
     b = Bench(opts, log=lambda m: None)
     b.build()
     yield b

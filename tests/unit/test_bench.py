@@ -22,9 +22,21 @@ def tiny_opts(tiny_weights_dir):
 
     mc = load_model_config(tiny_weights_dir)
     return BenchOptions(
-        sizes=("480",), chunk_sizes=("480",), dtypes=("bf16", "fp8"), passes=(1,), compile=False, device="cpu",
-        dit=mc.dit, vae=mc.vae, clip=mc.clip, t5_config=mc.t5, pixel_sizes={"480": (32, 32)},
-        frame_num=9, motion_frame=5, warmup=0, repeats=1,
+        sizes=("480",),
+        chunk_sizes=("480",),
+        dtypes=("bf16", "fp8"),
+        passes=(1,),
+        compile=False,
+        device="cpu",
+        dit=mc.dit,
+        vae=mc.vae,
+        clip=mc.clip,
+        t5_config=mc.t5,
+        pixel_sizes={"480": (32, 32)},
+        frame_num=9,
+        motion_frame=5,
+        warmup=0,
+        repeats=1,
         load_probe_blocks=1,
     )
 
@@ -62,10 +74,12 @@ def test_flop_model_matches_the_spec():
     from pipeline.config import DiTConfig
 
     cfg = DiTConfig()
-    assert dit_forward_flops(cfg, Shape(name="480", height=480, width=832, frame_num=81)) / 1e15 == pytest.approx(
-        1.825, rel=0.01)
-    assert dit_forward_flops(cfg, Shape(name="720", height=720, width=1280, frame_num=81)) / 1e15 == pytest.approx(
-        6.860, rel=0.01)
+    assert dit_forward_flops(
+        cfg, Shape(name="480", height=480, width=832, frame_num=81)
+    ) / 1e15 == pytest.approx(1.825, rel=0.01)
+    assert dit_forward_flops(
+        cfg, Shape(name="720", height=720, width=1280, frame_num=81)
+    ) / 1e15 == pytest.approx(6.860, rel=0.01)
 
 
 def test_cli_options():
@@ -73,8 +87,21 @@ def test_cli_options():
 
     parser = argparse.ArgumentParser()
     bench_cmd.register(parser.add_subparsers())
-    args = parser.parse_args(["bench", "--size", "both", "--dtype", "both", "--passes", "2", "--no-compile",
-                              "--attention", "cudnn", "--quick"])
+    args = parser.parse_args(
+        [
+            "bench",
+            "--size",
+            "both",
+            "--dtype",
+            "both",
+            "--passes",
+            "2",
+            "--no-compile",
+            "--attention",
+            "cudnn",
+            "--quick",
+        ]
+    )
     opts = bench_cmd.options_from_args(args)
     assert opts.sizes == ("480",) and opts.dtypes == ("bf16", "fp8") and opts.passes == (2,)
     assert not opts.compile and opts.attention == "cudnn" and opts.load_probe_blocks == 0
