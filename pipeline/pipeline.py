@@ -204,7 +204,9 @@ class InfiniteTalkPipeline:
         bf16 channels-last), nothing elsewhere (CPU runs keep the reference numerics)."""
         from pipeline.perf import apply_perf, default_perf
 
-        self.perf = perf if perf is not None else default_perf(self.device, quant=self.quant, attention=self.attention)
+        if perf is None:
+            perf = default_perf(self.device, quant=self.quant, attention=self.attention)
+        self.perf = perf
         if self.perf is not None:
             self.perf_settings = apply_perf(self.perf, dit=self.dit, vae=self.vae)
         return self.perf_settings
