@@ -76,22 +76,29 @@ class InstallOptions:
         for name in ("prefix", "config", "data_dir", "unit_dir"):
             path = getattr(self, name)
             if not path.is_absolute() or any(ch.isspace() for ch in str(path)):
-                raise InstallError(f"--{name.replace('_', '-')} must be an absolute path without spaces, "
-                                   f"got {str(path)!r}")
+                raise InstallError(
+                    f"--{name.replace('_', '-')} must be an absolute path without spaces, got {str(path)!r}"
+                )
         for name in ("user", "web_user", "upload_group"):
             value = getattr(self, name)
             if not NAME_RE.fullmatch(value):
-                raise InstallError(f"--{name.replace('_', '-')} must be a valid user/group name "
-                                   f"(lower case, digits, - and _), got {value!r}")
+                raise InstallError(
+                    f"--{name.replace('_', '-')} must be a valid user/group name "
+                    f"(lower case, digits, - and _), got {value!r}"
+                )
         if len({self.user, self.web_user, self.upload_group}) != 3:
-            raise InstallError(f"--user, --web-user and --upload-group must differ, got "
-                               f"{self.user!r}, {self.web_user!r}, {self.upload_group!r}")
+            raise InstallError(
+                f"--user, --web-user and --upload-group must differ, got "
+                f"{self.user!r}, {self.web_user!r}, {self.upload_group!r}"
+            )
         for hidden in HIDDEN_BY_PROTECT_HOME:
             for name in ("prefix", "data_dir"):
                 if getattr(self, name).is_relative_to(hidden):
-                    raise InstallError(f"--{name.replace('_', '-')} {getattr(self, name)} is under {hidden}, "
-                                       f"which the services cannot see (ProtectHome=yes); use e.g. "
-                                       f"{DEFAULT_PREFIX} or {DEFAULT_DATA_DIR}")
+                    raise InstallError(
+                        f"--{name.replace('_', '-')} {getattr(self, name)} is under {hidden}, "
+                        f"which the services cannot see (ProtectHome=yes); use e.g. "
+                        f"{DEFAULT_PREFIX} or {DEFAULT_DATA_DIR}"
+                    )
 
     @property
     def executable(self) -> Path:
@@ -135,8 +142,10 @@ class EnsureUser:
 
     def describe(self) -> str:
         extra = f" --groups {','.join(self.extra_groups)}" if self.extra_groups else ""
-        return (f"useradd --system --gid {self.group}{extra} --home-dir {self.home} --no-create-home "
-                f"--shell /usr/sbin/nologin --comment '{self.comment}' {self.name}")
+        return (
+            f"useradd --system --gid {self.group}{extra} --home-dir {self.home} --no-create-home "
+            f"--shell /usr/sbin/nologin --comment '{self.comment}' {self.name}"
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -184,7 +193,11 @@ def _map_tokens(value: str, mapping: dict[str, str]) -> str:
 
 def render_unit(text: str, opts: InstallOptions) -> str:
     """The shipped unit with `opts`' paths, users and groups in place of the defaults."""
-    names = {DEFAULT_USER: opts.user, DEFAULT_WEB_USER: opts.web_user, DEFAULT_UPLOAD_GROUP: opts.upload_group}
+    names = {
+        DEFAULT_USER: opts.user,
+        DEFAULT_WEB_USER: opts.web_user,
+        DEFAULT_UPLOAD_GROUP: opts.upload_group,
+    }
     paths = {
         str(DEFAULT_DATA_DIR / "inbox"): str(opts.inbox),
         str(DEFAULT_DATA_DIR / "outbox"): str(opts.outbox),
@@ -228,22 +241,45 @@ def plan(opts: InstallOptions, unit_texts: dict[str, str]) -> list[Action]:
     actions: list[Action] = [
         EnsureGroup(name=group),
         EnsureGroup(name=upload),
-        EnsureUser(name=user, group=group, extra_groups=(upload,), home=STATE_DIR,
-                   comment="InfiniteTalk render daemon"),
-        EnsureUser(name=opts.web_user, group=group, extra_groups=(upload,), home=Path("/nonexistent"),
-                   comment="InfiniteTalk dashboard"),
+        EnsureUser(
+            name=user,
+            group=group,
+            extra_groups=(upload,),
+            home=STATE_DIR,
+            comment="InfiniteTalk render daemon",
+        ),
+        EnsureUser(
+            name=opts.web_user,
+            group=group,
+            extra_groups=(upload,),
+            home=Path("/nonexistent"),
+            comment="InfiniteTalk dashboard",
+        ),
         EnsureDir(path=opts.data_dir, owner="root", group="root", mode=0o755),
         EnsureDir(path=opts.inbox, owner=user, group=upload, mode=0o2775),
         EnsureDir(path=opts.outbox, owner=user, group=upload, mode=0o2750),
         EnsureDir(path=opts.weights, owner="root", group=group, mode=0o2750),
         EnsureDir(path=STATE_DIR, owner=user, group=group, mode=0o750),
         EnsureDir(path=opts.config.parent, owner="root", group=group, mode=0o750),
-        WriteFile(path=opts.config, text=render_config(opts), owner="root", group=group, mode=0o640,
-                  keep_existing=True),
+        WriteFile(
+            path=opts.config,
+            text=render_config(opts),
+            owner="root",
+            group=group,
+            mode=0o640,
+            keep_existing=True,
+        ),
     ]
     for name in UNIT_NAMES:
-        actions.append(WriteFile(path=opts.unit_dir / name, text=render_unit(unit_texts[name], opts),
-                                 owner="root", group="root", mode=0o644))
+        actions.append(
+            WriteFile(
+                path=opts.unit_dir / name,
+                text=render_unit(unit_texts[name], opts),
+                owner="root",
+                group="root",
+                mode=0o644,
+            )
+        )
     actions.append(RunCommand(argv=("systemctl", "daemon-reload")))
     return actions
 
@@ -291,7 +327,7 @@ class Installer:
         return {p.pw_name: (p.pw_name, "x", str(p.pw_uid), str(p.pw_gid)) for p in pwd.getpwall()}
 
     def _run(self, argv: list[str]) -> None:
-        result = subprocess.run(argv, capture_output=True, text=True)
+        result = subprocess.run(argv, check=False, capture_output=True, text=True)
         if result.returncode != 0:
             raise InstallError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
 
@@ -335,10 +371,25 @@ class Installer:
         if action.name not in users:
             if not self._can_manage_accounts():
                 return
-            self._run(["useradd", *self._shadow_args(), "--system", "--gid", action.group,
-                       "--groups", ",".join(action.extra_groups), "--home-dir", str(action.home),
-                       "--no-create-home", "--shell", "/usr/sbin/nologin", "--comment", action.comment,
-                       action.name])
+            self._run(
+                [
+                    "useradd",
+                    *self._shadow_args(),
+                    "--system",
+                    "--gid",
+                    action.group,
+                    "--groups",
+                    ",".join(action.extra_groups),
+                    "--home-dir",
+                    str(action.home),
+                    "--no-create-home",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    "--comment",
+                    action.comment,
+                    action.name,
+                ]
+            )
             return
         self.say(f"  user {action.name} exists")
         groups = self._groups()
@@ -356,7 +407,9 @@ class Installer:
             uid = 0 if owner == "root" else int(users[owner][2])
             gid = 0 if group == "root" else int(groups[group][2])
         except (KeyError, IndexError, ValueError) as e:
-            raise InstallError(f"cannot set owner {owner}:{group}: not in {self.opts.on_disk(Path('/etc'))}") from e
+            raise InstallError(
+                f"cannot set owner {owner}:{group}: not in {self.opts.on_disk(Path('/etc'))}"
+            ) from e
         return uid, gid
 
     def _set_owner_mode(self, path: Path, owner: str, group: str, mode: int) -> None:
@@ -396,9 +449,11 @@ def _check_executable(opts: InstallOptions) -> str | None:
     exe = opts.on_disk(opts.executable)
     if os.access(exe, os.X_OK):
         return None
-    return (f"{opts.executable} does not exist: the units run the project from {opts.prefix}. Install it "
-            f"there first (git clone <this project> {opts.prefix} && {opts.prefix}/scripts/bootstrap), "
-            f"or pass --prefix DIR where DIR/.venv/bin/infinitetalk exists")
+    return (
+        f"{opts.executable} does not exist: the units run the project from {opts.prefix}. Install it "
+        f"there first (git clone <this project> {opts.prefix} && {opts.prefix}/scripts/bootstrap), "
+        f"or pass --prefix DIR where DIR/.venv/bin/infinitetalk exists"
+    )
 
 
 def load_unit_texts(source: Path = UNIT_SOURCE_DIR) -> dict[str, str]:
@@ -423,31 +478,35 @@ def next_steps(opts: InstallOptions) -> str:
         except ConfigError:
             pass
     exe = opts.executable
-    return "\n".join([
-        "",
-        "Next:",
-        f"  1. put the released weights in {opts.weights} (until then the daemon renders with a tiny test",
-        "     model), e.g.:",
-        f"       sudo {exe} weights download {opts.weights}",
-        f"       sudo {exe} weights check {opts.weights}",
-        "  2. start both services, now and at every boot:",
-        "       sudo systemctl enable --now infinitetalk infinitetalk-dashboard",
-        "  3. watch them:",
-        "       systemctl status infinitetalk",
-        "       journalctl -u infinitetalk -f            (problems only: -p warning)",
-        f"       dashboard: http://{host}:{port}/  (from elsewhere: ssh -L {port}:{host}:{port} THIS-HOST)",
-        "  4. let an account drop jobs into the inbox (SFTP, rsync, local):",
-        f"       sudo usermod -aG {opts.upload_group} ACCOUNT",
-        f"  config: {opts.config}   inbox: {opts.inbox}   outbox: {opts.outbox}",
-    ])
+    return "\n".join(
+        [
+            "",
+            "Next:",
+            f"  1. put the released weights in {opts.weights} (until then the daemon renders with a tiny test",
+            "     model), e.g.:",
+            f"       sudo {exe} weights download {opts.weights}",
+            f"       sudo {exe} weights check {opts.weights}",
+            "  2. start both services, now and at every boot:",
+            "       sudo systemctl enable --now infinitetalk infinitetalk-dashboard",
+            "  3. watch them:",
+            "       systemctl status infinitetalk",
+            "       journalctl -u infinitetalk -f            (problems only: -p warning)",
+            f"       dashboard: http://{host}:{port}/  (from elsewhere: ssh -L {port}:{host}:{port} THIS-HOST)",
+            "  4. let an account drop jobs into the inbox (SFTP, rsync, local):",
+            f"       sudo usermod -aG {opts.upload_group} ACCOUNT",
+            f"  config: {opts.config}   inbox: {opts.inbox}   outbox: {opts.outbox}",
+        ]
+    )
 
 
 def install(opts: InstallOptions, out: object = sys.stdout) -> None:
     """Carry out (or with `dry_run`, print) the whole installation."""
     installer = Installer(opts, out)
     if not opts.dry_run and not installer.fake_root and not installer.privileged:
-        raise InstallError("install-systemd changes users, /etc and /srv: run it as root (sudo), "
-                           "or look first with --dry-run")
+        raise InstallError(
+            "install-systemd changes users, /etc and /srv: run it as root (sudo), "
+            "or look first with --dry-run"
+        )
     problem = _check_executable(opts)
     if problem and not opts.dry_run:
         raise InstallError(problem)
@@ -469,20 +528,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "owners and modes, a config file and the two systemd units, then print how to start them. "
         "Safe to run again.",
     )
-    parser.add_argument("--prefix", type=Path, default=DEFAULT_PREFIX,
-                        help="project checkout whose .venv the units run (default: %(default)s)")
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                        help="config file to write if missing (default: %(default)s)")
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
-                        help="parent of inbox/, outbox/ and weights/ (default: %(default)s)")
-    parser.add_argument("--unit-dir", type=Path, default=DEFAULT_UNIT_DIR,
-                        help="where the unit files go (default: %(default)s)")
+    parser.add_argument(
+        "--prefix",
+        type=Path,
+        default=DEFAULT_PREFIX,
+        help="project checkout whose .venv the units run (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help="config file to write if missing (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help="parent of inbox/, outbox/ and weights/ (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--unit-dir",
+        type=Path,
+        default=DEFAULT_UNIT_DIR,
+        help="where the unit files go (default: %(default)s)",
+    )
     parser.add_argument("--user", default=DEFAULT_USER, help="daemon user and group (default: %(default)s)")
     parser.add_argument("--web-user", default=DEFAULT_WEB_USER, help="dashboard user (default: %(default)s)")
-    parser.add_argument("--upload-group", default=DEFAULT_UPLOAD_GROUP,
-                        help="group allowed to write the inbox (default: %(default)s)")
-    parser.add_argument("--root", type=Path, default=Path("/"),
-                        help="install into this directory as if it were / (tests, images)")
+    parser.add_argument(
+        "--upload-group",
+        default=DEFAULT_UPLOAD_GROUP,
+        help="group allowed to write the inbox (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path("/"),
+        help="install into this directory as if it were / (tests, images)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the steps, change nothing")
     parser.set_defaults(func=run)
 
@@ -490,9 +572,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def run(args: argparse.Namespace) -> int:
     try:
         opts = InstallOptions(
-            prefix=args.prefix, config=args.config, data_dir=args.data_dir, unit_dir=args.unit_dir,
-            user=args.user, web_user=args.web_user, upload_group=args.upload_group,
-            root=args.root.resolve(), dry_run=args.dry_run,
+            prefix=args.prefix,
+            config=args.config,
+            data_dir=args.data_dir,
+            unit_dir=args.unit_dir,
+            user=args.user,
+            web_user=args.web_user,
+            upload_group=args.upload_group,
+            root=args.root.resolve(),
+            dry_run=args.dry_run,
         )
         install(opts)
     except InstallError as e:

@@ -107,8 +107,8 @@ def parse_level(level: int | str) -> int:
     """`"info"`, `"WARNING"`, `20`, ... -> a logging level number."""
     if isinstance(level, int):
         return level
-    number = logging.getLevelName(level.strip().upper())
-    if not isinstance(number, int):
+    number = logging.getLevelNamesMapping().get(level.strip().upper())
+    if number is None:
         raise ValueError(f"unknown log level {level!r}; use debug, info, warning or error")
     return number
 

@@ -16,8 +16,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = re.compile(r"<[0-7]>")
 #: the daemon unit's Environment= lines that keep library output to log lines
-UNIT_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_VERBOSITY": "error"}
+UNIT_ENV = {
+    "TQDM_DISABLE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+}
 
 
 @pytest.mark.xfail(
@@ -29,8 +33,10 @@ UNIT_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OF
 )
 def test_every_daemon_line_has_a_priority(tmp_path: Path, tiny_weights_dir: Path) -> None:
     config = tmp_path / "infinitetalk.toml"
-    config.write_text(f'inbox = "inbox"\noutbox = "outbox"\nstate_dir = "var"\nweights_dir = "{tiny_weights_dir}"\n'
-                      "tick_s = 0.1\nsettle_s = 0.3\n")
+    config.write_text(
+        f'inbox = "inbox"\noutbox = "outbox"\nstate_dir = "var"\nweights_dir = "{tiny_weights_dir}"\n'
+        "tick_s = 0.1\nsettle_s = 0.3\n"
+    )
     (tmp_path / "inbox").mkdir()
     (tmp_path / "inbox" / "broken.json").write_text("{not json")  # a rejection: one warning line
     journal = tmp_path / "journal"
@@ -38,8 +44,13 @@ def test_every_daemon_line_has_a_priority(tmp_path: Path, tiny_weights_dir: Path
         st = os.fstat(err.fileno())
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
         env.update(UNIT_ENV, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
-        proc = subprocess.Popen([sys.executable, "-m", "daemon", "daemon", "--config", str(config)],
-                                cwd=ROOT, env=env, stdout=err, stderr=err)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "daemon", "--config", str(config)],
+            cwd=ROOT,
+            env=env,
+            stdout=err,
+            stderr=err,
+        )
         try:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and not all(

@@ -8,6 +8,7 @@ and a clean exit. A bad config exits 78, which the unit's RestartPreventExitStat
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
@@ -61,8 +62,9 @@ class NotifyListener:
                 return
             self.messages.append(Message(time.monotonic(), tuple(data.decode().split("\n"))))
 
-    def wait_for(self, pred: Callable[[Message], bool], timeout_s: float, proc: subprocess.Popen[str],
-                 after: int = 0) -> int:
+    def wait_for(
+        self, pred: Callable[[Message], bool], timeout_s: float, proc: subprocess.Popen[str], after: int = 0
+    ) -> int:
         """Index of the first message from `after` on satisfying `pred`; fails on timeout/exit."""
         deadline = time.monotonic() + timeout_s
         checked = after
@@ -105,16 +107,25 @@ def start_daemon(tmp_path: Path, config: Path, env_extra: dict[str, str]) -> sub
     env.update(env_extra)
     return subprocess.Popen(
         [sys.executable, "-m", "daemon", "daemon", "--config", str(config)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
 def test_daemon_notify_protocol(tmp_path: Path, tiny_weights_dir: Path, listener: NotifyListener) -> None:
     config = tmp_path / "infinitetalk.toml"
     write_config(config, tiny_weights_dir, max_queued=20, max_running=3)
-    proc = start_daemon(tmp_path, config, {
-        "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": str(WATCHDOG_USEC),
-    })
+    proc = start_daemon(
+        tmp_path,
+        config,
+        {
+            "NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
+            "WATCHDOG_USEC": str(WATCHDOG_USEC),
+        },
+    )
     try:
         # READY=1 only once the model is loaded; its STATUS has the counts and the caps
         ready = listener.wait_for(lambda m: "READY=1" in m.lines, 180, proc)
@@ -130,7 +141,7 @@ def test_daemon_notify_protocol(tmp_path: Path, tiny_weights_dir: Path, listener
         time.sleep(2 * WATCHDOG_USEC / 1e6)
         pings = [m.at for m in listener.messages[first_ping:] if "WATCHDOG=1" in m.lines]
         assert len(pings) >= 3, pings
-        gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(pings)]
         assert max(gaps) < WATCHDOG_USEC / 1e6, gaps
 
         # SIGHUP with new caps: RELOADING=1 (with MONOTONIC_USEC), then READY=1 showing them
@@ -168,7 +179,13 @@ def test_daemon_notify_protocol(tmp_path: Path, tiny_weights_dir: Path, listener
 def test_bad_config_exits_78(tmp_path: Path) -> None:
     config = tmp_path / "infinitetalk.toml"
     config.write_text("max_runing = 3\n")
-    result = subprocess.run([sys.executable, "-m", "daemon", "daemon", "--config", str(config)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon", "daemon", "--config", str(config)],
+        cwd=ROOT,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 78, result.stderr
     assert "max_runing" in result.stderr

@@ -42,23 +42,35 @@ if __name__ == "__main__":
 
 
 def run_child(device: str, *, mdwe: bool) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", CHILD.format(device=device, mdwe=mdwe)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", CHILD.format(device=device, mdwe=mdwe)],
+        cwd=ROOT,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_denied_table_is_what_systemd_denies() -> None:
     if shutil.which("systemd-analyze") is None or not UNISTD.is_file():
         pytest.skip("needs systemd-analyze and the kernel headers (linux-libc-dev) to compare against")
-    numbers = {m.group(1): int(m.group(2))
-               for m in re.finditer(r"#define __NR_(\w+) (\d+)", UNISTD.read_text())}
+    numbers = {
+        m.group(1): int(m.group(2)) for m in re.finditer(r"#define __NR_(\w+) (\d+)", UNISTD.read_text())
+    }
     unit = (ROOT / "systemd/infinitetalk.service").read_text()
     (line,) = [ln for ln in unit.splitlines() if ln.startswith("SystemCallFilter=~")]
     assert line.removeprefix("SystemCallFilter=~").split() == list(DENIED_GROUPS)
     for group, table in DENIED_GROUPS.items():
-        listed = subprocess.run(["systemd-analyze", "syscall-filter", "--no-pager", group],
-                                capture_output=True, text=True, check=True).stdout
-        names = {ln.strip() for ln in listed.splitlines()
-                 if ln.strip() and not ln.strip().startswith(("#", "@"))}
+        listed = subprocess.run(
+            ["systemd-analyze", "syscall-filter", "--no-pager", group],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        names = {
+            ln.strip() for ln in listed.splitlines() if ln.strip() and not ln.strip().startswith(("#", "@"))
+        }
         assert table == {n: numbers[n] for n in names if n in numbers}, group
 
 
@@ -95,12 +107,15 @@ def test_dashboard_runs_with_memory_deny_write_execute(tmp_path: Path) -> None:
         port = s.getsockname()[1]
     config = tmp_path / "infinitetalk.toml"
     config.write_text(f'state_dir = "var"\ninbox = "inbox"\noutbox = "outbox"\n[dashboard]\nport = {port}\n')
-    code = ("from tests.systemd.seccomp_filter import install\n"
-            "install(deny_groups=True, deny_write_execute=True)\n"
-            "from daemon.cli import main\n"
-            f"main(['dashboard', '--config', {str(config)!r}])\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    code = (
+        "from tests.systemd.seccomp_filter import install\n"
+        "install(deny_groups=True, deny_write_execute=True)\n"
+        "from daemon.cli import main\n"
+        f"main(['dashboard', '--config', {str(config)!r}])\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         deadline = time.monotonic() + 60
         status = None

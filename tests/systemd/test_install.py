@@ -90,7 +90,11 @@ def test_dry_run_prints_every_step_and_changes_nothing(tmp_path: Path) -> None:
     root.mkdir()
     result = subprocess.run(
         [sys.executable, "-m", "daemon", "install-systemd", "--dry-run", "--root", str(root)],
-        capture_output=True, text=True, cwd=ROOT, timeout=60,
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert list(root.iterdir()) == []
@@ -111,18 +115,29 @@ def test_cli_installs_into_a_root(tmp_path: Path, make_fake_root: Callable[..., 
     root = make_fake_root(tmp_path / "root")
     result = subprocess.run(
         [sys.executable, "-m", "daemon", "install-systemd", "--root", str(root), "--upload-group", "dropbox"],
-        capture_output=True, text=True, cwd=ROOT, timeout=60,
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert "skipped: --root given" in result.stdout  # no systemctl against the host
     assert "sudo usermod -aG dropbox ACCOUNT" in result.stdout
-    assert "SupplementaryGroups=dropbox video render" in (root / "etc/systemd/system/infinitetalk.service").read_text()
+    assert (
+        "SupplementaryGroups=dropbox video render"
+        in (root / "etc/systemd/system/infinitetalk.service").read_text()
+    )
 
 
 def test_missing_program_is_an_error_naming_it(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "daemon", "install-systemd", "--root", str(tmp_path), "--prefix", "/opt/nope"],
-        capture_output=True, text=True, cwd=ROOT, timeout=60,
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
     )
     assert result.returncode == 1
     assert "/opt/nope/.venv/bin/infinitetalk does not exist" in result.stderr

@@ -96,7 +96,7 @@ def test_state_change_lines(log_file: TextIO) -> None:
     assert _lines(log_file) == [
         '<6>daemon.ledger: job ab12 "alice" queued -> running: attempt 1',
         '<3>daemon.ledger: job ab12 "alice" running -> failed: E_DECODE: voice.wav is not audio',
-        '<4>daemon.ledger: job cd34 "bob" rejected: unknown key \'sise\'',
+        "<4>daemon.ledger: job cd34 \"bob\" rejected: unknown key 'sise'",
     ]
 
 

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
-                                reason="switching users needs root and setpriv")
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="switching users needs root and setpriv"
+)
 PYTHON = "/usr/bin/python3"
 
 
@@ -36,7 +37,10 @@ class Account:
         script = f"import os, sqlite3, pathlib\nos.umask(0o{self.umask:03o})\n" + textwrap.dedent(code)
         return subprocess.run(
             ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", *groups, PYTHON, "-c", script],
-            capture_output=True, text=True, timeout=60,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
 
     def ok(self, code: str) -> str:
@@ -60,8 +64,12 @@ def site(make_fake_root: Callable[..., Path], install_into: Callable[..., str]) 
 
 
 def _ids(root: Path) -> tuple[dict[str, int], dict[str, int]]:
-    users = {f[0]: int(f[2]) for f in (line.split(":") for line in (root / "etc/passwd").read_text().splitlines())}
-    groups = {f[0]: int(f[2]) for f in (line.split(":") for line in (root / "etc/group").read_text().splitlines())}
+    users = {
+        f[0]: int(f[2]) for f in (line.split(":") for line in (root / "etc/passwd").read_text().splitlines())
+    }
+    groups = {
+        f[0]: int(f[2]) for f in (line.split(":") for line in (root / "etc/group").read_text().splitlines())
+    }
     return users, groups
 
 
@@ -108,9 +116,19 @@ def test_upload_claim_publish_and_read(site: Path) -> None:
         sys.stdin.readline()
     """
     holder = subprocess.Popen(
-        ["setpriv", f"--reuid={daemon.uid}", f"--regid={daemon.gid}", f"--groups={upload}", PYTHON, "-c",
-         "import os, sqlite3, pathlib\nos.umask(0o027)\n" + textwrap.dedent(daemon_and_dashboard)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            "setpriv",
+            f"--reuid={daemon.uid}",
+            f"--regid={daemon.gid}",
+            f"--groups={upload}",
+            PYTHON,
+            "-c",
+            "import os, sqlite3, pathlib\nos.umask(0o027)\n" + textwrap.dedent(daemon_and_dashboard),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "ready", holder.stderr
@@ -147,6 +165,8 @@ def test_uploads_without_group_write_cannot_be_claimed(site: Path) -> None:
     daemon = Account(users["infinitetalk"], service, (upload,), 0o027)
     careless = Account(54323, 54323, (upload,), 0o022)
     inbox, state = site / "srv/infinitetalk/inbox", site / "var/lib/infinitetalk"
-    careless.ok(f"pathlib.Path('{inbox}/bob').mkdir(); pathlib.Path('{inbox}/bob/job.json').write_text('{{}}')")
+    careless.ok(
+        f"pathlib.Path('{inbox}/bob').mkdir(); pathlib.Path('{inbox}/bob/job.json').write_text('{{}}')"
+    )
     daemon.ok(f"print(open('{inbox}/bob/job.json').read())")  # readable: the job is seen...
     daemon.denied(f"os.makedirs('{state}/jobs/j2'); os.rename('{inbox}/bob', '{state}/jobs/j2/input')")

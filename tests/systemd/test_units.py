@@ -18,14 +18,21 @@ MAX_EXPOSURE = {"infinitetalk.service": 4.0, "infinitetalk-dashboard.service": 2
 
 def verify(root: Path, *units: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["systemd-analyze", "verify", f"--root={root}", *units], capture_output=True, text=True, timeout=60
+        ["systemd-analyze", "verify", f"--root={root}", *units],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
 def exposure(root: Path, unit: str) -> float:
     result = subprocess.run(
         ["systemd-analyze", "security", "--offline=true", f"--root={root}", "--no-pager", unit],
-        capture_output=True, text=True, timeout=60,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     match = re.search(rf"Overall exposure level for {re.escape(unit)}: (\d+\.\d+)", result.stdout)
     assert match, result.stdout + result.stderr
@@ -67,12 +74,21 @@ def test_units_with_other_paths_and_names_verify(
 ) -> None:
     prefix = Path("/opt/it-render")
     root = make_fake_root(tmp_path / "root", prefix)
-    install_into(root, prefix=prefix, config=Path("/etc/it/render.toml"), data_dir=Path("/data/it"),
-                 user="itk", web_user="itk-web", upload_group="itk-drop")
+    install_into(
+        root,
+        prefix=prefix,
+        config=Path("/etc/it/render.toml"),
+        data_dir=Path("/data/it"),
+        user="itk",
+        web_user="itk-web",
+        upload_group="itk-drop",
+    )
     result = verify(root, *UNITS)
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
     daemon = parse_unit((root / "etc/systemd/system/infinitetalk.service").read_text())
-    assert daemon["Service.ExecStart"] == ["/opt/it-render/.venv/bin/infinitetalk daemon --config /etc/it/render.toml"]
+    assert daemon["Service.ExecStart"] == [
+        "/opt/it-render/.venv/bin/infinitetalk daemon --config /etc/it/render.toml"
+    ]
     assert daemon["Service.User"] == ["itk"] and daemon["Service.Group"] == ["itk"]
     assert daemon["Service.SupplementaryGroups"] == ["itk-drop video render"]
     assert daemon["Service.ReadWritePaths"] == ["/data/it/inbox /data/it/outbox"]
@@ -98,7 +114,9 @@ def test_exposure_is_within_bounds(installed_root: Path, unit: str) -> None:
 
 def test_shipped_units_equal_the_default_installation(installed_root: Path) -> None:
     for unit in UNITS:
-        assert (installed_root / "etc/systemd/system" / unit).read_text() == (ROOT / "systemd" / unit).read_text()
+        assert (installed_root / "etc/systemd/system" / unit).read_text() == (
+            ROOT / "systemd" / unit
+        ).read_text()
 
 
 def test_no_trailing_comments_in_shipped_units() -> None:
