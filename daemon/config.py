@@ -46,6 +46,18 @@ class RetentionSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PerformanceSettings:
+    """Speed settings of the resident model on CUDA (pipeline.perf.PerfConfig); ignored on the CPU,
+    where the model always runs the reference-exact path."""
+
+    rope: str = _f("fast", "fast: fp32 RoPE tables built once per shape; exact: the reference's float64 math")
+    compile: bool = _f(True, "torch.compile of the repeated DiT block (first render of a shape compiles)")
+    vae_dtype: str = _f("bf16", "VAE precision on CUDA: bf16 (1.6x faster decode) or fp32 (the reference)")
+    channels_last: bool = _f(True, "VAE 3-D convolutions in channels-last layout (fastest cuDNN path)")
+    warmup: bool = _f(True, "run one small DiT forward after loading, before READY=1 (compiles the block)")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class JobDefaultsSettings:
     """Generation settings used when a job JSON leaves them out (the reference CLI's names).
 
@@ -97,7 +109,9 @@ class Settings:
         (), "LoRA files (relative to weights_dir) merged at load; empty: the lightx2v LoRA when present"
     )
     lora_scale: float = _f(1.0, "scale of the merged LoRA(s)")
-    attention: str = _f("auto", "attention backend: auto, sdpa, flash2, flash3")
+    attention: str = _f(
+        "auto", "attention kernel: auto (cuDNN SDPA on Hopper, flash-attn where faster), sdpa, cudnn, flash"
+    )
     pipeline_factory: str = _f(
         "",
         "advanced: module:callable that builds the pipeline in a render worker from its "
@@ -127,6 +141,9 @@ class Settings:
     )
     defaults: JobDefaultsSettings = field(
         default_factory=JobDefaultsSettings, metadata={"doc": "the [defaults] table"}
+    )
+    performance: PerformanceSettings = field(
+        default_factory=PerformanceSettings, metadata={"doc": "the [performance] table"}
     )
     config_file: Path | None = field(default=None, metadata={"doc": "", "internal": True})
 
@@ -174,13 +191,20 @@ class Settings:
         return JobDefaults(**kwargs)
 
 
-_TABLES = {"dashboard": DashboardSettings, "retention": RetentionSettings, "defaults": JobDefaultsSettings}
+_TABLES = {
+    "dashboard": DashboardSettings,
+    "retention": RetentionSettings,
+    "defaults": JobDefaultsSettings,
+    "performance": PerformanceSettings,
+}
 _PATH_KEYS = ("inbox", "outbox", "state_dir", "weights_dir")
 _CHOICES = {
     "device": None,
     "dtype": ("auto", "bf16", "fp16", "fp32"),
     "quant": ("none", "fp8"),
-    "attention": ("auto", "sdpa", "flash2", "flash3"),
+    "attention": ("auto", "sdpa", "cudnn", "flash"),
+    "rope": ("fast", "exact"),
+    "vae_dtype": ("bf16", "fp32"),
     "log_level": ("debug", "info", "warning", "error"),
     "size": ("infinitetalk-480", "infinitetalk-720"),
     "mode": ("streaming", "clip"),

@@ -45,6 +45,10 @@ class WorkerConfig:
     lora: tuple[str, ...] = ()
     lora_scale: float = 1.0
     attention: str = "auto"
+    #: [performance] settings (pipeline.perf.PerfConfig fields but attention/fp8), used on CUDA
+    perf: tuple[tuple[str, object], ...] = ()
+    #: run one DiT forward after loading, before the worker reports ready
+    warmup: bool = True
     max_running: int = 3
     #: "module:callable" building the pipeline from this config; empty: the real InfiniteTalk one
     factory: str = ""
@@ -121,7 +125,16 @@ def load_pipeline(config: WorkerConfig) -> Any:
     for key, value in optional.items():
         if key in params and value is not None:
             kwargs[key] = value
-    return InfiniteTalkPipeline.from_weights(config.weights_dir, **kwargs)
+    if device.startswith("cuda") and "perf" in params:
+        from pipeline.perf import PerfConfig
+
+        perf = dict(config.perf)
+        perf.pop("warmup", None)
+        kwargs["perf"] = PerfConfig(attention=config.attention, fp8=config.quant == "fp8", **perf)  # type: ignore[arg-type]
+    pipe = InfiniteTalkPipeline.from_weights(config.weights_dir, **kwargs)
+    if config.warmup and callable(getattr(pipe, "warmup", None)):
+        logging.getLogger(__name__).info("warm-up forward took %.1f s", pipe.warmup())
+    return pipe
 
 
 def write_tiny_once(folder: Path) -> None:
@@ -175,11 +188,9 @@ def worker_main(conn: Any, config: WorkerConfig) -> None:
     # Ctrl-C reaches the whole process group; the daemon decides how its jobs stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s worker %(levelname)s %(name)s: %(message)s",
-    )
+    from daemon.logs import configure_logging
+
+    configure_logging(config.log_level, tag="worker")
     channel = _Channel(conn)
     started = time.monotonic()
     try:
@@ -237,8 +248,6 @@ class Worker:
         self.channel = channel
         self.config = config
         self.gpu_lock = threading.Lock()
-        # the audio encoder's feature extraction keeps per-call state on the module: one at a time
-        self.prepare_lock = threading.Lock()
         self.stops: dict[str, tuple[threading.Event, list[str]]] = {}
         self.threads: dict[str, threading.Thread] = {}
         params = inspect.signature(pipe.generate).parameters
@@ -343,8 +352,7 @@ class Worker:
             )
         if callable(getattr(pipe, "prepare", None)) and callable(getattr(pipe, "render", None)):
             on_progress_stage(on_progress, "prepare")
-            with self.prepare_lock:
-                prepared = pipe.prepare(order.request, order.checkpoint_dir)
+            prepared = pipe.prepare(order.request, order.checkpoint_dir)
             if stop.is_set():
                 from pipeline.types import StopRequested
 

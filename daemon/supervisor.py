@@ -15,6 +15,7 @@ chunk), clean `outbox/.partial/`, start the worker (it loads the model once), RE
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import logging
 import os
@@ -238,6 +239,8 @@ class Supervisor:
             lora=s.lora,
             lora_scale=s.lora_scale,
             attention=s.attention,
+            perf=tuple(dataclasses.asdict(s.performance).items()),
+            warmup=s.performance.warmup,
             max_running=s.max_running,
             factory=self.pipeline_factory,
             log_level=s.log_level,

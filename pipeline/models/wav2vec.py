@@ -15,6 +15,7 @@ output, hidden_states[0], is dropped). Eval mode: no SpecAugment masking, no Lay
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,8 @@ class AudioEncoder:
         self.model = model
         self.extractor = extractor
         self.cfg = cfg
+        # the layer outputs are collected by hooks on the shared module: one call at a time
+        self._hooks_lock = threading.Lock()
 
     @property
     def device(self) -> torch.device:
@@ -86,12 +89,13 @@ class AudioEncoder:
         def keep(_module: torch.nn.Module, _args: object, output: object) -> None:
             outputs.append(output[0] if isinstance(output, tuple) else output)  # type: ignore[arg-type]
 
-        handles = [layer.register_forward_hook(keep) for layer in self.model.encoder.layers]
-        try:
-            self.model.encoder(hidden)
-        finally:
-            for handle in handles:
-                handle.remove()
+        with self._hooks_lock:
+            handles = [layer.register_forward_hook(keep) for layer in self.model.encoder.layers]
+            try:
+                self.model.encoder(hidden)
+            finally:
+                for handle in handles:
+                    handle.remove()
         if len(outputs) != len(self.model.encoder.layers):
             raise RuntimeError(f"expected {len(self.model.encoder.layers)} layer outputs, got {len(outputs)}")
         return outputs

@@ -24,13 +24,6 @@ UNIT_ENV = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the render worker (daemon/runner.py) sets up logging with logging.basicConfig, so its lines "
-    "carry no priority; it should call daemon.logs.configure_logging(config.log_level, tag='worker'). "
-    "Remove this marker once it does (strict: the test then reports XPASS as a failure).",
-)
 def test_every_daemon_line_has_a_priority(tmp_path: Path, tiny_weights_dir: Path) -> None:
     config = tmp_path / "infinitetalk.toml"
     config.write_text(
