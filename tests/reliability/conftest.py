@@ -36,8 +36,9 @@ def daemon_factory(tmp_path_factory: pytest.TempPathFactory, tiny_weights_dir: P
     made: list[harness.DaemonProc] = []
 
     def make(name: str = "d", **settings: object) -> harness.DaemonProc:
-        d = harness.DaemonProc(root=tmp_path_factory.mktemp(name), weights_dir=tiny_weights_dir,
-                               settings=dict(settings))
+        d = harness.DaemonProc(
+            root=tmp_path_factory.mktemp(name), weights_dir=tiny_weights_dir, settings=dict(settings)
+        )
         made.append(d)
         return d
 

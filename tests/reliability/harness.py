@@ -82,17 +82,27 @@ def sha256(path: Path) -> str:
 # ---------------------------------------------------------------------------- job bundles
 
 
-def make_bundle(directory: Path, *, seed: int, audio_s: float = MIN_AUDIO_S, checksums: bool = True,
-                **settings: Any) -> Path:
+def make_bundle(
+    directory: Path, *, seed: int, audio_s: float = MIN_AUDIO_S, checksums: bool = True, **settings: Any
+) -> Path:
     """A job bundle from tests/helpers/media.py (RGBA PNG + WAV), one chunk, with sha256 checksums."""
     from tests.helpers.media import make_job_bundle
 
-    make_job_bundle(directory, kind="image", duration_s=audio_s, seed=seed, image_size=(48, 40),
-                    max_frame_num=33, **settings)
+    make_job_bundle(
+        directory,
+        kind="image",
+        duration_s=audio_s,
+        seed=seed,
+        image_size=(48, 40),
+        max_frame_num=33,
+        **settings,
+    )
     if checksums:
         doc = json.loads((directory / "job.json").read_text())
-        doc["checksums"] = {doc["cond_video"]: sha256(directory / doc["cond_video"]),
-                            **{p: sha256(directory / p) for p in doc["cond_audio"].values()}}
+        doc["checksums"] = {
+            doc["cond_video"]: sha256(directory / doc["cond_video"]),
+            **{p: sha256(directory / p) for p in doc["cond_audio"].values()},
+        }
         (directory / "job.json").write_text(json.dumps(doc, indent=2))
     return directory
 
@@ -124,10 +134,20 @@ class DaemonProc:
 
     def write_config(self) -> None:
         base = {
-            "inbox": str(self.inbox), "outbox": str(self.outbox), "state_dir": str(self.state),
-            "weights_dir": str(self.weights_dir), "device": "cpu", "settle_s": 1.0, "rescan_s": 2.0,
-            "tick_s": 0.1, "incomplete_timeout_s": 600.0, "retry_backoff_s": 0.2, "retry_backoff_max_s": 1.0,
-            "max_running": 2, "stop_timeout_s": 20.0, "log_level": "info",
+            "inbox": str(self.inbox),
+            "outbox": str(self.outbox),
+            "state_dir": str(self.state),
+            "weights_dir": str(self.weights_dir),
+            "device": "cpu",
+            "settle_s": 1.0,
+            "rescan_s": 2.0,
+            "tick_s": 0.1,
+            "incomplete_timeout_s": 600.0,
+            "retry_backoff_s": 0.2,
+            "retry_backoff_max_s": 1.0,
+            "max_running": 2,
+            "stop_timeout_s": 20.0,
+            "log_level": "info",
         }
         base.update({k: v for k, v in self.settings.items() if k != "defaults"})
         lines = [f"{k} = {_toml(v)}" for k, v in base.items()]
@@ -143,15 +163,26 @@ class DaemonProc:
 
     def start(self, *, wait_ready: bool = True, timeout_s: float = 90.0) -> None:
         assert self.proc is None or self.proc.poll() is not None, "daemon already running"
-        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
-               "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "PYTHONUNBUFFERED": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_VERBOSITY": "error",
+            "TQDM_DISABLE": "1",
+        }
         env.pop("NOTIFY_SOCKET", None)
         self.starts += 1
         with open(self.log, "ab") as log:
             log.write(f"\n===== start {self.starts} at {time.time():.3f}\n".encode())
             self.proc = subprocess.Popen(
                 [*self.wrapper, sys.executable, "-m", "daemon", "daemon", "--config", str(self.config)],
-                cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                cwd=self.root,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         if wait_ready:
             self.wait_ready(timeout_s)
 
@@ -161,7 +192,7 @@ class DaemonProc:
         def ready() -> bool:
             self.assert_alive()
             text = self.log.read_text(errors="replace")
-            return "model ready" in text[text.rfind(marker):]
+            return "model ready" in text[text.rfind(marker) :]
 
         wait_for(ready, timeout_s, "the daemon to load the model")
 
@@ -170,8 +201,9 @@ class DaemonProc:
 
     def assert_alive(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
-            raise AssertionError(f"the daemon exited (status {self.proc and self.proc.returncode}); log:\n"
-                                 + self.log_tail())
+            raise AssertionError(
+                f"the daemon exited (status {self.proc and self.proc.returncode}); log:\n" + self.log_tail()
+            )
 
     def log_tail(self, n: int = 60) -> str:
         try:
@@ -230,8 +262,9 @@ class DaemonProc:
             return self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             self.kill9()
-            raise AssertionError("the daemon did not stop within "
-                                 f"{timeout_s:g} s of SIGTERM; log:\n{self.log_tail()}") from None
+            raise AssertionError(
+                f"the daemon did not stop within {timeout_s:g} s of SIGTERM; log:\n{self.log_tail()}"
+            ) from None
 
     # -------------------------------------------------------------- the ledger, read-only
 
@@ -258,14 +291,17 @@ class DaemonProc:
         return self.query("SELECT * FROM jobs WHERE name = ? ORDER BY seq", (name,))
 
     def event_kinds(self, job_id: str) -> list[str]:
-        return [r["kind"] for r in self.query("SELECT kind FROM events WHERE job_id = ? ORDER BY id", (job_id,))]
+        return [
+            r["kind"] for r in self.query("SELECT kind FROM events WHERE job_id = ? ORDER BY id", (job_id,))
+        ]
 
     def admitted(self, name: str) -> list[dict[str, Any]]:
         """Jobs of this name that ever reached `queued` (admitted)."""
         return [j for j in self.jobs(name) if "queued" in self.event_kinds(j["id"])]
 
-    def wait_state(self, name: str, states: Iterable[str], timeout_s: float = 90.0, *,
-                   ignore: Iterable[str] = ()) -> dict[str, Any]:
+    def wait_state(
+        self, name: str, states: Iterable[str], timeout_s: float = 90.0, *, ignore: Iterable[str] = ()
+    ) -> dict[str, Any]:
         """The newest job of this name in one of `states`; rows whose id is in `ignore` don't count."""
         wanted = set(states)
         skip = set(ignore)
@@ -283,13 +319,18 @@ class DaemonProc:
         try:
             return wait_for(found, timeout_s, f"job {name!r} to reach {sorted(wanted)}", 0.2)
         except AssertionError as e:  # with the rows and the log, to see why
-            raise AssertionError(f"{e}; its rows: {[(j['id'], j['state'], j['waiting_reason'], j['error_code'], j['error_message']) for j in self.jobs(name)]}\nlog:\n{self.log_tail(30)}") from None
+            raise AssertionError(
+                f"{e}; its rows: {[(j['id'], j['state'], j['waiting_reason'], j['error_code'], j['error_message']) for j in self.jobs(name)]}\nlog:\n{self.log_tail(30)}"
+            ) from None
 
     def wait_idle(self, timeout_s: float = 180.0) -> None:
         """Until no job is queued, running or in retry (waiting jobs may stay: incomplete uploads)."""
+
         def idle() -> bool:
             self.assert_alive()
-            rows = self.query("SELECT COUNT(*) AS n FROM jobs WHERE state IN ('queued', 'running', 'retry_wait')")
+            rows = self.query(
+                "SELECT COUNT(*) AS n FROM jobs WHERE state IN ('queued', 'running', 'retry_wait')"
+            )
             return rows[0]["n"] == 0 if rows else False
 
         wait_for(idle, timeout_s, "the queue to drain", 0.3)
@@ -313,7 +354,7 @@ def _children(pid: int) -> list[int]:
                 stat = f.read()
         except OSError:
             continue
-        ppid = int(stat[stat.rfind(")") + 2:].split()[1])
+        ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
         if ppid == pid:
             out.append(int(entry))
     return out
@@ -351,8 +392,16 @@ def check_invariants(d: DaemonProc, *, idle: bool = True) -> dict[str, int]:
     """
     jobs = d.jobs()
     states = Counter(j["state"] for j in jobs)
-    state_event = {"waiting": "waiting", "queued": "queued", "running": "started", "retry_wait": "retry",
-                   "done": "done", "failed": "failed", "rejected": "rejected", "cancelled": "cancelled"}
+    state_event = {
+        "waiting": "waiting",
+        "queued": "queued",
+        "running": "started",
+        "retry_wait": "retry",
+        "done": "done",
+        "failed": "failed",
+        "rejected": "rejected",
+        "cancelled": "cancelled",
+    }
     problems: list[str] = []
     referenced: set[str] = set()
     done_keys: Counter[str] = Counter()
@@ -362,8 +411,10 @@ def check_invariants(d: DaemonProc, *, idle: bool = True) -> dict[str, int]:
             continue
         kinds = [k for k in d.event_kinds(j["id"]) if k in state_event.values()]
         if not kinds or kinds[-1] != state_event[j["state"]]:
-            problems.append(f"job {j['id']} ({j['name']}) is {j['state']} but its last state event is "
-                            f"{kinds[-1] if kinds else None}")
+            problems.append(
+                f"job {j['id']} ({j['name']}) is {j['state']} but its last state event is "
+                f"{kinds[-1] if kinds else None}"
+            )
         for col in ("output_video", "output_poster", "output_json"):
             if j[col]:
                 referenced.add(os.path.realpath(j[col]))
@@ -376,8 +427,12 @@ def check_invariants(d: DaemonProc, *, idle: bool = True) -> dict[str, int]:
                 sidecar = json.loads(Path(j["output_json"]).read_text())
                 if sidecar.get("job_id") != j["id"]:
                     problems.append(f"{j['output_json']} names job {sidecar.get('job_id')}, not {j['id']}")
-        if j["state"] in ("failed", "rejected") and not (j["output_json"] and Path(j["output_json"]).is_file()):
-            problems.append(f"{j['state']} job {j['id']} ({j['name']}) has no error JSON ({j['output_json']})")
+        if j["state"] in ("failed", "rejected") and not (
+            j["output_json"] and Path(j["output_json"]).is_file()
+        ):
+            problems.append(
+                f"{j['state']} job {j['id']} ({j['name']}) has no error JSON ({j['output_json']})"
+            )
     for key, n in done_keys.items():
         if n > 1:
             problems.append(f"{n} done jobs share the same inputs and settings (dedupe key {key[:12]})")
@@ -396,8 +451,9 @@ def check_invariants(d: DaemonProc, *, idle: bool = True) -> dict[str, int]:
                 if child.name not in ids:
                     problems.append(f"claimed inputs {child} belong to no ledger row")
         for j in jobs:
-            if j["state"] in ("queued", "running", "retry_wait") and not (j["job_dir"] and
-                                                                          Path(j["job_dir"], "input").is_dir()):
+            if j["state"] in ("queued", "running", "retry_wait") and not (
+                j["job_dir"] and Path(j["job_dir"], "input").is_dir()
+            ):
                 problems.append(f"{j['state']} job {j['id']} has no claimed inputs ({j['job_dir']})")
     if problems:
         raise AssertionError("invariants broken:\n  " + "\n  ".join(problems) + "\nlog:\n" + d.log_tail(40))
@@ -437,8 +493,18 @@ class SshServer:
 
     @property
     def options(self) -> list[str]:
-        return ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
-                "-o", "LogLevel=ERROR", "-i", str(self.key)]
+        return [
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+            "-i",
+            str(self.key),
+        ]
 
     @property
     def ssh_e(self) -> str:
@@ -464,16 +530,30 @@ def start_sshd(folder: Path) -> tuple[subprocess.Popen[bytes], SshServer]:
     for _ in range(5):
         port = free_port()
         config = folder / "sshd_config"
-        config.write_text("\n".join([
-            f"ListenAddress 127.0.0.1:{port}", f"HostKey {host_key}",
-            f"AuthorizedKeysFile {folder / 'authorized_keys'}", f"PidFile {folder / 'sshd.pid'}",
-            "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no",
-            "PermitRootLogin prohibit-password", "Subsystem sftp internal-sftp", "MaxStartups 100:30:200",
-            "MaxSessions 50", "LogLevel ERROR", "",
-        ]))
+        config.write_text(
+            "\n".join(
+                [
+                    f"ListenAddress 127.0.0.1:{port}",
+                    f"HostKey {host_key}",
+                    f"AuthorizedKeysFile {folder / 'authorized_keys'}",
+                    f"PidFile {folder / 'sshd.pid'}",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "UsePAM no",
+                    "StrictModes no",
+                    "PermitRootLogin prohibit-password",
+                    "Subsystem sftp internal-sftp",
+                    "MaxStartups 100:30:200",
+                    "MaxSessions 50",
+                    "LogLevel ERROR",
+                    "",
+                ]
+            )
+        )
         with open(folder / "sshd.log", "ab") as log:
-            proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)], stdout=log,
-                                    stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                ["/usr/sbin/sshd", "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT
+            )
         server = SshServer(port=port, key=user_key, user=getpass.getuser(), config=config)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and proc.poll() is None:
@@ -491,11 +571,13 @@ def start_sshd(folder: Path) -> tuple[subprocess.Popen[bytes], SshServer]:
 # ---------------------------------------------------------------------------- interrupting clients
 
 
-def run_interrupted(cmd: list[str], watch: Callable[[], bool], *, env: dict[str, str] | None = None,
-                    timeout_s: float = 30.0) -> None:
+def run_interrupted(
+    cmd: list[str], watch: Callable[[], bool], *, env: dict[str, str] | None = None, timeout_s: float = 30.0
+) -> None:
     """Start a client, SIGKILL its whole process group as soon as `watch()` says it is mid-transfer."""
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + timeout_s
     try:
         while True:
@@ -505,8 +587,10 @@ def run_interrupted(cmd: list[str], watch: Callable[[], bool], *, env: dict[str,
                 return
             if proc.poll() is not None:
                 err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-                raise AssertionError(f"the client finished (status {proc.returncode}) before it could be "
-                                     f"interrupted mid-transfer: {cmd}\n{err}")
+                raise AssertionError(
+                    f"the client finished (status {proc.returncode}) before it could be "
+                    f"interrupted mid-transfer: {cmd}\n{err}"
+                )
             if time.monotonic() > deadline:
                 raise AssertionError(f"never saw a mid-transfer state for {cmd}")
             time.sleep(0.02)

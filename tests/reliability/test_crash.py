@@ -27,8 +27,10 @@ from tests.reliability.harness import DaemonProc
 SEED = int(os.environ.get("RELIABILITY_SEED", "20261125"))
 HOLD_US = 20_000_000  # strace holds the daemon 20 s after the chosen syscall; the test kills it first
 
-needs_strace = pytest.mark.skipif(not shutil.which("strace"), reason="strace is needed to stop the daemon "
-                                  "at an exact syscall (apt-get install strace)")
+needs_strace = pytest.mark.skipif(
+    not shutil.which("strace"),
+    reason="strace is needed to stop the daemon at an exact syscall (apt-get install strace)",
+)
 
 
 def drop(d: DaemonProc, name: str, seed: int, tmp: Path) -> Path:
@@ -41,15 +43,25 @@ def drop(d: DaemonProc, name: str, seed: int, tmp: Path) -> Path:
 
 def hold_after(syscalls: str, nth: int = 1) -> list[str]:
     """strace prefix: let the nth call of `syscalls` run, then hold the process before returning."""
-    return ["strace", "-qq", "-o", "/dev/null", "-e", f"trace={syscalls}",
-            "-e", f"inject={syscalls}:delay_exit={HOLD_US}:when={nth}"]
+    return [
+        "strace",
+        "-qq",
+        "-o",
+        "/dev/null",
+        "-e",
+        f"trace={syscalls}",
+        "-e",
+        f"inject={syscalls}:delay_exit={HOLD_US}:when={nth}",
+    ]
 
 
 def assert_done_once(d: DaemonProc, names: list[str]) -> None:
     for name in names:
         rows = d.jobs(name)
         done = [r for r in rows if r["state"] == "done"]
-        assert len(done) == 1, f"{name}: {[(r['id'], r['state'], r['error_code'], r['error_message']) for r in rows]}"
+        assert len(done) == 1, (
+            f"{name}: {[(r['id'], r['state'], r['error_code'], r['error_message']) for r in rows]}"
+        )
         videos = sorted(p.name for p in d.outbox.glob(f"{name}*.mp4"))
         assert videos == [f"{name}.mp4"], f"{name} published as {videos}"
 
@@ -62,8 +74,11 @@ def test_kill9_right_after_the_claim_rename(daemon_factory, tmp_path: Path) -> N
     drop(d, "claimed", 1, tmp_path)
     d.wrapper = hold_after("rename,renameat,renameat2")
     d.start(wait_ready=False)
-    harness.wait_for(lambda: not (d.inbox / "claimed").exists() and any((d.state / "jobs").glob("*/input")),
-                     60, "the daemon to rename the bundle into its state dir")
+    harness.wait_for(
+        lambda: not (d.inbox / "claimed").exists() and any((d.state / "jobs").glob("*/input")),
+        60,
+        "the daemon to rename the bundle into its state dir",
+    )
     d.kill9()
     harness.count("kill -9 daemon")
     harness.count("faults injected")

@@ -20,11 +20,16 @@ from tests.reliability.harness import DaemonProc
 
 def mount_tmpfs(folder: Path, size: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}); disk-full tests need root "
-                    "or CAP_SYS_ADMIN")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({result.stderr.strip()}); disk-full tests need root or CAP_SYS_ADMIN"
+        )
 
 
 def umount(folder: Path) -> None:
@@ -69,7 +74,9 @@ def published_names(d: DaemonProc) -> list[str]:
 
 @pytest.mark.timeout(240)
 def test_outbox_full_then_space_returns(daemon_factory, mounts: list[Path]) -> None:  # type: ignore[no-untyped-def]
-    d: DaemonProc = daemon_factory("outboxfull", max_attempts=30, retry_backoff_s=0.5, retry_backoff_max_s=1.0)
+    d: DaemonProc = daemon_factory(
+        "outboxfull", max_attempts=30, retry_backoff_s=0.5, retry_backoff_max_s=1.0
+    )
     mount_tmpfs(d.outbox, "3m")
     mounts.append(d.outbox)
     d.start()
@@ -79,16 +86,22 @@ def test_outbox_full_then_space_returns(daemon_factory, mounts: list[Path]) -> N
 
     def failed_once() -> bool:
         d.assert_alive()
-        return any(e["kind"] in ("retry", "failed") for e in
-                   d.query("SELECT e.kind FROM events e JOIN jobs j ON j.id = e.job_id WHERE j.name = ?",
-                           ("full-outbox",)))
+        return any(
+            e["kind"] in ("retry", "failed")
+            for e in d.query(
+                "SELECT e.kind FROM events e JOIN jobs j ON j.id = e.job_id WHERE j.name = ?",
+                ("full-outbox",),
+            )
+        )
 
     harness.wait_for(failed_once, 90, "a render into the full outbox to fail")
     row = d.jobs("full-outbox")[-1]
     assert row["error_code"] == "disk_full", row
     assert "No space left" in (row["error_message"] or "") or "ENOSPC" in (row["error_message"] or ""), row
     # nothing half-written is visible: no video, poster or sidecar for the job
-    assert not [n for n in published_names(d) if n.startswith("full-outbox") and not n.endswith(".error.json")]
+    assert not [
+        n for n in published_names(d) if n.startswith("full-outbox") and not n.endswith(".error.json")
+    ]
     time.sleep(2)
     d.assert_alive()
     ballast.unlink()

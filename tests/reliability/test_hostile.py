@@ -40,8 +40,14 @@ def outside(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def bundle(d: DaemonProc, name: str | bytes, seed: int, *, edit: Callable[[Path, dict], None] | None = None,
-           checksums: bool = False) -> None:
+def bundle(
+    d: DaemonProc,
+    name: str | bytes,
+    seed: int,
+    *,
+    edit: Callable[[Path, dict], None] | None = None,
+    checksums: bool = False,
+) -> None:
     """Make a valid bundle under a dot-name, let `edit` break it, then rename it into the inbox."""
     staged = d.inbox / f".staging-{seed}"
     harness.make_bundle(staged, seed=seed, checksums=checksums)
@@ -153,7 +159,9 @@ def test_hostile_entries_each_get_their_error(daemon: DaemonProc, outside: Path)
         bundle(d, name, seed, edit=edit)
     # a symlinked bundle and a symlinked loose job pointing out of the inbox
     os.symlink(victim, d.inbox / "symlink-bundle")
-    os.symlink(victim / "job.json" if (victim / "job.json").exists() else victim, d.inbox / "symlink-loose.json")
+    os.symlink(
+        victim / "job.json" if (victim / "job.json").exists() else victim, d.inbox / "symlink-loose.json"
+    )
     cases["symlink-bundle"] = (None, {"symlink"})
     cases["symlink-loose"] = (None, {"symlink"})
     harness.count("faults injected", 2)
@@ -170,24 +178,36 @@ def test_hostile_entries_each_get_their_error(daemon: DaemonProc, outside: Path)
         harness.wait_for(settled, 120, "every hostile entry to be judged", 0.5)
     finally:
         rows = {r["name"]: r for r in d.jobs()}
-        report = {shown(n): (rows.get(shown(n), {}).get("state"), rows.get(shown(n), {}).get("error_code"),
-                             (rows.get(shown(n), {}).get("error_message") or "")[:90]) for n in cases}
+        report = {
+            shown(n): (
+                rows.get(shown(n), {}).get("state"),
+                rows.get(shown(n), {}).get("error_code"),
+                (rows.get(shown(n), {}).get("error_message") or "")[:90],
+            )
+            for n in cases
+        }
         print(json.dumps(report, indent=1))
     problems = []
     for name, (_, codes) in cases.items():
         row = rows[shown(name)]
         if codes == {"*"}:
             if row["state"] not in ("rejected", "failed") or not row["error_message"]:
-                problems.append(f"{shown(name)[:40]}: {row['state']} {row['error_code']} {row['error_message']}")
+                problems.append(
+                    f"{shown(name)[:40]}: {row['state']} {row['error_code']} {row['error_message']}"
+                )
         elif codes:
             if row["state"] != "rejected" or row["error_code"] not in codes:
-                problems.append(f"{shown(name)[:40]}: {row['state']} {row['error_code']} {row['error_message']}")
+                problems.append(
+                    f"{shown(name)[:40]}: {row['state']} {row['error_code']} {row['error_message']}"
+                )
                 continue
             error = json.loads(Path(row["output_json"]).read_text())
             assert error["code"] == row["error_code"] and error["message"], error
         elif row["state"] != "done":
-            problems.append(f"{shown(name)[:40]}: expected done, got {row['state']} {row['error_code']} "
-                            f"{row['error_message']}")
+            problems.append(
+                f"{shown(name)[:40]}: expected done, got {row['state']} {row['error_code']} "
+                f"{row['error_message']}"
+            )
     assert not problems, "\n".join(problems)
     # nothing outside the inbox was moved or changed
     assert {p.name: harness.sha256(p) for p in victim.iterdir()} == before
@@ -210,8 +230,11 @@ def test_inotify_overflow_then_a_job_is_still_taken(daemon_factory, tmp_path: Pa
         except OSError:
             pass
         d.start(wait_ready=False)
-        harness.wait_for(lambda: "render worker started" in d.log.read_text(errors="replace"), 60,
-                         "the daemon to start its watcher")
+        harness.wait_for(
+            lambda: "render worker started" in d.log.read_text(errors="replace"),
+            60,
+            "the daemon to start its watcher",
+        )
     finally:
         if lowered:
             MAX_QUEUED_EVENTS.write_text(old + "\n")
@@ -254,8 +277,17 @@ def test_a_thousand_jobs_dropped_at_once(daemon_factory, tmp_path: Path) -> None
         shutil.copyfile(media / "face.png", b / "face.png")
         shutil.copyfile(media / "voice.wav", b / "voice.wav")
         # a distinct seed per job: same media, different settings, so none is a duplicate
-        (b / "job.json").write_text(json.dumps({"prompt": "p", "cond_video": "face.png", "seed": i,
-                                                "cond_audio": {"person1": "voice.wav"}, "max_frame_num": 33}))
+        (b / "job.json").write_text(
+            json.dumps(
+                {
+                    "prompt": "p",
+                    "cond_video": "face.png",
+                    "seed": i,
+                    "cond_audio": {"person1": "voice.wav"},
+                    "max_frame_num": 33,
+                }
+            )
+        )
     d.start()
     for b in sorted(staging.iterdir()):
         os.rename(b, d.inbox / b.name)
@@ -266,8 +298,12 @@ def test_a_thousand_jobs_dropped_at_once(daemon_factory, tmp_path: Path) -> None
         return len(d.jobs()) >= 1000
 
     harness.wait_for(all_seen, 120, "1,000 ledger rows", 1.0)
-    harness.wait_for(lambda: len([r for r in d.jobs() if r["state"] in ("queued", "running", "done")]) >= 20,
-                     120, "the queue to fill", 1.0)
+    harness.wait_for(
+        lambda: len([r for r in d.jobs() if r["state"] in ("queued", "running", "done")]) >= 20,
+        120,
+        "the queue to fill",
+        1.0,
+    )
     rows = d.jobs()
     admitted = [r for r in rows if r["state"] in ("queued", "running", "done")]
     waiting = [r for r in rows if r["state"] == "waiting"]

@@ -50,8 +50,9 @@ def test_soak_many_small_jobs(daemon_factory, tmp_path: Path) -> None:  # type: 
     while time.monotonic() - start < SOAK_S:
         n += 1
         name = f"soak{n:03d}"
-        way = rng.choice(["staged", "staged", "in-place-checksums", "loose", "bad-json", "cut-upload",
-                          "duplicate"])
+        way = rng.choice(
+            ["staged", "staged", "in-place-checksums", "loose", "bad-json", "cut-upload", "duplicate"]
+        )
         src = tmp_path / name
         harness.make_bundle(src, seed=5000 + n, checksums=way != "cut-upload")
         if way == "staged":
@@ -80,11 +81,16 @@ def test_soak_many_small_jobs(daemon_factory, tmp_path: Path) -> None:  # type: 
             (d.inbox / name).mkdir()
             for f in sorted(src.iterdir()):
                 data = f.read_bytes()
-                (d.inbox / name / f.name).write_bytes(data[: len(data) // 2] if f.name == "voice.WAV" else data)
+                (d.inbox / name / f.name).write_bytes(
+                    data[: len(data) // 2] if f.name == "voice.WAV" else data
+                )
             bad.append(name)
             harness.count("faults injected")
-        elif way == "duplicate" and (taken := [g for g in good if (rows := d.jobs(g)) and
-                                               rows[-1]["state"] in ("queued", "running", "done")]):
+        elif way == "duplicate" and (
+            taken := [
+                g for g in good if (rows := d.jobs(g)) and rows[-1]["state"] in ("queued", "running", "done")
+            ]
+        ):
             # the very same job as an earlier, admitted one: reported as its duplicate, not rendered
             earlier = rng.choice(taken)
             shutil.copytree(tmp_path / earlier, d.inbox / f".{name}.copying")
@@ -123,5 +129,7 @@ def test_soak_many_small_jobs(daemon_factory, tmp_path: Path) -> None:  # type: 
     tally = harness.tally(d)
     assert tally["lost"] == tally["duplicates"] == 0, tally
     assert counts.get("done", 0) == len(good), counts
-    print(f"soak: {len(good)} good and {len(bad)} bad jobs in {SOAK_S:g} s, fds/RSS samples {samples}, "
-          f"SIGTERM stop {stop_s:.1f} s")
+    print(
+        f"soak: {len(good)} good and {len(bad)} bad jobs in {SOAK_S:g} s, fds/RSS samples {samples}, "
+        f"SIGTERM stop {stop_s:.1f} s"
+    )

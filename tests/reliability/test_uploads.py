@@ -47,8 +47,14 @@ RECIPES = doc_recipes()
 
 def test_doc_lists_every_tested_transport() -> None:
     """The doc's recipes are exactly the transports this file exercises."""
-    assert set(RECIPES) == {"rsync-staged", "sftp-staged", "cp-staged", "rsync-bundle", "rsync-media-first",
-                            *IN_PLACE}
+    assert set(RECIPES) == {
+        "rsync-staged",
+        "sftp-staged",
+        "cp-staged",
+        "rsync-bundle",
+        "rsync-media-first",
+        *IN_PLACE,
+    }
     for name in IN_PLACE:  # the in-place ones are documented under "only with checksums"
         section = DOC.read_text().split("### Safe only with checksums")[1].split("### Pitfalls")[0]
         assert f"recipe: {name} " in section
@@ -59,11 +65,22 @@ def client_env(sshd: SshServer, tmp_path_factory: pytest.TempPathFactory) -> dic
     """PATH wrappers: ssh/sftp/scp read an ssh config for HOST_ALIAS; THROTTLE=1 slows each tool."""
     folder = tmp_path_factory.mktemp("clients")
     config = folder / "ssh_config"
-    config.write_text("\n".join([
-        f"Host {HOST_ALIAS}", "  HostName 127.0.0.1", f"  Port {sshd.port}", f"  User {sshd.user}",
-        f"  IdentityFile {sshd.key}", "  StrictHostKeyChecking no", "  UserKnownHostsFile /dev/null",
-        "  BatchMode yes", "  LogLevel ERROR", "",
-    ]))
+    config.write_text(
+        "\n".join(
+            [
+                f"Host {HOST_ALIAS}",
+                "  HostName 127.0.0.1",
+                f"  Port {sshd.port}",
+                f"  User {sshd.user}",
+                f"  IdentityFile {sshd.key}",
+                "  StrictHostKeyChecking no",
+                "  UserKnownHostsFile /dev/null",
+                "  BatchMode yes",
+                "  LogLevel ERROR",
+                "",
+            ]
+        )
+    )
     bin_dir = folder / "bin"
     bin_dir.mkdir()
     strace = shutil.which("strace") or ""
@@ -75,9 +92,11 @@ def client_env(sshd: SshServer, tmp_path_factory: pytest.TempPathFactory) -> dic
         "rsync": 'exec /usr/bin/rsync ${THROTTLE:+--bwlimit=400} "$@"',
         # cp copies with copy_file_range in one go; under THROTTLE strace refuses that call (cp
         # falls back to read/write) and delays each 128 KiB write by 0.25 s
-        "cp": ('if [ -n "$THROTTLE" ]; then exec ' + strace + ' -f -qq -o /dev/null '
-               '-e trace=copy_file_range,write -e inject=copy_file_range:error=ENOSYS '
-               '-e inject=write:delay_exit=250000 /usr/bin/cp "$@"; fi; exec /usr/bin/cp "$@"'),
+        "cp": (
+            'if [ -n "$THROTTLE" ]; then exec ' + strace + " -f -qq -o /dev/null "
+            "-e trace=copy_file_range,write -e inject=copy_file_range:error=ENOSYS "
+            '-e inject=write:delay_exit=250000 /usr/bin/cp "$@"; fi; exec /usr/bin/cp "$@"'
+        ),
     }
     for name, body in wrappers.items():
         path = bin_dir / name
@@ -93,31 +112,37 @@ def daemon(daemon_factory) -> DaemonProc:  # type: ignore[no-untyped-def]
     return d
 
 
-def run_recipe(recipe: str, env: dict[str, str], *, job: Path, name: str, inbox: Path,
-               interrupt: bool) -> None:
+def run_recipe(
+    recipe: str, env: dict[str, str], *, job: Path, name: str, inbox: Path, interrupt: bool
+) -> None:
     script = RECIPES[recipe]
     full_env = {**os.environ, **env, "JOB": str(job), "NAME": name, "INBOX": str(inbox)}
     harness.RECIPES_RUN.setdefault(recipe, [script.strip()])
     harness.count("uploads tried")
     if not interrupt:
-        result = subprocess.run(["bash", "-c", "set -e\n" + script], env=full_env, capture_output=True,
-                                timeout=120, check=False)
+        result = subprocess.run(
+            ["bash", "-c", "set -e\n" + script], env=full_env, capture_output=True, timeout=120, check=False
+        )
         assert result.returncode == 0, f"{recipe} failed: {result.stderr.decode(errors='replace')}"
         return
     if recipe.startswith("cp-") and not shutil.which("strace"):
         pytest.skip("strace is needed to slow cp down enough to kill it mid-file")
     big = (job / "voice.WAV").stat().st_size
     folders = [inbox / name, inbox / f".{name}.uploading", inbox / f".{name}.copying"]
-    harness.run_interrupted(["bash", "-c", "set -e\n" + script], harness.partial_file_in(folders, big),
-                            env={**full_env, "THROTTLE": "1"})
+    harness.run_interrupted(
+        ["bash", "-c", "set -e\n" + script],
+        harness.partial_file_in(folders, big),
+        env={**full_env, "THROTTLE": "1"},
+    )
     harness.count("uploads interrupted")
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("checksums", [True, False], ids=["checksums", "no-checksums"])
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
-def test_upload_interrupted_then_completed(recipe: str, checksums: bool, daemon: DaemonProc,
-                                           client_env: dict[str, str], tmp_path: Path) -> None:
+def test_upload_interrupted_then_completed(
+    recipe: str, checksums: bool, daemon: DaemonProc, client_env: dict[str, str], tmp_path: Path
+) -> None:
     name = f"{recipe}-{'sum' if checksums else 'nosum'}"
     job = harness.make_bundle(tmp_path / "job42", seed=next(_seeds), audio_s=BIG_AUDIO_S, checksums=checksums)
 
@@ -129,8 +154,11 @@ def test_upload_interrupted_then_completed(recipe: str, checksums: bool, daemon:
         # had not arrived yet (cp copies in directory order) keeps waiting for it
         def judged() -> tuple[list[dict], ...]:
             rows = daemon.jobs(name)
-            ok = all(r["state"] == "rejected" or (r["state"] == "waiting" and "incomplete upload" in
-                                                   (r["waiting_reason"] or "")) for r in rows)
+            ok = all(
+                r["state"] == "rejected"
+                or (r["state"] == "waiting" and "incomplete upload" in (r["waiting_reason"] or ""))
+                for r in rows
+            )
             return (rows,) if ok else ()
 
         (rows,) = harness.wait_for(judged, 30, f"the daemon to judge the cut upload {name}")
@@ -182,8 +210,13 @@ def test_doc_checksum_snippet_writes_the_right_hashes(tmp_path: Path) -> None:
     snippet = re.search(r"## Adding checksums\s*```sh\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
     assert snippet is not None
     job = harness.make_bundle(tmp_path / "job42", seed=next(_seeds), checksums=False)
-    result = subprocess.run(["bash", "-c", "set -e\n" + snippet.group(1)], cwd=tmp_path, capture_output=True,
-                            timeout=60, check=False)
+    result = subprocess.run(
+        ["bash", "-c", "set -e\n" + snippet.group(1)],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     doc = json.loads((job / "job.json").read_text())
     assert doc["checksums"] == {name: harness.sha256(job / name) for name in ("face.png", "voice.WAV")}
