@@ -103,9 +103,16 @@ def submit(source: Path, inbox: Path, name: str | None = None) -> Path:
                     target = staging / rel
                     target.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(src, target)
-        for root, _, files in os.walk(staging):
+        for root, dirs, files in os.walk(staging):
+            # group read/write so the daemon (in the inbox's upload group) can claim the bundle by
+            # renaming it: moving a folder needs write permission on the folder itself
+            os.chmod(root, os.stat(root).st_mode | 0o070)
             for f in files:
-                fd = os.open(os.path.join(root, f), os.O_RDONLY)
+                path = os.path.join(root, f)
+                if os.path.islink(path):
+                    continue  # kept as a link: the daemon rejects it with a clear error
+                os.chmod(path, os.stat(path).st_mode | 0o060)
+                fd = os.open(path, os.O_RDONLY)
                 os.fsync(fd)
                 os.close(fd)
         os.rename(staging, final)
