@@ -20,7 +20,9 @@ How one forward is split (every rank runs the same `InfiniteTalkDiT.forward` wit
 * the head output [B, L_r, p·C] is all-gathered so every rank returns the full velocity (the
   sampler then runs identically everywhere; rank 0 writes the video).
 
-Collectives are PyTorch's own (`torch.distributed`: NCCL on CUDA, gloo on CPU).
+Collectives are PyTorch's own (`torch.distributed`: NCCL on CUDA, gloo on CPU). The methods
+called inside a block are excluded from torch.compile (`torch.compiler.disable`): a compiled
+block runs as compiled graphs around them, with the same results (checked on the CPU).
 """
 
 from __future__ import annotations
@@ -127,6 +129,7 @@ class SequenceParallel:
 
     # -- self-attention ----------------------------------------------------------------------
 
+    @torch.compiler.disable
     def attention(self, q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int, int], backend: Backend) -> Tensor:
         """q, k, v [B, L_r, N, Dh] (this rank's tokens, all heads) -> [B, L_r, N, Dh].
 
@@ -154,6 +157,7 @@ class SequenceParallel:
         # [P, B, L_r, N/P, Dh] -> [B, L_r, N, Dh] (rank j's heads are j·N/P ... (j+1)·N/P - 1)
         return mine.view(self.size, b, lr, hp, d).permute(1, 2, 0, 3, 4).reshape(b, lr, n, d)
 
+    @torch.compiler.disable
     def first_frame_keys(self, k: Tensor, s: int) -> Tensor:
         """Post-RoPE keys of latent frame 0 [B, S, N, Dh], sent from rank 0 (which holds them)."""
         if self.rank == 0:
@@ -163,6 +167,7 @@ class SequenceParallel:
         self._timed(lambda: dist.broadcast(keys, group_src=0, group=self.group), keys.numel() * keys.element_size())
         return keys
 
+    @torch.compiler.disable
     def bounds(self, hi: Tensor, lo: Tensor) -> tuple[Tensor, Tensor]:
         """Per-region max / min of the speaker map over every rank's tokens (exact: max of values)."""
         both = torch.cat([hi.float(), -lo.float()], dim=-1)
