@@ -164,6 +164,8 @@ def classify(exc: BaseException) -> tuple[str, bool, bool]:
         return "disk_full", True, False
     if "CUDA error" in text or name in ("AcceleratorError", "CudaError"):
         return "cuda_error", True, True  # the CUDA context may be poisoned: start a fresh process
+    if name == "GroupBroken":  # pipeline.parallel_pipeline: a rank died; rebuild the whole group
+        return "worker_group_broken", True, True
     if isinstance(exc, (ValueError, FileNotFoundError, KeyError)):
         return "bad_input", False, False
     return "render_error", False, False
