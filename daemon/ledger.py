@@ -297,7 +297,14 @@ class Ledger:
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
-        self.conn.execute("COMMIT")
+        try:
+            self.conn.execute("COMMIT")
+        except BaseException:
+            # e.g. SQLITE_FULL: SQLite may keep the transaction open, and the next `tx` would
+            # silently join it and never commit; end it here
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
 
     def _event(self, job_id: str | None, kind: str, data: Mapping[str, Any] | None = None) -> int:
         if kind not in EVENT_KINDS:
