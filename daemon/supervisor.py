@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import signal
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -158,6 +159,8 @@ class Supervisor:
         self.fatal: dict[int, str] = {}
         self.start_failures = 0
         self.last_status = ""
+        #: monotonic time intake was last reported paused because the state dir is full (0: not paused)
+        self.intake_paused_logged = 0.0
         self.weights_dir = settings.weights_dir
         self.tiny = False
         self.intake: Intake | None = None
@@ -303,7 +306,7 @@ class Supervisor:
                 if self.wake.is_set() or now - last_scan >= self._scan_period():
                     self.wake.clear()
                     last_scan = now
-                    self.intake.scan_once()
+                    self._scan_inbox()
                 control.consume_requests(self.settings, self._apply_request)
                 self.ledger.requeue_due_retries(max_queued=self.settings.max_queued)
                 self.intake.admit_claimed()
@@ -772,6 +775,26 @@ class Supervisor:
         assert self.ledger is not None
         self.ledger.daemon_event("config reloaded", max_queued=new.max_queued, max_running=new.max_running)
         self.notifier.ready(self._status_text())
+
+    def _scan_inbox(self) -> None:
+        """One intake scan; a full state dir (ledger or claimed inputs) pauses intake, not the daemon."""
+        assert self.intake is not None
+        try:
+            self.intake.scan_once()
+        except (sqlite3.OperationalError, OSError) as e:
+            full = getattr(e, "errno", None) == 28 or "disk is full" in str(e) or "SQLITE_FULL" in str(e)
+            if not full:
+                raise
+            now = time.monotonic()
+            if now - self.intake_paused_logged >= 60:
+                self.intake_paused_logged = now
+                logger.error("state dir %s is full (%s): intake paused until space returns",
+                             self.settings.state_dir, e)
+            self.notifier.status(f"intake paused: state dir {self.settings.state_dir} is full")
+            return
+        if self.intake_paused_logged:
+            self.intake_paused_logged = 0.0
+            logger.info("state dir has room again: intake resumed")
 
     def _status_text(self) -> str:
         assert self.ledger is not None
