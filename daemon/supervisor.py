@@ -788,8 +788,9 @@ class Supervisor:
             now = time.monotonic()
             if now - self.intake_paused_logged >= 60:
                 self.intake_paused_logged = now
-                logger.error("state dir %s is full (%s): intake paused until space returns",
-                             self.settings.state_dir, e)
+                logger.error(
+                    "state dir %s is full (%s): intake paused until space returns", self.settings.state_dir, e
+                )
             self.notifier.status(f"intake paused: state dir {self.settings.state_dir} is full")
             return
         if self.intake_paused_logged:
