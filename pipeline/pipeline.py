@@ -27,6 +27,7 @@ starts fresh from its shot's first frame), joined in one output.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -411,25 +412,19 @@ class InfiniteTalkPipeline:
     ) -> RenderResult:
         """Render `request` to `out_path` (MP4). With `checkpoint_dir`, every finished chunk is
         persisted there and a later call with the same request resumes after it."""
-        if checkpoint_dir is not None:
-            prepared = self.prepare(request, Path(checkpoint_dir))
+        with contextlib.ExitStack() as stack:
+            if checkpoint_dir is None:
+                work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="infinitetalk-")))
+            else:
+                work_dir = Path(checkpoint_dir)
+            prepared = self.prepare(request, work_dir)
             return self.render(
                 prepared,
                 out_path,
                 poster_path=poster_path,
                 on_progress=on_progress,
                 should_stop=should_stop,
-                resume=True,
-            )
-        with tempfile.TemporaryDirectory(prefix="infinitetalk-") as tmp:
-            prepared = self.prepare(request, Path(tmp))
-            return self.render(
-                prepared,
-                out_path,
-                poster_path=poster_path,
-                on_progress=on_progress,
-                should_stop=should_stop,
-                resume=False,
+                resume=checkpoint_dir is not None,
             )
 
     def fingerprint(self, prepared: Prepared) -> str:
