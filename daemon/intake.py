@@ -327,6 +327,8 @@ class Intake:
         except (InvalidJob, OSError) as e:
             code, fld = (e.code, e.field) if isinstance(e, InvalidJob) else ("missing_file", "job.json")
             raise JobRejected(code, f"the job changed while it was taken: {e}", field=fld) from e
+        for rel in spec.media_files:
+            _unshare(input_dir / rel)
         hashes = {rel: sha256_file(input_dir / rel) for rel in spec.media_files}
         for name, digest in spec.checksums:
             if hashes.get(name) != digest:
@@ -487,6 +489,20 @@ class Intake:
 def _clear_empty(folder: Path) -> None:
     if folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()
+
+
+def _unshare(path: Path) -> None:
+    """A claimed file that is also a hard link elsewhere (e.g. outside the inbox) becomes a copy of
+    its own, so that other name can no longer change the job's input after the claim."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink <= 1:
+        return
+    tmp = path.with_name(f".{path.name}.unshare")
+    shutil.copy2(path, tmp)
+    os.replace(tmp, path)
 
 
 def model_min_audio_s(weights_dir: Path) -> float | None:
