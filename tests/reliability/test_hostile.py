@@ -136,7 +136,7 @@ def test_hostile_entries_each_get_their_error(daemon: DaemonProc, outside: Path)
         "traversal": (traversal, {"path_escape"}),
         "absolute": (absolute, {"path_escape"}),
         "symlink-media": (symlink_media, {"symlink"}),
-        # a hard link is a second name of the same file: taken like any file (see docs/reliability.md)
+        # a hard link is a second name of the same file: taken, as a copy of its own
         "hardlink-media": (hardlink_media, set()),
         "fifo-media": (fifo_media, {"not_a_file"}),
         "fifo-json": (fifo_json, {"not_a_file"}),
@@ -209,8 +209,10 @@ def test_hostile_entries_each_get_their_error(daemon: DaemonProc, outside: Path)
                 f"{row['error_message']}"
             )
     assert not problems, "\n".join(problems)
-    # nothing outside the inbox was moved or changed
+    # nothing outside the inbox was moved or changed, and the hard link was broken at the claim:
+    # the outside name no longer shares its file with the job's input
     assert {p.name: harness.sha256(p) for p in victim.iterdir()} == before
+    assert (victim / "voice.WAV").stat().st_nlink == 1
     d.assert_alive()
     harness.check_invariants(d, idle=False)
     harness.tally(d)
