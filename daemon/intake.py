@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 import stat
 import time
 from collections.abc import Callable
@@ -127,6 +128,14 @@ class Intake:
             except OSError as e:  # e.g. a file the daemon may not read: report it, keep serving
                 logger.warning("job %s (%s): cannot check it yet: %s", row.id, row.name, e)
                 self.ledger.set_waiting_reason(row.id, f"cannot read the upload: {e.strerror or e}")
+                continue
+            except Exception as e:  # noqa: BLE001 - one odd entry must not stop the daemon
+                if isinstance(e, sqlite3.Error):
+                    raise  # the ledger itself (e.g. a full state dir): the supervisor decides
+                logger.exception("job %s (%s): unexpected error while checking it", row.id, row.name)
+                self.ledger.set_waiting_reason(
+                    row.id, f"internal error while checking: {type(e).__name__}: {e}"
+                )
                 continue
             if result is not None:
                 ready.append(result)

@@ -447,15 +447,23 @@ class Supervisor:
         if now - run.last_write < 1.0 and data.get("stage") != "done":
             return
         run.last_write = now
-        self.ledger.update_progress(
-            job_id,
-            progress=float(data.get("progress", 0.0)),
-            chunk=data["chunk"],
-            num_chunks=data["num_chunks"],
-            step=data["step"],
-            num_steps=data["num_steps"],
-            stage=data["stage"],
-        )
+        try:
+            self.ledger.update_progress(
+                job_id,
+                progress=float(data.get("progress", 0.0)),
+                chunk=data["chunk"],
+                num_chunks=data["num_chunks"],
+                step=data["step"],
+                num_steps=data["num_steps"],
+                stage=data["stage"],
+            )
+        except (sqlite3.OperationalError, OSError) as e:
+            if not _is_disk_full(e):
+                raise
+            # progress is best effort: a full state dir must not stop a render that is under way
+            logger.warning(
+                "job %s: progress not recorded, state dir %s is full", job_id, self.settings.state_dir
+            )
 
     def _done(self, job_id: str, result: dict[str, Any]) -> None:
         assert self.ledger is not None
@@ -782,8 +790,7 @@ class Supervisor:
         try:
             self.intake.scan_once()
         except (sqlite3.OperationalError, OSError) as e:
-            full = getattr(e, "errno", None) == 28 or "disk is full" in str(e) or "SQLITE_FULL" in str(e)
-            if not full:
+            if not _is_disk_full(e):
                 raise
             now = time.monotonic()
             if now - self.intake_paused_logged >= 60:
@@ -885,3 +892,8 @@ def make_poster(video: Path, poster: Path) -> Path | None:
     except Exception as e:  # noqa: BLE001 - a missing poster is not worth failing a job for
         logger.warning("could not make a poster from %s: %s", video, e)
     return None
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    """An OSError ENOSPC or SQLite's "database or disk is full"."""
+    return getattr(e, "errno", None) == 28 or "disk is full" in str(e) or "SQLITE_FULL" in str(e)
