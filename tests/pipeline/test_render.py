@@ -211,3 +211,12 @@ def test_tiny_render_on_cuda_in_bf16(tiny_weights_dir: Path, tmp_path: Path) -> 
     res = gpu.generate(_request(bundle), tmp_path / "gpu.mp4", checkpoint_dir=tmp_path / "ck")
     assert gpu.dit.dtype == torch.bfloat16 and res.num_frames == 37
     _check_mp4(res.video_path, frames=37, size=(res.height, res.width))
+
+
+def test_no_forty_second_cap(pipe, tmp_path: Path) -> None:
+    """42 s of speech gives 42 s of video: the reference stops at max_frame_num=1000 (40 s)."""
+    bundle = make_job_bundle(tmp_path / "job", kind="image", duration_s=42.0, seed=6, sample_steps=1)
+    res = pipe.generate(_request(bundle), tmp_path / "long.mp4")
+    assert res.num_frames == 42 * FPS > 1000
+    _check_mp4(res.video_path, frames=42 * FPS, size=(res.height, res.width))
+    assert _audio_seconds(res.video_path) == pytest.approx(42.0, abs=1 / FPS)
