@@ -27,8 +27,17 @@ BUNDLE_JOB_FILE = "job.json"
 #: names (not paths) of uploads in progress and OS litter; never taken as jobs or job files
 TEMP_PATTERNS = (
     ".*",  # dot-files: rsync's .name.XXXXXX, .rsync-partial/, .~tmp~/, .DS_Store, ._*, .nfs*, .syncthing.*
-    "*.part", "*.partial", "*.filepart", "*.tmp", "*.crdownload", "*.swp", "*~",
-    "~syncthing~*", "~$*", "Thumbs.db", "desktop.ini",
+    "*.part",
+    "*.partial",
+    "*.filepart",
+    "*.tmp",
+    "*.crdownload",
+    "*.swp",
+    "*~",
+    "~syncthing~*",
+    "~$*",
+    "Thumbs.db",
+    "desktop.ini",
 )
 #: folders the daemon itself may create inside the inbox; never jobs
 RESERVED_NAMES = frozenset({"failed"})
@@ -91,18 +100,30 @@ def scan(inbox: Path) -> list[Entry]:
         except FileNotFoundError:
             continue
         if stat.S_ISDIR(st.st_mode):
-            entries.append(Entry(kind="bundle", name=output_name(name), path=path,
-                                 job_file=path / BUNDLE_JOB_FILE, base_dir=path))
-        elif name.lower().endswith(".json") and len(name) > 5:
-            entries.append(Entry(kind="loose", name=output_name(name[:-5]), path=path, job_file=path,
-                                 base_dir=inbox))
-        elif stat.S_ISLNK(st.st_mode) and name.lower().endswith(".json"):
-            entries.append(Entry(kind="loose", name=output_name(name[:-5]), path=path, job_file=path,
-                                 base_dir=inbox))
+            entries.append(
+                Entry(
+                    kind="bundle",
+                    name=output_name(name),
+                    path=path,
+                    job_file=path / BUNDLE_JOB_FILE,
+                    base_dir=path,
+                )
+            )
+        elif name.lower().endswith(".json") and len(name) > 5 or stat.S_ISLNK(st.st_mode) and name.lower().endswith(".json"):
+            entries.append(
+                Entry(kind="loose", name=output_name(name[:-5]), path=path, job_file=path, base_dir=inbox)
+            )
         elif stat.S_ISLNK(st.st_mode) and os.path.isdir(path):
             # a symlinked bundle: an entry, so intake rejects it with a reason (never follows it)
-            entries.append(Entry(kind="bundle", name=output_name(name), path=path,
-                                 job_file=path / BUNDLE_JOB_FILE, base_dir=path))
+            entries.append(
+                Entry(
+                    kind="bundle",
+                    name=output_name(name),
+                    path=path,
+                    job_file=path / BUNDLE_JOB_FILE,
+                    base_dir=path,
+                )
+            )
     return entries
 
 
@@ -118,7 +139,9 @@ def bundle_files(bundle: Path) -> list[Path]:
 def has_temporary_files(bundle: Path) -> bool:
     """True while an upload tool still has temporary files (e.g. rsync's `.name.XXXXXX`) in a bundle."""
     for root, dirs, files in os.walk(bundle, followlinks=False):
-        if any(is_temporary(n) and n not in (".DS_Store",) and not n.startswith("._") for n in (*dirs, *files)):
+        if any(
+            is_temporary(n) and n not in (".DS_Store",) and not n.startswith("._") for n in (*dirs, *files)
+        ):
             return True
     return False
 

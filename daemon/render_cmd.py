@@ -41,8 +41,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--resume-dir", type=Path, help="keep chunk checkpoints here; rerunning resumes")
     parser.add_argument("--no-poster", action="store_true", help="do not write <output>.jpg")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--gpus", type=int, default=1, help="split each DiT forward over N GPUs of this host "
-                        "(Ulysses sequence parallelism, docs/scaling.md; N divides 40: 2, 4, 5, 8)")
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        help="split each DiT forward over N GPUs of this host "
+        "(Ulysses sequence parallelism, docs/scaling.md; N divides 40: 2, 4, 5, 8)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -148,7 +153,9 @@ def run(args: argparse.Namespace) -> int:
         from pipeline.parallel import check_launch, spawn_ranks
 
         try:
-            check_launch(weights, args.gpus, args.device or (settings.device if settings is not None else "auto"))
+            check_launch(
+                weights, args.gpus, args.device or (settings.device if settings is not None else "auto")
+            )
         except ValueError as e:
             print(f"infinitetalk render: --gpus {args.gpus}: {e}", file=sys.stderr)
             return 2

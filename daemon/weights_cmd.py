@@ -12,18 +12,23 @@ from pathlib import Path
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser(
-        "weights", help="write tiny weights, check a weights folder, or download the released weights",
+        "weights",
+        help="write tiny weights, check a weights folder, or download the released weights",
         description="Manage a weights folder in the released layout (see docs/weights.md).",
     )
     sub = parser.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
     tiny = sub.add_parser("tiny", help="write tiny random weights in the released layout (a few MB)")
     tiny.add_argument("dir", type=Path, help="folder to write (created if needed)")
-    tiny.add_argument("--seed", type=int, default=0, help="random seed (default 0: the parity fixtures' seed)")
+    tiny.add_argument(
+        "--seed", type=int, default=0, help="random seed (default 0: the parity fixtures' seed)"
+    )
     check = sub.add_parser("check", help="report present, missing and wrong files, keys, shapes and dtypes")
     check.add_argument("dir", type=Path, help="weights folder to check")
     download = sub.add_parser("download", help="fetch the released weights from the Hugging Face Hub")
     download.add_argument("dir", type=Path, help="weights folder to fill (resumes partial downloads)")
-    download.add_argument("--fp8", action="store_true", help="also fetch the official fp8 quantized DiT files")
+    download.add_argument(
+        "--fp8", action="store_true", help="also fetch the official fp8 quantized DiT files"
+    )
     download.add_argument("--single-only", action="store_true", help="skip the two-speaker (multi) weights")
     download.add_argument("--dry-run", action="store_true", help="print what would be fetched and exit")
     parser.set_defaults(func=run)

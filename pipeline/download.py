@@ -31,17 +31,28 @@ def download_plan(*, fp8: bool = False, multi: bool = True) -> tuple[DownloadIte
     if multi:
         infinitetalk.append("multi/infinitetalk.safetensors")
     if fp8:
-        infinitetalk += ["quant_models/infinitetalk_single_fp8.safetensors", "quant_models/infinitetalk_single_fp8.json"]
+        infinitetalk += [
+            "quant_models/infinitetalk_single_fp8.safetensors",
+            "quant_models/infinitetalk_single_fp8.json",
+        ]
         if multi:
-            infinitetalk += ["quant_models/infinitetalk_multi_fp8.safetensors", "quant_models/infinitetalk_multi_fp8.json"]
+            infinitetalk += [
+                "quant_models/infinitetalk_multi_fp8.safetensors",
+                "quant_models/infinitetalk_multi_fp8.json",
+            ]
     return (
         DownloadItem(
             repo_id="Wan-AI/Wan2.1-I2V-14B-480P",
             local_dir=WAN_DIR,
             allow_patterns=(
-                "config.json", "diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model.safetensors.index.json",
-                "models_t5_umt5-xxl-enc-bf16.pth", "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
-                "Wan2.1_VAE.pth", "google/umt5-xxl/*", "xlm-roberta-large/*",
+                "config.json",
+                "diffusion_pytorch_model*.safetensors",
+                "diffusion_pytorch_model.safetensors.index.json",
+                "models_t5_umt5-xxl-enc-bf16.pth",
+                "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
+                "Wan2.1_VAE.pth",
+                "google/umt5-xxl/*",
+                "xlm-roberta-large/*",
             ),
         ),
         DownloadItem(
@@ -55,7 +66,9 @@ def download_plan(*, fp8: bool = False, multi: bool = True) -> tuple[DownloadIte
             allow_patterns=("model.safetensors",),
             revision="refs/pr/1",
         ),
-        DownloadItem(repo_id="MeiGen-AI/InfiniteTalk", local_dir="InfiniteTalk", allow_patterns=tuple(infinitetalk)),
+        DownloadItem(
+            repo_id="MeiGen-AI/InfiniteTalk", local_dir="InfiniteTalk", allow_patterns=tuple(infinitetalk)
+        ),
         DownloadItem(repo_id=LORA_REPO, local_dir=".", allow_patterns=(LORA_FILE,)),
     )
 

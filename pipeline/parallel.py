@@ -54,7 +54,9 @@ def check_degree(num_heads: int, degree: int) -> None:
     """Ulysses needs the heads to split evenly: 40 heads -> 1, 2, 4, 5, 8, 10, 20, 40."""
     if degree < 1 or num_heads % degree:
         valid = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
-        raise ValueError(f"sequence-parallel degree {degree} does not divide the {num_heads} heads; use one of {valid}")
+        raise ValueError(
+            f"sequence-parallel degree {degree} does not divide the {num_heads} heads; use one of {valid}"
+        )
 
 
 @dataclass
@@ -84,7 +86,9 @@ class SequenceParallel:
 
     def __post_init__(self) -> None:
         if not dist.is_initialized():
-            raise RuntimeError("torch.distributed is not initialised: call init_process_group (see pipeline.parallel)")
+            raise RuntimeError(
+                "torch.distributed is not initialised: call init_process_group (see pipeline.parallel)"
+            )
         self.rank = dist.get_rank(self.group)
         self.size = dist.get_world_size(self.group)
 
@@ -122,15 +126,22 @@ class SequenceParallel:
         most = max(counts)
         padded = local
         if local.shape[1] < most:
-            padded = torch.cat([local, local.new_zeros(local.shape[0], most - local.shape[1], *local.shape[2:])], 1)
+            padded = torch.cat(
+                [local, local.new_zeros(local.shape[0], most - local.shape[1], *local.shape[2:])], 1
+            )
         parts = [torch.empty_like(padded) for _ in range(self.size)]
-        self._timed(lambda: dist.all_gather(parts, padded.contiguous(), group=self.group), padded.numel() * padded.element_size())
+        self._timed(
+            lambda: dist.all_gather(parts, padded.contiguous(), group=self.group),
+            padded.numel() * padded.element_size(),
+        )
         return torch.cat([p[:, :n] for p, n in zip(parts, counts, strict=True)], dim=1)
 
     # -- self-attention ----------------------------------------------------------------------
 
     @torch.compiler.disable
-    def attention(self, q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int, int], backend: Backend) -> Tensor:
+    def attention(
+        self, q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int, int], backend: Backend
+    ) -> Tensor:
         """q, k, v [B, L_r, N, Dh] (this rank's tokens, all heads) -> [B, L_r, N, Dh].
 
         `grid` is the full token grid. One all-to-all gathers the sequence for N/P heads, attention
@@ -140,14 +151,19 @@ class SequenceParallel:
         check_degree(n, self.size)
         counts = self.tokens_per_rank(grid)
         if lr != counts[self.rank]:
-            raise ValueError(f"rank {self.rank} holds {lr} tokens, the plan for grid {grid} gives {counts[self.rank]}")
+            raise ValueError(
+                f"rank {self.rank} holds {lr} tokens, the plan for grid {grid} gives {counts[self.rank]}"
+            )
         hp = n // self.size
         # [3, B, L_r, N, Dh] -> [P, 3, B, L_r, N/P, Dh]: chunk j goes to rank j
         send = torch.stack((q, k, v)).view(3, b, lr, self.size, hp, d).permute(3, 0, 1, 2, 4, 5).contiguous()
         unit = 3 * b * hp * d
         recv = send.new_empty(sum(counts) * unit)
         self._all_to_all(recv, send.view(-1), [c * unit for c in counts], [lr * unit] * self.size)
-        chunks = [c.view(3, b, cnt, hp, d) for c, cnt in zip(recv.split([c * unit for c in counts]), counts, strict=True)]
+        chunks = [
+            c.view(3, b, cnt, hp, d)
+            for c, cnt in zip(recv.split([c * unit for c in counts]), counts, strict=True)
+        ]
         full = torch.cat(chunks, dim=2)  # [3, B, L, N/P, Dh]
         out = attention(full[0], full[1], full[2], backend=backend)  # [B, L, N/P, Dh]
         unit = b * hp * d
@@ -164,7 +180,9 @@ class SequenceParallel:
             keys = k[:, :s].contiguous()
         else:
             keys = k.new_empty(k.shape[0], s, *k.shape[2:])
-        self._timed(lambda: dist.broadcast(keys, group_src=0, group=self.group), keys.numel() * keys.element_size())
+        self._timed(
+            lambda: dist.broadcast(keys, group_src=0, group=self.group), keys.numel() * keys.element_size()
+        )
         return keys
 
     @torch.compiler.disable
@@ -239,7 +257,11 @@ def free_port() -> int:
 
 
 def init_group(
-    rdv: Rendezvous, *, backend: str | None = None, timeout_s: float = 600.0, device: torch.device | str | None = None
+    rdv: Rendezvous,
+    *,
+    backend: str | None = None,
+    timeout_s: float = 600.0,
+    device: torch.device | str | None = None,
 ) -> torch.device:
     """Join the default process group; returns this rank's device.
 
@@ -256,7 +278,9 @@ def init_group(
         device = torch.device(device)
     elif backend == "nccl":
         if rdv.local_rank >= torch.cuda.device_count():
-            raise ValueError(f"local rank {rdv.local_rank} but only {torch.cuda.device_count()} CUDA devices are visible")
+            raise ValueError(
+                f"local rank {rdv.local_rank} but only {torch.cuda.device_count()} CUDA devices are visible"
+            )
         device = torch.device("cuda", rdv.local_rank)
     else:
         device = torch.device("cpu")
@@ -330,9 +354,16 @@ def spawn_ranks(fn: Callable[..., None], nprocs: int, args: tuple[Any, ...] = ()
     spawn(_with_rank_env, nprocs, (fn, args))
 
 
-def _with_rank_env(rank: int, world_size: int, port: int, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _with_rank_env(
+    rank: int, world_size: int, port: int, fn: Callable[..., None], args: tuple[Any, ...]
+) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     try:
         fn(*args)
     finally:

@@ -90,8 +90,12 @@ def load_rank_pipeline(spec: GroupSpec, rank: int) -> Any:
     dtype_name = spec.dtype if spec.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     pipe = InfiniteTalkPipeline.from_weights(
-        Path(spec.weights_dir), device=device, dtype=dtype, attention=spec.attention,
-        lora=list(spec.lora) or "auto", lora_scale=spec.lora_scale,
+        Path(spec.weights_dir),
+        device=device,
+        dtype=dtype,
+        attention=spec.attention,
+        lora=list(spec.lora) or "auto",
+        lora_scale=spec.lora_scale,
     )
     parallel.check_degree(pipe.dit.cfg.num_heads, len(spec.devices))
     pipe.dit.sequence_parallel = parallel.SequenceParallel()
@@ -141,11 +145,24 @@ class GroupPipeline:
         """Start the followers, join the group as rank 0, load the pipeline on `spec.devices[0]`."""
         port = parallel.free_port()
         group = cls(spec=spec)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                            os.environ.get("PYTHONPATH", "")])}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+            ),
+        }
         for rank in range(1, len(spec.devices)):
-            cmd = [sys.executable, "-m", "pipeline.parallel_pipeline", "--rank", str(rank), "--port", str(port),
-                   "--spec", json.dumps(asdict(spec))]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pipeline.parallel_pipeline",
+                "--rank",
+                str(rank),
+                "--port",
+                str(port),
+                "--spec",
+                json.dumps(asdict(spec)),
+            ]
             group.followers.append(subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent))
         try:
             group.control = _join(spec, 0, port)
@@ -209,10 +226,20 @@ class GroupPipeline:
                         shutil.copytree(checkpoint_dir, target)
             try:
                 self.control.broadcast(("generate", request, str(checkpoint_dir) if checkpoint_dir else None))
-                return self.pipe.generate(request, out_path, poster_path=poster_path, on_progress=report,
-                                          should_stop=agreed_stop, checkpoint_dir=checkpoint_dir)
+                return self.pipe.generate(
+                    request,
+                    out_path,
+                    poster_path=poster_path,
+                    on_progress=report,
+                    should_stop=agreed_stop,
+                    checkpoint_dir=checkpoint_dir,
+                )
             except (RuntimeError, dist.DistBackendError) as e:
-                if isinstance(e, dist.DistBackendError) or "gloo" in str(e).lower() or "nccl" in str(e).lower():
+                if (
+                    isinstance(e, dist.DistBackendError)
+                    or "gloo" in str(e).lower()
+                    or "nccl" in str(e).lower()
+                ):
                     self.broken = True
                     raise GroupBroken(f"GPU group lost during the render: {e}") from e
                 raise
@@ -242,8 +269,12 @@ def from_worker_config(config: Any) -> GroupPipeline:
     """The daemon's factory hook (`WorkerConfig.factory`): `config.device` lists the group's devices
     separated by commas ("cuda:0,cuda:1")."""
     spec = GroupSpec(
-        weights_dir=str(config.weights_dir), devices=tuple(d.strip() for d in config.device.split(",")),
-        dtype=config.dtype, quant=config.quant, lora=tuple(config.lora), lora_scale=config.lora_scale,
+        weights_dir=str(config.weights_dir),
+        devices=tuple(d.strip() for d in config.device.split(",")),
+        dtype=config.dtype,
+        quant=config.quant,
+        lora=tuple(config.lora),
+        lora_scale=config.lora_scale,
         attention=config.attention,
     )
     if getattr(config, "write_tiny", False):
@@ -283,8 +314,9 @@ def follow(spec: GroupSpec, rank: int, port: int) -> int:
             _, request, checkpoint_dir = order
             ckpt = _follower_dir(Path(checkpoint_dir), rank) if checkpoint_dir else None
             try:
-                pipe.generate(request, scratch / "out.mp4", should_stop=lambda: control.any(False),
-                              checkpoint_dir=ckpt)
+                pipe.generate(
+                    request, scratch / "out.mp4", should_stop=lambda: control.any(False), checkpoint_dir=ckpt
+                )
             except StopRequested:
                 pass
             except (ValueError, FileNotFoundError) as e:  # the same bad input fails on rank 0 too
@@ -306,8 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     data = json.loads(args.spec)
     spec = GroupSpec(**{**data, "devices": tuple(data["devices"]), "lora": tuple(data["lora"])})
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"%(asctime)s rank{args.rank} %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s rank{args.rank} %(levelname)s %(name)s: %(message)s",
+    )
     return follow(spec, args.rank, args.port)
 
 

@@ -37,10 +37,14 @@ def quantize_fp8(weight: Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> t
 class Fp8Linear(nn.Module):
     """A linear layer whose weight is stored as float8 e4m3 with one scale per output row."""
 
-    def __init__(self, data: Tensor, scale: Tensor, bias: Tensor | None, *, compute_dtype: torch.dtype) -> None:
+    def __init__(
+        self, data: Tensor, scale: Tensor, bias: Tensor | None, *, compute_dtype: torch.dtype
+    ) -> None:
         super().__init__()
         if data.dtype != FP8 or data.ndim != 2:
-            raise ValueError(f"fp8 weight must be float8_e4m3fn [out, in], got {data.dtype} {tuple(data.shape)}")
+            raise ValueError(
+                f"fp8 weight must be float8_e4m3fn [out, in], got {data.dtype} {tuple(data.shape)}"
+            )
         if scale.shape != (data.shape[0], 1):
             raise ValueError(f"fp8 scale must be [{data.shape[0]}, 1], got {tuple(scale.shape)}")
         self.in_features = data.shape[1]
@@ -79,7 +83,9 @@ class Fp8Linear(nn.Module):
         return out.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, compute={self.compute_dtype}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, compute={self.compute_dtype}"
+        )
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:

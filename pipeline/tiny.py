@@ -43,15 +43,36 @@ TINY_BUCKETS: dict[str, list[list[int]]] = {
 TINY_GENERATION = GenerationConfig(frame_num=33, motion_frame=9)
 LORA_RANK = 4
 #: lightx2v-style LoRA targets per block (a T2V LoRA: no k_img/v_img, no audio modules)
-LORA_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
-                "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
+LORA_LINEARS = (
+    "self_attn.q",
+    "self_attn.k",
+    "self_attn.v",
+    "self_attn.o",
+    "cross_attn.q",
+    "cross_attn.k",
+    "cross_attn.v",
+    "cross_attn.o",
+    "ffn.0",
+    "ffn.2",
+)
 
 
-def tiny_dit_config(text_dim: int, clip_dim: int, clip_tokens: int, audio_blocks: int, audio_channels: int) -> DiTConfig:
+def tiny_dit_config(
+    text_dim: int, clip_dim: int, clip_tokens: int, audio_blocks: int, audio_channels: int
+) -> DiTConfig:
     return DiTConfig(
-        dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=text_dim,
-        audio_blocks=audio_blocks, audio_channels=audio_channels, intermediate_dim=8, output_dim=16,
-        context_tokens=4, clip_dim=clip_dim, clip_tokens=clip_tokens,
+        dim=64,
+        ffn_dim=128,
+        num_heads=2,
+        num_layers=2,
+        text_dim=text_dim,
+        audio_blocks=audio_blocks,
+        audio_channels=audio_channels,
+        intermediate_dim=8,
+        output_dim=16,
+        context_tokens=4,
+        clip_dim=clip_dim,
+        clip_tokens=clip_tokens,
     )
 
 
@@ -85,9 +106,18 @@ def write_wan_shards(wan_dir: Path, cfg: DiTConfig, base: dict[str, Tensor]) -> 
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (wan_dir / WAN_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     config = {
-        "_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": cfg.dim, "eps": cfg.eps,
-        "ffn_dim": cfg.ffn_dim, "freq_dim": cfg.freq_dim, "in_dim": cfg.in_dim, "model_type": "i2v",
-        "num_heads": cfg.num_heads, "num_layers": cfg.num_layers, "out_dim": cfg.out_dim, "text_len": cfg.text_len,
+        "_class_name": "WanModel",
+        "_diffusers_version": "0.30.0",
+        "dim": cfg.dim,
+        "eps": cfg.eps,
+        "ffn_dim": cfg.ffn_dim,
+        "freq_dim": cfg.freq_dim,
+        "in_dim": cfg.in_dim,
+        "model_type": "i2v",
+        "num_heads": cfg.num_heads,
+        "num_layers": cfg.num_layers,
+        "out_dim": cfg.out_dim,
+        "text_len": cfg.text_len,
     }
     (wan_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
@@ -125,7 +155,9 @@ def lora_state(cfg: DiTConfig, gen: torch.Generator) -> dict[str, Tensor]:
         for lin in LORA_LINEARS:
             name = f"blocks.{i}.{lin}"
             o, n_in = shapes[f"{name}.weight"]
-            out[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(LORA_RANK, n_in, generator=gen) / math.sqrt(n_in)
+            out[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(
+                LORA_RANK, n_in, generator=gen
+            ) / math.sqrt(n_in)
             out[f"diffusion_model.{name}.lora_up.weight"] = 0.1 * torch.randn(o, LORA_RANK, generator=gen)
             out[f"diffusion_model.{name}.alpha"] = torch.tensor(float(LORA_RANK))
         out[f"diffusion_model.blocks.{i}.self_attn.q.diff_b"] = 0.05 * torch.randn(cfg.dim, generator=gen)
@@ -158,7 +190,11 @@ def write_tiny_weights(out_dir: Path, seed: int = 0) -> Path:
     for variant, state in (("single", single), ("multi", random_dit_state(cfg, gen))):
         path = audio_file(out_dir, variant)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state.items() if is_audio_key(k)}, str(path), metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in state.items() if is_audio_key(k)},
+            str(path),
+            metadata={"format": "pt"},
+        )
     q_file, q_map = quant_files(out_dir, "single")
     q_file.parent.mkdir(parents=True, exist_ok=True)
     qstate, qmap = quantized_state(single, linear_names(cfg))

@@ -61,7 +61,11 @@ class WeightsError(Exception):
         self.unexpected = sorted(unexpected)
         self.mismatched = sorted(mismatched)
         parts = [message]
-        for label, keys in (("missing", self.missing), ("unexpected", self.unexpected), ("wrong shape", self.mismatched)):
+        for label, keys in (
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+            ("wrong shape", self.mismatched),
+        ):
             if keys:
                 shown = ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
                 parts.append(f"{label} keys: {shown}")
@@ -165,7 +169,9 @@ def load_dit(
     return model
 
 
-def load_files(model: torch.nn.Module, files: Iterable[Path], *, device: torch.device | str, dtype: torch.dtype) -> None:
+def load_files(
+    model: torch.nn.Module, files: Iterable[Path], *, device: torch.device | str, dtype: torch.dtype
+) -> None:
     """Assign every tensor of `files` to `model` (built on meta); strict over the union."""
     expected = _expected_shapes(model)
     seen: dict[str, Path] = {}
@@ -196,7 +202,12 @@ def load_files(model: torch.nn.Module, files: Iterable[Path], *, device: torch.d
     missing = sorted(set(expected) - set(seen))
     if missing or unexpected or mismatched:
         names = ", ".join(str(p) for p in files)
-        raise WeightsError(f"weights do not match the model ({names})", missing=missing, unexpected=unexpected, mismatched=mismatched)
+        raise WeightsError(
+            f"weights do not match the model ({names})",
+            missing=missing,
+            unexpected=unexpected,
+            mismatched=mismatched,
+        )
 
 
 def load_fp8_file(
@@ -221,7 +232,9 @@ def load_fp8_file(
         or spec.get("weights") not in QUANTO_FP8_NAMES
     ]
     if bad_modules:
-        raise WeightsError(f"{map_path}: entries that are not fp8 linear layers of the model: {', '.join(bad_modules)}")
+        raise WeightsError(
+            f"{map_path}: entries that are not fp8 linear layers of the model: {', '.join(bad_modules)}"
+        )
     target = _device_str(device)
     plain: dict[str, Tensor] = {}
     quantized: dict[str, dict[str, Tensor]] = {name: {} for name in qmap}
@@ -249,16 +262,25 @@ def load_fp8_file(
             data = parts["weight._data"]
             want = tuple(modules[name].weight.shape)
             if data.dtype != FP8 or tuple(data.shape) != want:
-                mismatched.append(f"{name}.weight._data {data.dtype} {list(data.shape)} != float8_e4m3fn {list(want)}")
+                mismatched.append(
+                    f"{name}.weight._data {data.dtype} {list(data.shape)} != float8_e4m3fn {list(want)}"
+                )
     if missing or unexpected or mismatched:
-        raise WeightsError(f"{path} does not match the model", missing=missing, unexpected=unexpected, mismatched=mismatched)
+        raise WeightsError(
+            f"{path} does not match the model", missing=missing, unexpected=unexpected, mismatched=mismatched
+        )
     model.load_state_dict(plain, strict=False, assign=True)
     for name, parts in quantized.items():
         bias = parts.get("bias")
         replace_module(
             model,
             name,
-            Fp8Linear(parts["weight._data"], parts["weight._scale"], None if bias is None else bias.to(dtype), compute_dtype=dtype),
+            Fp8Linear(
+                parts["weight._data"],
+                parts["weight._scale"],
+                None if bias is None else bias.to(dtype),
+                compute_dtype=dtype,
+            ),
         )
 
 
@@ -318,7 +340,11 @@ def swap_audio_weights(model: InfiniteTalkDiT, weights_dir: Path, variant: Varia
             if tuple(f.get_slice(k).get_shape()) != tuple(params[k].shape)
         )
         if missing or unexpected or mismatched:
-            raise WeightsError(f"{path} does not match the model's audio modules", missing=missing,
-                               unexpected=unexpected, mismatched=mismatched)
+            raise WeightsError(
+                f"{path} does not match the model's audio modules",
+                missing=missing,
+                unexpected=unexpected,
+                mismatched=mismatched,
+            )
         for key in keys:
             params[key].copy_(f.get_tensor(key).to(device=params[key].device, dtype=params[key].dtype))

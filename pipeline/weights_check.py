@@ -80,32 +80,61 @@ def pth_header(path: Path) -> Header:
 
 
 def compare_keys(
-    rel: str, found: Header, expected: dict[str, tuple[int, ...]], dtype_ok: Callable[[str, str], bool] | None = None
+    rel: str,
+    found: Header,
+    expected: dict[str, tuple[int, ...]],
+    dtype_ok: Callable[[str, str], bool] | None = None,
 ) -> list[Finding]:
     """Findings for one set of tensors against the expected shapes."""
     dtype_ok = dtype_ok or (lambda _key, dt: dt in FLOAT_DTYPES)
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
-    shapes = sorted(f"{k} {list(found[k][0])} (expected {list(expected[k])})" for k in set(found) & set(expected)
-                    if found[k][0] != tuple(expected[k]))
+    shapes = sorted(
+        f"{k} {list(found[k][0])} (expected {list(expected[k])})"
+        for k in set(found) & set(expected)
+        if found[k][0] != tuple(expected[k])
+    )
     dtypes = sorted(f"{k} {found[k][1]}" for k in found if k in expected and not dtype_ok(k, found[k][1]))
     out = []
-    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes),
-                         ("wrong dtypes", dtypes)):
+    for label, items in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("wrong shapes", shapes),
+        ("wrong dtypes", dtypes),
+    ):
         if items:
             shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
-            out.append(Finding(path=rel, status="missing" if label == "missing keys" else "wrong", detail=f"{label}: {shown}"))
+            out.append(
+                Finding(
+                    path=rel,
+                    status="missing" if label == "missing keys" else "wrong",
+                    detail=f"{label}: {shown}",
+                )
+            )
     if not out:
         kinds = sorted({dt for _, dt in found.values()})
         out.append(Finding(path=rel, status="ok", detail=f"{len(found)} tensors, dtypes {', '.join(kinds)}"))
     return out
 
 
-def _check_file(root: Path, rel: str, read: Callable[[Path], Header], expected: dict[str, tuple[int, ...]],
-                *, optional: bool = False, dtype_ok: Callable[[str, str], bool] | None = None) -> list[Finding]:
+def _check_file(
+    root: Path,
+    rel: str,
+    read: Callable[[Path], Header],
+    expected: dict[str, tuple[int, ...]],
+    *,
+    optional: bool = False,
+    dtype_ok: Callable[[str, str], bool] | None = None,
+) -> list[Finding]:
     path = root / rel
     if not path.is_file():
-        return [Finding(path=rel, status="note" if optional else "missing", detail="file not present" + (" (optional)" if optional else ""))]
+        return [
+            Finding(
+                path=rel,
+                status="note" if optional else "missing",
+                detail="file not present" + (" (optional)" if optional else ""),
+            )
+        ]
     try:
         found = read(path)
     except Exception as e:  # an unreadable file is a finding, not a crash of the check
@@ -122,10 +151,19 @@ def check_weights(weights_dir: Path) -> CheckReport:
         cfg = load_model_config(root)
     except (OSError, ValueError, TypeError) as e:
         rel = TINY_JSON if tiny else f"{WAN_DIR}/config.json"
-        findings.append(Finding(path=rel, status="missing" if isinstance(e, FileNotFoundError) else "wrong", detail=str(e)))
+        findings.append(
+            Finding(
+                path=rel, status="missing" if isinstance(e, FileNotFoundError) else "wrong", detail=str(e)
+            )
+        )
         return CheckReport(weights_dir=root, tiny=tiny, findings=tuple(findings))
-    findings.append(Finding(path=TINY_JSON if tiny else f"{WAN_DIR}/config.json", status="ok",
-                            detail=f"DiT dim {cfg.dit.dim}, {cfg.dit.num_layers} blocks, {cfg.dit.num_heads} heads"))
+    findings.append(
+        Finding(
+            path=TINY_JSON if tiny else f"{WAN_DIR}/config.json",
+            status="ok",
+            detail=f"DiT dim {cfg.dit.dim}, {cfg.dit.num_layers} blocks, {cfg.dit.num_heads} heads",
+        )
+    )
     findings += _check_dit(root, cfg)
     findings += _check_encoders(root, cfg)
     return CheckReport(weights_dir=root, tiny=tiny, findings=tuple(findings))
@@ -147,13 +185,27 @@ def _check_dit(root: Path, cfg: ModelConfig) -> list[Finding]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
             names = sorted(set(weight_map.values()))
-            out.append(Finding(path=f"{WAN_DIR}/{WAN_INDEX}", status="ok", detail=f"{len(weight_map)} keys in {len(names)} shards"))
+            out.append(
+                Finding(
+                    path=f"{WAN_DIR}/{WAN_INDEX}",
+                    status="ok",
+                    detail=f"{len(weight_map)} keys in {len(names)} shards",
+                )
+            )
         except (ValueError, KeyError, TypeError) as e:
-            out.append(Finding(path=f"{WAN_DIR}/{WAN_INDEX}", status="wrong", detail=f"unreadable index: {e}"))
+            out.append(
+                Finding(path=f"{WAN_DIR}/{WAN_INDEX}", status="wrong", detail=f"unreadable index: {e}")
+            )
             weight_map = {}
     else:
         weight_map = {}
-        out.append(Finding(path=f"{WAN_DIR}/{WAN_INDEX}", status="note", detail="no index; the 7 released shard names are read"))
+        out.append(
+            Finding(
+                path=f"{WAN_DIR}/{WAN_INDEX}",
+                status="note",
+                detail="no index; the 7 released shard names are read",
+            )
+        )
     union: Header = {}
     for name in names:
         rel = f"{WAN_DIR}/{name}"
@@ -164,12 +216,20 @@ def _check_dit(root: Path, cfg: ModelConfig) -> list[Finding]:
         header = safetensors_header(path)
         wrong_place = sorted(k for k in header if weight_map and weight_map.get(k) != name)
         if wrong_place:
-            out.append(Finding(path=rel, status="wrong", detail=f"keys not mapped to this shard by the index: {', '.join(wrong_place[:12])}"))
+            out.append(
+                Finding(
+                    path=rel,
+                    status="wrong",
+                    detail=f"keys not mapped to this shard by the index: {', '.join(wrong_place[:12])}",
+                )
+            )
         out.append(Finding(path=rel, status="ok", detail=f"{len(header)} tensors"))
         union.update(header)
     out += compare_keys(f"{WAN_DIR}/ (all shards)", union, base)
     for variant in ("single", "multi"):
-        out += _check_file(root, f"InfiniteTalk/{variant}/infinitetalk.safetensors", safetensors_header, audio)
+        out += _check_file(
+            root, f"InfiniteTalk/{variant}/infinitetalk.safetensors", safetensors_header, audio
+        )
     for variant in ("single", "multi"):
         out += _check_fp8(root, f"InfiniteTalk/quant_models/infinitetalk_{variant}_fp8", shapes)
     lora_path = root / LORA_FILE
@@ -190,7 +250,13 @@ def _check_dit(root: Path, cfg: ModelConfig) -> list[Finding]:
         if bad:
             out.append(Finding(path=LORA_FILE, status="wrong", detail="; ".join(bad[:12])))
         else:
-            out.append(Finding(path=LORA_FILE, status="ok", detail=f"{len(targets)} target tensors, {len(ignored)} alpha keys ignored"))
+            out.append(
+                Finding(
+                    path=LORA_FILE,
+                    status="ok",
+                    detail=f"{len(targets)} target tensors, {len(ignored)} alpha keys ignored",
+                )
+            )
     return out
 
 
@@ -201,10 +267,15 @@ def _check_fp8(root: Path, stem: str, shapes: dict[str, tuple[int, ...]]) -> lis
     if not (root / data_rel).is_file():
         return [Finding(path=data_rel, status="note", detail="not present (optional: fp8 model)")]
     if not (root / map_rel).is_file():
-        return [Finding(path=map_rel, status="missing", detail=f"quantization map for {data_rel} not present")]
+        return [
+            Finding(path=map_rel, status="missing", detail=f"quantization map for {data_rel} not present")
+        ]
     qmap = json.loads((root / map_rel).read_text())
-    bad_map = sorted(m for m, s in qmap.items() if f"{m}.weight" not in shapes or not isinstance(s, dict)
-                     or s.get("weights") not in QUANTO_FP8_NAMES)
+    bad_map = sorted(
+        m
+        for m, s in qmap.items()
+        if f"{m}.weight" not in shapes or not isinstance(s, dict) or s.get("weights") not in QUANTO_FP8_NAMES
+    )
     expected: dict[str, tuple[int, ...]] = {}
     for key, shape in shapes.items():
         owner, _, leaf = key.rpartition(".")
@@ -221,9 +292,17 @@ def _check_fp8(root: Path, stem: str, shapes: dict[str, tuple[int, ...]]) -> lis
 
     out = compare_keys(data_rel, safetensors_header(root / data_rel), expected, dtype_ok)
     if bad_map:
-        out.append(Finding(path=map_rel, status="wrong", detail=f"entries that are not fp8 linear layers: {', '.join(bad_map[:12])}"))
+        out.append(
+            Finding(
+                path=map_rel,
+                status="wrong",
+                detail=f"entries that are not fp8 linear layers: {', '.join(bad_map[:12])}",
+            )
+        )
     else:
-        out.append(Finding(path=map_rel, status="ok", detail=f"{len(qmap)} fp8 layers ({', '.join(QUANT_SUFFIXES)})"))
+        out.append(
+            Finding(path=map_rel, status="ok", detail=f"{len(qmap)} fp8 layers ({', '.join(QUANT_SUFFIXES)})")
+        )
     return out
 
 
@@ -238,13 +317,23 @@ def _check_encoders(root: Path, cfg: ModelConfig) -> list[Finding]:
         folder = root / WAN_DIR / rel
         files = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
         has_vocab = any(n in files for n in ("tokenizer.json", "spiece.model", "sentencepiece.bpe.model"))
-        out.append(Finding(path=f"{WAN_DIR}/{rel}/", status="ok" if has_vocab else "missing",
-                           detail=", ".join(files) if has_vocab else "tokenizer files not present"))
+        out.append(
+            Finding(
+                path=f"{WAN_DIR}/{rel}/",
+                status="ok" if has_vocab else "missing",
+                detail=", ".join(files) if has_vocab else "tokenizer files not present",
+            )
+        )
     w2v = root / WAV2VEC_DIR
     for name in ("config.json", "preprocessor_config.json"):
         present = (w2v / name).is_file()
-        out.append(Finding(path=f"{WAV2VEC_DIR}/{name}", status="ok" if present else "missing",
-                           detail="present" if present else "not present"))
+        out.append(
+            Finding(
+                path=f"{WAV2VEC_DIR}/{name}",
+                status="ok" if present else "missing",
+                detail="present" if present else "not present",
+            )
+        )
     if (w2v / "config.json").is_file():
         out += _check_wav2vec(root)
     return out
@@ -255,18 +344,33 @@ def _check_wav2vec(root: Path) -> list[Finding]:
     from pipeline.tiny_encoders import wav2vec_checkpoint_shapes
 
     hub = json.loads((root / WAV2VEC_DIR / "config.json").read_text())
-    need = {_weight_norm_name(k): v for k, v in wav2vec_checkpoint_shapes(hub).items() if k.startswith("wav2vec2.")}
+    need = {
+        _weight_norm_name(k): v
+        for k, v in wav2vec_checkpoint_shapes(hub).items()
+        if k.startswith("wav2vec2.")
+    }
     for name, reader in (("model.safetensors", safetensors_header), ("pytorch_model.bin", pth_header)):
         if (root / WAV2VEC_DIR / name).is_file():
-            found = {_weight_norm_name(k): v for k, v in reader(root / WAV2VEC_DIR / name).items() if k.startswith("wav2vec2.")}
+            found = {
+                _weight_norm_name(k): v
+                for k, v in reader(root / WAV2VEC_DIR / name).items()
+                if k.startswith("wav2vec2.")
+            }
             return compare_keys(f"{WAV2VEC_DIR}/{name}", found, need)
-    return [Finding(path=f"{WAV2VEC_DIR}/model.safetensors", status="missing",
-                    detail="neither model.safetensors nor pytorch_model.bin present")]
+    return [
+        Finding(
+            path=f"{WAV2VEC_DIR}/model.safetensors",
+            status="missing",
+            detail="neither model.safetensors nor pytorch_model.bin present",
+        )
+    ]
 
 
 def _weight_norm_name(key: str) -> str:
     """Old and new names of the positional conv's weight norm compare equal."""
-    return key.replace("parametrizations.weight.original0", "weight_g").replace("parametrizations.weight.original1", "weight_v")
+    return key.replace("parametrizations.weight.original0", "weight_g").replace(
+        "parametrizations.weight.original1", "weight_v"
+    )
 
 
 def dit_files_digest(weights_dir: Path) -> str:

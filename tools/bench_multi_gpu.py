@@ -58,8 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--job-forwards", type=int, default=8, help="forwards per job in the throughput test")
     p.add_argument("--json", type=Path, help="also write the report here")
-    p.add_argument("--cpu-smoke", action="store_true",
-                   help="check the logic on the CPU: 2 gloo processes, tiny model, tiny grid")
+    p.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="check the logic on the CPU: 2 gloo processes, tiny model, tiny grid",
+    )
     return p.parse_args(argv)
 
 
@@ -71,12 +74,16 @@ def _model_and_inputs(opts: dict[str, Any], device: torch.device) -> tuple[Any, 
     from pipeline.bench import Shape, build_random_dit, dit_inputs
     from pipeline.config import DiTConfig
 
-    dtype = torch.float32 if opts["cpu_smoke"] else {"bf16": torch.bfloat16, "fp16": torch.float16}[opts["dtype"]]
+    dtype = (
+        torch.float32 if opts["cpu_smoke"] else {"bf16": torch.bfloat16, "fp16": torch.float16}[opts["dtype"]]
+    )
     if opts["cpu_smoke"]:
         from pipeline.tiny import tiny_dit_config
 
         cfg = tiny_dit_config(text_dim=32, clip_dim=32, clip_tokens=8, audio_blocks=2, audio_channels=16)
-        shape = Shape(name="smoke", height=32, width=48, frame_num=13)  # latent (4, 4, 6): 4 frames of 6 tokens
+        shape = Shape(
+            name="smoke", height=32, width=48, frame_num=13
+        )  # latent (4, 4, 6): 4 frames of 6 tokens
     else:
         cfg = DiTConfig()
         height, width = {"480": (480, 832), "720": (720, 1280)}[opts["size"]]
@@ -96,9 +103,20 @@ def _model_and_inputs(opts: dict[str, Any], device: torch.device) -> tuple[Any, 
             dist.broadcast(tensor, src=0)
     from pipeline.perf import PerfConfig, apply_dit_perf
 
-    settings = apply_dit_perf(PerfConfig(attention=opts["attention"], rope=opts["rope"], compile=opts["compile"]), model)
-    return model, inputs, {"config": "tiny" if opts["cpu_smoke"] else "14B", "shape": shape.latent,
-                           "tokens": shape.tokens(cfg), "dtype": str(dtype), **settings}
+    settings = apply_dit_perf(
+        PerfConfig(attention=opts["attention"], rope=opts["rope"], compile=opts["compile"]), model
+    )
+    return (
+        model,
+        inputs,
+        {
+            "config": "tiny" if opts["cpu_smoke"] else "14B",
+            "shape": shape.latent,
+            "tokens": shape.tokens(cfg),
+            "dtype": str(dtype),
+            **settings,
+        },
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -157,8 +175,12 @@ def rank_main(rank: int, world: int, port: int, opts: dict[str, Any], out_dir: s
             sp.stats.reset()
             sp.stats.timing = True
             comm_forward, _ = _timed(forward, device, together=True)
-            comm = {"seconds": sp.stats.seconds, "calls": sp.stats.calls, "bytes_sent": sp.stats.bytes_sent,
-                    "forward_s_synchronised": comm_forward}
+            comm = {
+                "seconds": sp.stats.seconds,
+                "calls": sp.stats.calls,
+                "bytes_sent": sp.stats.bytes_sent,
+                "forward_s_synchronised": comm_forward,
+            }
             sp.stats.timing = False
             model.sequence_parallel = None
             comms = [None] * world
@@ -190,8 +212,11 @@ def rank_main(rank: int, world: int, port: int, opts: dict[str, Any], out_dir: s
                 },
                 "rel_err_vs_single_gpu": rel_err(out, ref),
                 "communication": [
-                    {**c, "share": round(c["seconds"] / c["forward_s_synchronised"], 4),
-                     "mb_sent_per_forward": round(c["bytes_sent"] / 1e6, 2)}
+                    {
+                        **c,
+                        "share": round(c["seconds"] / c["forward_s_synchronised"], 4),
+                        "mb_sent_per_forward": round(c["bytes_sent"] / 1e6, 2),
+                    }
                     for c in comms
                 ],
             }
@@ -226,7 +251,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"GPU-seconds x{lat['gpu_seconds_ratio']:.2f}; rel. error vs 1 GPU {lat['rel_err_vs_single_gpu']:.2e}",
     ]
     for name, per in lat["dit_seconds_per_chunk"].items():
-        lines.append(f"DiT per chunk ({name}): 1 GPU {per['single_gpu']:.2f} s, Ulysses-{n} {per[f'ulysses_{n}']:.2f} s")
+        lines.append(
+            f"DiT per chunk ({name}): 1 GPU {per['single_gpu']:.2f} s, Ulysses-{n} {per[f'ulysses_{n}']:.2f} s"
+        )
     for rank, c in enumerate(lat["communication"]):
         lines.append(
             f"rank {rank}: communication {c['seconds']:.4f} s of {c['forward_s_synchronised']:.4f} s "
@@ -244,14 +271,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.cpu_smoke:
         world = args.gpus or 2
-        args.warmup, args.repeats, args.job_forwards = min(args.warmup, 1), min(args.repeats, 2), min(args.job_forwards, 2)
+        args.warmup, args.repeats, args.job_forwards = (
+            min(args.warmup, 1),
+            min(args.repeats, 2),
+            min(args.job_forwards, 2),
+        )
     else:
         if not torch.cuda.is_available():
-            print("bench_multi_gpu: no CUDA device (use --cpu-smoke to check the logic on the CPU)", file=sys.stderr)
+            print(
+                "bench_multi_gpu: no CUDA device (use --cpu-smoke to check the logic on the CPU)",
+                file=sys.stderr,
+            )
             return 2
         world = args.gpus or torch.cuda.device_count()
         if world < 2 or world > torch.cuda.device_count():
-            print(f"bench_multi_gpu: needs 2..{torch.cuda.device_count()} GPUs, asked for {world}", file=sys.stderr)
+            print(
+                f"bench_multi_gpu: needs 2..{torch.cuda.device_count()} GPUs, asked for {world}",
+                file=sys.stderr,
+            )
             return 2
         parallel.check_degree(40, world)
     opts = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

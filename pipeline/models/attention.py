@@ -63,7 +63,9 @@ def resolve_backend(backend: Backend, q: Tensor) -> str:
 def attention(q: Tensor, k: Tensor, v: Tensor, *, backend: Backend = "auto") -> Tensor:
     """softmax(q kᵀ / √Dh) v per head. q [B, Lq, N, Dh], k/v [B, Lk, N, Dh] -> [B, Lq, N, Dh]."""
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(f"attention expects q [B,Lq,N,D], k/v [B,Lk,N,D]; got {q.shape}, {k.shape}, {v.shape}")
+        raise ValueError(
+            f"attention expects q [B,Lq,N,D], k/v [B,Lk,N,D]; got {q.shape}, {k.shape}, {v.shape}"
+        )
     chosen = resolve_backend(backend, q)
     if chosen == "flash":
         return _flash(q, k, v)

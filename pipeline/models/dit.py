@@ -190,8 +190,13 @@ class WanSelfAttention(nn.Module):
         self.norm_k = WanRMSNorm(dim, eps=eps)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, ...], backend: Backend, region_masks: Tensor | None,
-        sp: SequenceParallel | None = None, grid: tuple[int, int, int] | None = None,
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, ...],
+        backend: Backend,
+        region_masks: Tensor | None,
+        sp: SequenceParallel | None = None,
+        grid: tuple[int, int, int] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """x [B, L, D] -> ([B, L, D], speaker map [B, 3, L] when `region_masks` [3, S] is given).
 
@@ -273,7 +278,9 @@ class AudioCrossAttention(nn.Module):
     to the speaker whose first-frame region it attends to most.
     """
 
-    def __init__(self, dim: int, audio_dim: int, num_heads: int, class_range: int, class_interval: int) -> None:
+    def __init__(
+        self, dim: int, audio_dim: int, num_heads: int, class_range: int, class_interval: int
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -285,7 +292,13 @@ class AudioCrossAttention(nn.Module):
         self.background = float(class_range // 2)
 
     def forward(
-        self, x: Tensor, audio: Tensor, grid: tuple[int, int, int], speakers: int, speaker_map: Tensor | None, backend: Backend,
+        self,
+        x: Tensor,
+        audio: Tensor,
+        grid: tuple[int, int, int],
+        speakers: int,
+        speaker_map: Tensor | None,
+        backend: Backend,
         sp: SequenceParallel | None = None,
     ) -> Tensor:
         """x [B, L, D], audio [B, F, P·A, Da], speaker_map [B, 3, L] (P == 2) -> [B, L, D]."""
@@ -307,7 +320,9 @@ class AudioCrossAttention(nn.Module):
             audio_pos[: na // 2] = (self.speaker1[0] + self.speaker1[1]) / 2
             audio_pos = audio_pos.to(k.dtype)
             k = rope_1d(k.transpose(2, 3), audio_pos).transpose(2, 3)
-        out = attention(q.reshape(b * f, s, n, d), k.reshape(b * f, na, n, d), v.reshape(b * f, na, n, d), backend=backend)
+        out = attention(
+            q.reshape(b * f, s, n, d), k.reshape(b * f, na, n, d), v.reshape(b * f, na, n, d), backend=backend
+        )
         return self.proj(out.reshape(b, seq, dim))
 
     def _speaker_positions(self, speaker_map: Tensor, sp: SequenceParallel | None = None) -> Tensor:
@@ -339,7 +354,9 @@ class WanAttentionBlock(nn.Module):
         self.norm3 = WanLayerNorm(dim, eps, elementwise_affine=True)
         self.cross_attn = WanI2VCrossAttention(dim, cfg.num_heads, eps, cfg.clip_tokens)
         self.norm2 = WanLayerNorm(dim, eps)
-        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim)
+        )
         self.modulation = nn.Parameter(torch.empty(1, 6, dim))
         self.audio_cross_attn = AudioCrossAttention(
             dim, cfg.output_dim, cfg.num_heads, cfg.class_range, cfg.class_interval
@@ -365,9 +382,9 @@ class WanAttentionBlock(nn.Module):
         With `sp`, x, rope and grid are this rank's share and `full_grid` the whole token grid.
         """
         dtype = x.dtype
-        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (
-            (self.modulation.float() + e0).chunk(6, dim=1)  # each [B, 1, D] fp32
-        )
+        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (self.modulation.float() + e0).chunk(
+            6, dim=1
+        )  # each [B, 1, D] fp32
         h = (self.norm1(x).float() * (1 + scale_msa) + shift_msa).to(dtype)
         y, speaker_map = self.self_attn(h, rope, backend, region_masks, sp, full_grid)
         x = (x + y * gate_msa).to(dtype)
@@ -396,7 +413,11 @@ class MLPProj(nn.Module):
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
         self.proj = nn.Sequential(
-            nn.LayerNorm(in_dim), nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, out_dim), nn.LayerNorm(out_dim)
+            nn.LayerNorm(in_dim),
+            nn.Linear(in_dim, in_dim),
+            nn.GELU(),
+            nn.Linear(in_dim, out_dim),
+            nn.LayerNorm(out_dim),
         )
 
     def forward(self, clip_fea: Tensor) -> Tensor:
@@ -457,12 +478,16 @@ class InfiniteTalkDiT(nn.Module):
     attributes that can be changed after loading.
     """
 
-    def __init__(self, cfg: DiTConfig, *, rope: RopeMode = "exact", attention_backend: Backend = "auto") -> None:
+    def __init__(
+        self, cfg: DiTConfig, *, rope: RopeMode = "exact", attention_backend: Backend = "auto"
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         dim = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+        )
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
         self.blocks = nn.ModuleList([WanAttentionBlock(cfg) for _ in range(cfg.num_layers)])
@@ -543,7 +568,9 @@ class InfiniteTalkDiT(nn.Module):
 
         # 3. context: [B, Li + text_len, D], image tokens first
         if context.ndim != 3 or context.shape[1] > cfg.text_len or context.shape[0] != b:
-            raise ValueError(f"context must be [B={b}, <= {cfg.text_len}, {cfg.text_dim}], got {tuple(context.shape)}")
+            raise ValueError(
+                f"context must be [B={b}, <= {cfg.text_len}, {cfg.text_dim}], got {tuple(context.shape)}"
+            )
         context = F.pad(context.to(dtype), (0, 0, 0, cfg.text_len - context.shape[1]))
         context = torch.cat([self.img_emb(clip_fea.to(dtype)), self.text_embedding(context)], dim=1).to(dtype)
 
@@ -561,13 +588,34 @@ class InfiniteTalkDiT(nn.Module):
         sp = self.sequence_parallel
         if sp is None:
             for block in self.blocks:
-                tokens = block(tokens, e0, grid, rope, context, audio_tokens, speakers, region_masks, self.attention_backend)
+                tokens = block(
+                    tokens,
+                    e0,
+                    grid,
+                    rope,
+                    context,
+                    audio_tokens,
+                    speakers,
+                    region_masks,
+                    self.attention_backend,
+                )
         else:  # this rank's whole latent frames: [B, L_r, D]
             tokens, rope, local = sp.shard(tokens, rope, grid)
             local_audio = audio_tokens[:, sp.local_frames(grid)]  # [B, F_r, P·A, Da]
             for block in self.blocks:
-                tokens = block(tokens, e0, local, rope, context, local_audio, speakers, region_masks,
-                               self.attention_backend, sp, grid)
+                tokens = block(
+                    tokens,
+                    e0,
+                    local,
+                    rope,
+                    context,
+                    local_audio,
+                    speakers,
+                    region_masks,
+                    self.attention_backend,
+                    sp,
+                    grid,
+                )
 
         # 7. head and unpatchify: [B, L, p·C] -> [B, C, F, H, W]
         out = self.head(tokens, e)
@@ -582,7 +630,9 @@ class InfiniteTalkDiT(nn.Module):
         cfg = self.cfg
         expected = (cfg.audio_window, cfg.audio_blocks, cfg.audio_channels)
         if audio.ndim != 6 or audio.shape[0] != b or tuple(audio.shape[3:]) != expected:
-            raise ValueError(f"audio must be [B={b}, P, Fa, {', '.join(map(str, expected))}], got {tuple(audio.shape)}")
+            raise ValueError(
+                f"audio must be [B={b}, P, Fa, {', '.join(map(str, expected))}], got {tuple(audio.shape)}"
+            )
         speakers, fa = audio.shape[1], audio.shape[2]
         if speakers not in (1, 2):
             raise ValueError(f"1 or 2 speakers are supported, audio has {speakers}")
@@ -594,7 +644,9 @@ class InfiniteTalkDiT(nn.Module):
         first, rest = regroup_audio_windows(flat, cfg.audio_window, cfg.vae_scale)
         tokens = self.audio_proj(first, rest)  # [B·P, F, A, Da]
         tokens = tokens.view(b, speakers, n_frames, cfg.context_tokens, cfg.output_dim)
-        return tokens.transpose(1, 2).reshape(b, n_frames, speakers * cfg.context_tokens, cfg.output_dim), speakers
+        return tokens.transpose(1, 2).reshape(
+            b, n_frames, speakers * cfg.context_tokens, cfg.output_dim
+        ), speakers
 
     def _region_masks(
         self, masks: Tensor | None, grid: tuple[int, int, int], device: torch.device, dtype: torch.dtype
@@ -608,11 +660,15 @@ class InfiniteTalkDiT(nn.Module):
         if masks.ndim != 3 or masks.shape[0] != 3:
             raise ValueError(f"ref_target_masks must be [3, H, W], got {tuple(masks.shape)}")
         _, n_h, n_w = grid
-        small = F.interpolate(masks[None].to(device=device, dtype=torch.float32), size=(n_h, n_w), mode="nearest")[0]
+        small = F.interpolate(
+            masks[None].to(device=device, dtype=torch.float32), size=(n_h, n_w), mode="nearest"
+        )[0]
         return (small > 0).view(3, -1).to(dtype)  # [3, S]
 
 
-def build_dit(cfg: DiTConfig, *, device: torch.device | str = "meta", dtype: torch.dtype = torch.float32) -> InfiniteTalkDiT:
+def build_dit(
+    cfg: DiTConfig, *, device: torch.device | str = "meta", dtype: torch.dtype = torch.float32
+) -> InfiniteTalkDiT:
     """An uninitialised DiT (meta device by default: no memory until weights are assigned)."""
     with torch.device(device):
         model = InfiniteTalkDiT(cfg)

@@ -176,14 +176,26 @@ def test_page_follows_a_job_from_queue_to_video(
             assert carol is not None and carol.name == "carol-podcast"
             page.wait_for(f"!!document.querySelector(\"#running-list [data-key='{carol.id}']\")")
             # a transient failure: back in the queue, waiting for its retry
-            again.transition(carol.id, "running", "retry_wait", next_attempt_at=again.clock() + 60,
-                             error_code="CUDA_OOM", error_message="CUDA out of memory")
+            again.transition(
+                carol.id,
+                "running",
+                "retry_wait",
+                next_attempt_at=again.clock() + 60,
+                error_code="CUDA_OOM",
+                error_message="CUDA out of memory",
+            )
             row = f"#queue-list [data-key='{carol.id}']"
             page.wait_for(f"{_text(row)}.includes('retry 1 at')")
-            assert page.evaluate(f"document.querySelector(\"{row} .pos\").textContent") == "retry"
+            assert page.evaluate(f'document.querySelector("{row} .pos").textContent') == "retry"
             # then it fails for good: listed with its code and message
-            again.transition(carol.id, "retry_wait", "failed", finished_at=again.clock(),
-                             error_code="CRASH_LOOP", error_message="the worker died 3 times on this job")
+            again.transition(
+                carol.id,
+                "retry_wait",
+                "failed",
+                finished_at=again.clock(),
+                error_code="CRASH_LOOP",
+                error_message="the worker died 3 times on this job",
+            )
             failed = f"#problems-list [data-key='{carol.id}']"
             page.wait_for(f"{_text(failed)}.includes('CRASH_LOOP')")
             assert "the worker died 3 times" in page.evaluate(_text(failed))

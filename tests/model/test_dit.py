@@ -28,7 +28,9 @@ def make_inputs(cfg, speakers: int = 1, batch: int = 1, seed: int = 0) -> dict[s
         "context": torch.randn(batch, 5, cfg.text_dim, generator=g),
         "clip_fea": torch.randn(batch, cfg.clip_tokens, cfg.clip_dim, generator=g),
         "y": torch.randn(batch, 20, f, h, w, generator=g),
-        "audio": torch.randn(batch, speakers, 9, cfg.audio_window, cfg.audio_blocks, cfg.audio_channels, generator=g),
+        "audio": torch.randn(
+            batch, speakers, 9, cfg.audio_window, cfg.audio_blocks, cfg.audio_channels, generator=g
+        ),
         "ref_target_masks": masks,
     }
 
@@ -71,9 +73,8 @@ def test_one_speaker_skips_the_region_map(model, cfg, monkeypatch: pytest.Monkey
     monkeypatch.setattr(dit_module, "region_attention_map", forbidden)
     with torch.no_grad():
         model(**make_inputs(cfg, speakers=1))
-    with pytest.raises(AssertionError, match="region attention map"):
-        with torch.no_grad():
-            model(**make_inputs(cfg, speakers=2))
+    with pytest.raises(AssertionError, match="region attention map"), torch.no_grad():
+        model(**make_inputs(cfg, speakers=2))
 
 
 def test_region_map_equals_softmax_then_masked_mean() -> None:

@@ -47,7 +47,9 @@ def test_fixtures_match_the_tiny_weights(tiny_weights_dir: Path) -> None:
 @pytest.mark.parametrize("rope", ["exact", "fast"])
 def test_dit_matches_reference(tiny_weights_dir: Path, dit_cfg, name: str, variant: str, rope: str) -> None:
     data, _ = read_fixture(name)
-    model = load_dit(tiny_weights_dir, dit_cfg, variant=variant, dtype=torch.float32, rope=rope, attention_backend="sdpa")
+    model = load_dit(
+        tiny_weights_dir, dit_cfg, variant=variant, dtype=torch.float32, rope=rope, attention_backend="sdpa"
+    )
     with torch.no_grad():
         out = model(**{k: data[k] for k in INPUTS})
     assert out.dtype == torch.float32 and out.shape == data["out"].shape
@@ -57,8 +59,12 @@ def test_dit_matches_reference(tiny_weights_dir: Path, dit_cfg, name: str, varia
 def test_lora_merge_matches_reference(tiny_weights_dir: Path, dit_cfg) -> None:
     data, meta = read_fixture("lora")
     model = load_dit(
-        tiny_weights_dir, dit_cfg, dtype=torch.float32, lora=tiny_weights_dir / LORA_FILE,
-        lora_scale=float(meta["lora_scale"]), attention_backend="sdpa",
+        tiny_weights_dir,
+        dit_cfg,
+        dtype=torch.float32,
+        lora=tiny_weights_dir / LORA_FILE,
+        lora_scale=float(meta["lora_scale"]),
+        attention_backend="sdpa",
     )
     state = model.state_dict()
     for key in (k for k in data if k.startswith("merged.")):

@@ -31,11 +31,19 @@ def test_merge_adds_scaled_deltas_and_ignores_alpha() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     lora = lora_for(model, gen)
     report = merge_lora(model, lora, scale=1.5)
-    down, up = lora["diffusion_model.blocks.0.q.lora_down.weight"], lora["diffusion_model.blocks.0.q.lora_up.weight"]
+    down, up = (
+        lora["diffusion_model.blocks.0.q.lora_down.weight"],
+        lora["diffusion_model.blocks.0.q.lora_up.weight"],
+    )
     after = model.state_dict()
     torch.testing.assert_close(after["blocks.0.q.weight"], before["blocks.0.q.weight"] + 1.5 * up @ down)
-    torch.testing.assert_close(after["blocks.0.q.bias"], before["blocks.0.q.bias"] + 1.5 * lora["diffusion_model.blocks.0.q.diff_b"])
-    torch.testing.assert_close(after["blocks.0.norm.weight"], before["blocks.0.norm.weight"] + 1.5 * lora["diffusion_model.blocks.0.norm.diff"])
+    torch.testing.assert_close(
+        after["blocks.0.q.bias"], before["blocks.0.q.bias"] + 1.5 * lora["diffusion_model.blocks.0.q.diff_b"]
+    )
+    torch.testing.assert_close(
+        after["blocks.0.norm.weight"],
+        before["blocks.0.norm.weight"] + 1.5 * lora["diffusion_model.blocks.0.norm.diff"],
+    )
     assert report.applied == 3 and report.skipped == ("diffusion_model.blocks.0.q.alpha",)
     x = torch.randn(3, 8, generator=gen)
     base = nn.functional.linear(x, before["blocks.0.q.weight"], before["blocks.0.q.bias"])

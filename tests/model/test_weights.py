@@ -94,7 +94,9 @@ def test_official_fp8_file_loads_close_to_float32(tiny_weights_dir: Path, cfg) -
 
 def test_fp8_file_coverage_is_checked(weights_copy: Path, cfg) -> None:
     q_file, _ = quant_files(weights_copy, "single")
-    edit_safetensors(q_file, lambda s: (s.pop("blocks.0.self_attn.o.weight._scale"), s.pop("head.modulation")))
+    edit_safetensors(
+        q_file, lambda s: (s.pop("blocks.0.self_attn.o.weight._scale"), s.pop("head.modulation"))
+    )
     with pytest.raises(WeightsError) as info:
         load_dit(weights_copy, cfg, dtype=torch.float32, quant="fp8")
     assert set(info.value.missing) == {"blocks.0.self_attn.o.weight._scale", "head.modulation"}
@@ -143,7 +145,9 @@ def test_swap_audio_weights_is_strict(weights_copy: Path, cfg) -> None:
     from pipeline.weights import swap_audio_weights
 
     model = load_dit(weights_copy, cfg, dtype=torch.float32)
-    edit_safetensors(weights_copy / "InfiniteTalk" / "multi" / "infinitetalk.safetensors",
-                     lambda s: s.pop("blocks.1.norm_x.bias"))
+    edit_safetensors(
+        weights_copy / "InfiniteTalk" / "multi" / "infinitetalk.safetensors",
+        lambda s: s.pop("blocks.1.norm_x.bias"),
+    )
     with pytest.raises(WeightsError, match="missing keys: blocks.1.norm_x.bias"):
         swap_audio_weights(model, weights_copy, "multi")

@@ -30,12 +30,22 @@ def weights_copy(tiny_weights_dir: Path, tmp_path: Path) -> Path:
 def test_cli_tiny_then_check_in_a_fresh_process(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = tmp_path / "weights"
-    done = subprocess.run([sys.executable, "-m", "daemon.cli", "weights", "tiny", str(out)],
-                          capture_output=True, text=True, cwd=tmp_path, env=env)
+    done = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "weights", "tiny", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     assert "wrote tiny weights" in done.stdout
-    done = subprocess.run([sys.executable, "-m", "daemon.cli", "weights", "check", str(out)],
-                          capture_output=True, text=True, cwd=tmp_path, env=env)
+    done = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "weights", "check", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "result: OK" in done.stdout and "InfiniteTalk/multi/infinitetalk.safetensors" in done.stdout
 
@@ -52,7 +62,10 @@ def test_check_reports_missing_and_wrong(weights_copy: Path, capsys: pytest.Capt
     text = capsys.readouterr().out
     assert "MISSING  Wan2.1-I2V-14B-480P/diffusion_pytorch_model-00003-of-00007.safetensors" in text
     assert "MISSING  Wan2.1-I2V-14B-480P/ (all shards): missing keys:" in text
-    assert "WRONG    InfiniteTalk/multi/infinitetalk.safetensors: wrong shapes: audio_proj.proj3.bias [5]" in text
+    assert (
+        "WRONG    InfiniteTalk/multi/infinitetalk.safetensors: wrong shapes: audio_proj.proj3.bias [5]"
+        in text
+    )
     assert "MISSING  Wan2.1-I2V-14B-480P/Wan2.1_VAE.pth: file not present" in text
     assert "result: 4 problem(s)" in text
 
@@ -64,7 +77,9 @@ def test_check_flags_a_non_fp8_quantized_weight(weights_copy: Path) -> None:
     save_file(state, str(q))
     report = check_weights(weights_copy)
     assert not report.ok
-    assert any(f.status == "wrong" and "blocks.0.ffn.0.weight._data BF16" in f.detail for f in report.findings)
+    assert any(
+        f.status == "wrong" and "blocks.0.ffn.0.weight._data BF16" in f.detail for f in report.findings
+    )
 
 
 def test_check_of_an_empty_folder_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -83,8 +98,12 @@ def test_full_size_layout_is_judged_from_config_json(weights_copy: Path) -> None
 def test_download_plan_and_layout(tmp_path: Path) -> None:
     calls = []
 
-    def fake_snapshot_download(*, repo_id: str, revision: str | None, local_dir: str, allow_patterns: list[str]) -> str:
-        calls.append((repo_id, revision, Path(local_dir).relative_to(tmp_path).as_posix(), tuple(allow_patterns)))
+    def fake_snapshot_download(
+        *, repo_id: str, revision: str | None, local_dir: str, allow_patterns: list[str]
+    ) -> str:
+        calls.append(
+            (repo_id, revision, Path(local_dir).relative_to(tmp_path).as_posix(), tuple(allow_patterns))
+        )
         return local_dir
 
     download_weights(tmp_path, downloader=fake_snapshot_download)

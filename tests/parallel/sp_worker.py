@@ -26,7 +26,13 @@ def make_inputs(cfg, *, speakers: int, frames: int, batch: int = 1, seed: int = 
         "clip_fea": torch.randn(batch, cfg.clip_tokens, cfg.clip_dim, generator=g),
         "y": torch.randn(batch, 20, frames, h, w, generator=g),
         "audio": torch.randn(
-            batch, speakers, 4 * (frames - 1) + 1, cfg.audio_window, cfg.audio_blocks, cfg.audio_channels, generator=g
+            batch,
+            speakers,
+            4 * (frames - 1) + 1,
+            cfg.audio_window,
+            cfg.audio_blocks,
+            cfg.audio_channels,
+            generator=g,
         ),
         "ref_target_masks": masks,
     }
@@ -62,8 +68,10 @@ def rank_main(rank: int, world_size: int, port: int, weights_dir: str, out_dir: 
     from pipeline import parallel
 
     torch.set_num_threads(1)
-    parallel.init_group(parallel.Rendezvous(rank=rank, world_size=world_size, local_rank=rank, master_port=port),
-                        backend="gloo")
+    parallel.init_group(
+        parallel.Rendezvous(rank=rank, world_size=world_size, local_rank=rank, master_port=port),
+        backend="gloo",
+    )
     try:
         cfg, model = load_model(Path(weights_dir))
         sp = parallel.SequenceParallel()

@@ -16,9 +16,19 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_cpu_smoke_report(tmp_path: Path, speakers: int) -> None:
     out = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "bench_multi_gpu.py"), "--cpu-smoke", "--speakers", str(speakers),
-         "--json", str(out)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "tools" / "bench_multi_gpu.py"),
+            "--cpu-smoke",
+            "--speakers",
+            str(speakers),
+            "--json",
+            str(out),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())

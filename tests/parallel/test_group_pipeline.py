@@ -28,14 +28,25 @@ def _frames(video: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def request_two(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("job")
-    bundle = make_job_bundle(root / "duo", kind="two_para", duration_s=1.5, sample_steps=2, mode="clip", seed=5,
-                             image_size=(96, 48))
+    bundle = make_job_bundle(
+        root / "duo",
+        kind="two_para",
+        duration_s=1.5,
+        sample_steps=2,
+        mode="clip",
+        seed=5,
+        image_size=(96, 48),
+    )
     return load_job(bundle / "job.json").to_request(bundle)
 
 
-def test_group_renders_like_one_process_and_agrees_on_stops(tmp_path: Path, tiny_weights_dir: Path,
-                                                            request_two, monkeypatch: pytest.MonkeyPatch,
-                                                            request: pytest.FixtureRequest) -> None:
+def test_group_renders_like_one_process_and_agrees_on_stops(
+    tmp_path: Path,
+    tiny_weights_dir: Path,
+    request_two,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+) -> None:
     from pipeline.pipeline import InfiniteTalkPipeline
 
     # one CPU thread everywhere (the follower inherits it): the same summation order on every rank
@@ -47,8 +58,9 @@ def test_group_renders_like_one_process_and_agrees_on_stops(tmp_path: Path, tiny
     single.generate(request_two, tmp_path / "single.mp4")
     del single
 
-    group = GroupPipeline.start(GroupSpec(weights_dir=str(tiny_weights_dir), devices=("cpu", "cpu"), dtype="fp32",
-                                           timeout_s=120))
+    group = GroupPipeline.start(
+        GroupSpec(weights_dir=str(tiny_weights_dir), devices=("cpu", "cpu"), dtype="fp32", timeout_s=120)
+    )
     try:
         assert group.describe()["sequence_parallel"] == 2
         # 1. the same video as one process (and the follower's checkpoint copy is cleaned up)

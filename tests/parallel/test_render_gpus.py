@@ -24,9 +24,27 @@ def _render(job: Path, out: Path, weights: Path, gpus: int, cwd: Path) -> subpro
     for key in ("INFINITETALK_CONFIG", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
     return subprocess.run(
-        [sys.executable, "-m", "daemon", "render", str(job), "-o", str(out), "--weights", str(weights),
-         "--device", "cpu", "--gpus", str(gpus), "-q"],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "daemon",
+            "render",
+            str(job),
+            "-o",
+            str(out),
+            "--weights",
+            str(weights),
+            "--device",
+            "cpu",
+            "--gpus",
+            str(gpus),
+            "-q",
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -36,8 +54,15 @@ def _frames(video: Path) -> np.ndarray:
 
 
 def test_two_rank_render_equals_one_rank(tmp_path: Path, tiny_weights_dir: Path) -> None:
-    bundle = make_job_bundle(tmp_path / "duo", kind="two_para", duration_s=1.5, sample_steps=2, mode="clip",
-                             seed=5, image_size=(96, 48))
+    bundle = make_job_bundle(
+        tmp_path / "duo",
+        kind="two_para",
+        duration_s=1.5,
+        sample_steps=2,
+        mode="clip",
+        seed=5,
+        image_size=(96, 48),
+    )
     job = bundle / "job.json"
     one = _render(job, tmp_path / "one.mp4", tiny_weights_dir, 1, tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]

@@ -51,7 +51,9 @@ def test_ranks_really_communicated(two_rank_outputs, tiny_weights_dir: Path) -> 
     cfg, _ = sp_worker.load_model(tiny_weights_dir)
     calls, sent = (int(v) for v in two_rank_outputs[0]["stats"])
     # per block: 2 all-to-alls; two-speaker cases add a broadcast and an all-reduce; 1 gather per forward
-    per_forward = [cfg.num_layers * (2 + (2 if speakers == 2 else 0)) + 1 for _, speakers, *_ in sp_worker.CASES]
+    per_forward = [
+        cfg.num_layers * (2 + (2 if speakers == 2 else 0)) + 1 for _, speakers, *_ in sp_worker.CASES
+    ]
     assert calls == sum(per_forward)
     assert sent > 0
 

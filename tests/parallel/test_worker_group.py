@@ -30,17 +30,33 @@ def _wait(worker: WorkerHandle, kinds: set[str], timeout_s: float) -> tuple:
 
 
 def test_worker_runs_a_job_on_a_two_rank_group(tmp_path: Path, tiny_weights_dir: Path) -> None:
-    bundle = make_job_bundle(tmp_path / "solo", kind="image", duration_s=1.5, sample_steps=1, mode="clip", seed=3)
+    bundle = make_job_bundle(
+        tmp_path / "solo", kind="image", duration_s=1.5, sample_steps=1, mode="clip", seed=3
+    )
     request = load_job(bundle / "job.json").to_request(bundle)
-    worker = WorkerHandle(WorkerConfig(weights_dir=tiny_weights_dir, device="cpu,cpu", dtype="fp32", max_running=1,
-                                       factory="pipeline.parallel_pipeline:from_worker_config"))
+    worker = WorkerHandle(
+        WorkerConfig(
+            weights_dir=tiny_weights_dir,
+            device="cpu,cpu",
+            dtype="fp32",
+            max_running=1,
+            factory="pipeline.parallel_pipeline:from_worker_config",
+        )
+    )
     worker.start()
     try:
         _, info = _wait(worker, {"ready"}, 180)
         assert info["sequence_parallel"] == 2 and info["device"] == "cpu,cpu"
         out = tmp_path / "out" / "solo.mp4"
-        worker.run(RunOrder(job_id="j1", request=request, out_path=out, poster_path=out.with_suffix(".jpg"),
-                            checkpoint_dir=tmp_path / "work" / "j1"))
+        worker.run(
+            RunOrder(
+                job_id="j1",
+                request=request,
+                out_path=out,
+                poster_path=out.with_suffix(".jpg"),
+                checkpoint_dir=tmp_path / "work" / "j1",
+            )
+        )
         message = _wait(worker, {"done"}, 300)
         assert message[1] == "j1"
         with av.open(str(out)) as c:

@@ -11,8 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = re.compile(r"<[0-7]>")
 #: the daemon unit's Environment= lines that keep library output to log lines

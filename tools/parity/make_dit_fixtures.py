@@ -123,19 +123,37 @@ def import_reference(ref: Path) -> tuple[types.ModuleType, types.ModuleType, typ
 
 def build_reference(model_mod: types.ModuleType, cfg) -> torch.nn.Module:  # noqa: ANN001
     wan_config = {
-        "model_type": "i2v", "dim": cfg.dim, "eps": cfg.eps, "ffn_dim": cfg.ffn_dim, "freq_dim": cfg.freq_dim,
-        "in_dim": cfg.in_dim, "num_heads": cfg.num_heads, "num_layers": cfg.num_layers, "out_dim": cfg.out_dim,
+        "model_type": "i2v",
+        "dim": cfg.dim,
+        "eps": cfg.eps,
+        "ffn_dim": cfg.ffn_dim,
+        "freq_dim": cfg.freq_dim,
+        "in_dim": cfg.in_dim,
+        "num_heads": cfg.num_heads,
+        "num_layers": cfg.num_layers,
+        "out_dim": cfg.out_dim,
         "text_len": cfg.text_len,
     }
     model = model_mod.WanModel(
-        weight_init=False, text_dim=cfg.text_dim, audio_window=cfg.audio_window, intermediate_dim=cfg.intermediate_dim,
-        output_dim=cfg.output_dim, context_tokens=cfg.context_tokens, vae_scale=cfg.vae_scale, **wan_config,
+        weight_init=False,
+        text_dim=cfg.text_dim,
+        audio_window=cfg.audio_window,
+        intermediate_dim=cfg.intermediate_dim,
+        output_dim=cfg.output_dim,
+        context_tokens=cfg.context_tokens,
+        vae_scale=cfg.vae_scale,
+        **wan_config,
     )
     # the reference fixes these widths (12 x 768 wav2vec2 features, 1280-wide CLIP): shrink them
     model.audio_proj = model_mod.AudioProjModel(
-        seq_len=cfg.audio_window, seq_len_vf=cfg.audio_window_vf, blocks=cfg.audio_blocks,
-        channels=cfg.audio_channels, intermediate_dim=cfg.intermediate_dim, output_dim=cfg.output_dim,
-        context_tokens=cfg.context_tokens, norm_output_audio=True,
+        seq_len=cfg.audio_window,
+        seq_len_vf=cfg.audio_window_vf,
+        blocks=cfg.audio_blocks,
+        channels=cfg.audio_channels,
+        intermediate_dim=cfg.intermediate_dim,
+        output_dim=cfg.output_dim,
+        context_tokens=cfg.context_tokens,
+        norm_output_audio=True,
     )
     model.img_emb = model_mod.MLPProj(cfg.clip_dim, cfg.dim)
     model.enable_teacache = False
@@ -161,7 +179,9 @@ def make_inputs(cfg, speakers: int, gen: torch.Generator) -> dict[str, torch.Ten
         "context": torch.randn(1, TEXT_TOKENS, cfg.text_dim, generator=gen),
         "clip_fea": torch.randn(1, cfg.clip_tokens, cfg.clip_dim, generator=gen),
         "y": torch.randn(1, cfg.in_dim - cfg.out_dim, f, h, w, generator=gen),
-        "audio": torch.randn(1, speakers, audio_frames, cfg.audio_window, cfg.audio_blocks, cfg.audio_channels, generator=gen),
+        "audio": torch.randn(
+            1, speakers, audio_frames, cfg.audio_window, cfg.audio_blocks, cfg.audio_channels, generator=gen
+        ),
     }
     masks = torch.zeros(3, h, w)
     if speakers == 2:  # person 1 left, person 2 right, both leaving a top row, background the rest
@@ -179,14 +199,22 @@ def run_reference(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> to
     seq_len = f * (h // 2) * (w // 2)
     with torch.no_grad():
         out = model(
-            [inputs["x"][0]], inputs["t"], [inputs["context"][0]], seq_len, clip_fea=inputs["clip_fea"],
-            y=[inputs["y"][0]], audio=inputs["audio"][0], ref_target_masks=inputs["ref_target_masks"],
+            [inputs["x"][0]],
+            inputs["t"],
+            [inputs["context"][0]],
+            seq_len,
+            clip_fea=inputs["clip_fea"],
+            y=[inputs["y"][0]],
+            audio=inputs["audio"][0],
+            ref_target_masks=inputs["ref_target_masks"],
         )
     return out  # [1, 16, F, H, W]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--ref", type=Path, default=Path("/work/ref"), help="MeiGen-AI/InfiniteTalk checkout")
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "fixtures" / "parity")
     args = parser.parse_args()
@@ -210,7 +238,9 @@ def main() -> None:
             load_reference_weights(model, weights, variant)
             inputs = make_inputs(cfg, speakers, gen)
             out = run_reference(model, inputs)
-            save_file({**inputs, "out": out.contiguous()}, str(args.out / f"{name}.safetensors"), metadata=meta)
+            save_file(
+                {**inputs, "out": out.contiguous()}, str(args.out / f"{name}.safetensors"), metadata=meta
+            )
             print(f"{name}: out {tuple(out.shape)} |out| {out.abs().mean():.4f}")
 
         model = build_reference(model_mod, cfg)
@@ -221,10 +251,20 @@ def main() -> None:
         inputs = make_inputs(cfg, 1, gen)
         out = run_reference(model, inputs)
         state = model.state_dict()
-        merged = {f"merged.{k}": state[k].contiguous() for k in ("blocks.0.ffn.0.weight", "blocks.1.norm3.weight",
-                                                                   "blocks.0.self_attn.q.bias", "head.head.bias")}
-        save_file({**inputs, "out": out.contiguous(), **merged}, str(args.out / "lora.safetensors"),
-                  metadata={**meta, "lora_scale": str(LORA_SCALE)})
+        merged = {
+            f"merged.{k}": state[k].contiguous()
+            for k in (
+                "blocks.0.ffn.0.weight",
+                "blocks.1.norm3.weight",
+                "blocks.0.self_attn.q.bias",
+                "head.head.bias",
+            )
+        }
+        save_file(
+            {**inputs, "out": out.contiguous(), **merged},
+            str(args.out / "lora.safetensors"),
+            metadata={**meta, "lora_scale": str(LORA_SCALE)},
+        )
         print(f"lora: out {tuple(out.shape)} |out| {out.abs().mean():.4f}")
 
 
