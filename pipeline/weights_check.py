@@ -312,7 +312,16 @@ def _check_encoders(root: Path, cfg: ModelConfig) -> list[Finding]:
     out: list[Finding] = []
     out += _check_file(root, f"{WAN_DIR}/{VAE_FILE}", pth_header, vae.checkpoint_shapes(cfg.vae))
     out += _check_file(root, f"{WAN_DIR}/{T5_FILE}", pth_header, t5.checkpoint_shapes(cfg.t5))
-    out += _check_file(root, f"{WAN_DIR}/{CLIP_FILE}", pth_header, clip.checkpoint_shapes(cfg.clip))
+    clip_rel = f"{WAN_DIR}/{CLIP_FILE}"
+    clip_findings = _check_file(root, clip_rel, pth_header, clip.checkpoint_shapes(cfg.clip))
+    out += clip_findings
+    if (root / clip_rel).is_file() and all(f.status == "ok" for f in clip_findings):
+        unused = ", ".join(p.rstrip(".") for p in clip.unused_prefixes(cfg.clip))
+        out.append(
+            Finding(
+                path=clip_rel, status="note", detail=f"present but not used by the visual features: {unused}"
+            )
+        )
     for rel in (T5_TOKENIZER, CLIP_TOKENIZER):
         folder = root / WAN_DIR / rel
         files = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []

@@ -126,3 +126,10 @@ def test_download_dry_run_prints_the_plan(tmp_path: Path, capsys: pytest.Capture
     out = capsys.readouterr().out
     assert "TencentGameMate/chinese-wav2vec2-base @ refs/pr/1" in out and "MeiGen-AI/InfiniteTalk" in out
     assert list(tmp_path.iterdir()) == []
+
+
+def test_check_names_the_clip_tensors_it_does_not_use(tiny_weights_dir: Path) -> None:
+    report = check_weights(tiny_weights_dir)
+    notes = [f.detail for f in report.findings if f.status == "note" and "models_clip" in f.path]
+    assert report.ok and len(notes) == 1
+    assert "textual" in notes[0] and "visual.head" in notes[0]
