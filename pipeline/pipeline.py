@@ -256,7 +256,7 @@ class InfiniteTalkPipeline:
         is shared, so without quantization only the audio tensors are swapped in place."""
         if variant == self.variant:
             return
-        from pipeline.weights import audio_file
+        from pipeline.weights import swap_audio_weights
 
         if self.quant is not None:
             self.dit = None
@@ -279,13 +279,8 @@ class InfiniteTalkPipeline:
 
                 apply_perf(self.perf, dit=self.dit)
         else:
-            from safetensors import safe_open
-
-            params = dict(self.dit.named_parameters())
-            path = audio_file(self.weights_dir, variant)  # type: ignore[arg-type]
-            with safe_open(str(path), framework="pt", device="cpu") as f, torch.no_grad():
-                for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                    params[key].copy_(f.get_tensor(key).to(self.dtype))
+            with torch.no_grad():
+                swap_audio_weights(self.dit, self.weights_dir, variant)  # type: ignore[arg-type]
             self._remerge_lora_on_audio()
         self.variant = variant
         logger.info("DiT now uses the %s-speaker audio weights", "two" if variant == "multi" else "one")
