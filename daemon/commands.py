@@ -64,13 +64,15 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def _job_media(doc: Any) -> list[str]:
+    from daemon.jobs import SILENT
+
     names: list[str] = []
     if isinstance(doc, dict):
         if isinstance(doc.get("cond_video"), str):
             names.append(doc["cond_video"])
         audio = doc.get("cond_audio")
         if isinstance(audio, dict):
-            names += [v for v in audio.values() if isinstance(v, str)]
+            names += [v for v in audio.values() if isinstance(v, str) and v != SILENT]
     return names
 
 

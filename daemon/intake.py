@@ -38,7 +38,7 @@ from typing import Any
 from daemon import inbox as inbox_mod
 from daemon.config import Settings
 from daemon.errors import JobRejected, LedgerConflict
-from daemon.jobs import InvalidJob, JobSpec, parse_job, sha256_file
+from daemon.jobs import SILENT, InvalidJob, JobSpec, parse_job, sha256_file
 from daemon.ledger import JobRow, Ledger
 from daemon.outbox import Outbox, move
 
@@ -572,7 +572,7 @@ def dedupe_key(spec: JobSpec, hashes: dict[str, str]) -> str:
         settings.pop("seed", None)
     roles = {
         "cond_video": hashes[spec.cond_video],
-        **{person: hashes[path] for person, path in spec.cond_audio},
+        **{person: "silent" if path == SILENT else hashes[path] for person, path in spec.cond_audio},
     }
     blob = json.dumps({"inputs": roles, "settings": settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -603,7 +603,7 @@ def _loose_media_names(job_file: Path) -> set[str]:
         raw += list(audio.values())
     names = set()
     for value in raw:
-        if not isinstance(value, str):
+        if not isinstance(value, str) or value == SILENT:
             continue
         parts = [p for p in PurePosixPath(value.strip().replace("\\", "/")).parts if p not in ("", ".")]
         if parts and ".." not in parts and not value.startswith("/"):

@@ -38,6 +38,8 @@ SIZES = ("infinitetalk-480", "infinitetalk-720")
 MODES = ("streaming", "clip")
 AUDIO_TYPES = ("para", "add")
 PERSONS = ("person1", "person2")
+# the reference's marker for a silent speaker in a two-speaker job (zeros as long as the other's speech)
+SILENT = "None"
 #: the reference's shift rule when a job gives none and the defaults give none
 SHIFT_BY_SIZE = {"infinitetalk-480": 7.0, "infinitetalk-720": 11.0}
 SEED_LIMIT = 2**32  # seeds are 0 .. 2**32 - 1 (fits every RNG the pipeline seeds)
@@ -166,8 +168,9 @@ class JobSpec:
 
     @property
     def media_files(self) -> tuple[str, ...]:
-        """The job's media paths (relative), reference first, then the speakers in order."""
-        return (self.cond_video, *(path for _, path in self.cond_audio))
+        """The job's media paths (relative), reference first, then the speakers in order (a
+        silent speaker has no file)."""
+        return (self.cond_video, *(path for _, path in self.cond_audio if path != SILENT))
 
     @property
     def is_video(self) -> bool:
@@ -216,7 +219,7 @@ class JobSpec:
             prompt=self.prompt,
             negative_prompt=self.negative_prompt,
             cond_media=base / self.cond_video,
-            audio=tuple(base / path for _, path in self.cond_audio),
+            audio=tuple(None if path == SILENT else base / path for _, path in self.cond_audio),
             audio_type=self.audio_type,  # type: ignore[arg-type]
             bbox=self.bbox,
             size=self.size,  # type: ignore[arg-type]
@@ -392,9 +395,18 @@ def _parse_audio(
     if "person1" not in value:
         c.add("missing_field", "cond_audio.person1", "cond_audio.person1 is required")
         return ()
+    if list(value.values()).count(SILENT) and (len(value) != 2 or list(value.values()).count(SILENT) != 1):
+        c.add(
+            "bad_value",
+            "cond_audio",
+            f'"{SILENT}" (a silent speaker) is only allowed for one of two speakers, got {value!r}',
+        )
+        return ()
     out = []
     for person in PERSONS:
-        if person in value:
+        if person in value and value[person] == SILENT:
+            out.append((person, SILENT))
+        elif person in value:
             rel = check_media_path(
                 value[person],
                 base_dir=base_dir,

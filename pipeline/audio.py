@@ -173,14 +173,21 @@ def compose(tracks: Sequence[np.ndarray], audio_type: str) -> tuple[tuple[np.nda
 
 
 def load_speech(
-    paths: Sequence[Path | str], audio_type: str = "para", *, min_seconds: float = MIN_SECONDS
+    paths: Sequence[Path | str | None], audio_type: str = "para", *, min_seconds: float = MIN_SECONDS
 ) -> Speech:
     """Load one or two speech files (person1, person2) ready for `audio_features`.
 
     Each file: decoded, 16 kHz mono, loudness-normalised; then composed by `audio_type`.
     `min_seconds` is checked per file (the caller passes what the model needs, e.g. frame_num / 25).
+    One of two speakers may be `None`: silent, zeros as long as the other's track (the reference's
+    `"None"` speaker; the zeros are not loudness-normalised).
     """
     if not 1 <= len(paths) <= 2:
         raise ValueError(f"load_speech takes one or two files, got {len(paths)}")
-    tracks, mix = compose([prepare_track(p, SAMPLE_RATE, min_seconds) for p in paths], audio_type)
-    return Speech(tracks=tracks, mix=mix)
+    if sum(p is None for p in paths) >= len(paths) or (len(paths) == 1 and paths[0] is None):
+        raise ValueError(f"at most one of two speakers can be silent (None), got {list(paths)}")
+    loaded = [None if p is None else prepare_track(p, SAMPLE_RATE, min_seconds) for p in paths]
+    speaking = next(t for t in loaded if t is not None)
+    tracks = [np.zeros(speaking.shape[0], np.float32) if t is None else t for t in loaded]
+    composed, mix = compose(tracks, audio_type)
+    return Speech(tracks=composed, mix=mix)

@@ -235,13 +235,18 @@ def audio_rate(path: Path) -> int:
         raise MediaError(path, f"cannot decode audio ({e})") from e
 
 
-def mix_original_audio(paths: Sequence[Path], audio_type: str, out_wav: Path) -> tuple[int, int]:
+def mix_original_audio(paths: Sequence[Path | None], audio_type: str, out_wav: Path) -> tuple[int, int]:
     """Write the output's audio track to `out_wav` (float32 stereo): the single track, or two
     speakers mixed as the job says (`para`: played together, summed, scaled down only if the sum
     would clip; `add`: person 1 then person 2). Returns (sample rate, samples). The rate is the
-    first track's when AAC supports it, else 48 kHz; other tracks are resampled to it."""
+    first track's when AAC supports it, else 48 kHz; other tracks are resampled to it. A `None`
+    speaker (one of two) is silent for as long as the other speaks."""
     import soundfile as sf
 
+    if sum(p is None for p in paths) > 1 or (len(paths) == 1 and paths[0] is None):
+        raise ValueError(f"at most one of two speakers can be silent (None), got {list(paths)}")
+    if None in paths:
+        return _mix_with_silent(paths, audio_type, Path(out_wav))
     first = audio_rate(paths[0])
     rate = first if first in AAC_RATES else 48000
     out_wav = Path(out_wav)
@@ -276,6 +281,36 @@ def mix_original_audio(paths: Sequence[Path], audio_type: str, out_wav: Path) ->
     for part in parts:
         part.unlink()
     return rate, total
+
+
+def _mix_with_silent(paths: Sequence[Path | None], audio_type: str, out_wav: Path) -> tuple[int, int]:
+    """Two speakers, one of them silent: `para` is the speaking track alone; `add` is that track
+    with as long a silence before it (person 1 silent) or after it (person 2 silent)."""
+    import soundfile as sf
+
+    if audio_type not in ("para", "add"):
+        raise ValueError(f"audio_type must be 'para' or 'add', got {audio_type!r}")
+    speaking = next(p for p in paths if p is not None)
+    if audio_type == "para":
+        return mix_original_audio([speaking], audio_type, out_wav)
+    part = out_wav.with_name(f"{out_wav.stem}.speaking.wav")
+    rate, n = mix_original_audio([speaking], audio_type, part)
+    silence_first = paths[0] is None
+    with sf.SoundFile(out_wav, "w", samplerate=rate, channels=2, subtype="FLOAT") as out:
+        if silence_first:
+            _write_silence(out, n)
+        with sf.SoundFile(part) as src:
+            for block in src.blocks(blocksize=1 << 16, dtype="float32", always_2d=True):
+                out.write(block)
+        if not silence_first:
+            _write_silence(out, n)
+    part.unlink()
+    return rate, 2 * n
+
+
+def _write_silence(out: Any, n: int, block: int = 1 << 16) -> None:
+    for start in range(0, n, block):
+        out.write(np.zeros((min(block, n - start), 2), np.float32))
 
 
 def _sum_blocks(parts: Sequence[Path], total: int, block: int = 1 << 16) -> Iterator[np.ndarray]:

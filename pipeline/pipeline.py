@@ -310,7 +310,10 @@ class InfiniteTalkPipeline:
             raise ValueError(f"sample_steps must be at least 1, got {request.sample_steps}")
         if request.bbox is not None and len(request.bbox) != len(request.audio):
             raise ValueError(f"bbox: {len(request.bbox)} boxes for {len(request.audio)} speakers")
-        for name, path in [("cond_video", request.cond_media), *(("cond_audio", p) for p in request.audio)]:
+        if request.audio.count(None) and (len(request.audio) != 2 or request.audio.count(None) != 1):
+            raise ValueError(f"audio: only one of two speakers can be silent (None), got {request.audio}")
+        speaking = [p for p in request.audio if p is not None]
+        for name, path in [("cond_video", request.cond_media), *(("cond_audio", p) for p in speaking)]:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"{name}: file not found: {path}")
 
@@ -347,7 +350,7 @@ class InfiniteTalkPipeline:
         speech = load_speech(request.audio, request.audio_type)
         num_rows = speech.num_frames(FPS)
         if num_rows <= frame_num:
-            names = ", ".join(Path(p).name for p in request.audio)
+            names = ", ".join(Path(p).name for p in request.audio if p is not None)
             raise ValueError(
                 f"cond_audio: {names} gives {speech.duration_s:.2f} s of speech "
                 f"({num_rows} frames at {FPS} fps); "
@@ -425,7 +428,7 @@ class InfiniteTalkPipeline:
     def fingerprint(self, prepared: Prepared) -> str:
         """Identifies a render: request, input files (size, mtime) and model."""
         req = prepared.request
-        files = [req.cond_media, *req.audio]
+        files = [req.cond_media, *(p for p in req.audio if p is not None)]
         doc = {
             "request": {k: str(getattr(req, k)) for k in req.__dataclass_fields__},
             "files": [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in map(Path, files)],

@@ -24,14 +24,15 @@ class StopRequested(Exception):
 class GenerationRequest:
     """One render, fully resolved (defaults applied, seed drawn).
 
-    Media paths are absolute. `audio` holds one path (one speaker) or two (person1, person2).
+    Media paths are absolute. `audio` holds one path (one speaker) or two (person1, person2);
+    one of two may be None, a silent speaker (zeros as long as the other's speech).
     `bbox` is None or one box per speaker, `[row_min, col_min, row_max, col_max]` in pixels of
     the reference image, as the reference model takes it.
     """
 
     prompt: str
     cond_media: Path
-    audio: tuple[Path, ...]
+    audio: tuple[Path | None, ...]
     audio_type: AudioType = "para"
     bbox: tuple[tuple[float, float, float, float], ...] | None = None
     size: SizeBucket = "infinitetalk-480"

@@ -173,3 +173,31 @@ def test_wav2vec_folder_errors(tmp_path: Path, weights: Path) -> None:
         load_wav2vec(tmp_path)
     with pytest.raises(ValueError, match="hidden_size=16"):
         load_wav2vec(weights, Wav2VecConfig())
+
+
+@pytest.mark.parametrize("audio_type", ["add", "para"])
+@pytest.mark.parametrize("silent", [0, 1])
+def test_silent_speaker_matches_reference(
+    inputs: tuple[Path, Path], ref: dict[str, torch.Tensor], audio_type: str, silent: int
+) -> None:
+    """The reference's `"None"` speaker: zeros as long as the other's (loudness-normalised) track,
+    then composed as usual; `add` puts the silence before (person 1) or after (person 2) the speech."""
+    speaking = ref["single"].numpy()  # the reference's audio_prepare_single of inputs[0]
+    zeros = np.zeros_like(speaking)
+    paths: list[Path | None] = [inputs[0], inputs[0]]
+    paths[silent] = None
+    speech = load_speech(paths, audio_type)
+    given = [speaking, speaking]
+    given[silent] = zeros
+    if audio_type == "add":
+        expected = [np.concatenate([given[0], zeros]), np.concatenate([zeros, given[1]])]
+    else:
+        expected = given
+    for track, want in zip(speech.tracks, expected, strict=True):
+        assert track.shape == want.shape
+        assert np.abs(track - want).max() <= 1e-6 * np.abs(speaking).max()
+    assert not speech.tracks[silent].any()
+    assert speech.duration_s == pytest.approx(1.5 * (2 if audio_type == "add" else 1), abs=1e-3)
+    for bad in ([None], [None, None]):
+        with pytest.raises(ValueError, match="silent"):
+            load_speech(bad, audio_type)

@@ -166,6 +166,31 @@ def test_two_speakers(pipe, tmp_path: Path, kind: str) -> None:
     _check_mp4(res.video_path, frames=res.num_frames, size=(res.height, res.width))
 
 
+@pytest.mark.parametrize(("silent", "audio_type"), [("person2", "add"), ("person1", "para")])
+def test_a_silent_speaker(pipe, tmp_path: Path, silent: str, audio_type: str) -> None:
+    """The reference's `"None"` speaker renders: `add` doubles the length with silence after (or
+    before) the speech, `para` keeps it; the output's audio is silent where the speaker is."""
+    duration = 0.8 if audio_type == "add" else 1.5
+    bundle = make_job_bundle(tmp_path / "job", kind="two_add", duration_s=duration, seed=4, sample_steps=1)
+    doc = json.loads((bundle / "job.json").read_text())
+    doc["cond_audio"] = {"person1": "man.wav", "person2": "man.wav", silent: "None"}
+    doc["audio_type"] = audio_type
+    (bundle / "job.json").write_text(json.dumps(doc))
+    req = _request(bundle)
+    assert None in req.audio
+    res = pipe.generate(req, tmp_path / "silent.mp4")
+    expected = duration * (2 if audio_type == "add" else 1)
+    assert res.num_frames == int(expected * FPS)
+    _check_mp4(res.video_path, frames=res.num_frames, size=(res.height, res.width))
+    with av.open(str(res.video_path)) as c:
+        pcm = np.concatenate([f.to_ndarray().mean(axis=0) for f in c.decode(audio=0)])
+    half = pcm.shape[0] // 2
+    if audio_type == "add":  # person 2 silent: speech, then silence
+        assert np.abs(pcm[: half - 2048]).max() > 0.05 and np.abs(pcm[half + 2048 :]).max() < 1e-3
+    else:
+        assert np.abs(pcm).max() > 0.05
+
+
 def test_video_dubbing_with_a_scene_cut(pipe, tmp_path: Path) -> None:
     bundle = make_job_bundle(
         tmp_path / "job",

@@ -290,6 +290,31 @@ class DaemonProc:
             return self.query("SELECT * FROM jobs ORDER BY seq")
         return self.query("SELECT * FROM jobs WHERE name = ? ORDER BY seq", (name,))
 
+    def snapshot(self) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+        """All jobs and each job's event kinds, read in one transaction so they agree with each other
+        even while the daemon keeps writing (WAL readers see one consistent moment)."""
+        if not self.ledger_path.exists():
+            return [], {}
+        for attempt in range(20):
+            try:
+                conn = sqlite3.connect(f"file:{self.ledger_path}?mode=ro", uri=True, timeout=10)
+                try:
+                    conn.row_factory = sqlite3.Row
+                    conn.execute("BEGIN")
+                    jobs = [dict(r) for r in conn.execute("SELECT * FROM jobs ORDER BY seq")]
+                    kinds: dict[str, list[str]] = {}
+                    for r in conn.execute("SELECT job_id, kind FROM events ORDER BY id"):
+                        kinds.setdefault(r["job_id"], []).append(r["kind"])
+                    conn.execute("COMMIT")
+                    return jobs, kinds
+                finally:
+                    conn.close()
+            except sqlite3.OperationalError:
+                if attempt == 19:
+                    raise
+                time.sleep(0.1)
+        return [], {}
+
     def event_kinds(self, job_id: str) -> list[str]:
         return [
             r["kind"] for r in self.query("SELECT kind FROM events WHERE job_id = ? ORDER BY id", (job_id,))
@@ -390,7 +415,10 @@ def check_invariants(d: DaemonProc, *, idle: bool = True) -> dict[str, int]:
     - with the queue idle, `outbox/.partial/` holds nothing and every claimed input folder under
       `<state_dir>/jobs/` belongs to a ledger row.
     """
-    jobs = d.jobs()
+    # the outbox is listed before the ledger is read: a file is named in its row before it is moved
+    # into the outbox, so every file seen here must be referenced by the (later) ledger snapshot
+    outbox_files = sorted(c for c in d.outbox.iterdir() if c.is_file()) if d.outbox.is_dir() else []
+    jobs, events = d.snapshot()
     states = Counter(j["state"] for j in jobs)
     state_event = {
         "waiting": "waiting",
@@ -409,7 +437,7 @@ def check_invariants(d: DaemonProc, *, idle: bool = True) -> dict[str, int]:
         if j["state"] not in state_event:
             problems.append(f"job {j['id']} has unknown state {j['state']!r}")
             continue
-        kinds = [k for k in d.event_kinds(j["id"]) if k in state_event.values()]
+        kinds = [k for k in events.get(j["id"], []) if k in state_event.values()]
         if not kinds or kinds[-1] != state_event[j["state"]]:
             problems.append(
                 f"job {j['id']} ({j['name']}) is {j['state']} but its last state event is "
@@ -436,10 +464,9 @@ def check_invariants(d: DaemonProc, *, idle: bool = True) -> dict[str, int]:
     for key, n in done_keys.items():
         if n > 1:
             problems.append(f"{n} done jobs share the same inputs and settings (dedupe key {key[:12]})")
-    if d.outbox.is_dir():
-        for child in sorted(d.outbox.iterdir()):
-            if child.is_file() and os.path.realpath(child) not in referenced:
-                problems.append(f"outbox file {child.name} belongs to no job in the ledger")
+    for child in outbox_files:
+        if os.path.realpath(child) not in referenced and child.exists():
+            problems.append(f"outbox file {child.name} belongs to no job in the ledger")
     if idle:
         partial = d.outbox / ".partial"
         if partial.is_dir() and any(partial.iterdir()):

@@ -61,6 +61,32 @@ def test_bundle_and_loose_job_are_published(daemon: Daemon) -> None:
     assert not list((daemon.outbox / ".partial").iterdir())
 
 
+def test_a_silent_speaker_job_is_taken_and_published(daemon: Daemon) -> None:
+    """`"person2": "None"` (the reference's silent speaker) names no file: a bundle and a loose job
+    with it are claimed, hashed and published; no file called None is looked for or moved."""
+    for name, loose in (("duo", False), ("solo", True)):
+        if loose:
+            make_loose_job(daemon.inbox, name, kind="two_add", duration_s=1.0, seed=2)
+            job_file = daemon.inbox / f"{name}.json"
+        else:
+            staging = daemon.inbox / f".{name}.tmp"
+            make_job_bundle(staging, kind="two_add", duration_s=1.0, seed=3)
+            job_file = staging / "job.json"
+        doc = json.loads(job_file.read_text())
+        (job_file.parent / doc["cond_audio"]["person2"]).unlink()
+        doc["cond_audio"]["person2"] = "None"
+        job_file.write_text(json.dumps(doc))
+        if not loose:
+            os.rename(staging, daemon.inbox / name)
+    daemon.start()
+    for name in ("duo", "solo"):
+        job = daemon.wait_state(name, "done")
+        spec = json.loads(job["spec_json"])
+        assert spec["cond_audio"]["person2"] == "None"
+        assert len(json.loads(job["input_hashes_json"])) == 2  # the image and person 1's speech
+    assert sorted(p.name for p in daemon.inbox.iterdir()) == []
+
+
 def test_caps_hold_with_thirty_jobs(tmp_path: Path) -> None:
     d = Daemon(tmp_path, env={"FAKE_PIPELINE_STEP_S": "0.01"})
     staging = tmp_path / "staging"

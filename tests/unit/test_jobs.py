@@ -116,6 +116,24 @@ def test_two_speakers_full_settings_roundtrip(tmp_path: Path) -> None:
     assert req.bbox == spec.bbox and req.negative_prompt == ""
 
 
+def test_a_silent_speaker_is_the_reference_none(tmp_path: Path) -> None:
+    """`"None"` for one of two speakers: silent; it names no file, so nothing is hashed or moved."""
+    _files(tmp_path, "two.png", "man.wav")
+    doc = {"prompt": "p", "cond_video": "two.png", "cond_audio": {"person1": "man.wav", "person2": "None"}}
+    spec = parse_job(_raw(doc), base_dir=tmp_path)
+    assert spec.num_speakers == 2 and spec.cond_audio == (("person1", "man.wav"), ("person2", "None"))
+    assert spec.media_files == ("two.png", "man.wav")
+    assert JobSpec.from_dict(json.loads(spec.to_json())) == spec
+    assert spec.to_request(tmp_path).audio == (tmp_path.absolute() / "man.wav", None)
+    first = parse_job(_raw({**doc, "cond_audio": {"person1": "None", "person2": "man.wav"}}), base_dir=tmp_path)
+    assert first.to_request(tmp_path).audio == (None, tmp_path.absolute() / "man.wav")
+    for audio in ({"person1": "None"}, {"person1": "None", "person2": "None"}):
+        with pytest.raises(InvalidJob) as info:
+            parse_job(_raw({**doc, "cond_audio": audio}), base_dir=tmp_path)
+        assert _codes(info.value) == {"cond_audio": "bad_value"}
+        assert "None" in info.value.message and "silent" in info.value.message
+
+
 def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
     _files(tmp_path, "a.png", "b.txt")
     doc = {
