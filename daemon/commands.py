@@ -105,7 +105,7 @@ def submit(source: Path, inbox: Path, name: str | None = None) -> Path:
                     target = staging / rel
                     target.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(src, target)
-        for root, dirs, files in os.walk(staging):
+        for root, _dirs, files in os.walk(staging):
             # group read/write so the daemon (in the inbox's upload group) can claim the bundle by
             # renaming it: moving a folder needs write permission on the folder itself
             os.chmod(root, os.stat(root).st_mode | 0o070)

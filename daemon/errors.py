@@ -36,6 +36,11 @@ class LedgerConflict(DaemonError):
         )
 
 
+class StateDirFull(DaemonError):
+    """A ledger write waited for space in the state dir and the daemon was told to stop meanwhile;
+    the jobs left running are queued again at the next start."""
+
+
 class DaemonLocked(DaemonError):
     """Another daemon already holds the state directory's lock file."""
 

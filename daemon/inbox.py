@@ -109,7 +109,12 @@ def scan(inbox: Path) -> list[Entry]:
                     base_dir=path,
                 )
             )
-        elif name.lower().endswith(".json") and len(name) > 5 or stat.S_ISLNK(st.st_mode) and name.lower().endswith(".json"):
+        elif (
+            name.lower().endswith(".json")
+            and len(name) > 5
+            or stat.S_ISLNK(st.st_mode)
+            and name.lower().endswith(".json")
+        ):
             entries.append(
                 Entry(kind="loose", name=output_name(name[:-5]), path=path, job_file=path, base_dir=inbox)
             )
@@ -138,7 +143,7 @@ def bundle_files(bundle: Path) -> list[Path]:
 
 def has_temporary_files(bundle: Path) -> bool:
     """True while an upload tool still has temporary files (e.g. rsync's `.name.XXXXXX`) in a bundle."""
-    for root, dirs, files in os.walk(bundle, followlinks=False):
+    for _root, dirs, files in os.walk(bundle, followlinks=False):
         if any(
             is_temporary(n) and n not in (".DS_Store",) and not n.startswith("._") for n in (*dirs, *files)
         ):

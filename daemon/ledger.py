@@ -25,6 +25,7 @@ hold whatever the process does in memory.
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import sqlite3
@@ -194,7 +195,7 @@ class JobRow:
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> JobRow:
         names = {f.name for f in fields(cls)}
-        return cls(**{k: row[k] for k in row.keys() if k in names})
+        return cls(**{k: row[k] for k in row.keys() if k in names})  # noqa: SIM118 - sqlite3.Row iterates values
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -261,6 +262,31 @@ def connect(path: Path, *, readonly: bool = False, timeout_s: float = 30.0) -> s
     return conn
 
 
+def is_disk_full(e: BaseException) -> bool:
+    """An OSError ENOSPC or SQLite's "database or disk is full"."""
+    return getattr(e, "errno", None) == 28 or "disk is full" in str(e) or "SQLITE_FULL" in str(e)
+
+
+def _waits_when_full(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A write that, when the state dir is full, calls `ledger.on_full(error, attempt)` and tries
+    again (the failed transaction was rolled back, so the retry starts clean). Without `on_full`,
+    inside an outer transaction, or under `fail_fast()`, the error is raised as is."""
+
+    @functools.wraps(method)
+    def wrapper(self: Ledger, *args: Any, **kwargs: Any) -> Any:
+        attempt = 0
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except sqlite3.OperationalError as e:
+                if self.on_full is None or self._fail_fast or self.conn.in_transaction or not is_disk_full(e):
+                    raise
+                attempt += 1
+                self.on_full(e, attempt)
+
+    return wrapper
+
+
 class Ledger:
     """The daemon's write connection and every query it makes."""
 
@@ -269,6 +295,10 @@ class Ledger:
             raise RuntimeError(f"SQLite >= 3.35 is needed (RETURNING), found {sqlite3.sqlite_version}")
         self.path = path
         self.clock = clock
+        #: called as on_full(error, attempt) when a write finds the state dir full; it waits (and
+        #: returns, to try again) or raises to give up. None: the error is raised at once.
+        self.on_full: Callable[[BaseException, int], None] | None = None
+        self._fail_fast = 0
         self.conn = connect(path)
         self.db = sqlite_utils.Database(self.conn)
         self.migrate()
@@ -284,6 +314,15 @@ class Ledger:
             with self.tx():
                 MIGRATIONS[index](self.db)
                 self.conn.execute(f"PRAGMA user_version={index + 1}")
+
+    @contextmanager
+    def fail_fast(self) -> Iterator[None]:
+        """Writes in this block raise a full state dir at once instead of waiting (intake pauses)."""
+        self._fail_fast += 1
+        try:
+            yield
+        finally:
+            self._fail_fast -= 1
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
@@ -315,12 +354,14 @@ class Ledger:
         )
         return int(cur.lastrowid or 0)
 
+    @_waits_when_full
     def daemon_event(self, message: str, **data: Any) -> None:
         with self.tx():
             self._event(None, "daemon", {"message": message, **data})
 
     # ------------------------------------------------------------------ writes
 
+    @_waits_when_full
     def insert_job(
         self,
         *,
@@ -362,6 +403,7 @@ class Ledger:
             self._event(job_id, STATE_EVENT[state], _state_data(state, row, event_data))
         return self.get(job_id)
 
+    @_waits_when_full
     def transition(
         self,
         job_id: str,
@@ -404,6 +446,7 @@ class Ledger:
         self._event(job_id, STATE_EVENT[new], _state_data(new, dict(row), event_data))
         return JobRow.from_row(row)
 
+    @_waits_when_full
     def admit(self, job_id: str, *, max_queued: int, **columns: Any) -> JobRow | None:
         """`waiting -> queued` if fewer than `max_queued` are queued; None (still waiting) if full."""
         with self.tx():
@@ -413,6 +456,7 @@ class Ledger:
                 job_id, "waiting", "queued", queued_at=self.clock(), waiting_reason=None, **columns
             )
 
+    @_waits_when_full
     def requeue_due_retries(self, *, max_queued: int) -> list[JobRow]:
         """`retry_wait -> queued` for jobs whose backoff has passed, as room allows."""
         moved: list[JobRow] = []
@@ -440,6 +484,7 @@ class Ledger:
         ).fetchone()
         return JobRow.from_row(row) if row else None
 
+    @_waits_when_full
     def claim_next(self, *, max_running: int, job_id: str | None = None) -> JobRow | None:
         """`queued -> running` for the next job (priority, then arrival), or for `job_id`, if
         fewer than `max_running` run; None when the cap is reached or nothing is queued."""
@@ -472,6 +517,7 @@ class Ledger:
                 event_data={"attempt": row["attempts"] + 1},
             )
 
+    @_waits_when_full
     def set_waiting_reason(self, job_id: str, reason: str) -> None:
         """Update why a waiting job waits; writes a `waiting` event only when the reason changes."""
         with self.tx():
@@ -513,10 +559,12 @@ class Ledger:
             if cur.fetchone() is not None and event:
                 self._event(job_id, "progress", data)
 
+    @_waits_when_full
     def request_cancel(self, job_id: str) -> None:
         with self.tx():
             self.conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
 
+    @_waits_when_full
     def mark_deleted(self, job_id: str, *, reason: str) -> JobRow:
         """Outputs gone (by `delete` or by hand): the row stays, `deleted_at` is set, event `deleted`."""
         with self.tx():
@@ -529,6 +577,7 @@ class Ledger:
             self._event(job_id, "deleted", {"reason": reason})
         return JobRow.from_row(row)
 
+    @_waits_when_full
     def set_columns(self, job_id: str, **columns: Any) -> None:
         """Columns that are no state change (e.g. the job dir after a claim)."""
         bad = set(columns) - set(JOB_COLUMNS)
@@ -540,6 +589,7 @@ class Ledger:
                 (*columns.values(), job_id),
             )
 
+    @_waits_when_full
     def recover_running(self) -> list[JobRow]:
         """At start-up: jobs left `running` by a daemon that died go back to `queued` (attempt kept)."""
         with self.tx():
@@ -556,6 +606,7 @@ class Ledger:
                 for i in ids
             ]
 
+    @_waits_when_full
     def purge_finished_before(self, cutoff: float) -> int:
         """Retention: drop final rows (and their events) finished before `cutoff`."""
         with self.tx():
@@ -572,6 +623,7 @@ class Ledger:
                 self.conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         return len(ids)
 
+    @_waits_when_full
     def prune_progress_events(self, cutoff: float) -> int:
         """Drop the `progress` events of jobs that finished before `cutoff` (state events stay)."""
         with self.tx():

@@ -30,11 +30,12 @@ from typing import Any
 
 from daemon import control, retention
 from daemon.config import ConfigError, Settings, load_settings
-from daemon.errors import DaemonLocked, LedgerConflict
+from daemon.errors import DaemonLocked, LedgerConflict, StateDirFull
 from daemon.inbox import Watcher
 from daemon.intake import Intake, error_payload, model_min_audio_s
 from daemon.jobs import JobSpec
 from daemon.ledger import JobRow, Ledger
+from daemon.ledger import is_disk_full as _is_disk_full
 from daemon.outbox import Outbox
 from daemon.runner import RunOrder, WorkerConfig
 from daemon.sdnotify import Notifier
@@ -161,6 +162,8 @@ class Supervisor:
         self.last_status = ""
         #: monotonic time intake was last reported paused because the state dir is full (0: not paused)
         self.intake_paused_logged = 0.0
+        #: monotonic time a ledger write started waiting for space in the state dir (0: not waiting)
+        self.full_since = 0.0
         self.weights_dir = settings.weights_dir
         self.tiny = False
         self.intake: Intake | None = None
@@ -191,6 +194,7 @@ class Supervisor:
         for folder in (s.inbox, s.outbox, s.state_dir, s.jobs_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(s.ledger_path)
+        self.ledger.on_full = self._wait_for_space
         self.outbox.ensure()
         self._recover_interrupted_endings()
         self.outbox.clean_staging()
@@ -288,6 +292,8 @@ class Supervisor:
         self.wake.set()
         try:
             while True:
+                if self.full_since:
+                    self._space_returned()
                 if self.force.is_set():
                     self._force_stop()
                     return 0
@@ -342,6 +348,9 @@ class Supervisor:
                     continue
                 self._wait_workers(self.settings.tick_s)
                 self._handle_messages()
+        except StateDirFull as e:
+            logger.error("%s; jobs still running are queued again at the next start", e)
+            return 0
         finally:
             self._close()
 
@@ -787,8 +796,10 @@ class Supervisor:
     def _scan_inbox(self) -> None:
         """One intake scan; a full state dir (ledger or claimed inputs) pauses intake, not the daemon."""
         assert self.intake is not None
+        assert self.ledger is not None
         try:
-            self.intake.scan_once()
+            with self.ledger.fail_fast():
+                self.intake.scan_once()
         except (sqlite3.OperationalError, OSError) as e:
             if not _is_disk_full(e):
                 raise
@@ -803,6 +814,40 @@ class Supervisor:
         if self.intake_paused_logged:
             self.intake_paused_logged = 0.0
             logger.info("state dir has room again: intake resumed")
+
+    def _wait_for_space(self, error: BaseException, attempt: int) -> None:
+        """`Ledger.on_full`: a state change (job started, done, failed, requeued...) cannot be
+        written because the state dir is full. Wait for space, keep the watchdog fed and try again;
+        renders under way go on. Told to stop meanwhile, give up (`StateDirFull`): the jobs left
+        running are queued again at the next start."""
+        now = time.monotonic()
+        if attempt == 1:
+            if not self.full_since:
+                self.full_since = now
+                logger.error(
+                    "state dir %s is full (%s): ledger writes wait until space returns",
+                    self.settings.state_dir,
+                    error,
+                )
+            self.notifier.status(f"waiting for space: state dir {self.settings.state_dir} is full")
+        elif attempt % 60 == 0:
+            logger.error(
+                "state dir %s still full after %.0f s", self.settings.state_dir, now - self.full_since
+            )
+        if self.stop.is_set() or self.force.is_set():
+            raise StateDirFull(
+                f"state dir {self.settings.state_dir} is full and the daemon is stopping: {error}"
+            ) from error
+        self.notifier.ping_if_due()
+        self.stop.wait(min(1.0, 0.1 * attempt))
+
+    def _space_returned(self) -> None:
+        if self.full_since:
+            logger.info(
+                "state dir has room again after %.0f s: ledger writes go on",
+                time.monotonic() - self.full_since,
+            )
+            self.full_since = 0.0
 
     def _status_text(self) -> str:
         assert self.ledger is not None
@@ -892,8 +937,3 @@ def make_poster(video: Path, poster: Path) -> Path | None:
     except Exception as e:  # noqa: BLE001 - a missing poster is not worth failing a job for
         logger.warning("could not make a poster from %s: %s", video, e)
     return None
-
-
-def _is_disk_full(e: BaseException) -> bool:
-    """An OSError ENOSPC or SQLite's "database or disk is full"."""
-    return getattr(e, "errno", None) == 28 or "disk is full" in str(e) or "SQLITE_FULL" in str(e)

@@ -36,7 +36,41 @@ TINY_CLIP = clip.ClipConfig(
 TINY_WAV2VEC = wav2vec.Wav2VecConfig(hidden_size=16, num_layers=2)
 
 # Tokenizer vocabularies: SentencePiece-style pieces ("▁" marks a word start).
-_WORDS = ["a", "the", "is", "to", "of", "and", "in", "on", "at", "with", "man", "woman", "person", "people", "talking", "talks", "speaking", "camera", "studio", "bright", "dark", "light", "room", "video", "face", "smiling", "looking", "sitting", "standing", "two", "one", "singing", "says"]
+_WORDS = [
+    "a",
+    "the",
+    "is",
+    "to",
+    "of",
+    "and",
+    "in",
+    "on",
+    "at",
+    "with",
+    "man",
+    "woman",
+    "person",
+    "people",
+    "talking",
+    "talks",
+    "speaking",
+    "camera",
+    "studio",
+    "bright",
+    "dark",
+    "light",
+    "room",
+    "video",
+    "face",
+    "smiling",
+    "looking",
+    "sitting",
+    "standing",
+    "two",
+    "one",
+    "singing",
+    "says",
+]
 _CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()[]/&%")
 
 

@@ -134,3 +134,48 @@ def test_state_dir_full_then_space_returns(daemon_factory, mounts: list[Path]) -
     harness.check_invariants(d)
     harness.tally(d)
     d.stop()
+
+
+@pytest.mark.timeout(300)
+def test_state_dir_fills_while_a_job_renders(daemon_factory, mounts: list[Path]) -> None:  # type: ignore[no-untyped-def]
+    """The state dir fills mid-render: the render's checkpoint and the job's next state change
+    cannot be written. The daemon stays up (ledger writes wait for space, logged), publishes
+    nothing meanwhile, and once space returns the job ends done exactly once."""
+    from tests.helpers.media import make_job_bundle
+
+    d: DaemonProc = daemon_factory(
+        "staterun", max_attempts=30, retry_backoff_s=0.5, retry_backoff_max_s=1.0, defaults={"sample_steps": 4}
+    )
+    mount_tmpfs(d.state, "16m")
+    mounts.append(d.state)
+    d.start()
+    staged = d.inbox / ".long.staging"
+    make_job_bundle(staged, kind="image", duration_s=8.0, seed=13, image_size=(48, 40))
+    os.rename(staged, d.inbox / "long")
+
+    def rendering() -> bool:
+        d.assert_alive()
+        rows = d.jobs("long")
+        return bool(rows) and rows[-1]["state"] == "running" and (rows[-1]["chunk"] or 0) >= 1
+
+    harness.wait_for(rendering, 90, "the long job to be rendering its first chunks")
+    ballast = fill(d.state, 0)
+    harness.count("faults injected")
+
+    def waiting() -> bool:
+        d.assert_alive()
+        return "ledger writes wait until space returns" in d.log.read_text(errors="replace")
+
+    harness.wait_for(waiting, 120, "a state change to wait for space")
+    time.sleep(3)
+    d.assert_alive()
+    assert not (d.outbox / "long.mp4").exists()
+    ballast.unlink()
+    row = d.wait_state("long", ["done"], timeout_s=180)
+    assert Path(row["output_video"]).name == "long.mp4"
+    d.wait_idle()
+    assert published_names(d).count("long.mp4") == 1
+    assert "ledger writes go on" in d.log.read_text(errors="replace"), d.log_tail()
+    harness.check_invariants(d)
+    harness.tally(d)
+    d.stop()

@@ -125,7 +125,9 @@ def test_a_silent_speaker_is_the_reference_none(tmp_path: Path) -> None:
     assert spec.media_files == ("two.png", "man.wav")
     assert JobSpec.from_dict(json.loads(spec.to_json())) == spec
     assert spec.to_request(tmp_path).audio == (tmp_path.absolute() / "man.wav", None)
-    first = parse_job(_raw({**doc, "cond_audio": {"person1": "None", "person2": "man.wav"}}), base_dir=tmp_path)
+    first = parse_job(
+        _raw({**doc, "cond_audio": {"person1": "None", "person2": "man.wav"}}), base_dir=tmp_path
+    )
     assert first.to_request(tmp_path).audio == (None, tmp_path.absolute() / "man.wav")
     for audio in ({"person1": "None"}, {"person1": "None", "person2": "None"}):
         with pytest.raises(InvalidJob) as info:
