@@ -334,7 +334,10 @@ class Ledger:
         try:
             yield self.conn
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            # SQLite may already have rolled the transaction back itself (e.g. on SQLITE_FULL);
+            # a second ROLLBACK would hide the real error behind "no transaction is active"
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
             raise
         try:
             self.conn.execute("COMMIT")

@@ -144,7 +144,11 @@ def test_state_dir_fills_while_a_job_renders(daemon_factory, mounts: list[Path])
     from tests.helpers.media import make_job_bundle
 
     d: DaemonProc = daemon_factory(
-        "staterun", max_attempts=30, retry_backoff_s=0.5, retry_backoff_max_s=1.0, defaults={"sample_steps": 4}
+        "staterun",
+        max_attempts=30,
+        retry_backoff_s=0.5,
+        retry_backoff_max_s=1.0,
+        defaults={"sample_steps": 4},
     )
     mount_tmpfs(d.state, "16m")
     mounts.append(d.state)

@@ -183,3 +183,60 @@ def test_concurrent_claims_take_each_job_once(ledger: Ledger) -> None:
         p.join(30)
         assert p.exitcode == 0
     assert sorted(claimed) == sorted(ids)  # every job exactly once
+
+
+def _fill_to_the_last_page(ledger: Ledger) -> int:
+    """Cap the file at its current size (max_page_count) and fill what is left; returns the cap."""
+    pages = ledger.conn.execute("PRAGMA page_count").fetchone()[0]
+    ledger.conn.execute(f"PRAGMA max_page_count = {pages}")
+    for size in (2000, 200, 20, 1):
+        try:
+            while True:
+                with ledger.tx():
+                    ledger.conn.execute(
+                        "INSERT INTO events (job_id, at, kind, data_json) VALUES (NULL, 0, 'daemon', ?)",
+                        ("x" * size,),
+                    )
+        except sqlite3.OperationalError as e:
+            assert "full" in str(e)
+    return pages
+
+
+def test_a_full_database_waits_for_space_then_writes_once(ledger: Ledger) -> None:
+    """SQLITE_FULL for real (max_page_count caps the file): a state change calls on_full and tries
+    again after space returns, writing exactly one transition and one event; under fail_fast() or
+    without on_full the error is raised as is."""
+    job_id = _queued(ledger, "a")
+    pages = _fill_to_the_last_page(ledger)
+    calls: list[int] = []
+
+    def on_full(error: BaseException, attempt: int) -> None:
+        assert "full" in str(error)
+        calls.append(attempt)
+        if attempt == 3:  # space returns
+            ledger.conn.execute(f"PRAGMA max_page_count = {pages * 100}")
+
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        ledger.transition(job_id, "queued", "running")  # no on_full: raised at once
+    ledger.on_full = on_full
+    with ledger.fail_fast(), pytest.raises(sqlite3.OperationalError, match="full"):
+        ledger.transition(job_id, "queued", "running")
+    assert calls == []
+    ledger.transition(job_id, "queued", "running")
+    assert calls == [1, 2, 3]
+    assert ledger.get(job_id).state == "running"
+    kinds = [r[0] for r in ledger.conn.execute("SELECT kind FROM events WHERE job_id = ?", (job_id,))]
+    assert kinds.count("started") == 1
+
+
+def test_on_full_can_give_up(ledger: Ledger) -> None:
+    job_id = _queued(ledger, "a")
+    _fill_to_the_last_page(ledger)
+
+    def give_up(error: BaseException, attempt: int) -> None:
+        raise RuntimeError("stopping") from error
+
+    ledger.on_full = give_up
+    with pytest.raises(RuntimeError, match="stopping"):
+        ledger.transition(job_id, "queued", "running")
+    assert ledger.get(job_id).state == "queued" and not ledger.conn.in_transaction
