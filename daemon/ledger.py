@@ -270,16 +270,19 @@ def is_disk_full(e: BaseException) -> bool:
 def _waits_when_full(method: Callable[..., Any]) -> Callable[..., Any]:
     """A write that, when the state dir is full, calls `ledger.on_full(error, attempt)` and tries
     again (the failed transaction was rolled back, so the retry starts clean). Without `on_full`,
-    inside an outer transaction, or under `fail_fast()`, the error is raised as is."""
+    when called inside an outer transaction, or under `fail_fast()`, the error is raised as is."""
 
     @functools.wraps(method)
     def wrapper(self: Ledger, *args: Any, **kwargs: Any) -> Any:
         attempt = 0
+        # inside an outer transaction the whole outer one must be retried, not this part of it
+        # (SQLite may have rolled the outer one back already)
+        nested = self.conn.in_transaction
         while True:
             try:
                 return method(self, *args, **kwargs)
             except sqlite3.OperationalError as e:
-                if self.on_full is None or self._fail_fast or self.conn.in_transaction or not is_disk_full(e):
+                if self.on_full is None or self._fail_fast or nested or not is_disk_full(e):
                     raise
                 attempt += 1
                 self.on_full(e, attempt)
