@@ -195,7 +195,7 @@ class JobRow:
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> JobRow:
         names = {f.name for f in fields(cls)}
-        return cls(**{k: row[k] for k in row.keys() if k in names})  # noqa: SIM118 - sqlite3.Row iterates values
+        return cls(**{k: row[k] for k in row.keys() if k in names})  # sqlite3.Row iterates values
 
     @property
     def spec(self) -> dict[str, Any]:

@@ -182,7 +182,7 @@ def randomise_(module: nn.Module, gen: torch.Generator, std: float = 0.02) -> No
             p.zero_()
         else:
             p.fill_(1.0)
-    for name, b in module.named_buffers():
+    for b in module.buffers():
         if b.is_floating_point():
             b.normal_(0.0, std, generator=gen)
 
@@ -341,7 +341,11 @@ def nvidia_smi() -> dict[str, Any]:
         return {}
     values = [v.strip() for v in out.split(",")]
     return dict(
-        zip(("driver", "sm_clock_mhz", "max_sm_clock_mhz", "power_w", "power_limit_w", "temp_c"), values)
+        zip(
+            ("driver", "sm_clock_mhz", "max_sm_clock_mhz", "power_w", "power_limit_w", "temp_c"),
+            values,
+            strict=False,  # an older nvidia-smi may leave a field out
+        )
     )
 
 

@@ -176,10 +176,7 @@ class SequenceParallel:
     @torch.compiler.disable
     def first_frame_keys(self, k: Tensor, s: int) -> Tensor:
         """Post-RoPE keys of latent frame 0 [B, S, N, Dh], sent from rank 0 (which holds them)."""
-        if self.rank == 0:
-            keys = k[:, :s].contiguous()
-        else:
-            keys = k.new_empty(k.shape[0], s, *k.shape[2:])
+        keys = k[:, :s].contiguous() if self.rank == 0 else k.new_empty(k.shape[0], s, *k.shape[2:])
         self._timed(
             lambda: dist.broadcast(keys, group_src=0, group=self.group), keys.numel() * keys.element_size()
         )

@@ -77,13 +77,13 @@ def bench_vae(device: torch.device, tiny: bool) -> dict:
         m.channels_last = False
         if cl:
             m.use_channels_last()
-        t_dec, dec = timed(lambda: m.decode(latents), device)
+        t_dec, dec = timed(lambda m=m: m.decode(latents), device)
         if device.type == "cuda":  # peak of one more call, after cuDNN's autotuning trials
             torch.cuda.reset_peak_memory_stats()
             m.decode(latents)
         peak_dec = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-        t_enc, enc = timed(lambda: m.encode(video), device)
-        t_enc9, _ = timed(lambda: m.encode(video[:, :9]), device)
+        t_enc, enc = timed(lambda m=m: m.encode(video), device)
+        t_enc9, _ = timed(lambda m=m: m.encode(video[:, :9]), device)
         if ref_dec is None:
             ref_dec, ref_enc = dec, enc
         results[label] = {
@@ -162,7 +162,7 @@ def bench_wav2vec(device: torch.device, tiny: bool) -> dict:
             model, Identity(), Wav2VecConfig(hidden_size=hub.hidden_size, num_layers=hub.num_hidden_layers)
         )
         speech = torch.randn(16000 * 60).numpy() * 0.1
-        t, out = timed(lambda: enc.audio_features(speech), dev, runs=1)
+        t, out = timed(lambda enc=enc, speech=speech: enc.audio_features(speech), dev, runs=1)
         print("wav2vec", where, t, tuple(out.shape), flush=True)
         results[f"{where}_60s_audio_s"] = round(t, 3)
     return results

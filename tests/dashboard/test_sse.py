@@ -94,10 +94,12 @@ def test_unknown_position_gets_a_fresh_snapshot(client: TestClient, ledger: Ledg
 
 
 def test_heartbeats(cfg: DashboardConfig, ledger: Ledger) -> None:
-    with TestClient(create_app(replace(cfg, ping_s=0.2)), base_url="http://127.0.0.1") as c:
-        with c.stream("GET", "/events") as response:
-            stream = frames(response.iter_lines())
-            pings = [f for f in take(stream, 6, skip_comments=False) if any("ping" in x for x in f.comments)]
+    with (
+        TestClient(create_app(replace(cfg, ping_s=0.2)), base_url="http://127.0.0.1") as c,
+        c.stream("GET", "/events") as response,
+    ):
+        stream = frames(response.iter_lines())
+        pings = [f for f in take(stream, 6, skip_comments=False) if any("ping" in x for x in f.comments)]
     assert len(pings) >= 2
 
 

@@ -125,7 +125,7 @@ def test_kill9_daemon_and_worker_at_random_points(daemon_factory, tmp_path: Path
     d: DaemonProc = daemon_factory("random", max_attempts=50, max_running=2)
     names: list[str] = []
     seed = 1000
-    for round_no in range(int(os.environ.get("RELIABILITY_KILL_ROUNDS", "8"))):
+    for _round in range(int(os.environ.get("RELIABILITY_KILL_ROUNDS", "8"))):
         for _ in range(rng.randint(1, 2)):
             seed += 1
             names.append(f"r{seed}")
