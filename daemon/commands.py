@@ -21,7 +21,7 @@ from typing import Any
 EX_CONFIG = 78
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", type=Path, default=None, help="TOML config file")
 

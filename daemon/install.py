@@ -520,7 +520,7 @@ def install(opts: InstallOptions, out: object = sys.stdout) -> None:
 # ---------------------------------------------------------------- command line
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "install-systemd",
         help="install the systemd units, users, folders and config",

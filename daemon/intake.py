@@ -693,13 +693,11 @@ def _probe_stream(path: Path, kind: str) -> float:
         count = 0
         for frame in container.decode(stream):
             count += 1
-            if frame.time is not None:
-                if kind == "audio":
-                    end = max(end, frame.time + frame.samples / float(frame.sample_rate or 1))
-                else:
-                    end = max(end, frame.time)
-            elif kind == "audio":
-                end += frame.samples / float(frame.sample_rate or 1)
+            if isinstance(frame, av.AudioFrame):
+                length = frame.samples / float(frame.sample_rate or 1)
+                end = end + length if frame.time is None else max(end, frame.time + length)
+            elif isinstance(frame, av.VideoFrame) and frame.time is not None:
+                end = max(end, frame.time)
         if count == 0:
             raise ValueError(f"no decodable {kind} frames")
         if stream.duration is not None and stream.time_base is not None:

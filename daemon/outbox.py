@@ -18,6 +18,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,7 @@ class Outbox:
             return base, dest
         raise AssertionError("unreachable")
 
-    def reserve_base(self, name: str, taken: set[str] = frozenset()) -> str:  # type: ignore[assignment]
+    def reserve_base(self, name: str, taken: AbstractSet[str] = frozenset()) -> str:
         """The first `<name>[-n]` none of whose final names exist (nor are in `taken`)."""
         for base in _candidates(name):
             if self._free(base) and base not in taken:
@@ -133,8 +134,8 @@ class Outbox:
         video: Path,
         poster: Path | None,
         sidecar: Mapping[str, Any],
-        taken: set[str] = frozenset(),
-    ) -> Published:  # type: ignore[assignment]
+        taken: AbstractSet[str] = frozenset(),
+    ) -> Published:
         """Phase 1 of publishing: pick the final names, write the sidecar into staging (fsync).
 
         Nothing is visible in the outbox yet. The caller records the returned paths (the intent)

@@ -15,7 +15,7 @@ EX_CONFIG = 78
 EX_TEMPFAIL = 75
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "daemon",
         help="run the hot-folder render service in the foreground (systemd notify protocol)",

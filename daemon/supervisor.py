@@ -785,6 +785,7 @@ class Supervisor:
 
             new = dataclasses.replace(new, **{k: getattr(self.settings, k) for k in restart_keys})
         self.settings = new
+        assert self.intake is not None
         self.intake.reconfigure(new)
         logger.info(
             "SIGHUP: config reloaded (max_queued %d, max_running %d)", new.max_queued, new.max_running

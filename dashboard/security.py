@@ -118,9 +118,9 @@ class TokenMiddleware:
         query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
         if self._matches((query.get("token") or [None])[0]):
             rest = urllib.parse.urlencode([(k, v) for k, vs in query.items() if k != "token" for v in vs])
-            response = RedirectResponse(scope["path"] + (f"?{rest}" if rest else ""), status_code=303)
-            response.set_cookie(TOKEN_COOKIE, self.token.decode(), httponly=True, samesite="strict", path="/")
-            await response(scope, receive, send)
+            redirect = RedirectResponse(scope["path"] + (f"?{rest}" if rest else ""), status_code=303)
+            redirect.set_cookie(TOKEN_COOKIE, self.token.decode(), httponly=True, samesite="strict", path="/")
+            await redirect(scope, receive, send)
             return
         response = PlainTextResponse(
             "this dashboard needs its access token: open it once as /?token=<token> or send "

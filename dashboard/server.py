@@ -22,7 +22,7 @@ GRACEFUL_SHUTDOWN_S = 3
 logger = logging.getLogger(__name__)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "dashboard",
         help="read-only live dashboard (queue, progress, videos) over HTTP",

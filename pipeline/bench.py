@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +47,8 @@ from pipeline.config import DiTConfig
 from pipeline.perf import PerfConfig
 
 logger = logging.getLogger(__name__)
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 FPS = 25
 #: nominal pixel sizes of the benchmark (performance.md section 1.1): 32 760 and 75 600 tokens
@@ -188,11 +190,11 @@ def randomise_(module: nn.Module, gen: torch.Generator, std: float = 0.02) -> No
 
 
 def materialise(
-    module: nn.Module, device: torch.device, dtype: torch.dtype, gen: torch.Generator, std: float = 0.02
-) -> nn.Module:
+    module: ModuleT, device: torch.device, dtype: torch.dtype, gen: torch.Generator, std: float = 0.02
+) -> ModuleT:
     """A meta-device module -> random weights of `dtype` allocated directly on `device`."""
-    module = module.to(dtype=dtype)  # free on meta
-    module = module.to_empty(device=device)
+    module.to(dtype=dtype)  # free on meta
+    module.to_empty(device=device)  # in place: returns self
     randomise_(module, gen, std)
     return module.eval().requires_grad_(False)
 
@@ -215,8 +217,9 @@ def build_random_vae(cfg: Any, device: torch.device, seed: int) -> nn.Module:
     model = materialise(model, device, torch.float32, _generator(device, seed + 1), std=0.05)
     with torch.no_grad():  # RMSNorm gains are [C, 1, 1(, 1)] tensors: ones, not noise
         for m in model.modules():
-            if hasattr(m, "gamma"):
-                m.gamma.fill_(1.0)
+            gamma = getattr(m, "gamma", None)
+            if isinstance(gamma, Tensor):
+                gamma.fill_(1.0)
     return model
 
 

@@ -52,7 +52,7 @@ def _crop_box(h: int, w: int, target: tuple[int, int]) -> tuple[int, int]:
 def resize_and_crop(image: Image.Image, target: tuple[int, int]) -> np.ndarray:
     """RGB PIL image -> uint8 [Ht, Wt, 3]: cover-resize (bilinear) then centre crop."""
     fh, fw = _cover_size(image.height, image.width, target)
-    resized = np.asarray(image.convert("RGB").resize((fw, fh), resample=Image.BILINEAR))
+    resized = np.asarray(image.convert("RGB").resize((fw, fh), resample=Image.Resampling.BILINEAR))
     top, left = _crop_box(fh, fw, target)
     return np.array(resized[top : top + target[0], left : left + target[1]], copy=True, order="C")
 

@@ -247,13 +247,14 @@ def mix_original_audio(paths: Sequence[Path | None], audio_type: str, out_wav: P
         raise ValueError(f"at most one of two speakers can be silent (None), got {list(paths)}")
     if None in paths:
         return _mix_with_silent(paths, audio_type, Path(out_wav))
-    first = audio_rate(paths[0])
+    speaking = [p for p in paths if p is not None]
+    first = audio_rate(speaking[0])
     rate = first if first in AAC_RATES else 48000
     out_wav = Path(out_wav)
     if len(paths) == 1 or audio_type == "add":
         total = 0
         with sf.SoundFile(out_wav, "w", samplerate=rate, channels=2, subtype="FLOAT") as out:
-            for path in paths:
+            for path in speaking:
                 for block in _decode_audio(path, rate):
                     out.write(block.T)
                     total += block.shape[1]
@@ -261,9 +262,9 @@ def mix_original_audio(paths: Sequence[Path | None], audio_type: str, out_wav: P
     if audio_type != "para":
         raise ValueError(f"audio_type must be 'para' or 'add', got {audio_type!r}")
     # para: decode each to its own file, then sum block by block (constant memory)
-    parts = [out_wav.with_name(f"{out_wav.stem}.part{i}.wav") for i in range(len(paths))]
+    parts = [out_wav.with_name(f"{out_wav.stem}.part{i}.wav") for i in range(len(speaking))]
     lengths = []
-    for path, part in zip(paths, parts, strict=True):
+    for path, part in zip(speaking, parts, strict=True):
         n = 0
         with sf.SoundFile(part, "w", samplerate=rate, channels=2, subtype="FLOAT") as out:
             for block in _decode_audio(path, rate):
@@ -403,6 +404,7 @@ def assemble_mp4(
             for seg in segments:
                 with av.open(str(seg)) as src:
                     sv = src.streams.video[0]
+                    assert sv.time_base is not None, f"{seg} has a video stream without a time base"
                     offset = Fraction(frames_done, fps)
                     count = 0
                     for packet in src.demux(sv):

@@ -213,9 +213,11 @@ class GroupPipeline:
                 except StopRequested:
                     stop_seen[0] = True
 
+            control = self.control
+
             def agreed_stop() -> bool:
                 local = stop_seen[0] or (should_stop is not None and bool(should_stop()))
-                return self.control.any(local)
+                return control.any(local)
 
             if checkpoint_dir is not None:
                 checkpoint_dir = Path(checkpoint_dir)

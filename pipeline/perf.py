@@ -23,10 +23,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from torch import nn
+
+if TYPE_CHECKING:
+    from pipeline.models.attention import Backend
+    from pipeline.models.dit import InfiniteTalkDiT
+    from pipeline.models.vae import WanVAE
 
 logger = logging.getLogger(__name__)
 
@@ -63,17 +67,17 @@ class PerfConfig:
         return asdict(self)
 
 
-def resolve_attention(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+def resolve_attention(requested: Backend, device: torch.device, dtype: torch.dtype) -> Backend:
     """The concrete backend "auto" means for this device and dtype (logged once)."""
     from pipeline.models.attention import resolve_backend
 
     probe = torch.empty(1, 1, 1, 8, device="meta", dtype=dtype)
     if device.type == "cuda":
         probe = torch.empty(1, 1, 1, 8, device=device, dtype=dtype)
-    return resolve_backend(requested, probe)  # type: ignore[arg-type]
+    return resolve_backend(requested, probe)
 
 
-def apply_dit_perf(perf: PerfConfig, dit: nn.Module) -> dict[str, Any]:
+def apply_dit_perf(perf: PerfConfig, dit: InfiniteTalkDiT) -> dict[str, Any]:
     """Set the DiT's attention backend and RoPE mode, fp8 math and block compilation, in place."""
     from pipeline.compile import compile_blocks, is_compiled, uncompile_blocks
 
@@ -102,7 +106,7 @@ def apply_dit_perf(perf: PerfConfig, dit: nn.Module) -> dict[str, Any]:
     return {"attention": backend, "rope": perf.rope, "fp8_layers": fp8_layers, "compiled": compiled}
 
 
-def apply_vae_perf(perf: PerfConfig, vae: nn.Module) -> dict[str, Any]:
+def apply_vae_perf(perf: PerfConfig, vae: WanVAE) -> dict[str, Any]:
     """Cast the VAE to the configured dtype and lay its 3-D conv weights out channels-last (CUDA)."""
     device = next(vae.parameters()).device
     on_cuda = device.type == "cuda"
@@ -110,7 +114,7 @@ def apply_vae_perf(perf: PerfConfig, vae: nn.Module) -> dict[str, Any]:
     vae.to(dtype=dtype)
     channels_last = perf.channels_last and on_cuda
     if channels_last:
-        vae.use_channels_last()  # type: ignore[operator]  # weights and activations channels-last
+        vae.use_channels_last()  # weights and activations channels-last
     else:
         for param in vae.parameters():
             if param.ndim in (4, 5):
@@ -137,7 +141,7 @@ def default_perf(
 
 
 def apply_perf(
-    perf: PerfConfig, *, dit: nn.Module | None = None, vae: nn.Module | None = None
+    perf: PerfConfig, *, dit: InfiniteTalkDiT | None = None, vae: WanVAE | None = None
 ) -> dict[str, Any]:
     """Apply `perf` to whichever models are given; returns what was actually set (for manifests)."""
     report: dict[str, Any] = {}

@@ -730,7 +730,7 @@ def load_dit_variant(
     """The DiT with the one- or two-speaker audio weights and the LoRA(s) merged (then fp8)."""
     from pipeline.weights import FP8_RUNTIME_PREFIX, load_dit, quantize_linears
 
-    common = {
+    common: dict[str, Any] = {
         "variant": variant,
         "device": device,
         "dtype": dtype,
@@ -741,14 +741,14 @@ def load_dit_variant(
         return load_dit(
             weights_dir,
             cfg.dit,
-            quant=quant,
-            lora=loras[0] if loras else None,  # type: ignore[arg-type]
+            quant=quant,  # type: ignore[arg-type]  # checked by PipelineConfig
+            lora=loras[0] if loras else None,
             lora_scale=lora_scale,
             **common,
         )
     from pipeline.lora import merge_lora
 
-    model = load_dit(weights_dir, cfg.dit, quant=None, **common)  # type: ignore[arg-type]
+    model = load_dit(weights_dir, cfg.dit, quant=None, **common)
     for path in loras:
         report = merge_lora(model, path, scale=lora_scale)
         logger.info("merged LoRA %s at scale %s: %d tensors", path.name, lora_scale, report.applied)

@@ -37,6 +37,10 @@ def quantize_fp8(weight: Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> t
 class Fp8Linear(nn.Module):
     """A linear layer whose weight is stored as float8 e4m3 with one scale per output row."""
 
+    weight_fp8: Tensor  # [out, in] float8_e4m3fn
+    weight_scale: Tensor  # [out, 1]
+    bias: Tensor | None  # [out]
+
     def __init__(
         self, data: Tensor, scale: Tensor, bias: Tensor | None, *, compute_dtype: torch.dtype
     ) -> None:

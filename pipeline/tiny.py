@@ -32,7 +32,7 @@ from torch import Tensor
 from pipeline.config import TINY_JSON, WAN_DIR, DiTConfig, GenerationConfig, config_to_dict
 from pipeline.models.dit import dit_param_shapes, is_audio_key
 from pipeline.quant import QUANTO_FP8, quantize_fp8
-from pipeline.weights import LORA_FILE, WAN_INDEX, WAN_SHARDS, audio_file, quant_files
+from pipeline.weights import LORA_FILE, WAN_INDEX, WAN_SHARDS, Variant, audio_file, quant_files
 
 #: tiny resolution buckets [H, W] (multiples of 16: VAE stride 8 x patch 2)
 TINY_BUCKETS: dict[str, list[list[int]]] = {
@@ -187,7 +187,11 @@ def write_tiny_weights(out_dir: Path, seed: int = 0) -> Path:
     single = random_dit_state(cfg, gen)
     base = {k: v for k, v in single.items() if not is_audio_key(k)}
     write_wan_shards(wan_dir, cfg, base)
-    for variant, state in (("single", single), ("multi", random_dit_state(cfg, gen))):
+    variants: tuple[tuple[Variant, dict[str, Tensor]], ...] = (
+        ("single", single),
+        ("multi", random_dit_state(cfg, gen)),
+    )
+    for variant, state in variants:
         path = audio_file(out_dir, variant)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(

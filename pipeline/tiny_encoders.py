@@ -108,7 +108,7 @@ def write_unigram_tokenizer(folder: Path, *, kind: str) -> None:
         vocab = [(s, 0.0) for s in specials] + _pieces()
         unk, template = 2, ("$A </s>", "$A </s> $B </s>")
         post = [("</s>", 1)]
-        config = {
+        config: dict[str, Any] = {
             "tokenizer_class": "T5Tokenizer",
             "model_max_length": 512,
             "pad_token": "<pad>",

@@ -310,7 +310,8 @@ def quantize_linears(model: torch.nn.Module, *, prefix: str = FP8_RUNTIME_PREFIX
 
 def split_dit_state(keys: Iterable[str]) -> tuple[list[str], list[str]]:
     """Split parameter names into (Wan base keys, InfiniteTalk audio keys)."""
-    base, audio = [], []
+    base: list[str] = []
+    audio: list[str] = []
     for k in keys:
         (audio if is_audio_key(k) else base).append(k)
     return base, audio

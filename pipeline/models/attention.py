@@ -45,7 +45,7 @@ def cudnn_preferred(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def resolve_backend(backend: Backend, q: Tensor) -> str:
+def resolve_backend(backend: Backend, q: Tensor) -> Backend:
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":

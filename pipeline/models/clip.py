@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -186,7 +187,7 @@ def map_state_dict(
     return mapped, skipped
 
 
-def _hf_config(cfg: ClipConfig):  # -> transformers.CLIPVisionConfig
+def _hf_config(cfg: ClipConfig) -> Any:  # a transformers.CLIPVisionConfig
     from transformers import CLIPVisionConfig
 
     return CLIPVisionConfig(

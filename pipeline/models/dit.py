@@ -26,7 +26,7 @@ region masks (same quantity as the reference's softmax-then-mask sums).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +56,9 @@ def is_audio_key(key: str) -> bool:
 def f32_linear(layer: nn.Module, x: Tensor) -> Tensor:
     """`layer(x)` computed in float32 (the reference's autocast(float32) islands)."""
     dequantize = getattr(layer, "dequantize", None)
-    weight = dequantize(torch.float32) if dequantize is not None else layer.weight.float()
-    bias = None if layer.bias is None else layer.bias.float()
-    return F.linear(x.float(), weight, bias)
+    weight = dequantize(torch.float32) if dequantize is not None else cast(Tensor, layer.weight).float()
+    bias = cast(Tensor | None, layer.bias)
+    return F.linear(x.float(), weight, None if bias is None else bias.float())
 
 
 class WanLayerNorm(nn.LayerNorm):

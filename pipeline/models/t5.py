@@ -20,6 +20,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -125,7 +126,7 @@ def clean_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def _hf_config(cfg: T5Config):  # -> transformers.UMT5Config
+def _hf_config(cfg: T5Config) -> Any:  # a transformers.UMT5Config
     from transformers import UMT5Config
 
     return UMT5Config(
@@ -148,8 +149,8 @@ def _hf_config(cfg: T5Config):  # -> transformers.UMT5Config
 class TextEncoder:
     """Tokenizer + umT5 encoder, resident on one device. Call `encode_text(prompts)`."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: object, cfg: T5Config) -> None:
-        self.model = model
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, cfg: T5Config) -> None:
+        self.model: Any = model  # a transformers UMT5EncoderModel
         self.tokenizer = tokenizer
         self.cfg = cfg
 
@@ -166,7 +167,7 @@ class TextEncoder:
         """
         if isinstance(prompts, str) or not prompts:
             raise ValueError(f"encode_text expects a non-empty list of strings, got {prompts!r}")
-        batch = self.tokenizer(  # type: ignore[operator]
+        batch = self.tokenizer(
             [clean_prompt(p) for p in prompts],
             padding="longest",
             truncation=True,
@@ -181,7 +182,7 @@ class TextEncoder:
         return [h[:n] for h, n in zip(hidden, lengths, strict=True)]
 
 
-def load_tokenizer(folder: Path):  # -> transformers tokenizer
+def load_tokenizer(folder: Path) -> Any:  # a transformers tokenizer
     from transformers import AutoTokenizer
 
     if not (folder / "tokenizer_config.json").is_file() and not (folder / "tokenizer.json").is_file():

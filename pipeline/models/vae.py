@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -109,8 +110,8 @@ class CausalConv3d(nn.Conv3d):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        pt, ph, pw = self.padding  # type: ignore[misc]
-        self.time_pad = 2 * pt
+        pt, ph, pw = cast(tuple[int, int, int], self.padding)
+        self.time_pad: int = 2 * pt
         self.padding = (0, ph, pw)  # spatial zero padding stays inside the convolution (no copy)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
@@ -248,7 +249,7 @@ class Head(nn.Sequential):
     def __init__(self, dim: int, out_dim: int) -> None:
         super().__init__(RMSNorm(dim, images=False), nn.SiLU(), CausalConv3d(dim, out_dim, 3, padding=1))
 
-    def forward(self, x: Tensor, cache: FeatureCache | None = None) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, cache: FeatureCache | None = None) -> Tensor:
         for layer in self:
             x = layer.cached(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
         return x

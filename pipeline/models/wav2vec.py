@@ -18,6 +18,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,8 +47,9 @@ class Wav2VecConfig:
 class AudioEncoder:
     """Feature extractor + Wav2Vec2Model on one device. Call `audio_features(speech)`."""
 
-    def __init__(self, model: torch.nn.Module, extractor: object, cfg: Wav2VecConfig) -> None:
-        self.model = model
+    def __init__(self, model: torch.nn.Module, extractor: Any, cfg: Wav2VecConfig) -> None:
+        #: a transformers Wav2Vec2Model (its submodules are reached by name: typed loosely)
+        self.model: Any = model
         self.extractor = extractor
         self.cfg = cfg
         # the layer outputs are collected by hooks on the shared module: one call at a time
@@ -73,7 +75,7 @@ class AudioEncoder:
         frames = self.num_frames(len(speech)) if num_frames is None else num_frames
         if frames < 1:
             raise ValueError(f"speech of {len(speech)} samples is shorter than one video frame")
-        values = self.extractor(speech, sampling_rate=self.cfg.sample_rate).input_values  # type: ignore[operator]
+        values = self.extractor(speech, sampling_rate=self.cfg.sample_rate).input_values
         x = torch.from_numpy(np.asarray(values[0], dtype=np.float32)).to(self.device)[None]  # [1, N]
         x = x.to(next(self.model.parameters()).dtype)
         cnn = self.model.feature_extractor(x)  # [1, C, T50]
