@@ -652,6 +652,16 @@ class InfiniteTalkPipeline:
         null_audio = torch.zeros_like(audio[:, :1])
         noise = torch.randn(self.config.vae.z_dim, lat_f, lat_h, lat_w, generator=gen, dtype=torch.float32)
         latent = noise.to(self.device)
+        if motion_frames is not None:
+            # The reference noises the motion latents before the loop and after every step, then
+            # overwrites them with the clean ones before the model sees them: the draws change
+            # nothing but the generator's position. Drawing them too keeps every later chunk's
+            # noise equal to the reference's for the same seed (not only the first chunk's).
+            n_lat_motion = (motion_frames.shape[1] - 1) // self.config.vae.temporal_stride + 1
+            for _ in range(len(steps)):
+                torch.randn(
+                    self.config.vae.z_dim, n_lat_motion, lat_h, lat_w, generator=gen, dtype=torch.float32
+                )
 
         # conditioning: CLIP, y = mask | VAE(reference + grey) (computed once for a still image),
         # motion latents

@@ -1,4 +1,4 @@
-"""Sampler parity: one chunk's latents equal the reference's loop (tools/parity/make_sampler_fixture.py).
+"""Sampler parity: each chunk's latents equal the reference's loop (tools/parity/make_sampler_fixture.py).
 
 Same tiny weights (seed 0), same media, same seed, hence the same initial noise (the reference
 seeds the global CPU generator, the pipeline its own generator with the same seed); the
@@ -42,7 +42,7 @@ def test_one_chunk_latents_equal_the_reference_loop(plain_pipe, tmp_path: Path, 
         meta = f.metadata()
     steps, shift, text_scale, audio_scale = tool.CASES[case]
     assert (int(meta["steps"]), float(meta["text_scale"])) == (steps, text_scale)
-    image, audio = tool.make_media(tmp_path)
+    image, audio = tool.make_media(tmp_path, case)
     captured: list[torch.Tensor] = []
     decode = plain_pipe.vae.decode
 
@@ -61,3 +61,33 @@ def test_one_chunk_latents_equal_the_reference_loop(plain_pipe, tmp_path: Path, 
     assert latents.shape == expected.shape
     print(f"{case}: max |ours - reference| = {(latents - expected).abs().max():.3e}")
     torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_three_streaming_chunks_equal_the_reference_loop(plain_pipe, tmp_path: Path) -> None:
+    """Streaming, three chunks: each later chunk is conditioned on the previous one's last 9
+    decoded frames (VAE encode) and takes its audio windows 24 frames on; the third draws its
+    noise after the reference's (unused) motion-noise draws of the second. Every chunk's latents
+    equal the reference's."""
+    tool = _tool()
+    case = "sampler_stream"
+    with safe_open(str(FIXTURES / f"{case}.safetensors"), framework="pt") as f:
+        expected = [f.get_tensor(f"latents{i}") for i in range(3)]
+        assert set(f.keys()) == {"latents0", "latents1", "latents2"}
+    image, audio = tool.make_media(tmp_path, case)
+    captured: list[torch.Tensor] = []
+    decode = plain_pipe.vae.decode
+
+    def capture(latents: torch.Tensor) -> torch.Tensor:
+        captured.append(latents.clone())
+        return decode(latents)
+
+    plain_pipe.vae.decode = capture
+    try:
+        result = plain_pipe.generate(tool.request_for(image, audio, case), tmp_path / "out.mp4")
+    finally:
+        plain_pipe.vae.decode = decode
+    assert result.num_frames == tool.STREAM_FRAMES
+    assert len(captured) == 3
+    for i, (ours, ref) in enumerate(zip(captured, expected, strict=True)):
+        print(f"chunk {i + 1}: max |ours - reference| = {(ours - ref).abs().max():.3e}")
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)

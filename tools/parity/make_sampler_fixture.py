@@ -1,11 +1,12 @@
-"""Run the REFERENCE InfiniteTalk sampling loop for one chunk on the CPU and store its latents.
+"""Run the REFERENCE InfiniteTalk sampling loop on the CPU and store the latents of each chunk.
 
     python tools/parity/make_sampler_fixture.py [--ref /work/ref] [--out tests/fixtures/parity]
 
 The reference's loop lives inside `InfiniteTalkPipeline.generate_infinitetalk`
 (`wan/multitalk.py`): seeding, noise, mask and `y`, motion latents, timesteps and shift, the
 guidance passes and their combination, the Euler update, motion re-insertion. This script calls
-that method itself, in clip mode (one chunk), on a reference `InfiniteTalkPipeline` object whose
+that method itself, in clip mode (one chunk) and in streaming mode (three chunks: each later one
+is conditioned on the previous one's last decoded frames), on a reference `InfiniteTalkPipeline` object whose
 DiT is the reference `WanModel` loaded with the project's tiny weights (seed 0), and whose VAE,
 CLIP and T5 are the project's tiny encoders behind the reference's call interface (their own
 parity is checked by the encoder fixtures). The speech features are the project's wav2vec2
@@ -39,19 +40,26 @@ sys.path.insert(0, str(ROOT))
 CASES = {
     "sampler_3pass": (3, 7.0, 5.0, 4.0),
     "sampler_2pass": (2, 2.0, 1.0, 2.0),
+    "sampler_stream": (2, 2.0, 1.0, 2.0),
 }
+#: streaming cases: three chunks of the tiny model (33 frames, 9 motion frames: 33 + 2 x 24 = 81
+#: frames); the third is the first whose noise comes after the reference's motion-noise draws
+STREAMING = {"sampler_stream"}
+STREAM_FRAMES = 81
+STREAM_AUDIO_SECONDS = 3.6
 SEED = 42
 PROMPT = "A person is talking to the camera."
 NEGATIVE = "blurry, static"
 AUDIO_SECONDS = 1.6
 
 
-def make_media(folder: Path) -> tuple[Path, Path]:
+def make_media(folder: Path, case: str = "sampler_3pass") -> tuple[Path, Path]:
     """The reference image and speech both sides use (fixed seeds)."""
     from tests.helpers.media import make_rgba_png, make_wav
 
+    seconds = STREAM_AUDIO_SECONDS if case in STREAMING else AUDIO_SECONDS
     return make_rgba_png(folder / "face.png", seed=11), make_wav(
-        folder / "voice.WAV", duration_s=AUDIO_SECONDS, seed=12
+        folder / f"voice-{seconds:g}s.WAV", duration_s=seconds, seed=12
     )
 
 
@@ -70,7 +78,8 @@ def request_for(image: Path, audio: Path, case: str):  # noqa: ANN201
         sample_text_guide_scale=text_scale,
         sample_audio_guide_scale=audio_scale,
         seed=SEED,
-        mode="clip",
+        mode="streaming" if case in STREAMING else "clip",
+        max_frame_num=STREAM_FRAMES if case in STREAMING else None,
         color_correction_strength=0.0,
     )
 
@@ -184,10 +193,13 @@ def main() -> None:
         # everything that uses transformers first: the shims below would confuse it
         weights = write_tiny_weights(tmp / "weights", seed=0)
         pipe = InfiniteTalkPipeline.from_weights(weights, device="cpu", dtype=torch.float32, lora=None)
-        image, audio = make_media(tmp)
-        prepared = pipe.prepare(request_for(image, audio, "sampler_3pass"), tmp / "work")
-        features = prepared.segments[0].features[0][: prepared.segments[0].plan.audio_frames]
-        torch.save(features.clone(), tmp / "person1.pt")
+        inputs = {}
+        for case in CASES:
+            image, audio = make_media(tmp, case)
+            prepared = pipe.prepare(request_for(image, audio, case), tmp / "work" / case)
+            features = prepared.segments[0].features[0][: prepared.segments[0].plan.audio_frames]
+            torch.save(features.clone(), tmp / f"person1-{case}.pt")
+            inputs[case] = image
 
         spec = importlib.util.spec_from_file_location(
             "make_dit_fixtures", Path(__file__).with_name("make_dit_fixtures.py")
@@ -230,8 +242,8 @@ def main() -> None:
             ref.generate_infinitetalk(
                 {
                     "prompt": PROMPT,
-                    "cond_video": str(image),
-                    "cond_audio": {"person1": str(tmp / "person1.pt")},
+                    "cond_video": str(inputs[case]),
+                    "cond_audio": {"person1": str(tmp / f"person1-{case}.pt")},
                 },
                 size_buckget="infinitetalk-480",
                 motion_frame=9,
@@ -243,11 +255,10 @@ def main() -> None:
                 n_prompt=NEGATIVE,
                 seed=SEED,
                 offload_model=False,
-                max_frames_num=frame_num,
+                max_frames_num=STREAM_FRAMES if case in STREAMING else frame_num,
                 color_correction_strength=0.0,
                 extra_args=types.SimpleNamespace(use_teacache=False, use_apg=False),
             )
-            (latents,) = vae.decoded
             meta = {
                 "steps": str(steps),
                 "shift": str(shift),
@@ -256,8 +267,12 @@ def main() -> None:
                 "seed": str(SEED),
                 "reference": str(args.ref),
             }
-            save_file({"latents": latents.contiguous()}, str(args.out / f"{case}.safetensors"), metadata=meta)
-            print(f"{case}: latents {tuple(latents.shape)} |x| {latents.abs().mean():.4f}")
+            tensors = {f"latents{i}": z.contiguous() for i, z in enumerate(vae.decoded)}
+            if case not in STREAMING:
+                tensors = {"latents": tensors.pop("latents0")}
+            save_file(tensors, str(args.out / f"{case}.safetensors"), metadata=meta)
+            for name, z in tensors.items():
+                print(f"{case} {name}: {tuple(z.shape)} |x| {z.abs().mean():.4f}")
 
 
 if __name__ == "__main__":
