@@ -74,6 +74,11 @@ class JobDefaultsSettings:
     motion_frame: int = _f(9, "frames carried over between chunks (4n+1)")
     max_frame_num: int | None = _f(None, "cap on rendered frames; unset: the whole audio", optional=True)
     color_correction_strength: float = _f(1.0, "colour drift correction between chunks (0..1)")
+    use_apg: bool = _f(
+        False, "adaptive projected guidance (the reference's --use_apg): tames over-saturation at high CFG"
+    )
+    apg_momentum: float = _f(-0.75, "APG momentum of the guidance differences (-1..1)", lo=-1.0, hi=1.0)
+    apg_norm_threshold: float = _f(55.0, "APG cap on a guidance difference's L2 norm (0: no cap)")
     audio_type: str = _f("para", "two speakers: para (at once) or add (one after the other)")
     negative_prompt: str | None = _f(None, "negative prompt; unset: the InfiniteTalk default", optional=True)
     seed: int | None = _f(
@@ -183,6 +188,9 @@ class Settings:
             "motion_frame": d.motion_frame,
             "max_frame_num": d.max_frame_num,
             "color_correction_strength": d.color_correction_strength,
+            "use_apg": d.use_apg,
+            "apg_momentum": d.apg_momentum,
+            "apg_norm_threshold": d.apg_norm_threshold,
             "audio_type": d.audio_type,
             "max_media_bytes": int(self.max_file_mb * 1024 * 1024),
         }
@@ -301,8 +309,11 @@ def _coerce(f: dataclasses.Field[Any], value: Any, name: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name} must be a number, got {value!r}")
         value = float(value)
-        if value < 0:
-            raise ConfigError(f"{name} must be >= 0, got {value!r}")
+        lo, hi = f.metadata.get("lo", 0.0), f.metadata.get("hi")
+        if value < lo:
+            raise ConfigError(f"{name} must be >= {lo:g}, got {value!r}")
+        if hi is not None and value > hi:
+            raise ConfigError(f"{name} must be <= {hi:g}, got {value!r}")
     elif want is str:
         if not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {value!r}")

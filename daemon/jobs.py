@@ -7,7 +7,8 @@ example files work unchanged:
 
 plus the generation settings under the reference CLI's names (`size`, `sample_steps`,
 `sample_shift`, `sample_text_guide_scale`, `sample_audio_guide_scale`, `seed`, `mode`,
-`motion_frame`, `max_frame_num`, `color_correction_strength`), and `priority`, `checksums`,
+`motion_frame`, `max_frame_num`, `color_correction_strength`, `use_apg`, `apg_momentum`,
+`apg_norm_threshold`), and `priority`, `checksums`,
 `negative_prompt`. Missing settings come from `JobDefaults` (filled by the daemon's config);
 a missing seed is drawn here and recorded in the spec, so every render can be repeated.
 
@@ -73,6 +74,9 @@ KNOWN_KEYS = frozenset(
         "motion_frame",
         "max_frame_num",
         "color_correction_strength",
+        "use_apg",
+        "apg_momentum",
+        "apg_norm_threshold",
         "priority",
         "checksums",
     }
@@ -94,6 +98,9 @@ class JobDefaults:
     motion_frame: int = 9
     max_frame_num: int | None = None  # None: no cap, the whole audio is rendered
     color_correction_strength: float = 1.0
+    use_apg: bool = False  # adaptive projected guidance (the reference's --use_apg)
+    apg_momentum: float = -0.75
+    apg_norm_threshold: float = 55.0
     audio_type: str = "para"
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     priority: int = 0
@@ -138,6 +145,10 @@ class InvalidJob(ValueError):
         return cls([JobError(code=code, message=message, field=field)])
 
 
+#: JobSpec fields added after the first release: absent from older stored specs, then defaulted
+_OPTIONAL_SPEC_FIELDS = frozenset({"use_apg", "apg_momentum", "apg_norm_threshold"})
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class JobSpec:
     """A validated job with every default resolved: exactly what will be rendered.
@@ -165,6 +176,10 @@ class JobSpec:
     negative_prompt: str
     priority: int
     checksums: tuple[tuple[str, str], ...] = field(default=())
+    # later additions have defaults, so specs stored by an older version still load
+    use_apg: bool = False
+    apg_momentum: float = -0.75
+    apg_norm_threshold: float = 55.0
 
     @property
     def media_files(self) -> tuple[str, ...]:
@@ -203,7 +218,9 @@ class JobSpec:
         bbox_map = data.get("bbox")
         bbox = None if bbox_map is None else tuple(_box4(bbox_map[p]) for p, _ in audio)
         kwargs = {
-            k: data[k] for k in cls.__dataclass_fields__ if k not in ("cond_audio", "bbox", "checksums")
+            k: data[k]
+            for k in cls.__dataclass_fields__
+            if k not in ("cond_audio", "bbox", "checksums") and (k in data or k not in _OPTIONAL_SPEC_FIELDS)
         }
         return cls(
             **kwargs,
@@ -232,6 +249,9 @@ class JobSpec:
             motion_frame=self.motion_frame,
             max_frame_num=self.max_frame_num,
             color_correction_strength=self.color_correction_strength,
+            use_apg=self.use_apg,
+            apg_momentum=self.apg_momentum,
+            apg_norm_threshold=self.apg_norm_threshold,
         )
 
     def with_seed(self, seed: int) -> JobSpec:
@@ -295,6 +315,16 @@ def _get_float(
         c.add("bad_value", key, f"{key} must be between {lo:g} and {hi:g}, got {value!r}")
         return default
     return float(value)
+
+
+def _get_bool(doc: dict[str, Any], key: str, default: bool, c: _Collector) -> bool:
+    if key not in doc:
+        return default
+    value = doc[key]
+    if not isinstance(value, bool):
+        c.add("bad_type", key, f"{key} must be true or false, got {value!r}")
+        return default
+    return value
 
 
 def _get_choice(doc: dict[str, Any], key: str, default: str, choices: tuple[str, ...], c: _Collector) -> str:
@@ -573,6 +603,9 @@ def parse_job(raw: bytes, *, base_dir: Path, defaults: JobDefaults | None = None
     if doc.get("max_frame_num") is not None:
         max_frames = _get_int(doc, "max_frame_num", defaults.max_frame_num, 1, 10**8, c)
     strength = _get_float(doc, "color_correction_strength", defaults.color_correction_strength, 0.0, 1.0, c)
+    use_apg = _get_bool(doc, "use_apg", defaults.use_apg, c)
+    apg_momentum = _get_float(doc, "apg_momentum", defaults.apg_momentum, -1.0, 1.0, c)
+    apg_threshold = _get_float(doc, "apg_norm_threshold", defaults.apg_norm_threshold, 0.0, 1e6, c)
     priority = _get_int(doc, "priority", defaults.priority, -(10**6), 10**6, c)
     if doc.get("seed") is not None:
         seed, seed_drawn = _get_int(doc, "seed", 0, 0, SEED_LIMIT - 1, c), False
@@ -606,6 +639,9 @@ def parse_job(raw: bytes, *, base_dir: Path, defaults: JobDefaults | None = None
         color_correction_strength=float(strength if strength is not None else 1.0),
         priority=int(priority or 0),
         checksums=checksums,
+        use_apg=use_apg,
+        apg_momentum=float(apg_momentum if apg_momentum is not None else defaults.apg_momentum),
+        apg_norm_threshold=float(apg_threshold if apg_threshold is not None else defaults.apg_norm_threshold),
     )
 
 

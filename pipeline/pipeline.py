@@ -686,6 +686,8 @@ class InfiniteTalkPipeline:
             guidance.DROP_AUDIO: (context, null_audio),
         }
 
+        # APG's momentum restarts every chunk, as in the reference
+        apg = guidance.APG(req.apg_momentum, req.apg_norm_threshold) if req.use_apg else None
         for i in range(len(steps) - 1):
             if should_stop is not None and should_stop():
                 raise StopRequested(f"stop requested before step {i + 1} of chunk {chunk_index + 1}")
@@ -696,7 +698,7 @@ class InfiniteTalkPipeline:
                 ctx, aud = conditions[name]
                 preds[name] = self.dit(latent[None], t, ctx, clip_fea, y, aud, masks)[0]
                 self.dit_calls += 1
-            velocity = guidance.combine(preds, req.sample_text_guide_scale, req.sample_audio_guide_scale)
+            velocity = guidance.combine(preds, req.sample_text_guide_scale, req.sample_audio_guide_scale, apg)
             latent = sampler.euler_step(latent, velocity, steps[i], steps[i + 1])
             latent[:, :n_motion] = motion
             report(stage="denoise", chunk=chunk_index + 1, step=i + 1)

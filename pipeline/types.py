@@ -46,6 +46,9 @@ class GenerationRequest:
     frame_num: int = 81
     max_frame_num: int | None = None  # None: no cap, the whole audio is rendered
     color_correction_strength: float = 1.0
+    use_apg: bool = False  # adaptive projected guidance (the reference's --use_apg)
+    apg_momentum: float = -0.75
+    apg_norm_threshold: float = 55.0
     negative_prompt: str = ""
 
 

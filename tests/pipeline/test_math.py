@@ -165,3 +165,31 @@ def test_match_colors_moves_statistics_to_the_reference() -> None:
     torch.testing.assert_close(half, (frames + out) / 2, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="strength"):
         color.match_colors(frames, ref, 1.5)
+
+
+def test_apg_momentum_norm_cap_and_projection() -> None:
+    """APG pieces against their definitions (the reference's MomentumBuffer, norm cap, project)."""
+    gen = torch.Generator().manual_seed(3)
+    cond = torch.randn(4, 3, 5, 6, generator=gen)
+    d1, d2 = torch.randn(2, 4, 3, 5, 6, generator=gen)
+    apg = guidance.APG(momentum=-0.75, norm_threshold=1e9)
+    first = apg("text", d1, cond)
+    # only the part orthogonal to cond is kept, and nothing else changes
+    assert abs(float((first.double() * cond.double()).sum())) < 1e-6 * float(cond.norm() * d1.norm())
+    unit = cond.double() / cond.double().norm()
+    torch.testing.assert_close(first.double(), d1.double() - (d1.double() * unit).sum() * unit)
+    second = apg("text", d2, cond)  # momentum: running = d2 - 0.75 * d1
+    running = d2.double() - 0.75 * d1.double()
+    torch.testing.assert_close(second.double(), running - (running * unit).sum() * unit, atol=1e-6, rtol=1e-6)
+    # the cap: a difference scaled to norm 2 before projecting; a separate buffer per difference
+    capped = guidance.APG(momentum=0.0, norm_threshold=2.0)("audio", d1, cond)
+    scaled = d1.double() * (2.0 / d1.double().norm())
+    torch.testing.assert_close(capped.double(), scaled - (scaled * unit).sum() * unit, atol=1e-6, rtol=1e-6)
+    # combine: same passes as plain guidance; a scale of 1 zeroes its term
+    preds = {"cond": cond, "drop_text": cond - d1, "uncond": cond - d1 - d2, "drop_audio": cond - d2}
+    assert torch.equal(guidance.combine(preds, 1.0, 1.0, guidance.APG()), cond)
+    two = guidance.combine(preds, 1.0, 2.0, guidance.APG(norm_threshold=0))
+    torch.testing.assert_close(two, cond + guidance.APG(norm_threshold=0)("audio", d2, cond))
+    three = guidance.combine(preds, 5.0, 4.0, guidance.APG(norm_threshold=0))
+    fresh = guidance.APG(norm_threshold=0)
+    torch.testing.assert_close(three, cond + 4.0 * fresh("text", d1, cond) + 3.0 * fresh("audio", d2, cond))

@@ -34,7 +34,7 @@ def plain_pipe(tiny_weights_dir: Path) -> InfiniteTalkPipeline:
     return InfiniteTalkPipeline.from_weights(tiny_weights_dir, device="cpu", dtype=torch.float32, lora=None)
 
 
-@pytest.mark.parametrize("case", ["sampler_3pass", "sampler_2pass"])
+@pytest.mark.parametrize("case", ["sampler_3pass", "sampler_2pass", "sampler_apg_3pass", "sampler_apg_2pass"])
 def test_one_chunk_latents_equal_the_reference_loop(plain_pipe, tmp_path: Path, case: str) -> None:
     tool = _tool()
     with safe_open(str(FIXTURES / f"{case}.safetensors"), framework="pt") as f:

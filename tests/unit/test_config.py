@@ -57,6 +57,9 @@ def test_environment_variable_then_local_file(tmp_path: Path, monkeypatch: pytes
         ("max_queued = \n", "not valid TOML"),
         ('[defaults]\nsize = "1080p"\n', "defaults.size must be one of"),
         ("dashboard = 3\n", "[dashboard] must be a table"),
+        ("[defaults]\napg_momentum = 1.5\n", "defaults.apg_momentum must be <= 1, got 1.5"),
+        ("[defaults]\napg_momentum = -2\n", "defaults.apg_momentum must be >= -1"),
+        ('[defaults]\nuse_apg = "yes"\n', "defaults.use_apg must be true or false"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, needle: str) -> None:

@@ -270,3 +270,33 @@ def test_load_job_uses_the_file_folder(tmp_path: Path) -> None:
     with pytest.raises(InvalidJob) as info:
         load_job(tmp_path / "absent.json")
     assert info.value.code == "missing_file"
+
+
+def test_apg_settings(tmp_path: Path) -> None:
+    """`use_apg`, `apg_momentum`, `apg_norm_threshold` (the reference CLI's APG flags) reach the
+    request; bad values are named; a spec stored before they existed still loads (APG off)."""
+    _files(tmp_path, "a.png", "b.wav")
+    doc = {"prompt": "p", "cond_video": "a.png", "cond_audio": {"person1": "b.wav"}}
+    plain = parse_job(_raw(doc), base_dir=tmp_path)
+    assert (plain.use_apg, plain.apg_momentum, plain.apg_norm_threshold) == (False, -0.75, 55.0)
+    spec = parse_job(
+        _raw({**doc, "use_apg": True, "apg_momentum": -0.5, "apg_norm_threshold": 0}), base_dir=tmp_path
+    )
+    req = spec.to_request(tmp_path)
+    assert (req.use_apg, req.apg_momentum, req.apg_norm_threshold) == (True, -0.5, 0.0)
+    assert JobSpec.from_dict(json.loads(spec.to_json())) == spec
+    on = parse_job(_raw(doc), base_dir=tmp_path, defaults=JobDefaults(use_apg=True))
+    assert on.use_apg
+    with pytest.raises(InvalidJob) as info:
+        parse_job(
+            _raw({**doc, "use_apg": "yes", "apg_momentum": 3, "apg_norm_threshold": -1}), base_dir=tmp_path
+        )
+    assert _codes(info.value) == {
+        "use_apg": "bad_type",
+        "apg_momentum": "bad_value",
+        "apg_norm_threshold": "bad_value",
+    }
+    old = json.loads(plain.to_json())
+    for key in ("use_apg", "apg_momentum", "apg_norm_threshold"):
+        del old[key]
+    assert JobSpec.from_dict(old) == plain

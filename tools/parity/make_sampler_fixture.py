@@ -41,7 +41,12 @@ CASES = {
     "sampler_3pass": (3, 7.0, 5.0, 4.0),
     "sampler_2pass": (2, 2.0, 1.0, 2.0),
     "sampler_stream": (2, 2.0, 1.0, 2.0),
+    "sampler_apg_3pass": (3, 7.0, 5.0, 4.0),
+    "sampler_apg_2pass": (3, 2.0, 1.0, 2.0),
 }
+#: cases run with adaptive projected guidance (the reference's --use_apg, default momentum/threshold
+#: except a low threshold, so the norm clamp is exercised on the tiny model's small velocities)
+APG = {"sampler_apg_3pass": (-0.75, 55.0), "sampler_apg_2pass": (-0.5, 2.0)}
 #: streaming cases: three chunks of the tiny model (33 frames, 9 motion frames: 33 + 2 x 24 = 81
 #: frames); the third is the first whose noise comes after the reference's motion-noise draws
 STREAMING = {"sampler_stream"}
@@ -81,6 +86,9 @@ def request_for(image: Path, audio: Path, case: str):  # noqa: ANN201
         mode="streaming" if case in STREAMING else "clip",
         max_frame_num=STREAM_FRAMES if case in STREAMING else None,
         color_correction_strength=0.0,
+        use_apg=case in APG,
+        apg_momentum=APG.get(case, (-0.75, 55.0))[0],
+        apg_norm_threshold=APG.get(case, (-0.75, 55.0))[1],
     )
 
 
@@ -257,7 +265,12 @@ def main() -> None:
                 offload_model=False,
                 max_frames_num=STREAM_FRAMES if case in STREAMING else frame_num,
                 color_correction_strength=0.0,
-                extra_args=types.SimpleNamespace(use_teacache=False, use_apg=False),
+                extra_args=types.SimpleNamespace(
+                    use_teacache=False,
+                    use_apg=case in APG,
+                    apg_momentum=APG.get(case, (0.0, 0.0))[0],
+                    apg_norm_threshold=APG.get(case, (0.0, 0.0))[1],
+                ),
             )
             meta = {
                 "steps": str(steps),
