@@ -192,6 +192,7 @@ class Settings:
             "apg_momentum": d.apg_momentum,
             "apg_norm_threshold": d.apg_norm_threshold,
             "audio_type": d.audio_type,
+            "seed": d.seed,
             "max_media_bytes": int(self.max_file_mb * 1024 * 1024),
         }
         if d.negative_prompt is not None:

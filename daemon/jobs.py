@@ -582,9 +582,8 @@ def parse_job(raw: bytes, *, base_dir: Path, defaults: JobDefaults | None = None
     audio = _parse_audio(doc, base_dir, defaults, c)
     persons = tuple(p for p, _ in audio)
     audio_type = _get_choice(doc, "audio_type", defaults.audio_type, AUDIO_TYPES, c)
-    bbox = _parse_bbox(doc, persons, c)
-    if bbox is not None and len(persons) != 2:
-        c.add("bad_value", "bbox", "bbox is only used with two speakers (cond_audio.person2)")
+    # one speaker: the reference ignores bbox (its own example jobs carry one), and so do we
+    bbox = _parse_bbox(doc, persons, c) if len(persons) == 2 else None
 
     size = _get_choice(doc, "size", defaults.size, SIZES, c)
     mode = _get_choice(doc, "mode", defaults.mode, MODES, c)

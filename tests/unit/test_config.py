@@ -33,7 +33,7 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     assert s.state_dir == Path("/abs/state")
     assert s.max_queued == 5 and s.dashboard.port == 9001
     assert s.defaults.sample_steps == 2 and s.defaults.seed == 7
-    assert s.job_defaults().sample_steps == 2
+    assert s.job_defaults().sample_steps == 2 and s.job_defaults().seed == 7  # also `render`
 
 
 def test_environment_variable_then_local_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

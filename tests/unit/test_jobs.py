@@ -251,10 +251,32 @@ def test_bbox_and_checksums_validation(tmp_path: Path) -> None:
         with pytest.raises(InvalidJob) as info:
             parse_job(_raw({**base, **extra}), base_dir=tmp_path)
         assert _codes(info.value) == {field: code}, extra
+    # one speaker: bbox is ignored, as the reference does (CONTRACT.md's own example has one)
     one = {"prompt": "p", "cond_video": "a.png", "cond_audio": {"person1": "b.wav"}}
-    with pytest.raises(InvalidJob) as info:
-        parse_job(_raw({**one, "bbox": {"person1": [0, 0, 2, 2]}}), base_dir=tmp_path)
-    assert _codes(info.value) == {"bbox": "bad_value"}
+    for bbox in ({"person1": [0, 0, 2, 2]}, {"person1": [0, 0, 640, 720], "person2": [0, 640, 640, 1280]}):
+        assert parse_job(_raw({**one, "bbox": bbox}), base_dir=tmp_path).bbox is None
+
+
+def test_the_contract_example_job_parses(tmp_path: Path) -> None:
+    """CONTRACT.md section 4's example, verbatim apart from the checksums' values."""
+    _files(tmp_path, "face.png", "voice.wav")
+    doc = {
+        "prompt": "A woman is talking to the camera in a bright studio.",
+        "cond_video": "face.png",
+        "cond_audio": {"person1": "voice.wav"},
+        "audio_type": "para",
+        "bbox": {"person1": [0, 0, 640, 720], "person2": [0, 640, 640, 1280]},
+        "size": "infinitetalk-480",
+        "sample_steps": 4,
+        "seed": 42,
+        "priority": 0,
+        "checksums": {
+            "face.png": sha256_file(tmp_path / "face.png"),
+            "voice.wav": sha256_file(tmp_path / "voice.wav"),
+        },
+    }
+    spec = parse_job(_raw(doc), base_dir=tmp_path)
+    assert (spec.num_speakers, spec.bbox, spec.seed, spec.sample_steps) == (1, None, 42, 4)
 
 
 def test_load_job_uses_the_file_folder(tmp_path: Path) -> None:
