@@ -77,15 +77,23 @@ def _job_media(doc: Any) -> list[str]:
 
 
 def submit(source: Path, inbox: Path, name: str | None = None) -> Path:
-    """Copy a job into `inbox` as a bundle `<name>/` (staged as `.<name>.submitting`, then renamed)."""
+    """Copy a job into `inbox` as a bundle `<name>/` (staged as `.<name>.submitting`, then renamed).
+
+    The job is checked first, as the daemon will check it (`daemon.jobs.load_job`: JSON, fields,
+    media paths that stay inside the job's folder, media present): a bad job raises
+    `InvalidJob` (a ValueError) naming every problem, and nothing is written to the inbox."""
+    from daemon.jobs import load_job
+
     source = source.resolve()
     inbox.mkdir(parents=True, exist_ok=True)
     if source.is_dir():
         if not (source / "job.json").is_file():
             raise ValueError(f"{source} is a folder without job.json")
         base = name or source.name
+        load_job(source / "job.json")
     elif source.is_file():
         base = name or source.stem
+        load_job(source)
     else:
         raise FileNotFoundError(f"{source} does not exist")
     final = _free_name(inbox, base)
@@ -99,12 +107,10 @@ def submit(source: Path, inbox: Path, name: str | None = None) -> Path:
             doc = json.loads(raw.decode("utf-8-sig"))
             staging.mkdir()
             (staging / "job.json").write_bytes(raw)
-            for rel in _job_media(doc):
-                src = source.parent / rel
-                if src.is_file():
-                    target = staging / rel
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(src, target)
+            for rel in _job_media(doc):  # checked by load_job: inside source.parent, present
+                target = staging / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source.parent / rel, target)
         for root, _dirs, files in os.walk(staging):
             # group read/write so the daemon (in the inbox's upload group) can claim the bundle by
             # renaming it: moving a folder needs write permission on the folder itself
