@@ -8,15 +8,19 @@ Key forms (all under the `diffusion_model.` prefix), as the reference's `WanLora
     <param path>.alpha   -> ignored, as the reference ignores it (no alpha/rank factor; the
                             lightx2v file was extracted for scale 1 with that convention)
 
-Unlike the reference, nothing is skipped silently: a key of any other form, a target that is not
-a parameter of the model, a shape mismatch, or a lora_down without its lora_up raises
-`LoraError` listing every such key. LoRA tensors are first rounded to the parameter dtype (as the
+Every other key is ignored, as the reference ignores it: keys without the prefix, PEFT-style
+`lora_A`/`lora_B`, `diff_m` (modulation diffs some extractions carry), a `lora_up` without its
+`lora_down`. Unlike the reference they are not ignored silently: `MergeReport.skipped` lists them
+and a warning names how many and which. A target that is not a parameter of the model, a shape
+mismatch, or a `lora_down` without its `lora_up` raises `LoraError` listing every such key (the
+reference raises there too). LoRA tensors are first rounded to the parameter dtype (as the
 reference does), the delta is computed in float32 and added in the parameter dtype. Merge before
 any fp8 quantization.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +30,8 @@ from torch import Tensor, nn
 
 PREFIX = "diffusion_model."
 
+logger = logging.getLogger(__name__)
+
 
 class LoraError(Exception):
     """The LoRA file does not fit the model; the message lists every bad key."""
@@ -34,7 +40,7 @@ class LoraError(Exception):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MergeReport:
     applied: int  # parameters changed
-    skipped: tuple[str, ...]  # keys deliberately ignored (alpha)
+    skipped: tuple[str, ...]  # keys ignored, as the reference ignores them (alpha, diff_m, PEFT, ...)
     targets: tuple[str, ...]  # the parameter names changed
 
 
@@ -51,12 +57,10 @@ def plan_lora(keys: list[str]) -> tuple[dict[str, tuple[str, ...]], list[str], l
     keyset = set(keys)
     for key in keys:
         if not key.startswith(PREFIX):
-            bad.append(f"{key} (no '{PREFIX}' prefix)")
+            ignored.append(key)
             continue
         name = key[len(PREFIX) :]
-        if name.endswith(".alpha"):
-            ignored.append(key)
-        elif name.endswith(".lora_down.weight"):
+        if name.endswith(".lora_down.weight"):
             up = key.replace(".lora_down.weight", ".lora_up.weight")
             if up not in keyset:
                 bad.append(f"{key} (no matching lora_up)")
@@ -64,13 +68,13 @@ def plan_lora(keys: list[str]) -> tuple[dict[str, tuple[str, ...]], list[str], l
                 targets[name.removesuffix(".lora_down.weight") + ".weight"] = (key, up)
         elif name.endswith(".lora_up.weight"):
             if key.replace(".lora_up.weight", ".lora_down.weight") not in keyset:
-                bad.append(f"{key} (no matching lora_down)")
+                ignored.append(key)
         elif name.endswith(".diff_b"):
             targets[name.removesuffix(".diff_b") + ".bias"] = (key,)
         elif name.endswith(".diff"):
             targets[name.removesuffix(".diff") + ".weight"] = (key,)
-        else:
-            bad.append(f"{key} (unknown LoRA key form)")
+        else:  # .alpha, .diff_m, lora_A/lora_B, anything else: the reference ignores them too
+            ignored.append(key)
     return targets, ignored, bad
 
 
@@ -99,4 +103,8 @@ def merge_lora(model: nn.Module, lora: Path | dict[str, Tensor], *, scale: float
     for target, delta in deltas.items():
         param = params[target]
         param.add_((delta * scale).to(param.dtype))
+    unusual = [k for k in ignored if not k.endswith(".alpha")]
+    if unusual:
+        shown = ", ".join(sorted(unusual)[:5]) + (", ..." if len(unusual) > 5 else "")
+        logger.warning("LoRA: %d key(s) ignored, as the reference ignores them: %s", len(unusual), shown)
     return MergeReport(applied=len(deltas), skipped=tuple(sorted(ignored)), targets=tuple(sorted(deltas)))

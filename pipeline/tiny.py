@@ -148,7 +148,10 @@ def linear_names(cfg: DiTConfig) -> list[str]:
 
 
 def lora_state(cfg: DiTConfig, gen: torch.Generator) -> dict[str, Tensor]:
-    """lightx2v-style LoRA: lora_down/lora_up per linear, diff_b on q biases, diff on norm3, alpha."""
+    """lightx2v-style LoRA: lora_down/lora_up per linear, diff_b on q biases, diff on norm3; and the
+    keys the reference ignores: alpha (1, not the rank: an alpha/rank factor would show), a
+    modulation `diff_m`, a PEFT `lora_A`/`lora_B` pair and a key without the prefix. The ignored
+    keys hold constants, so they take nothing from `gen`."""
     shapes = dit_param_shapes(cfg)
     out: dict[str, Tensor] = {}
     for i in range(cfg.num_layers):
@@ -159,10 +162,16 @@ def lora_state(cfg: DiTConfig, gen: torch.Generator) -> dict[str, Tensor]:
                 LORA_RANK, n_in, generator=gen
             ) / math.sqrt(n_in)
             out[f"diffusion_model.{name}.lora_up.weight"] = 0.1 * torch.randn(o, LORA_RANK, generator=gen)
-            out[f"diffusion_model.{name}.alpha"] = torch.tensor(float(LORA_RANK))
+            out[f"diffusion_model.{name}.alpha"] = torch.tensor(1.0)
         out[f"diffusion_model.blocks.{i}.self_attn.q.diff_b"] = 0.05 * torch.randn(cfg.dim, generator=gen)
         out[f"diffusion_model.blocks.{i}.norm3.diff"] = 0.05 * torch.randn(cfg.dim, generator=gen)
     out["diffusion_model.head.head.diff_b"] = 0.05 * torch.randn(shapes["head.head.bias"], generator=gen)
+    o, n_in = shapes["blocks.0.self_attn.k.weight"]
+    out["diffusion_model.blocks.0.diff_m"] = torch.full(shapes["blocks.0.modulation"], 0.5)
+    out["diffusion_model.blocks.0.self_attn.k.lora_A.weight"] = torch.full((LORA_RANK, n_in), 0.5)
+    out["diffusion_model.blocks.0.self_attn.k.lora_B.weight"] = torch.full((o, LORA_RANK), 0.5)
+    out["blocks.0.self_attn.k.lora_down.weight"] = torch.full((LORA_RANK, n_in), 0.5)
+    out["blocks.0.self_attn.k.lora_up.weight"] = torch.full((o, LORA_RANK), 0.5)
     return {k: v.to(torch.bfloat16) for k, v in out.items()}
 
 

@@ -242,7 +242,11 @@ def _check_dit(root: Path, cfg: ModelConfig) -> list[Finding]:
             if target not in shapes:
                 bad.append(f"{sources[0]} (no parameter {target})")
             elif len(sources) == 2:
-                (r, n_in), (n_out, r2) = header[sources[0]][0], header[sources[1]][0]
+                down, up = header[sources[0]][0], header[sources[1]][0]
+                if len(down) != 2 or len(up) != 2:
+                    bad.append(f"{sources[0]} (lora_down {list(down)} / lora_up {list(up)} are not 2-D)")
+                    continue
+                (r, n_in), (n_out, r2) = down, up
                 if r != r2 or (n_out, n_in) != shapes[target]:
                     bad.append(f"{sources[0]} (delta [{n_out}, {n_in}] != {list(shapes[target])})")
             elif header[sources[0]][0] != shapes[target]:
@@ -254,7 +258,8 @@ def _check_dit(root: Path, cfg: ModelConfig) -> list[Finding]:
                 Finding(
                     path=LORA_FILE,
                     status="ok",
-                    detail=f"{len(targets)} target tensors, {len(ignored)} alpha keys ignored",
+                    detail=f"{len(targets)} target tensors, {len(ignored)} keys ignored as the reference "
+                    "ignores them (alpha, diff_m, PEFT, unprefixed)",
                 )
             )
     return out

@@ -58,11 +58,31 @@ def test_bf16_parameters_receive_bf16_rounded_lora() -> None:
     assert model.blocks[0]["q"].weight.dtype == torch.bfloat16
 
 
+def test_keys_the_reference_ignores_are_ignored_and_reported() -> None:
+    """PEFT lora_A/lora_B, keys without the prefix, diff_m, a lone lora_up: skipped (the reference
+    skips them too), listed in the report, and the rest merged exactly as without them."""
+    gen = torch.Generator().manual_seed(4)
+    plain, extra = Tiny(), Tiny()
+    extra.load_state_dict(plain.state_dict())
+    lora = lora_for(plain, gen)
+    merge_lora(plain, lora)
+    odd = {
+        "diffusion_model.blocks.0.q.lora_A.weight": torch.ones(2, 8),
+        "diffusion_model.blocks.0.q.lora_B.weight": torch.ones(6, 2),
+        "blocks.0.q.lora_down.weight": torch.ones(2, 8),
+        "lora_unet_blocks_0_q.lora_up.weight": torch.ones(6, 2),
+        "diffusion_model.blocks.0.norm.diff_m": torch.ones(6),
+        "diffusion_model.blocks.0.norm.lora_up.weight": torch.ones(6, 2),
+    }
+    report = merge_lora(extra, {**lora, **odd})
+    assert set(report.skipped) == {*odd, "diffusion_model.blocks.0.q.alpha"} and report.applied == 3
+    for k, v in plain.state_dict().items():
+        assert torch.equal(extra.state_dict()[k], v), k
+
+
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("diffusion_model.blocks.0.q.lora_A.weight", torch.zeros(2, 8), "unknown LoRA key form"),
-        ("blocks.0.q.lora_down.weight", torch.zeros(2, 8), "no 'diffusion_model.' prefix"),
         ("diffusion_model.blocks.0.k.diff_b", torch.zeros(6), "the model has no parameter blocks.0.k.bias"),
         ("diffusion_model.blocks.0.norm.diff_b", torch.zeros(5), r"delta \[5\] != blocks.0.norm.bias \[6\]"),
         ("diffusion_model.blocks.0.norm.lora_down.weight", torch.zeros(2, 6), "no matching lora_up"),
