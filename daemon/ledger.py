@@ -596,21 +596,43 @@ class Ledger:
             )
 
     @_waits_when_full
-    def recover_running(self) -> list[JobRow]:
-        """At start-up: jobs left `running` by a daemon that died go back to `queued` (attempt kept)."""
+    def recover_running(self, *, max_queued: int) -> list[JobRow]:
+        """At start-up: jobs left `running` by a daemon that died go back to `queued` (attempt
+        kept), or to `retry_wait` due at once when the queue is full (see `requeue`)."""
         with self.tx():
-            ids = [r[0] for r in self.conn.execute("SELECT id FROM jobs WHERE state = 'running'")]
+            ids = [
+                r[0] for r in self.conn.execute("SELECT id FROM jobs WHERE state = 'running' ORDER BY seq")
+            ]
             return [
-                self._transition(
-                    i,
-                    "running",
-                    "queued",
-                    queued_at=self.clock(),
-                    stage="recovered",
-                    event_data={"reason": "daemon restarted while running"},
+                self.requeue(
+                    i, max_queued=max_queued, reason="daemon restarted while running", stage="recovered"
                 )
                 for i in ids
             ]
+
+    @_waits_when_full
+    def requeue(self, job_id: str, *, max_queued: int, reason: str, **columns: Any) -> JobRow:
+        """`running -> queued`, or, when `max_queued` jobs are already queued, `running ->
+        retry_wait` due at once: the queue cap holds, and the job is queued again (before newer
+        uploads) as soon as there is room."""
+        with self.tx():
+            if self._count("queued") < max_queued:
+                return self._transition(
+                    job_id,
+                    "running",
+                    "queued",
+                    queued_at=self.clock(),
+                    event_data={"reason": reason},
+                    **columns,
+                )
+            return self._transition(
+                job_id,
+                "running",
+                "retry_wait",
+                next_attempt_at=self.clock(),
+                event_data={"reason": f"{reason}; the queue is full, queued again when there is room"},
+                **columns,
+            )
 
     @_waits_when_full
     def purge_finished_before(self, cutoff: float) -> int:

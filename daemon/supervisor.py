@@ -198,7 +198,7 @@ class Supervisor:
         self.outbox.ensure()
         self._recover_interrupted_endings()
         self.outbox.clean_staging()
-        recovered = self.ledger.recover_running()
+        recovered = self.ledger.recover_running(max_queued=s.max_queued)
         for row in recovered:
             logger.info(
                 "job %s (%s) was running when the daemon stopped; queued again (resumes from its "
@@ -611,16 +611,20 @@ class Supervisor:
     def _requeue(self, row: JobRow, why: str) -> None:
         """Running -> queued without counting the attempt (shutdown, not the job's fault)."""
         assert self.ledger is not None
-        self.ledger.transition(
+        new = self.ledger.requeue(
             row.id,
-            "running",
-            "queued",
-            queued_at=time.time(),
+            max_queued=self.settings.max_queued,
+            reason=why,
             stage="interrupted",
             attempts=max(0, row.attempts - 1),
-            event_data={"reason": why},
         )
-        logger.info("job %s (%s) %s; queued again", row.id, row.name, why)
+        logger.info(
+            "job %s (%s) %s; %s",
+            row.id,
+            row.name,
+            why,
+            "queued again" if new.state == "queued" else "the queue is full: queued again when there is room",
+        )
 
     def _failed(
         self,

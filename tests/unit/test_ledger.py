@@ -125,7 +125,7 @@ def test_claim_order_priority_then_arrival_and_running_cap(ledger: Ledger) -> No
 def test_recover_running_and_retry_wait(ledger: Ledger) -> None:
     job = _queued(ledger, "a")
     ledger.claim_next(max_running=3)
-    [row] = ledger.recover_running()
+    [row] = ledger.recover_running(max_queued=20)
     assert row.state == "queued" and row.attempts == 1  # the attempt is kept
     ledger.claim_next(max_running=3)
     ledger.transition(job, "running", "retry_wait", next_attempt_at=ledger.clock() + 3600)
@@ -240,3 +240,23 @@ def test_on_full_can_give_up(ledger: Ledger) -> None:
     with pytest.raises(RuntimeError, match="stopping"):
         ledger.transition(job_id, "queued", "running")
     assert ledger.get(job_id).state == "queued" and not ledger.conn.in_transaction
+
+
+def test_requeued_running_jobs_keep_the_queue_cap(ledger: Ledger) -> None:
+    """A daemon restart or stop puts running jobs back; with the queue full they wait in
+    retry_wait (due at once) and go back to queued, oldest first, as room appears."""
+    running = [_queued(ledger, f"r{i}") for i in range(3)]
+    for _ in running:
+        ledger.claim_next(max_running=3)
+    queued = [_queued(ledger, f"q{i}") for i in range(2)]
+    rows = ledger.recover_running(max_queued=3)
+    assert [r.state for r in rows] == ["queued", "retry_wait", "retry_wait"]
+    assert ledger.counts()["queued"] == 3
+    ledger.claim_next(max_running=3)  # one leaves the queue: one recovered job may come back
+    assert [r.id for r in ledger.requeue_due_retries(max_queued=3)] == [running[1]]
+    row = ledger.claim_next(max_running=3, job_id=running[1])
+    assert row is not None
+    requeued = ledger.requeue(row.id, max_queued=1, reason="stopped (daemon shutting down)")
+    assert requeued.state == "retry_wait" and queued  # the cap (1) was already reached
+    kinds = [r[0] for r in ledger.conn.execute("SELECT kind FROM events WHERE job_id = ?", (running[2],))]
+    assert kinds[-1] == "retry"
