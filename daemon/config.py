@@ -43,6 +43,11 @@ class RetentionSettings:
     outputs_days: float = _f(0.0, "delete published videos/posters/sidecars older than this (0: keep)")
     archive_days: float = _f(30.0, "delete claimed job inputs in state_dir/jobs older than this (0: keep)")
     ledger_days: float = _f(0.0, "delete finished ledger rows and their events older than this (0: keep)")
+    progress_events_days: float = _f(
+        0.0,
+        "delete the per-step progress events (not the state events) of jobs finished longer ago than "
+        "this (0: keep; the events table is append-only unless a retention key says otherwise)",
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -35,7 +35,7 @@ def apply_retention(settings: Settings, ledger: Ledger, *, now: float | None = N
     """Apply the [retention] settings once; returns how many outputs, inputs and rows went."""
     r: RetentionSettings = settings.retention
     now = time.time() if now is None else now
-    counts = {"outputs": 0, "archives": 0, "rows": 0}
+    counts = {"outputs": 0, "archives": 0, "rows": 0, "progress": 0}
     final = ledger.jobs(FINAL_STATES)
     if r.outputs_days > 0:
         cutoff = now - r.outputs_days * DAY_S
@@ -56,13 +56,14 @@ def apply_retention(settings: Settings, ledger: Ledger, *, now: float | None = N
                 counts["archives"] += 1
     if r.ledger_days > 0:
         counts["rows"] = ledger.purge_finished_before(now - r.ledger_days * DAY_S)
-    # progress events are only useful while a job runs: a day after it ends they go
-    ledger.prune_progress_events(now - DAY_S)
+    if r.progress_events_days > 0:  # only useful while a job runs; opt-in, the table is append-only
+        counts["progress"] = ledger.prune_progress_events(now - r.progress_events_days * DAY_S)
     if any(counts.values()):
         logger.info(
-            "retention: %d outputs, %d claimed inputs, %d ledger rows removed",
+            "retention: %d outputs, %d claimed inputs, %d ledger rows, %d progress events removed",
             counts["outputs"],
             counts["archives"],
             counts["rows"],
+            counts["progress"],
         )
     return counts

@@ -35,7 +35,9 @@ def _done_job(ledger: Ledger, outbox: Path, name: str, finished_at: float, jobs_
 
 def test_retention_and_hand_deletion(tmp_path: Path) -> None:
     conf = tmp_path / "c.toml"
-    conf.write_text("[retention]\noutputs_days = 7\narchive_days = 1\nledger_days = 30\n")
+    conf.write_text(
+        "[retention]\noutputs_days = 7\narchive_days = 1\nledger_days = 30\nprogress_events_days = 1\n"
+    )
     settings = load_settings(conf, environ={})
     settings.outbox.mkdir()
     ledger = Ledger(settings.ledger_path)
@@ -52,7 +54,7 @@ def test_retention_and_hand_deletion(tmp_path: Path) -> None:
         for e in ledger.conn.execute("SELECT kind FROM events WHERE job_id = ?", (week,))
         if e[0] == "progress"
     ] == []
-    assert counts == {"outputs": 2, "archives": 2, "rows": 1}
+    assert counts == {"outputs": 2, "archives": 2, "rows": 1, "progress": 1}
     assert ledger.find(old) is None  # past ledger_days: row and events gone
     assert ledger.get(week).deleted_at is not None and not (settings.outbox / "week.mp4").exists()
     assert not (settings.jobs_dir / week).exists()
@@ -65,7 +67,13 @@ def test_retention_and_hand_deletion(tmp_path: Path) -> None:
     off = dataclasses.replace(
         settings, retention=RetentionSettings(outputs_days=0, archive_days=0, ledger_days=0)
     )
-    assert apply_retention(off, ledger, now=now + 1000 * DAY_S) == {"outputs": 0, "archives": 0, "rows": 0}
+    ledger.conn.execute(
+        "INSERT INTO events (job_id, at, kind, data_json) VALUES (?, 0, 'progress', '{}')", (fresh,)
+    )
+    quiet = {"outputs": 0, "archives": 0, "rows": 0, "progress": 0}
+    assert apply_retention(off, ledger, now=now + 1000 * DAY_S) == quiet
+    # the default: the events table is append-only, progress events are kept
+    assert ledger.conn.execute("SELECT COUNT(*) FROM events WHERE kind = 'progress'").fetchone()[0] == 1
 
 
 def test_requests_without_a_daemon(tmp_path: Path) -> None:
