@@ -271,6 +271,16 @@ class Outbox:
         return dest
 
 
+def restore_loose_job_name(kept: Path, name: str, source: str) -> None:
+    """A claimed loose job's JSON was stored as `job.json`; among the originals kept under
+    `outbox/failed/<name>/` it gets its own file name back (`<name>.json`, as it was dropped)."""
+    original = Path(source).name
+    if original != f"{name}.json" or original == "job.json":
+        return  # a bundle: its job.json is its own name
+    if (kept / "job.json").is_file() and not (kept / original).exists():
+        os.rename(kept / "job.json", kept / original)
+
+
 def _move(src: Path, dest: Path) -> None:
     """Rename; across filesystems, copy to a temporary sibling of `dest`, rename it into place,
     then delete `src`. Either way `dest` appears complete or not at all."""

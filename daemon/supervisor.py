@@ -36,7 +36,7 @@ from daemon.intake import Intake, error_payload, model_min_audio_s
 from daemon.jobs import JobSpec
 from daemon.ledger import JobRow, Ledger
 from daemon.ledger import is_disk_full as _is_disk_full
-from daemon.outbox import Outbox
+from daemon.outbox import Outbox, restore_loose_job_name
 from daemon.runner import RunOrder, WorkerConfig
 from daemon.sdnotify import Notifier
 from daemon.worker import WorkerHandle
@@ -684,6 +684,7 @@ class Supervisor:
         if (job_dir / "input").is_dir():
             kept.mkdir(parents=True, exist_ok=True)
             shutil.copytree(job_dir / "input", kept, symlinks=True, dirs_exist_ok=True)
+            restore_loose_job_name(kept, row.name, row.source)
         error_path = Path(str(row.output_json))
         if not error_path.exists():
             self.outbox.write_error_at(

@@ -91,3 +91,18 @@ def test_move_across_filesystems_appears_whole(tmp_path: Path, monkeypatch: pyte
     outbox_mod.move(src, tmp_path / "claimed")
     assert (tmp_path / "claimed" / "a.wav").read_bytes() == b"a" and not src.exists()
     assert calls[1][0] == tmp_path / ".claimed.copying"  # copied under a temporary name first
+
+
+def test_a_loose_jobs_kept_originals_get_its_file_name_back(tmp_path: Path) -> None:
+    from daemon.outbox import restore_loose_job_name
+
+    kept = tmp_path / "failed" / "talk"
+    kept.mkdir(parents=True)
+    (kept / "job.json").write_text("{}")
+    restore_loose_job_name(kept, "talk", str(tmp_path / "inbox" / "talk.json"))  # loose
+    assert sorted(p.name for p in kept.iterdir()) == ["talk.json"]
+    bundle = tmp_path / "failed" / "b.json"  # a bundle folder that happens to end in .json
+    bundle.mkdir()
+    (bundle / "job.json").write_text("{}")
+    restore_loose_job_name(bundle, "b.json", str(tmp_path / "inbox" / "b.json"))
+    assert sorted(p.name for p in bundle.iterdir()) == ["job.json"]
