@@ -63,16 +63,19 @@ def test_one_chunk_latents_equal_the_reference_loop(plain_pipe, tmp_path: Path, 
     torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_three_streaming_chunks_equal_the_reference_loop(plain_pipe, tmp_path: Path) -> None:
-    """Streaming, three chunks: each later chunk is conditioned on the previous one's last 9
-    decoded frames (VAE encode) and takes its audio windows 24 frames on; the third draws its
-    noise after the reference's (unused) motion-noise draws of the second. Every chunk's latents
-    equal the reference's."""
+@pytest.mark.parametrize(("case", "chunks"), [("sampler_stream", 3), ("sampler_multi", 2)])
+def test_streaming_chunks_equal_the_reference_loop(
+    plain_pipe, tmp_path: Path, case: str, chunks: int
+) -> None:
+    """Streaming: each later chunk is conditioned on the previous one's last 9 decoded frames (VAE
+    encode) and takes its audio windows 24 frames on; the third chunk draws its noise after the
+    reference's (unused) motion-noise draws of the second. `sampler_multi`: two speakers (multi
+    weights, region masks from bboxes, 3 guidance passes with the one-person null audio). Every
+    chunk's latents equal the reference's."""
     tool = _tool()
-    case = "sampler_stream"
     with safe_open(str(FIXTURES / f"{case}.safetensors"), framework="pt") as f:
-        expected = [f.get_tensor(f"latents{i}") for i in range(3)]
-        assert set(f.keys()) == {"latents0", "latents1", "latents2"}
+        assert set(f.keys()) == {f"latents{i}" for i in range(chunks)}
+        expected = [f.get_tensor(f"latents{i}") for i in range(chunks)]
     image, audio = tool.make_media(tmp_path, case)
     captured: list[torch.Tensor] = []
     decode = plain_pipe.vae.decode
@@ -86,8 +89,8 @@ def test_three_streaming_chunks_equal_the_reference_loop(plain_pipe, tmp_path: P
         result = plain_pipe.generate(tool.request_for(image, audio, case), tmp_path / "out.mp4")
     finally:
         plain_pipe.vae.decode = decode
-    assert result.num_frames == tool.STREAM_FRAMES
-    assert len(captured) == 3
+    assert result.num_frames == tool.frames_for(case)
+    assert len(captured) == chunks
     for i, (ours, ref) in enumerate(zip(captured, expected, strict=True)):
-        print(f"chunk {i + 1}: max |ours - reference| = {(ours - ref).abs().max():.3e}")
+        print(f"{case} chunk {i + 1}: max |ours - reference| = {(ours - ref).abs().max():.3e}")
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)

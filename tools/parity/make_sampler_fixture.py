@@ -43,32 +43,52 @@ CASES = {
     "sampler_stream": (2, 2.0, 1.0, 2.0),
     "sampler_apg_3pass": (3, 7.0, 5.0, 4.0),
     "sampler_apg_2pass": (3, 2.0, 1.0, 2.0),
+    "sampler_multi": (2, 7.0, 5.0, 4.0),
 }
 #: cases run with adaptive projected guidance (the reference's --use_apg, default momentum/threshold
 #: except a low threshold, so the norm clamp is exercised on the tiny model's small velocities)
 APG = {"sampler_apg_3pass": (-0.75, 55.0), "sampler_apg_2pass": (-0.5, 2.0)}
 #: streaming cases: three chunks of the tiny model (33 frames, 9 motion frames: 33 + 2 x 24 = 81
 #: frames); the third is the first whose noise comes after the reference's motion-noise draws
-STREAMING = {"sampler_stream"}
+STREAMING = {"sampler_stream", "sampler_multi"}
 STREAM_FRAMES = 81
 STREAM_AUDIO_SECONDS = 3.6
+#: two speakers (multi weights, region masks from bboxes), two streaming chunks (33 + 24 frames)
+MULTI = {"sampler_multi"}
+MULTI_FRAMES = 57
+MULTI_AUDIO_SECONDS = 2.6
+#: [row_min, col_min, row_max, col_max] in pixels of the 96 x 48 two-person image
+MULTI_BBOX = ((0.0, 0.0, 48.0, 48.0), (4.0, 50.0, 44.0, 92.0))
 SEED = 42
 PROMPT = "A person is talking to the camera."
 NEGATIVE = "blurry, static"
 AUDIO_SECONDS = 1.6
 
 
-def make_media(folder: Path, case: str = "sampler_3pass") -> tuple[Path, Path]:
-    """The reference image and speech both sides use (fixed seeds)."""
-    from tests.helpers.media import make_rgba_png, make_wav
+def make_media(folder: Path, case: str = "sampler_3pass") -> tuple[Path, tuple[Path, ...]]:
+    """The reference image and the speech (one file per speaker) both sides use (fixed seeds)."""
+    from tests.helpers.media import make_rgba_png, make_two_person_image, make_wav
 
+    if case in MULTI:
+        image = make_two_person_image(folder / "two.png", seed=11)
+        return image, tuple(
+            make_wav(folder / f"voice{i + 1}-multi.wav", duration_s=MULTI_AUDIO_SECONDS, seed=12 + i)
+            for i in range(2)
+        )
     seconds = STREAM_AUDIO_SECONDS if case in STREAMING else AUDIO_SECONDS
-    return make_rgba_png(folder / "face.png", seed=11), make_wav(
-        folder / f"voice-{seconds:g}s.WAV", duration_s=seconds, seed=12
+    return make_rgba_png(folder / "face.png", seed=11), (
+        make_wav(folder / f"voice-{seconds:g}s.WAV", duration_s=seconds, seed=12),
     )
 
 
-def request_for(image: Path, audio: Path, case: str):  # noqa: ANN201
+def frames_for(case: str) -> int | None:
+    """`max_frame_num` of a case (None: one chunk, clip mode)."""
+    if case in MULTI:
+        return MULTI_FRAMES
+    return STREAM_FRAMES if case in STREAMING else None
+
+
+def request_for(image: Path, audio: tuple[Path, ...], case: str):  # noqa: ANN201
     from pipeline.types import GenerationRequest
 
     steps, shift, text_scale, audio_scale = CASES[case]
@@ -76,7 +96,9 @@ def request_for(image: Path, audio: Path, case: str):  # noqa: ANN201
         prompt=PROMPT,
         negative_prompt=NEGATIVE,
         cond_media=image,
-        audio=(audio,),
+        audio=tuple(audio),
+        audio_type="para",
+        bbox=MULTI_BBOX if case in MULTI else None,
         size="infinitetalk-480",
         sample_steps=steps,
         sample_shift=shift,
@@ -84,7 +106,7 @@ def request_for(image: Path, audio: Path, case: str):  # noqa: ANN201
         sample_audio_guide_scale=audio_scale,
         seed=SEED,
         mode="streaming" if case in STREAMING else "clip",
-        max_frame_num=STREAM_FRAMES if case in STREAMING else None,
+        max_frame_num=frames_for(case),
         color_correction_strength=0.0,
         use_apg=case in APG,
         apg_momentum=APG.get(case, (-0.75, 55.0))[0],
@@ -201,12 +223,17 @@ def main() -> None:
         # everything that uses transformers first: the shims below would confuse it
         weights = write_tiny_weights(tmp / "weights", seed=0)
         pipe = InfiniteTalkPipeline.from_weights(weights, device="cpu", dtype=torch.float32, lora=None)
-        inputs = {}
+        inputs: dict[str, Path] = {}
+        speakers: dict[str, dict[str, str]] = {}
         for case in CASES:
             image, audio = make_media(tmp, case)
             prepared = pipe.prepare(request_for(image, audio, case), tmp / "work" / case)
-            features = prepared.segments[0].features[0][: prepared.segments[0].plan.audio_frames]
-            torch.save(features.clone(), tmp / f"person1-{case}.pt")
+            seg = prepared.segments[0]
+            speakers[case] = {}
+            for i, track in enumerate(seg.features):
+                path = tmp / f"person{i + 1}-{case}.pt"
+                torch.save(track[: seg.plan.audio_frames].clone(), path)
+                speakers[case][f"person{i + 1}"] = str(path)
             inputs[case] = image
 
         spec = importlib.util.spec_from_file_location(
@@ -221,8 +248,10 @@ def main() -> None:
         tiny_480 = pipe.config.buckets["infinitetalk-480"]
         utils.ASPECT_RATIO_627 = {f"{h / w:.2f}": ([h, w], 1) for h, w in tiny_480}
 
-        model = dit_tool.build_reference(model_mod, pipe.config.dit)
-        dit_tool.load_reference_weights(model, weights, "single")
+        models = {}
+        for variant in ("single", "multi"):
+            models[variant] = dit_tool.build_reference(model_mod, pipe.config.dit)
+            dit_tool.load_reference_weights(models[variant], weights, variant)
         ref = object.__new__(multitalk.InfiniteTalkPipeline)
         vae = RefVAE(pipe)
         ref.__dict__.update(
@@ -239,7 +268,7 @@ def main() -> None:
             vram_management=False,
             cpu_offload=False,
             sample_neg_prompt=NEGATIVE,
-            model=model,
+            model=models["single"],
             vae=vae,
             clip=RefCLIP(pipe),
             text_encoder=RefT5(pipe),
@@ -247,12 +276,12 @@ def main() -> None:
         frame_num = pipe.config.generation.frame_num
         for case, (steps, shift, text_scale, audio_scale) in CASES.items():
             vae.decoded.clear()
+            ref.model = models["multi" if case in MULTI else "single"]
+            job = {"prompt": PROMPT, "cond_video": str(inputs[case]), "cond_audio": speakers[case]}
+            if case in MULTI:
+                job["bbox"] = {f"person{i + 1}": list(box) for i, box in enumerate(MULTI_BBOX)}
             ref.generate_infinitetalk(
-                {
-                    "prompt": PROMPT,
-                    "cond_video": str(inputs[case]),
-                    "cond_audio": {"person1": str(tmp / f"person1-{case}.pt")},
-                },
+                job,
                 size_buckget="infinitetalk-480",
                 motion_frame=9,
                 frame_num=frame_num,
@@ -263,7 +292,7 @@ def main() -> None:
                 n_prompt=NEGATIVE,
                 seed=SEED,
                 offload_model=False,
-                max_frames_num=STREAM_FRAMES if case in STREAMING else frame_num,
+                max_frames_num=frames_for(case) or frame_num,
                 color_correction_strength=0.0,
                 extra_args=types.SimpleNamespace(
                     use_teacache=False,
