@@ -7,24 +7,31 @@ else; the only trace is a log record, which `OverflowHook` turns into a wake-up)
 
 Two job forms:
 - bundle: `inbox/<name>/job.json` plus the media it names;
-- loose: `inbox/<name>.json` with its media beside it in the inbox.
+- loose: `inbox/<name>.json` with its media beside it in the inbox, possibly in subfolders
+  (`examples/single/1.wav`, as in the reference's example JSON files). A folder without a
+  `job.json` that a loose job names media in is that job's media, not a bundle (`scan`), and
+  the folders a loose job's claim or rejection empties are removed (`prune_emptied`).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import os
 import stat
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+
+from daemon.jobs import SILENT
 
 logger = logging.getLogger(__name__)
 
 BUNDLE_JOB_FILE = "job.json"
-#: names (not paths) of uploads in progress and OS litter; never taken as jobs or job files
+#: names (not paths) of uploads in progress and OS litter (`LITTER_PATTERNS`); never taken as jobs
 TEMP_PATTERNS = (
     ".*",  # dot-files: rsync's .name.XXXXXX, .rsync-partial/, .~tmp~/, .DS_Store, ._*, .nfs*, .syncthing.*
     "*.part",
@@ -37,16 +44,36 @@ TEMP_PATTERNS = (
     "~syncthing~*",
     "~$*",
     "Thumbs.db",
+    "ehthumbs.db",
     "desktop.ini",
 )
-#: folders the daemon itself may create inside the inbox; never jobs
-RESERVED_NAMES = frozenset({"failed"})
+#: OS metadata files (Finder, Explorer), made and remade at will and never job content: ignored,
+#: and removed with a loose job's media folder that holds nothing else (`prune_emptied`)
+OS_LITTER_PATTERNS = (".DS_Store", "._*", "Thumbs.db", "ehthumbs.db", "desktop.ini")
+#: litter among TEMP_PATTERNS: never taken as jobs, but never an upload in progress either, so it
+#: does not keep a bundle waiting (editors' and `rsync --backup`'s `name~` copies included)
+LITTER_PATTERNS = (*OS_LITTER_PATTERNS, "[!.]*~")
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    lowered = name.lower()
+    return any(fnmatch.fnmatchcase(lowered, pattern.lower()) for pattern in patterns)
 
 
 def is_temporary(name: str) -> bool:
     """True for names that upload tools use while a transfer is in progress (and OS litter)."""
-    lowered = name.lower()
-    return any(fnmatch.fnmatchcase(lowered, pattern.lower()) for pattern in TEMP_PATTERNS)
+    return _matches(name, TEMP_PATTERNS)
+
+
+def is_litter(name: str) -> bool:
+    """True for OS and editor litter (`.DS_Store`, `._*`, `Thumbs.db`, `desktop.ini`, `face.png~`):
+    never a job, and no sign of an upload in progress."""
+    return _matches(name, LITTER_PATTERNS)
+
+
+def is_os_litter(name: str) -> bool:
+    """True for OS metadata files (`.DS_Store`, `._*`, `Thumbs.db`, `desktop.ini`)."""
+    return _matches(name, OS_LITTER_PATTERNS)
 
 
 def path_has_temporary_part(rel: str) -> bool:
@@ -62,6 +89,7 @@ class Entry:
     path: Path  # the bundle directory or the loose json file
     job_file: Path  # bundle/job.json or the loose json itself
     base_dir: Path  # where the job's media paths are relative to
+    media: frozenset[str] = frozenset()  # loose: the media paths its JSON names (`loose_media_names`)
 
     @property
     def source(self) -> str:
@@ -85,51 +113,118 @@ def storable(text: str) -> str:
 
 
 def scan(inbox: Path) -> list[Entry]:
-    """Every job candidate in `inbox`, in name order. Temporary names and non-job files are skipped."""
-    entries: list[Entry] = []
+    """Every job candidate in `inbox`, in name order. Temporary names, OS litter, non-job files and
+    the folders holding loose jobs' media (`is_media_folder`) are skipped."""
     try:
         names = sorted(os.listdir(inbox))
     except FileNotFoundError:
-        return entries
-    for name in names:
-        if is_temporary(name) or name in RESERVED_NAMES:
+        return []
+    found = [entry for name in names if not is_temporary(name) and (entry := _entry(inbox, name))]
+    named = media_folder_names(found)
+    return [entry for entry in found if not is_media_folder(entry, named)]
+
+
+def _entry(inbox: Path, name: str) -> Entry | None:
+    """The job candidate `inbox/<name>` is, or None (not a folder nor a `.json`, or gone)."""
+    path = inbox / name
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    is_json = name.lower().endswith(".json")
+    if stat.S_ISDIR(st.st_mode) or (stat.S_ISLNK(st.st_mode) and not is_json and os.path.isdir(path)):
+        # a symlinked bundle is an entry too, so intake rejects it with a reason (never follows it)
+        return Entry(
+            kind="bundle", name=output_name(name), path=path, job_file=path / BUNDLE_JOB_FILE, base_dir=path
+        )
+    if is_json and (len(name) > 5 or stat.S_ISLNK(st.st_mode)):
+        return Entry(
+            kind="loose",
+            name=output_name(name[:-5]),
+            path=path,
+            job_file=path,
+            base_dir=inbox,
+            media=frozenset(loose_media_names(path)),
+        )
+    return None
+
+
+def media_folder_names(entries: Iterable[Entry]) -> set[str]:
+    """The top-level folders the loose entries name media in (`examples` for
+    `examples/single/1.wav`)."""
+    return {rel.split("/", 1)[0] for e in entries if e.kind == "loose" for rel in e.media if "/" in rel}
+
+
+def is_media_folder(entry: Entry, named: set[str]) -> bool:
+    """True for a folder that holds loose jobs' media rather than being a bundle: a real folder
+    without `job.json` in which a loose job of the inbox names a file (`named`, from
+    `media_folder_names`). A folder without `job.json` that no loose job names is still a bundle
+    being uploaded."""
+    return (
+        entry.kind == "bundle"
+        and entry.path.name in named
+        and not entry.path.is_symlink()
+        and not os.path.lexists(entry.job_file)
+    )
+
+
+def loose_media_names(job_file: Path) -> set[str]:
+    """Best-effort: the media a loose JSON names (normalised, inside the inbox), for claims and
+    for telling its media folders from bundles. Unreadable or invalid JSON names none."""
+    try:
+        if job_file.is_symlink() or job_file.stat().st_size > 1 << 20:
+            return set()
+        doc = json.loads(job_file.read_bytes().decode("utf-8-sig"))
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(doc, dict):
+        return set()
+    raw: list[Any] = [doc.get("cond_video")]
+    audio = doc.get("cond_audio")
+    if isinstance(audio, dict):
+        raw += list(audio.values())
+    names = set()
+    for value in raw:
+        if not isinstance(value, str) or value == SILENT:
             continue
-        path = inbox / name
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
+        parts = [p for p in PurePosixPath(value.strip().replace("\\", "/")).parts if p not in ("", ".")]
+        if parts and ".." not in parts and not value.startswith("/"):
+            names.add("/".join(parts))
+    return names
+
+
+def prune_emptied(inbox: Path, rels: Iterable[str]) -> None:
+    """Remove the folders of the loose media `rels` (paths relative to `inbox`) that moving those
+    files out left empty, or holding only OS litter, from the deepest up to the inbox itself:
+    what a claimed or rejected loose job leaves behind must not look like a bundle. Folders with
+    anything else in them, and paths through a symbolic link, are left alone."""
+    for rel in rels:
+        parts = PurePosixPath(rel).parts[:-1]
+        folders = [inbox.joinpath(*parts[: i + 1]) for i in range(len(parts))]
+        if any(folder.is_symlink() for folder in folders):
             continue
-        if stat.S_ISDIR(st.st_mode):
-            entries.append(
-                Entry(
-                    kind="bundle",
-                    name=output_name(name),
-                    path=path,
-                    job_file=path / BUNDLE_JOB_FILE,
-                    base_dir=path,
-                )
-            )
-        elif (
-            name.lower().endswith(".json")
-            and len(name) > 5
-            or stat.S_ISLNK(st.st_mode)
-            and name.lower().endswith(".json")
-        ):
-            entries.append(
-                Entry(kind="loose", name=output_name(name[:-5]), path=path, job_file=path, base_dir=inbox)
-            )
-        elif stat.S_ISLNK(st.st_mode) and os.path.isdir(path):
-            # a symlinked bundle: an entry, so intake rejects it with a reason (never follows it)
-            entries.append(
-                Entry(
-                    kind="bundle",
-                    name=output_name(name),
-                    path=path,
-                    job_file=path / BUNDLE_JOB_FILE,
-                    base_dir=path,
-                )
-            )
-    return entries
+        for folder in reversed(folders):
+            if not _remove_if_emptied(folder):
+                break
+
+
+def _remove_if_emptied(folder: Path) -> bool:
+    """Remove `folder` if it holds nothing but OS litter; True if it is gone."""
+    try:
+        if not stat.S_ISDIR(os.lstat(folder).st_mode):
+            return False
+        names = os.listdir(folder)
+        if not all(is_os_litter(n) for n in names):
+            return False
+        for n in names:
+            os.unlink(folder / n)
+        os.rmdir(folder)
+    except FileNotFoundError:
+        return True
+    except OSError as e:  # e.g. a file that appeared meanwhile, or litter that is a folder
+        logger.debug("inbox folder %s kept: %s", folder, e)
+        return False
+    return True
 
 
 def bundle_files(bundle: Path) -> list[Path]:
@@ -142,11 +237,10 @@ def bundle_files(bundle: Path) -> list[Path]:
 
 
 def has_temporary_files(bundle: Path) -> bool:
-    """True while an upload tool still has temporary files (e.g. rsync's `.name.XXXXXX`) in a bundle."""
+    """True while an upload tool still has temporary files (e.g. rsync's `.name.XXXXXX`) in a
+    bundle. OS and editor litter (`is_litter`: `.DS_Store`, `Thumbs.db`, `face.png~`) is not one."""
     for _root, dirs, files in os.walk(bundle, followlinks=False):
-        if any(
-            is_temporary(n) and n not in (".DS_Store",) and not n.startswith("._") for n in (*dirs, *files)
-        ):
+        if any(is_temporary(n) and not is_litter(n) for n in (*dirs, *files)):
             return True
     return False
 

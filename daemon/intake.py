@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from daemon import inbox as inbox_mod
@@ -106,11 +106,13 @@ class Intake:
         s = self.settings
         s.inbox.mkdir(parents=True, exist_ok=True)
         entries = inbox_mod.scan(s.inbox)
-        self._loose_media = {e.source: _loose_media_names(e.job_file) for e in entries if e.kind == "loose"}
+        self._loose_media = {e.source: set(e.media) for e in entries if e.kind == "loose"}
         waiting = self.ledger.active_by_source()
         present = {e.source for e in entries}
         self.finish_rejections(waiting)
         self.resume_claims(waiting, present)
+        # what the finished rejections and claims just moved or pruned is no new job
+        entries = [e for e in entries if os.path.lexists(e.path)]
         waiting = self.ledger.active_by_source()
         ready: list[Ready] = []
         for entry in entries:
@@ -151,7 +153,7 @@ class Intake:
                         finished_at=time.time(),
                         job_dir=None,
                         error_code="removed",
-                        error_message="removed from the inbox before it was taken",
+                        error_message=_gone_reason(Path(source)),
                     )
                 except LedgerConflict:
                     pass
@@ -329,6 +331,7 @@ class Intake:
                 shutil.copy2(src, target)
             else:
                 move(src, target)
+        inbox_mod.prune_emptied(self.settings.inbox, media)
 
     def _complete_claim(self, row: JobRow, input_dir: Path) -> JobRow | None:
         try:
@@ -381,7 +384,7 @@ class Intake:
             try:
                 if Path(source).suffix.lower() == ".json":  # a loose job: its media may still be in the inbox
                     self._move_loose_media(
-                        source, input_dir, _loose_media_names(input_dir / inbox_mod.BUNDLE_JOB_FILE)
+                        source, input_dir, inbox_mod.loose_media_names(input_dir / inbox_mod.BUNDLE_JOB_FILE)
                     )
                 self._complete_claim(row, input_dir)
             except JobRejected as rejected:
@@ -447,7 +450,7 @@ class Intake:
             return
         kept.mkdir(parents=True, exist_ok=True)
         if src.exists() or src.is_symlink():
-            media = _loose_media_names(src)
+            media = inbox_mod.loose_media_names(src)
             shared = self._shared_loose_media(source)
             move(src, kept / src.name)
             for rel in sorted(media):
@@ -459,6 +462,7 @@ class Intake:
                         shutil.copy2(path, target)
                     else:
                         move(path, target)
+            inbox_mod.prune_emptied(self.settings.inbox, media)
 
     def _finish_rejection(self, job_id: str) -> None:
         row = self.ledger.get(job_id)
@@ -587,28 +591,12 @@ def _field_of(spec: JobSpec, rel: str) -> str:
     return rel
 
 
-def _loose_media_names(job_file: Path) -> set[str]:
-    """Best-effort: the media a loose JSON names (normalised, inside the inbox), for claims."""
-    try:
-        if job_file.is_symlink() or job_file.stat().st_size > 1 << 20:
-            return set()
-        doc = json.loads(job_file.read_bytes().decode("utf-8-sig"))
-    except (OSError, ValueError):
-        return set()
-    if not isinstance(doc, dict):
-        return set()
-    raw: list[Any] = [doc.get("cond_video")]
-    audio = doc.get("cond_audio")
-    if isinstance(audio, dict):
-        raw += list(audio.values())
-    names = set()
-    for value in raw:
-        if not isinstance(value, str) or value == SILENT:
-            continue
-        parts = [p for p in PurePosixPath(value.strip().replace("\\", "/")).parts if p not in ("", ".")]
-        if parts and ".." not in parts and not value.startswith("/"):
-            names.add("/".join(parts))
-    return names
+def _gone_reason(source: Path) -> str:
+    """Why a waiting entry is no job any more: gone from the inbox, or a folder that turned out to
+    hold a loose job's media (the loose JSON arrived after the folder)."""
+    if source.is_dir() and not source.is_symlink():
+        return "not a job: the folder has no job.json and holds media of a loose job in the inbox"
+    return "removed from the inbox before it was taken"
 
 
 # ---------------------------------------------------------------------- decode probes

@@ -565,3 +565,61 @@ def test_restart_finishes_a_claim_interrupted_after_the_rename(tmp_path: Path) -
     d.stop()
     assert done["id"] == row.id and done["spec_json"]
     assert [j["name"] for j in d.jobs()] == ["half"]
+
+
+def _example_layout(inbox: Path, name: str, folder: str) -> Path:
+    """The reference's example layout: `inbox/<name>.json` naming media in `inbox/<folder>/`."""
+    staging = inbox.parent / f"src-{name}"
+    make_job_bundle(staging, duration_s=1.0, seed=7)
+    media = inbox / folder
+    media.mkdir(parents=True)
+    (staging / "face.png").rename(media / "ref_image.png")
+    (staging / "voice.WAV").rename(media / "1.wav")
+    doc = json.loads((staging / "job.json").read_text())
+    doc["cond_video"] = f"{folder}/ref_image.png"
+    doc["cond_audio"] = {"person1": f"{folder}/1.wav"}
+    (inbox / f"{name}.json").write_text(json.dumps(doc))
+    return media
+
+
+def test_loose_job_with_media_in_subfolders_is_the_only_job(tmp_path: Path) -> None:
+    """`inbox/single_example_image.json` naming `examples/single/...`: the folder `examples/` is
+    the loose job's media, not a bundle; once claimed, the emptied folders are gone, so no
+    phantom job "examples" waits and is rejected later. A folder without job.json that no loose
+    job names is still an upload in progress, rejected after incomplete_timeout_s."""
+    d = Daemon(tmp_path, config={"incomplete_timeout_s": 3})
+    try:
+        _example_layout(d.inbox, "single_example_image", "examples/single")
+        pending = d.inbox / "pending"
+        pending.mkdir()
+        (pending / "face.png").write_bytes(b"not yet")
+        d.start()
+        job = d.wait_state("single_example_image", "done")
+        assert set(json.loads(job["input_hashes_json"])) == {
+            "examples/single/ref_image.png",
+            "examples/single/1.wav",
+        }
+        rejected = d.wait_state("pending", "rejected", timeout=30)
+        assert rejected["error_code"] == "incomplete"
+        time.sleep(4.0)  # past incomplete_timeout_s: a phantom "examples" would be rejected by now
+        assert sorted(j["name"] for j in d.jobs()) == ["pending", "single_example_image"]
+        assert list(d.inbox.iterdir()) == []
+        assert not (d.outbox / "failed" / "examples").exists()
+    finally:
+        d.stop()
+
+
+def test_litter_in_a_bundle_named_failed_does_not_hold_it(daemon: Daemon) -> None:
+    """OS and editor litter (Thumbs.db, desktop.ini, name~) is no upload in progress, and `failed`
+    is a name like any other (the daemon keeps failures in outbox/failed/, never in the inbox)."""
+    staging = daemon.inbox / ".failed.tmp"
+    make_job_bundle(staging, duration_s=1.0, seed=11)
+    for litter in ("Thumbs.db", "desktop.ini", "job.json~", ".DS_Store"):
+        (staging / litter).write_bytes(b"litter")
+    os.rename(staging, daemon.inbox / "failed")
+    daemon.start()
+    job = daemon.wait_state("failed", ("done", "rejected"))
+    assert job["state"] == "done", job
+    assert (daemon.outbox / "failed.mp4").stat().st_size > 0
+    assert [j["name"] for j in daemon.jobs()] == ["failed"]
+    assert list(daemon.inbox.iterdir()) == []

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from daemon.inbox import Watcher, has_temporary_files, is_temporary, scan, signature
+from daemon.config import settings_from_mapping
+from daemon.inbox import (
+    Watcher,
+    has_temporary_files,
+    is_litter,
+    is_temporary,
+    loose_media_names,
+    prune_emptied,
+    scan,
+    signature,
+)
+from daemon.intake import Intake
+from daemon.ledger import Ledger
+from daemon.outbox import Outbox
 
 
 @pytest.mark.parametrize(
@@ -29,6 +44,9 @@ from daemon.inbox import Watcher, has_temporary_files, is_temporary, scan, signa
         ".nfs000001",
         "job.json.TMP",
         "job.json.swp",
+        "Thumbs.db",
+        "desktop.ini",
+        "face.png~",
     ],
 )
 def test_temporary_names_are_ignored(name: str) -> None:
@@ -46,7 +64,9 @@ def test_scan_finds_bundles_and_loose_jobs_only(tmp_path: Path) -> None:
     (tmp_path / "bob.png").write_bytes(b"x")
     (tmp_path / ".carol").mkdir()  # an upload tool's staging dir
     (tmp_path / "dave.json.part").write_text("{")
-    (tmp_path / "failed").mkdir()
+    (tmp_path / "Thumbs.db").mkdir()  # litter is no job, file or folder
+    (tmp_path / "Desktop.ini").write_text("[.ShellClassInfo]")
+    (tmp_path / "erin.json~").write_text("{}")
     entries = scan(tmp_path)
     assert [(e.kind, e.name) for e in entries] == [("bundle", "alice"), ("loose", "bob")]
     assert entries[0].job_file == tmp_path / "alice" / "job.json"
@@ -59,6 +79,240 @@ def test_temporary_files_inside_a_bundle(tmp_path: Path) -> None:
     assert not has_temporary_files(tmp_path)
     (tmp_path / ".voice.wav.AbC123").write_bytes(b"x")
     assert has_temporary_files(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "litter",
+    [
+        ".DS_Store",
+        "._face.png",
+        "Thumbs.db",
+        "THUMBS.DB",
+        "ehthumbs.db",
+        "desktop.ini",
+        "Desktop.ini",
+        "face.png~",
+    ],
+)
+def test_os_and_editor_litter_does_not_keep_a_bundle_waiting(tmp_path: Path, litter: str) -> None:
+    (tmp_path / "face.png").write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / litter).write_bytes(b"x")
+    (tmp_path / litter).write_bytes(b"x")
+    assert is_litter(litter) and is_temporary(litter)
+    assert not has_temporary_files(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("name", "folder"),
+    [
+        (".voice.wav.AbC123", False),  # rsync's temporary file
+        (".rsync-partial", True),
+        (".~tmp~", True),  # rsync --temp-dir; ends with ~ but is no backup file
+        ("voice.wav.part", False),
+        ("x.ab12cd34.partial", False),
+        ("big.mp4.filepart", False),
+        ("a.tmp", False),
+        ("dl.crdownload", False),
+        (".syncthing.face.png.tmp", False),
+        ("~syncthing~face.png.tmp", False),
+        (".nfs000001", False),
+        ("..DS_Store.AbC123", False),  # rsync's temporary for a .DS_Store
+        (".face.png~.AbC123", False),  # rsync's temporary for a backup file
+    ],
+)
+def test_transfer_temporaries_still_keep_a_bundle_waiting(tmp_path: Path, name: str, folder: bool) -> None:
+    (tmp_path / "face.png").write_bytes(b"x")
+    (tmp_path / "Thumbs.db").write_bytes(b"x")
+    if folder:
+        (tmp_path / name).mkdir()
+    else:
+        (tmp_path / name).write_bytes(b"x")
+    assert not is_litter(name)
+    assert has_temporary_files(tmp_path)
+
+
+def test_a_job_named_failed_is_a_job(tmp_path: Path) -> None:
+    """Nothing uses an inbox/failed folder (failures go to outbox/failed/): no name is reserved."""
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "failed.json").write_text("{}")
+    assert [(e.kind, e.name) for e in scan(tmp_path)] == [("bundle", "failed"), ("loose", "failed")]
+
+
+def _example_json(inbox: Path, name: str = "single_example_image", **extra: object) -> Path:
+    """The reference's example layout: `inbox/<name>.json` naming media under `examples/single/`."""
+    doc = {
+        "prompt": "A woman is talking.",
+        "cond_video": "examples/single/ref_image.png",
+        "cond_audio": {"person1": "examples/single/1.wav"},
+        **extra,
+    }
+    path = inbox / f"{name}.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def _example_media(inbox: Path) -> Path:
+    media = inbox / "examples" / "single"
+    media.mkdir(parents=True)
+    (media / "ref_image.png").write_bytes(b"png")
+    (media / "1.wav").write_bytes(b"wav")
+    return media
+
+
+def test_a_loose_jobs_media_folder_is_not_a_bundle(tmp_path: Path) -> None:
+    _example_media(tmp_path)
+    _example_json(tmp_path)
+    entries = scan(tmp_path)
+    assert [(e.kind, e.name) for e in entries] == [("loose", "single_example_image")]
+    assert entries[0].media == {"examples/single/ref_image.png", "examples/single/1.wav"}
+    # however many other files the folder holds
+    (tmp_path / "examples" / "multi").mkdir()
+    (tmp_path / "examples" / "multi" / "1-man.wav").write_bytes(b"wav")
+    assert [e.name for e in scan(tmp_path)] == ["single_example_image"]
+
+
+def test_a_folder_no_loose_job_names_is_still_a_bundle_upload(tmp_path: Path) -> None:
+    _example_media(tmp_path)
+    (tmp_path / "other.json").write_text(
+        json.dumps({"cond_video": "face.png", "cond_audio": {"person1": "v.wav"}})
+    )
+    (tmp_path / "pending").mkdir()  # a bundle whose upload has only begun
+    assert [(e.kind, e.name) for e in scan(tmp_path)] == [
+        ("bundle", "examples"),
+        ("loose", "other"),
+        ("bundle", "pending"),
+    ]
+
+
+def test_a_named_folder_with_job_json_or_a_symlink_stays_an_entry(tmp_path: Path) -> None:
+    _example_media(tmp_path)
+    (tmp_path / "examples" / "job.json").write_text("{}")
+    (tmp_path / "linked").symlink_to(tmp_path / "examples")
+    (tmp_path / "two.json").write_text(json.dumps({"cond_video": "linked/single/ref_image.png"}))
+    _example_json(tmp_path)
+    names = [(e.kind, e.name) for e in scan(tmp_path)]
+    assert names == [
+        ("bundle", "examples"),
+        ("bundle", "linked"),
+        ("loose", "single_example_image"),
+        ("loose", "two"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("examples/single/1.wav", {"examples/single/1.wav"}),
+        ("./examples//single/1.wav", {"examples/single/1.wav"}),
+        ("examples\\single\\1.wav", {"examples/single/1.wav"}),
+        ("../outside.wav", set()),
+        ("/etc/passwd.wav", set()),
+        ("None", set()),
+    ],
+)
+def test_loose_media_names_normalises_and_drops_escapes(
+    tmp_path: Path, value: str, expected: set[str]
+) -> None:
+    job = tmp_path / "x.json"
+    job.write_text(json.dumps({"cond_video": 3, "cond_audio": {"person1": value}}))
+    assert loose_media_names(job) == expected
+    job.write_text("{not json")
+    assert loose_media_names(job) == set()
+
+
+def test_prune_emptied_removes_only_the_folders_a_move_emptied(tmp_path: Path) -> None:
+    media = _example_media(tmp_path)
+    (tmp_path / "examples" / "multi").mkdir()
+    (tmp_path / "examples" / "multi" / "1-man.wav").write_bytes(b"wav")
+    for f in media.iterdir():
+        f.unlink()
+    (media / ".DS_Store").write_bytes(b"x")  # OS litter does not keep a folder
+    prune_emptied(tmp_path, ["examples/single/1.wav", "examples/single/ref_image.png"])
+    assert not media.exists()
+    assert (tmp_path / "examples" / "multi" / "1-man.wav").exists()  # not emptied: kept
+    (tmp_path / "examples" / "multi" / "1-man.wav").unlink()
+    (tmp_path / "examples" / "multi" / "notes.txt~").write_text("x")  # a backup copy is kept
+    prune_emptied(tmp_path, ["examples/multi/1-man.wav"])
+    assert (tmp_path / "examples" / "multi").exists()
+    (tmp_path / "examples" / "multi" / "notes.txt~").unlink()
+    prune_emptied(tmp_path, ["examples/multi/1-man.wav", "face.png", "gone/x.png"])
+    assert list(tmp_path.iterdir()) == []
+    assert tmp_path.is_dir()  # never the inbox itself
+
+
+def test_prune_emptied_never_follows_a_symlink(tmp_path: Path) -> None:
+    outside = tmp_path / "outside" / "sub"
+    outside.mkdir(parents=True)
+    (outside / ".DS_Store").write_bytes(b"x")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "link").symlink_to(tmp_path / "outside")
+    prune_emptied(inbox, ["link/sub/x.png", "link/x.png"])
+    assert (outside / ".DS_Store").exists() and (inbox / "link").is_symlink()
+
+
+@pytest.fixture()
+def intake(tmp_path: Path) -> Iterator[Intake]:
+    settings = settings_from_mapping({"settle_s": 0.0}, base=tmp_path)
+    settings.inbox.mkdir(parents=True)
+    ledger = Ledger(settings.ledger_path)
+    it = Intake(settings, ledger, Outbox(settings.outbox))
+    yield it
+    it.close()
+    ledger.close()
+
+
+def _rows(intake: Intake) -> dict[str, tuple[str, str | None]]:
+    states = ["waiting", "queued", "rejected", "cancelled"]
+    return {
+        row.name: (row.state, row.waiting_reason if row.state == "waiting" else row.error_message)
+        for row in intake.ledger.jobs(states)
+    }
+
+
+def test_a_loose_job_waiting_for_media_in_a_subfolder_is_the_only_job(intake: Intake) -> None:
+    inbox = intake.settings.inbox
+    _example_media(inbox)
+    (inbox / "examples" / "single" / "1.wav").unlink()  # still being uploaded
+    _example_json(inbox)
+    intake.scan_once()
+    intake.scan_once()
+    assert _rows(intake) == {
+        "single_example_image": ("waiting", "incomplete upload: waiting for cond_audio.person1"),
+    }
+    assert (inbox / "examples" / "single" / "ref_image.png").exists()
+
+
+def test_a_media_folder_that_arrived_before_its_json_is_dropped_as_no_job(intake: Intake) -> None:
+    inbox = intake.settings.inbox
+    _example_media(inbox)
+    intake.scan_once()
+    assert _rows(intake) == {"examples": ("waiting", "incomplete upload: no job.json yet")}
+    _example_json(inbox)
+    intake.scan_once()
+    rows = _rows(intake)
+    assert rows["examples"][0] == "cancelled" and "not a job" in str(rows["examples"][1])
+    assert rows["single_example_image"][0] == "waiting"
+    assert (inbox / "examples" / "single" / "1.wav").exists()
+
+
+def test_a_rejected_loose_job_leaves_no_media_folder_behind(intake: Intake) -> None:
+    inbox = intake.settings.inbox
+    _example_media(inbox)
+    _example_json(inbox, colour="red")  # an unknown key: rejected
+    intake.scan_once()
+    rows = _rows(intake)
+    assert list(rows) == ["single_example_image"] and rows["single_example_image"][0] == "rejected"
+    kept = intake.settings.outbox / "failed" / "single_example_image"
+    assert sorted(str(p.relative_to(kept)) for p in kept.rglob("*") if p.is_file()) == [
+        "examples/single/1.wav",
+        "examples/single/ref_image.png",
+        "single_example_image.json",
+    ]
+    assert list(inbox.iterdir()) == []
+    intake.scan_once()
+    assert list(_rows(intake)) == ["single_example_image"]
 
 
 def test_signature_changes_with_size_and_mtime(tmp_path: Path) -> None:
