@@ -193,6 +193,24 @@ def loose_media_names(job_file: Path) -> set[str]:
     return names
 
 
+def plain_file_in(root: Path, rel: str) -> bool:
+    """True if `root/rel` is a regular file reached without passing through a symbolic link (no
+    folder on the way and not the file itself): moving it can never take a file from outside."""
+    parts = PurePosixPath(rel).parts
+    if not parts or ".." in parts or PurePosixPath(rel).is_absolute():
+        return False
+    path = root
+    for part in parts:
+        path = path / part
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            return False
+        if stat.S_ISLNK(mode):
+            return False
+    return stat.S_ISREG(mode)
+
+
 def prune_emptied(inbox: Path, rels: Iterable[str]) -> None:
     """Remove the folders of the loose media `rels` (paths relative to `inbox`) that moving those
     files out left empty, or holding only OS litter, from the deepest up to the inbox itself:

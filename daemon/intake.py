@@ -40,7 +40,7 @@ from daemon.config import Settings
 from daemon.errors import JobRejected, LedgerConflict
 from daemon.jobs import SILENT, InvalidJob, JobSpec, parse_job, sha256_file
 from daemon.ledger import JobRow, Ledger
-from daemon.outbox import Outbox, move
+from daemon.outbox import Outbox, move, restore_loose_job_name
 
 logger = logging.getLogger(__name__)
 
@@ -324,8 +324,8 @@ class Intake:
         for rel in sorted(media):
             target = input_dir / rel
             src = self.settings.inbox / rel
-            if target.exists() or not src.is_file():
-                continue
+            if target.exists() or not inbox_mod.plain_file_in(self.settings.inbox, rel):
+                continue  # gone, or reached through a symlink: never taken from outside the inbox
             target.parent.mkdir(parents=True, exist_ok=True)
             if rel in shared:
                 shutil.copy2(src, target)
@@ -423,6 +423,7 @@ class Intake:
         if input_dir.exists():
             _clear_empty(kept)
             move(input_dir, kept)
+            restore_loose_job_name(kept, row.name, row.source)
         self._finish_rejection(row.id)
 
     def _originals(self, job_id: str) -> str:
@@ -455,7 +456,7 @@ class Intake:
             move(src, kept / src.name)
             for rel in sorted(media):
                 path = self.settings.inbox / rel
-                if path.is_file() and not path.is_symlink():
+                if inbox_mod.plain_file_in(self.settings.inbox, rel):  # never through a symlink
                     target = kept / rel
                     target.parent.mkdir(parents=True, exist_ok=True)
                     if rel in shared:

@@ -349,3 +349,46 @@ def test_overflow_log_record_triggers_a_rescan(tmp_path: Path) -> None:
     finally:
         watcher.stop()
     time.sleep(0)
+
+
+def test_plain_file_in_never_passes_through_a_symlink(tmp_path: Path) -> None:
+    """A loose job naming `ex/link/secret.png`, with `ex/link` a symlink to a folder outside the
+    inbox, must never have that outside file moved (claimed or kept as an original)."""
+    from daemon.inbox import plain_file_in
+
+    inbox, outside = tmp_path / "inbox", tmp_path / "outside"
+    (inbox / "ex").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(b"x")
+    (inbox / "ex" / "link").symlink_to(outside)
+    (inbox / "ex" / "real.png").write_bytes(b"x")
+    (inbox / "ex" / "alias.png").symlink_to(inbox / "ex" / "real.png")
+    assert plain_file_in(inbox, "ex/real.png")
+    assert not plain_file_in(inbox, "ex/link/secret.png")
+    assert not plain_file_in(inbox, "ex/alias.png")
+    assert not plain_file_in(inbox, "ex/missing.png")
+    assert not plain_file_in(inbox, "../outside/secret.png")
+    assert not plain_file_in(inbox, "ex")  # a folder is not a file
+
+
+def test_a_rejected_loose_job_never_moves_a_file_from_outside_the_inbox(
+    intake: Intake, tmp_path: Path
+) -> None:
+    """`ex/link` is a symlink to a folder outside the inbox: the job is rejected (symlink) and the
+    outside file stays where it is; only the inbox's own files are kept as originals."""
+    inbox = intake.settings.inbox
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(b"secret")
+    (inbox / "ex").mkdir()
+    (inbox / "ex" / "link").symlink_to(outside)
+    (inbox / "ex" / "1.wav").write_bytes(b"wav")
+    (inbox / "evil.json").write_text(
+        json.dumps({"prompt": "p", "cond_video": "ex/link/secret.png", "cond_audio": {"person1": "ex/1.wav"}})
+    )
+    intake.scan_once()
+    assert _rows(intake)["evil"][0] == "rejected"
+    assert (outside / "secret.png").read_bytes() == b"secret"
+    kept = intake.settings.outbox / "failed" / "evil"
+    assert not list(kept.rglob("secret.png"))
+    assert (kept / "evil.json").is_file() and (kept / "ex" / "1.wav").is_file()
