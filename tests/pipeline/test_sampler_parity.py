@@ -63,7 +63,9 @@ def test_one_chunk_latents_equal_the_reference_loop(plain_pipe, tmp_path: Path, 
     torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("case", "chunks"), [("sampler_stream", 3), ("sampler_multi", 2)])
+@pytest.mark.parametrize(
+    ("case", "chunks"), [("sampler_stream", 3), ("sampler_multi", 2), ("sampler_stream_color", 3)]
+)
 def test_streaming_chunks_equal_the_reference_loop(
     plain_pipe, tmp_path: Path, case: str, chunks: int
 ) -> None:

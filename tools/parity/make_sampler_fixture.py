@@ -44,13 +44,17 @@ CASES = {
     "sampler_apg_3pass": (3, 7.0, 5.0, 4.0),
     "sampler_apg_2pass": (3, 2.0, 1.0, 2.0),
     "sampler_multi": (2, 7.0, 5.0, 4.0),
+    "sampler_stream_color": (2, 2.0, 1.0, 2.0),
 }
 #: cases run with adaptive projected guidance (the reference's --use_apg, default momentum/threshold
 #: except a low threshold, so the norm clamp is exercised on the tiny model's small velocities)
 APG = {"sampler_apg_3pass": (-0.75, 55.0), "sampler_apg_2pass": (-0.5, 2.0)}
 #: streaming cases: three chunks of the tiny model (33 frames, 9 motion frames: 33 + 2 x 24 = 81
 #: frames); the third is the first whose noise comes after the reference's motion-noise draws
-STREAMING = {"sampler_stream", "sampler_multi"}
+STREAMING = {"sampler_stream", "sampler_multi", "sampler_stream_color"}
+#: cases with colour correction on (strength 1, the reference CLI's default): the reference's
+#: scikit-image Lab transfer corrects each chunk, and the corrected frames condition the next one
+COLOR = {"sampler_stream_color"}
 STREAM_FRAMES = 81
 STREAM_AUDIO_SECONDS = 3.6
 #: two speakers (multi weights, region masks from bboxes), two streaming chunks (33 + 24 frames)
@@ -107,7 +111,7 @@ def request_for(image: Path, audio: tuple[Path, ...], case: str):  # noqa: ANN20
         seed=SEED,
         mode="streaming" if case in STREAMING else "clip",
         max_frame_num=frames_for(case),
-        color_correction_strength=0.0,
+        color_correction_strength=1.0 if case in COLOR else 0.0,
         use_apg=case in APG,
         apg_momentum=APG.get(case, (-0.75, 55.0))[0],
         apg_norm_threshold=APG.get(case, (-0.75, 55.0))[1],
@@ -214,6 +218,8 @@ def main() -> None:
     parser.add_argument("--ref", type=Path, default=Path("/work/ref"), help="MeiGen-AI/InfiniteTalk checkout")
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "fixtures" / "parity")
     args = parser.parse_args()
+    if importlib.util.find_spec("skimage") is None:
+        raise SystemExit("scikit-image is needed for the colour-correction cases: pip install scikit-image")
     from pipeline.pipeline import InfiniteTalkPipeline
     from pipeline.tiny import write_tiny_weights
 
@@ -293,7 +299,7 @@ def main() -> None:
                 seed=SEED,
                 offload_model=False,
                 max_frames_num=frames_for(case) or frame_num,
-                color_correction_strength=0.0,
+                color_correction_strength=1.0 if case in COLOR else 0.0,
                 extra_args=types.SimpleNamespace(
                     use_teacache=False,
                     use_apg=case in APG,
