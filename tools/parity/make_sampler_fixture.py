@@ -45,16 +45,22 @@ CASES = {
     "sampler_apg_2pass": (3, 2.0, 1.0, 2.0),
     "sampler_multi": (2, 7.0, 5.0, 4.0),
     "sampler_stream_color": (2, 2.0, 1.0, 2.0),
+    "sampler_stream_tail": (2, 2.0, 1.0, 2.0),
 }
 #: cases run with adaptive projected guidance (the reference's --use_apg, default momentum/threshold
 #: except a low threshold, so the norm clamp is exercised on the tiny model's small velocities)
 APG = {"sampler_apg_3pass": (-0.75, 55.0), "sampler_apg_2pass": (-0.5, 2.0)}
 #: streaming cases: three chunks of the tiny model (33 frames, 9 motion frames: 33 + 2 x 24 = 81
 #: frames); the third is the first whose noise comes after the reference's motion-noise draws
-STREAMING = {"sampler_stream", "sampler_multi", "sampler_stream_color"}
+STREAMING = {"sampler_stream", "sampler_multi", "sampler_stream_color", "sampler_stream_tail"}
 #: cases with colour correction on (strength 1, the reference CLI's default): the reference's
 #: scikit-image Lab transfer corrects each chunk, and the corrected frames condition the next one
 COLOR = {"sampler_stream_color"}
+#: no frame cap (the reference CLI's max_frame_num 1000): 2.7 s of speech (67 frames) needs a third
+#: chunk (48..81) whose audio runs past the end, where the reference pads by mirroring the last
+#: frames; the video is then cut to the speech's length
+TAIL = {"sampler_stream_tail"}
+TAIL_AUDIO_SECONDS = 2.7
 STREAM_FRAMES = 81
 STREAM_AUDIO_SECONDS = 3.6
 #: two speakers (multi weights, region masks from bboxes), two streaming chunks (33 + 24 frames)
@@ -79,7 +85,9 @@ def make_media(folder: Path, case: str = "sampler_3pass") -> tuple[Path, tuple[P
             make_wav(folder / f"voice{i + 1}-multi.wav", duration_s=MULTI_AUDIO_SECONDS, seed=12 + i)
             for i in range(2)
         )
-    seconds = STREAM_AUDIO_SECONDS if case in STREAMING else AUDIO_SECONDS
+    seconds = (
+        TAIL_AUDIO_SECONDS if case in TAIL else STREAM_AUDIO_SECONDS if case in STREAMING else AUDIO_SECONDS
+    )
     return make_rgba_png(folder / "face.png", seed=11), (
         make_wav(folder / f"voice-{seconds:g}s.WAV", duration_s=seconds, seed=12),
     )
@@ -89,6 +97,8 @@ def frames_for(case: str) -> int | None:
     """`max_frame_num` of a case (None: one chunk, clip mode)."""
     if case in MULTI:
         return MULTI_FRAMES
+    if case in TAIL:
+        return None
     return STREAM_FRAMES if case in STREAMING else None
 
 
@@ -286,7 +296,7 @@ def main() -> None:
             job = {"prompt": PROMPT, "cond_video": str(inputs[case]), "cond_audio": speakers[case]}
             if case in MULTI:
                 job["bbox"] = {f"person{i + 1}": list(box) for i, box in enumerate(MULTI_BBOX)}
-            ref.generate_infinitetalk(
+            video = ref.generate_infinitetalk(
                 job,
                 size_buckget="infinitetalk-480",
                 motion_frame=9,
@@ -298,7 +308,7 @@ def main() -> None:
                 n_prompt=NEGATIVE,
                 seed=SEED,
                 offload_model=False,
-                max_frames_num=frames_for(case) or frame_num,
+                max_frames_num=1000 if case in TAIL else frames_for(case) or frame_num,
                 color_correction_strength=1.0 if case in COLOR else 0.0,
                 extra_args=types.SimpleNamespace(
                     use_teacache=False,
@@ -314,6 +324,7 @@ def main() -> None:
                 "audio_scale": str(audio_scale),
                 "seed": str(SEED),
                 "reference": str(args.ref),
+                "video_frames": str(video.shape[1]),  # the reference's output [C, T, H, W]
             }
             tensors = {f"latents{i}": z.contiguous() for i, z in enumerate(vae.decoded)}
             if case not in STREAMING:
@@ -321,6 +332,7 @@ def main() -> None:
             save_file(tensors, str(args.out / f"{case}.safetensors"), metadata=meta)
             for name, z in tensors.items():
                 print(f"{case} {name}: {tuple(z.shape)} |x| {z.abs().mean():.4f}")
+            print(f"{case}: video of {video.shape[1]} frames")
 
 
 if __name__ == "__main__":
