@@ -65,7 +65,13 @@ def test_one_chunk_latents_equal_the_reference_loop(plain_pipe, tmp_path: Path, 
 
 @pytest.mark.parametrize(
     ("case", "chunks"),
-    [("sampler_stream", 3), ("sampler_multi", 2), ("sampler_stream_color", 3), ("sampler_stream_tail", 3)],
+    [
+        ("sampler_stream", 3),
+        ("sampler_multi", 2),
+        ("sampler_stream_color", 3),
+        ("sampler_stream_tail", 3),
+        ("sampler_dub", 3),
+    ],
 )
 def test_streaming_chunks_equal_the_reference_loop(
     plain_pipe, tmp_path: Path, case: str, chunks: int

@@ -46,20 +46,25 @@ CASES = {
     "sampler_multi": (2, 7.0, 5.0, 4.0),
     "sampler_stream_color": (2, 2.0, 1.0, 2.0),
     "sampler_stream_tail": (2, 2.0, 1.0, 2.0),
+    "sampler_dub": (2, 2.0, 1.0, 2.0),
 }
 #: cases run with adaptive projected guidance (the reference's --use_apg, default momentum/threshold
 #: except a low threshold, so the norm clamp is exercised on the tiny model's small velocities)
 APG = {"sampler_apg_3pass": (-0.75, 55.0), "sampler_apg_2pass": (-0.5, 2.0)}
 #: streaming cases: three chunks of the tiny model (33 frames, 9 motion frames: 33 + 2 x 24 = 81
 #: frames); the third is the first whose noise comes after the reference's motion-noise draws
-STREAMING = {"sampler_stream", "sampler_multi", "sampler_stream_color", "sampler_stream_tail"}
+STREAMING = {"sampler_stream", "sampler_multi", "sampler_stream_color", "sampler_stream_tail", "sampler_dub"}
 #: cases with colour correction on (strength 1, the reference CLI's default): the reference's
 #: scikit-image Lab transfer corrects each chunk, and the corrected frames condition the next one
-COLOR = {"sampler_stream_color"}
+COLOR = {"sampler_stream_color", "sampler_dub"}
 #: no frame cap (the reference CLI's max_frame_num 1000): 2.7 s of speech (67 frames) needs a third
 #: chunk (48..81) whose audio runs past the end, where the reference pads by mirroring the last
 #: frames; the video is then cut to the speech's length
-TAIL = {"sampler_stream_tail"}
+TAIL = {"sampler_stream_tail", "sampler_dub"}
+#: video dubbing: a 25 fps MP4 (no scene cut) instead of a photo; each chunk's reference frame is
+#: the source frame at the chunk's start (the reference's `extract_specific_frames`), colour
+#: correction on (against frame 0)
+DUB = {"sampler_dub"}
 TAIL_AUDIO_SECONDS = 2.7
 STREAM_FRAMES = 81
 STREAM_AUDIO_SECONDS = 3.6
@@ -77,7 +82,11 @@ AUDIO_SECONDS = 1.6
 
 def make_media(folder: Path, case: str = "sampler_3pass") -> tuple[Path, tuple[Path, ...]]:
     """The reference image and the speech (one file per speaker) both sides use (fixed seeds)."""
-    from tests.helpers.media import make_rgba_png, make_two_person_image, make_wav
+    from tests.helpers.media import make_mp4, make_rgba_png, make_two_person_image, make_wav
+
+    if case in DUB:
+        video = make_mp4(folder / "talk.mp4", duration_s=3.2, width=96, height=56, seed=11)
+        return video, (make_wav(folder / "voice-dub.wav", duration_s=TAIL_AUDIO_SECONDS, seed=12),)
 
     if case in MULTI:
         image = make_two_person_image(folder / "two.png", seed=11)
@@ -143,6 +152,20 @@ def _center_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x[..., top : top + size[0], left : left + size[1]]
 
 
+def _extract_specific_frames(path: str, index: int):  # noqa: ANN202
+    """The reference's `wan.utils.utils.extract_specific_frames` (decord there, PyAV here, both
+    FFmpeg): frame `index` of a video (the last one past its end), or the image itself."""
+    from PIL import Image
+
+    if Path(path).suffix.lower() not in (".mp4", ".mov", ".mkv", ".webm", ".avi"):
+        return Image.open(path).convert("RGB")
+    import av
+
+    with av.open(path) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    return Image.fromarray(frames[min(index, len(frames) - 1)])
+
+
 def install_multitalk_shims() -> None:
     """What `wan/multitalk.py` imports beyond the DiT's shims (installed by `import_reference`)."""
     dummy = type("Dummy", (), {})
@@ -176,8 +199,8 @@ def install_multitalk_shims() -> None:
     _module(
         "wan.utils.utils",
         convert_video_to_h264=dummy,
-        get_video_codec=lambda path: "png",
-        extract_specific_frames=lambda path, index: Image.open(path).convert("RGB"),
+        get_video_codec=lambda path: "h264",
+        extract_specific_frames=_extract_specific_frames,
     )
     _module("optimum")
     _module("optimum.quanto", quantize=dummy, freeze=dummy, qint8=dummy, requantize=dummy)
