@@ -194,7 +194,6 @@ def install_multitalk_shims() -> None:
 
     if not hasattr(inspect, "ArgSpec"):  # imported (unused) by wan/multitalk.py; gone in Python 3.11
         inspect.ArgSpec = dummy  # type: ignore[attr-defined]
-    from PIL import Image
 
     _module(
         "wan.utils.utils",
