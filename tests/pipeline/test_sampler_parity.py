@@ -34,6 +34,23 @@ def plain_pipe(tiny_weights_dir: Path) -> InfiniteTalkPipeline:
     return InfiniteTalkPipeline.from_weights(tiny_weights_dir, device="cpu", dtype=torch.float32, lora=None)
 
 
+def _render_capturing(pipe: InfiniteTalkPipeline, request, tmp_path: Path):  # noqa: ANN001, ANN202
+    """Render `request`; returns (result, the latents of each chunk as handed to the VAE decoder)."""
+    captured: list[torch.Tensor] = []
+    decode = pipe.vae.decode
+
+    def capture(latents: torch.Tensor) -> torch.Tensor:
+        captured.append(latents.clone())
+        return decode(latents)
+
+    pipe.vae.decode = capture
+    try:
+        result = pipe.generate(request, tmp_path / "out.mp4")
+    finally:
+        pipe.vae.decode = decode
+    return result, captured
+
+
 @pytest.mark.parametrize("case", ["sampler_3pass", "sampler_2pass", "sampler_apg_3pass", "sampler_apg_2pass"])
 def test_one_chunk_latents_equal_the_reference_loop(plain_pipe, tmp_path: Path, case: str) -> None:
     tool = _tool()
@@ -43,21 +60,9 @@ def test_one_chunk_latents_equal_the_reference_loop(plain_pipe, tmp_path: Path, 
     steps, shift, text_scale, audio_scale = tool.CASES[case]
     assert (int(meta["steps"]), float(meta["text_scale"])) == (steps, text_scale)
     image, audio = tool.make_media(tmp_path, case)
-    captured: list[torch.Tensor] = []
-    decode = plain_pipe.vae.decode
-
-    def capture(latents: torch.Tensor) -> torch.Tensor:
-        captured.append(latents.clone())
-        return decode(latents)
-
-    plain_pipe.vae.decode = capture
-    try:
-        calls = plain_pipe.dit_calls
-        plain_pipe.generate(tool.request_for(image, audio, case), tmp_path / "out.mp4")
-    finally:
-        plain_pipe.vae.decode = decode
+    calls = plain_pipe.dit_calls
+    _, (latents,) = _render_capturing(plain_pipe, tool.request_for(image, audio, case), tmp_path)
     assert plain_pipe.dit_calls - calls == steps * (3 if text_scale != 1 else 2)
-    (latents,) = captured
     assert latents.shape == expected.shape
     print(f"{case}: max |ours - reference| = {(latents - expected).abs().max():.3e}")
     torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-4)
@@ -89,18 +94,7 @@ def test_streaming_chunks_equal_the_reference_loop(
         expected = [f.get_tensor(f"latents{i}") for i in range(chunks)]
         video_frames = int(f.metadata()["video_frames"])
     image, audio = tool.make_media(tmp_path, case)
-    captured: list[torch.Tensor] = []
-    decode = plain_pipe.vae.decode
-
-    def capture(latents: torch.Tensor) -> torch.Tensor:
-        captured.append(latents.clone())
-        return decode(latents)
-
-    plain_pipe.vae.decode = capture
-    try:
-        result = plain_pipe.generate(tool.request_for(image, audio, case), tmp_path / "out.mp4")
-    finally:
-        plain_pipe.vae.decode = decode
+    result, captured = _render_capturing(plain_pipe, tool.request_for(image, audio, case), tmp_path)
     assert result.num_frames == video_frames  # the reference's output length
     assert len(captured) == chunks
     for i, (ours, ref) in enumerate(zip(captured, expected, strict=True)):

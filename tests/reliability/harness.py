@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parents[2]
 SUMMARY_PATH = Path(os.environ.get("RELIABILITY_SUMMARY", REPO / "build" / "reliability-summary.json"))
@@ -51,6 +51,9 @@ def write_summary() -> None:
         "recipes_run": {k: v for k, v in sorted(RECIPES_RUN.items())},
     }
     SUMMARY_PATH.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+T = TypeVar("T")
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
@@ -268,22 +271,27 @@ class DaemonProc:
 
     # -------------------------------------------------------------- the ledger, read-only
 
-    def query(self, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
+    def _read(self, read: Callable[[sqlite3.Connection], T], empty: T) -> T:
+        """`read(conn)` on a read-only connection to the ledger, retried while it is locked or
+        being created; `empty` when there is no ledger yet."""
         if not self.ledger_path.exists():
-            return []
+            return empty
         for attempt in range(20):
             try:
                 conn = sqlite3.connect(f"file:{self.ledger_path}?mode=ro", uri=True, timeout=10)
                 try:
                     conn.row_factory = sqlite3.Row
-                    return [dict(r) for r in conn.execute(sql, tuple(params))]
+                    return read(conn)
                 finally:
                     conn.close()
             except sqlite3.OperationalError:
                 if attempt == 19:
                     raise
                 time.sleep(0.1)
-        return []
+        return empty
+
+    def query(self, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
+        return self._read(lambda conn: [dict(r) for r in conn.execute(sql, tuple(params))], [])
 
     def jobs(self, name: str | None = None) -> list[dict[str, Any]]:
         if name is None:
@@ -293,27 +301,17 @@ class DaemonProc:
     def snapshot(self) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
         """All jobs and each job's event kinds, read in one transaction so they agree with each other
         even while the daemon keeps writing (WAL readers see one consistent moment)."""
-        if not self.ledger_path.exists():
-            return [], {}
-        for attempt in range(20):
-            try:
-                conn = sqlite3.connect(f"file:{self.ledger_path}?mode=ro", uri=True, timeout=10)
-                try:
-                    conn.row_factory = sqlite3.Row
-                    conn.execute("BEGIN")
-                    jobs = [dict(r) for r in conn.execute("SELECT * FROM jobs ORDER BY seq")]
-                    kinds: dict[str, list[str]] = {}
-                    for r in conn.execute("SELECT job_id, kind FROM events ORDER BY id"):
-                        kinds.setdefault(r["job_id"], []).append(r["kind"])
-                    conn.execute("COMMIT")
-                    return jobs, kinds
-                finally:
-                    conn.close()
-            except sqlite3.OperationalError:
-                if attempt == 19:
-                    raise
-                time.sleep(0.1)
-        return [], {}
+
+        def read(conn: sqlite3.Connection) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+            conn.execute("BEGIN")
+            jobs = [dict(r) for r in conn.execute("SELECT * FROM jobs ORDER BY seq")]
+            kinds: dict[str, list[str]] = {}
+            for r in conn.execute("SELECT job_id, kind FROM events ORDER BY id"):
+                kinds.setdefault(r["job_id"], []).append(r["kind"])
+            conn.execute("COMMIT")
+            return jobs, kinds
+
+        return self._read(read, ([], {}))
 
     def event_kinds(self, job_id: str) -> list[str]:
         return [
