@@ -583,15 +583,6 @@ def dedupe_key(spec: JobSpec, hashes: dict[str, str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _field_of(spec: JobSpec, rel: str) -> str:
-    if rel == spec.cond_video:
-        return "cond_video"
-    for person, path in spec.cond_audio:
-        if path == rel:
-            return f"cond_audio.{person}"
-    return rel
-
-
 def _gone_reason(source: Path) -> str:
     """Why a waiting entry is no job any more: gone from the inbox, or a folder that turned out to
     hold a loose job's media (the loose JSON arrived after the folder)."""
@@ -604,19 +595,26 @@ def _gone_reason(source: Path) -> str:
 
 
 def _probe_all(base_dir: Path, spec: JobSpec, min_audio_s: float) -> None:
-    for rel in spec.media_files:
-        probe_media(base_dir / rel, rel=rel, field=_field_of(spec, rel), min_audio_s=min_audio_s)
+    """Each file in its role: the reference's picture (image or video stream), then each speaker's
+    sound (an audio file's, or a video's audio stream: the same MP4 may be both)."""
+    probe_media(base_dir / spec.cond_video, rel=spec.cond_video, field="cond_video", min_audio_s=min_audio_s)
+    for person, rel in spec.cond_audio:
+        if rel != SILENT:
+            probe_media(
+                base_dir / rel, rel=rel, field=f"cond_audio.{person}", min_audio_s=min_audio_s, speech=True
+            )
 
 
-def probe_media(path: Path, *, rel: str, field: str, min_audio_s: float) -> None:
-    """Decode a media file to the end; raise `JobRejected` naming the file if it cannot be."""
+def probe_media(path: Path, *, rel: str, field: str, min_audio_s: float, speech: bool = False) -> None:
+    """Decode a media file to the end; raise `JobRejected` naming the file if it cannot be.
+    `speech`: the file's audio stream is what counts (an audio file, or a video with sound)."""
     suffix = path.suffix.lower()
     from daemon.jobs import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS
 
     try:
-        if suffix in IMAGE_EXTENSIONS:
+        if suffix in IMAGE_EXTENSIONS and not speech:
             _probe_image(path)
-        elif suffix in AUDIO_EXTENSIONS:
+        elif speech or suffix in AUDIO_EXTENSIONS:
             if suffix == ".wav":
                 _check_wav_length(path)
             duration = _probe_stream(path, "audio")

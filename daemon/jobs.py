@@ -35,6 +35,9 @@ from pipeline.types import GenerationRequest
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm")
 AUDIO_EXTENSIONS = (".wav", ".mp3", ".flac", ".m4a", ".ogg")
+#: a speech track may also be a video's sound, as in the reference (it extracts the audio of
+#: .mp4/.mov/.avi/.mkv); the video picture is not used
+SPEECH_EXTENSIONS = AUDIO_EXTENSIONS + VIDEO_EXTENSIONS + (".avi",)
 SIZES = ("infinitetalk-480", "infinitetalk-720")
 MODES = ("streaming", "clip")
 AUDIO_TYPES = ("para", "add")
@@ -441,7 +444,7 @@ def _parse_audio(
                 value[person],
                 base_dir=base_dir,
                 field=f"cond_audio.{person}",
-                extensions=AUDIO_EXTENSIONS,
+                extensions=SPEECH_EXTENSIONS,
                 max_bytes=defaults.max_media_bytes,
                 c=c,
             )

@@ -212,6 +212,20 @@ def test_video_dubbing_with_a_scene_cut(pipe, tmp_path: Path) -> None:
     _check_mp4(res.video_path, frames=70, size=(res.height, res.width))
 
 
+def test_dubbing_with_the_videos_own_sound(pipe, tmp_path: Path) -> None:
+    """cond_video and cond_audio name the same MP4 (as the reference allows): its audio stream is
+    the speech, its picture the reference frames; the output keeps that sound."""
+    bundle = make_job_bundle(tmp_path / "job", kind="video", duration_s=1.6, seed=6, sample_steps=1)
+    doc = json.loads((bundle / "job.json").read_text())
+    doc["cond_audio"] = {"person1": doc["cond_video"]}
+    (bundle / "job.json").write_text(json.dumps(doc))
+    req = _request(bundle)
+    assert req.audio == (req.cond_media,)
+    res = pipe.generate(req, tmp_path / "own.mp4")
+    assert res.num_frames == int(1.6 * FPS)
+    _check_mp4(res.video_path, frames=res.num_frames, size=(res.height, res.width))
+
+
 def test_invalid_inputs_name_the_file(pipe, tmp_path: Path) -> None:
     bundle = make_job_bundle(tmp_path / "short", kind="image", duration_s=1.0, seed=1)
     with pytest.raises(ValueError, match=r"cond_audio: voice\.WAV .* needs more than 33 frames"):

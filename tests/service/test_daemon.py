@@ -87,6 +87,28 @@ def test_a_silent_speaker_job_is_taken_and_published(daemon: Daemon) -> None:
     assert sorted(p.name for p in daemon.inbox.iterdir()) == []
 
 
+def test_a_videos_sound_as_the_speech(daemon: Daemon) -> None:
+    """cond_audio may name a video: with sound it is taken (even the cond_video itself); without
+    an audio stream the job is rejected as bad_media naming cond_audio.person1."""
+    from tests.helpers.media import make_mp4
+
+    for name, with_sound in (("own", True), ("mute", False)):
+        staging = daemon.inbox / f".{name}.tmp"
+        make_job_bundle(staging, kind="video", duration_s=1.6, seed=4)
+        doc = json.loads((staging / "job.json").read_text())
+        if with_sound:
+            doc["cond_audio"] = {"person1": doc["cond_video"]}
+        else:
+            make_mp4(staging / "silent.mp4", duration_s=1.6, audio=False, seed=5)
+            doc["cond_audio"] = {"person1": "silent.mp4"}
+        (staging / "job.json").write_text(json.dumps(doc))
+        os.rename(staging, daemon.inbox / name)
+    daemon.start()
+    daemon.wait_state("own", "done")
+    mute = daemon.wait_state("mute", "rejected")
+    assert mute["error_code"] == "bad_media" and mute["error_field"] == "cond_audio.person1", mute
+
+
 def test_caps_hold_with_thirty_jobs(tmp_path: Path) -> None:
     d = Daemon(tmp_path, env={"FAKE_PIPELINE_STEP_S": "0.01"})
     staging = tmp_path / "staging"

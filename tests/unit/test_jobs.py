@@ -322,3 +322,14 @@ def test_apg_settings(tmp_path: Path) -> None:
     for key in ("use_apg", "apg_momentum", "apg_norm_threshold"):
         del old[key]
     assert JobSpec.from_dict(old) == plain
+
+
+def test_a_video_with_sound_may_be_the_speech(tmp_path: Path) -> None:
+    """As in the reference, a cond_audio path may be a video: its audio stream is the speech."""
+    _files(tmp_path, "talk.mp4", "clip.AVI")
+    doc = {"prompt": "p", "cond_video": "talk.mp4", "cond_audio": {"person1": "talk.mp4"}}
+    spec = parse_job(_raw(doc), base_dir=tmp_path)
+    assert spec.cond_audio == (("person1", "talk.mp4"),) and spec.is_video
+    assert (
+        parse_job(_raw({**doc, "cond_audio": {"person1": "clip.AVI"}}), base_dir=tmp_path).num_speakers == 1
+    )
