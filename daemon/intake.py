@@ -575,6 +575,9 @@ def dedupe_key(spec: JobSpec, hashes: dict[str, str]) -> str:
         settings.pop(key, None)
     if spec.seed_drawn:
         settings.pop("seed", None)
+    if not spec.use_apg:  # APG off: the key a version without the APG settings gave the same job
+        for key in ("use_apg", "apg_momentum", "apg_norm_threshold"):
+            settings.pop(key, None)
     roles = {
         "cond_video": hashes[spec.cond_video],
         **{person: "silent" if path == SILENT else hashes[path] for person, path in spec.cond_audio},

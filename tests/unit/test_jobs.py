@@ -333,3 +333,20 @@ def test_a_video_with_sound_may_be_the_speech(tmp_path: Path) -> None:
     assert (
         parse_job(_raw({**doc, "cond_audio": {"person1": "clip.AVI"}}), base_dir=tmp_path).num_speakers == 1
     )
+
+
+def test_dedupe_key_ignores_apg_settings_while_apg_is_off(tmp_path: Path) -> None:
+    """The same job gives the same key as before the APG settings existed (they are left out while
+    APG is off); turning APG on, or changing its settings then, gives another key."""
+    from daemon.intake import dedupe_key
+
+    _files(tmp_path, "a.png", "b.wav")
+    doc = {"prompt": "p", "cond_video": "a.png", "cond_audio": {"person1": "b.wav"}, "seed": 1}
+    hashes = {"a.png": "h1", "b.wav": "h2"}
+    plain = parse_job(_raw(doc), base_dir=tmp_path)
+    key = dedupe_key(plain, hashes)
+    assert dedupe_key(parse_job(_raw({**doc, "apg_momentum": -0.5}), base_dir=tmp_path), hashes) == key
+    on = parse_job(_raw({**doc, "use_apg": True}), base_dir=tmp_path)
+    assert dedupe_key(on, hashes) != key
+    other = parse_job(_raw({**doc, "use_apg": True, "apg_momentum": -0.5}), base_dir=tmp_path)
+    assert dedupe_key(other, hashes) != dedupe_key(on, hashes)
