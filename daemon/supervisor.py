@@ -292,8 +292,7 @@ class Supervisor:
         self.wake.set()
         try:
             while True:
-                if self.full_since:
-                    self._space_returned()
+                self._space_returned()
                 if self.force.is_set():
                     self._force_stop()
                     return 0
@@ -848,6 +847,7 @@ class Supervisor:
         self.stop.wait(min(1.0, 0.1 * attempt))
 
     def _space_returned(self) -> None:
+        """The main loop got past a write that waited for space: say so once."""
         if self.full_since:
             logger.info(
                 "state dir has room again after %.0f s: ledger writes go on",

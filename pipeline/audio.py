@@ -184,7 +184,7 @@ def load_speech(
     """
     if not 1 <= len(paths) <= 2:
         raise ValueError(f"load_speech takes one or two files, got {len(paths)}")
-    if sum(p is None for p in paths) >= len(paths) or (len(paths) == 1 and paths[0] is None):
+    if all(p is None for p in paths):
         raise ValueError(f"at most one of two speakers can be silent (None), got {list(paths)}")
     loaded = [None if p is None else prepare_track(p, SAMPLE_RATE, min_seconds) for p in paths]
     speaking = next(t for t in loaded if t is not None)

@@ -243,7 +243,7 @@ def mix_original_audio(paths: Sequence[Path | None], audio_type: str, out_wav: P
     speaker (one of two) is silent for as long as the other speaks."""
     import soundfile as sf
 
-    if sum(p is None for p in paths) > 1 or (len(paths) == 1 and paths[0] is None):
+    if all(p is None for p in paths):
         raise ValueError(f"at most one of two speakers can be silent (None), got {list(paths)}")
     if None in paths:
         return _mix_with_silent(paths, audio_type, Path(out_wav))
