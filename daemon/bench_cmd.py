@@ -2,6 +2,7 @@
 
     infinitetalk bench [--size 480|720|both] [--dtype bf16|fp8|both] [--passes 1,2]
                        [--compile/--no-compile] [--attention auto|sdpa|cudnn|flash] [--quick]
+                       [--fp8-attention auto|on|off]
                        [--json OUT] [--no-t5] [--no-baseline] [--chunk-size 480|720|both|none]
 
 Prints seconds per DiT forward (plain and fast paths, with their relative error), the VAE and
@@ -95,6 +96,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="attention kernel of the fast path (default auto: cuDNN on Hopper)",
     )
     p.add_argument(
+        "--fp8-attention",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="with --dtype fp8, also time the self-attention in fp8 (cuDNN, needs nvidia-cudnn-frontend; "
+        "auto = where available)",
+    )
+    p.add_argument(
         "--baseline",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -141,6 +149,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         "passes": args.passes,
         "compile": args.compile,
         "attention": args.attention,
+        "fp8_attention": args.fp8_attention,
         "baseline": args.baseline,
         "t5": args.t5,
         "num_chunks": args.chunks,

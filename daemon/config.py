@@ -59,6 +59,11 @@ class PerformanceSettings:
     compile: bool = _f(True, "torch.compile of the repeated DiT block (first render of a shape compiles)")
     vae_dtype: str = _f("bf16", "VAE precision on CUDA: bf16 (1.6x faster decode) or fp32 (the reference)")
     channels_last: bool = _f(True, "VAE 3-D convolutions in channels-last layout (fastest cuDNN path)")
+    fp8_attention: str = _f(
+        "auto",
+        "self-attention in fp8 (cuDNN, Hopper, package nvidia-cudnn-frontend): auto (on with "
+        'quant = "fp8" where it can run), on (error at start when it cannot), off',
+    )
     warmup: bool = _f(True, "run one small DiT forward after loading, before READY=1 (compiles the block)")
 
 
@@ -219,6 +224,7 @@ _CHOICES = {
     "attention": ("auto", "sdpa", "cudnn", "flash"),
     "rope": ("fast", "exact"),
     "vae_dtype": ("bf16", "fp32"),
+    "fp8_attention": ("auto", "on", "off"),
     "log_level": ("debug", "info", "warning", "error"),
     "size": ("infinitetalk-480", "infinitetalk-720"),
     "mode": ("streaming", "clip"),

@@ -130,11 +130,30 @@ def load_pipeline(config: WorkerConfig) -> Any:
 
         perf = dict(config.perf)
         perf.pop("warmup", None)
-        kwargs["perf"] = PerfConfig(attention=config.attention, fp8=config.quant == "fp8", **perf)  # type: ignore[arg-type]
+        fp8 = config.quant == "fp8"
+        perf["fp8_attention"] = resolve_fp8_attention(str(perf.get("fp8_attention", "auto")), fp8, device)
+        kwargs["perf"] = PerfConfig(attention=config.attention, fp8=fp8, **perf)  # type: ignore[arg-type]
     pipe = InfiniteTalkPipeline.from_weights(config.weights_dir, **kwargs)
     if config.warmup and callable(getattr(pipe, "warmup", None)):
         logging.getLogger(__name__).info("warm-up forward took %.1f s", pipe.warmup())
     return pipe
+
+
+def resolve_fp8_attention(setting: str, fp8: bool, device: str) -> bool:
+    """The `[performance] fp8_attention` setting for this worker: "auto" is on with fp8 weights
+    where cuDNN fp8 attention can run (logged either way), "on" is on (the load fails with the
+    reason when it cannot run), "off" is off."""
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"fp8_attention must be auto, on or off, got {setting!r}")
+    if setting != "auto":
+        return setting == "on"
+    if not fp8:
+        return False
+    from pipeline.models.attention_fp8 import unavailable_reason
+
+    reason = unavailable_reason(device)
+    logging.getLogger(__name__).info("fp8 attention: %s", "on" if reason is None else f"off ({reason})")
+    return reason is None
 
 
 def write_tiny_once(folder: Path) -> None:

@@ -68,6 +68,7 @@ class BenchOptions:
     passes: tuple[int, ...] = (1, 2)  # DiT passes per step in the chunk loop
     compile: bool = True
     attention: str = "auto"
+    fp8_attention: str = "auto"  # with --dtype fp8: "auto" (where available), "on", "off"
     baseline: bool = True  # also time the plain (reference-numerics) path
     chunk_sizes: tuple[str, ...] = ("480",)  # sizes whose chunk loop is run (the rest: forward only)
     num_chunks: int = 2
@@ -96,6 +97,8 @@ class BenchOptions:
             raise ValueError(f"dtypes must be bf16 and/or fp8, got {self.dtypes}")
         if any(p not in (1, 2) for p in self.passes):
             raise ValueError(f"passes must be 1 and/or 2, got {self.passes}")
+        if self.fp8_attention not in ("auto", "on", "off"):
+            raise ValueError(f"fp8_attention must be auto, on or off, got {self.fp8_attention!r}")
         if self.num_chunks < 1 or self.steps < 1 or self.repeats < 1 or self.warmup < 0:
             raise ValueError("num_chunks, steps and repeats must be >= 1 and warmup >= 0")
 
@@ -442,12 +445,19 @@ class Bench:
             if dtype_name == "fp8":
                 with self.section("fp8 quantise"):
                     self.to_fp8()
+            fp8 = dtype_name == "fp8"
+            attn8 = fp8 and self.fp8_attention()
             for size in opts.sizes:
                 with self.section(f"forward {size} {dtype_name}"):
-                    self.forward(self.shape(size), replace(fast, fp8=dtype_name == "fp8"), dtype_name)
+                    self.forward(self.shape(size), replace(fast, fp8=fp8), dtype_name)
+                if attn8:
+                    with self.section(f"forward {size} fp8+attn"):
+                        self.forward(
+                            self.shape(size), replace(fast, fp8=True, fp8_attention=True), "fp8+attn"
+                        )
             if opts.profile and self.device.type == "cuda" and opts.sizes:
                 with self.section(f"profile {opts.sizes[0]} {dtype_name}"):
-                    self.profile(self.shape(opts.sizes[0]), dtype_name)
+                    self.profile(self.shape(opts.sizes[0]), "fp8+attn" if attn8 else dtype_name)
             if self.vae is not None and dtype_name == opts.dtypes[0]:
                 for size in opts.sizes:
                     with self.section(f"vae {size}"):
@@ -456,11 +466,26 @@ class Bench:
                 for n_pass in opts.passes:
                     with self.section(f"chunks {size} {dtype_name} {n_pass}-pass"):
                         self.chunks(
-                            self.shape(size), dtype_name, n_pass, replace(fast, fp8=dtype_name == "fp8")
+                            self.shape(size), dtype_name, n_pass, replace(fast, fp8=fp8, fp8_attention=attn8)
                         )
         self.report["summary"] = summarise(self.report)
         self.report["environment_after"] = nvidia_smi() if self.device.type == "cuda" else {}
         return self.report
+
+    def fp8_attention(self) -> bool:
+        """Whether the fp8 runs also put the self-attention in fp8 (logged when it cannot)."""
+        from pipeline.models.attention_fp8 import unavailable_reason
+
+        if self.opts.fp8_attention == "off":
+            return False
+        reason = unavailable_reason(self.device)
+        if reason is not None:
+            if self.opts.fp8_attention == "on":
+                raise ValueError(f"--fp8-attention on: {reason}")
+            self.log(f"[bench] fp8 attention skipped: {reason}")
+            self.report["fp8_attention_unavailable"] = reason
+            return False
+        return True
 
     def shape(self, size: str) -> Shape:
         h, w = self.opts.pixel_sizes[size]

@@ -12,6 +12,7 @@ be checked against the plain one on the same weights (`infinitetalk bench`, test
 | rope        | "fast"          | "exact"          | fp32 cos/sin tables built once per token grid, not float64 complex per call |
 | compile     | True            | False            | `torch.compile` of the repeated DiT block (CUDA only) |
 | fp8         | False           | False            | e4m3 weights + dynamic row-wise activations on the fp8 tensor cores, after the LoRA merge |
+| fp8_attention | False         | False            | self-attention through cuDNN's fp8 flash attention (`pipeline.models.attention_fp8`); on by default with fp8 where available |
 | vae_dtype   | "bf16"          | "fp32"           | VAE weights/activations in bf16 (CUDA only; the reference runs fp32) |
 | channels_last | True          | False            | VAE 3-D convolutions in channels-last-3d layout (cuDNN's fastest on Hopper) |
 
@@ -43,6 +44,7 @@ class PerfConfig:
     rope: Literal["fast", "exact"] = "fast"
     compile: bool = True
     fp8: bool = False
+    fp8_attention: bool = False
     vae_dtype: Literal["bf16", "fp32"] = "bf16"
     channels_last: bool = True
 
@@ -86,6 +88,14 @@ def apply_dit_perf(perf: PerfConfig, dit: InfiniteTalkDiT) -> dict[str, Any]:
     backend = resolve_attention(perf.attention, device, dtype)
     dit.attention_backend = backend
     dit.rope_mode = perf.rope
+    if perf.fp8_attention:
+        from pipeline.models.attention_fp8 import unavailable_reason
+
+        reason = unavailable_reason(device)
+        if reason is not None:
+            raise ValueError(f"fp8_attention is on but cannot run here: {reason}")
+    for block in getattr(dit, "blocks", ()):
+        block.self_attn.fp8_attention = perf.fp8_attention
     fp8_layers = 0
     if perf.fp8:
         from pipeline.fp8 import to_fp8
@@ -97,13 +107,20 @@ def apply_dit_perf(perf: PerfConfig, dit: InfiniteTalkDiT) -> dict[str, Any]:
     elif not compiled and is_compiled(dit):
         uncompile_blocks(dit)
     logger.info(
-        "DiT speed settings: attention=%s rope=%s fp8_layers=%d compiled=%s",
+        "DiT speed settings: attention=%s fp8_attention=%s rope=%s fp8_layers=%d compiled=%s",
         backend,
+        perf.fp8_attention,
         perf.rope,
         fp8_layers,
         compiled,
     )
-    return {"attention": backend, "rope": perf.rope, "fp8_layers": fp8_layers, "compiled": compiled}
+    return {
+        "attention": backend,
+        "fp8_attention": perf.fp8_attention,
+        "rope": perf.rope,
+        "fp8_layers": fp8_layers,
+        "compiled": compiled,
+    }
 
 
 def apply_vae_perf(perf: PerfConfig, vae: WanVAE) -> dict[str, Any]:
@@ -126,10 +143,18 @@ def apply_vae_perf(perf: PerfConfig, vae: WanVAE) -> dict[str, Any]:
 
 
 def default_perf(
-    device: torch.device | str, *, quant: str | None = None, attention: str = "auto"
+    device: torch.device | str,
+    *,
+    quant: str | None = None,
+    attention: str = "auto",
+    fp8_attention: bool | None = None,
 ) -> PerfConfig | None:
-    """The settings a pipeline gets when none are given: the fast path on CUDA, None elsewhere."""
+    """The settings a pipeline gets when none are given: the fast path on CUDA, None elsewhere.
+
+    `fp8_attention=None` turns it on with fp8 weights where it can run (logged when it cannot).
+    """
     from pipeline.models.attention import BACKENDS
+    from pipeline.models.attention_fp8 import unavailable_reason
 
     if torch.device(device).type != "cuda":
         return None
@@ -137,7 +162,13 @@ def default_perf(
         if not str(attention).startswith("flash"):
             raise ValueError(f"attention must be one of {BACKENDS} (or flash2/flash3), got {attention!r}")
         attention = "flash"
-    return PerfConfig(attention=attention, fp8=quant == "fp8")  # type: ignore[arg-type]
+    fp8 = quant == "fp8"
+    if fp8_attention is None:
+        reason = unavailable_reason(device) if fp8 else "fp8 is off"
+        fp8_attention = reason is None
+        if fp8 and reason is not None:
+            logger.info("fp8 attention off: %s", reason)
+    return PerfConfig(attention=attention, fp8=fp8, fp8_attention=fp8_attention)  # type: ignore[arg-type]
 
 
 def apply_perf(

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from pipeline.config import DiTConfig
 from pipeline.models.attention import Backend, attention
+from pipeline.models.attention_fp8 import attention_fp8
 
 if TYPE_CHECKING:
     from pipeline.parallel import SequenceParallel
@@ -178,6 +179,9 @@ def sinusoidal_embedding(dim: int, t: Tensor) -> Tensor:
 
 
 class WanSelfAttention(nn.Module):
+    #: run the (one-GPU) self-attention through `attention_fp8` (set by `pipeline.perf`)
+    fp8_attention: bool = False
+
     def __init__(self, dim: int, num_heads: int, eps: float) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -207,7 +211,9 @@ class WanSelfAttention(nn.Module):
         k = apply_rope(self.norm_k(self.k(x)).view(b, seq, n, d), rope)
         v = self.v(x).view(b, seq, n, d)
         q, k = q.to(v.dtype), k.to(v.dtype)
-        if sp is None:
+        if sp is None and self.fp8_attention:
+            out = self.o(attention_fp8(q, k, v).flatten(2))  # [B, L, D]
+        elif sp is None:
             out = self.o(attention(q, k, v, backend=backend).flatten(2))  # [B, L, D]
         else:
             out = self.o(sp.attention(q, k, v, grid, backend).flatten(2))

@@ -50,7 +50,8 @@ def test_bench_runs_every_section_on_cpu(tiny_opts, tmp_path):
     assert report["errors"] == {}
     assert len(partial) >= 6 and "build" in partial[0]
     fwd = report["forward"]["480"]
-    assert set(fwd) == {"plain", "bf16", "fp8"}
+    assert set(fwd) == {"plain", "bf16", "fp8"}  # no fp8 attention on the CPU: said, not timed
+    assert report["fp8_attention_unavailable"] == "fp8 attention needs a CUDA device, got cpu"
     assert fwd["plain"]["settings"]["rope"] == "exact" and fwd["bf16"]["settings"]["rope"] == "fast"
     assert fwd["bf16"]["rel_err_vs_plain"] < 1e-5  # float32 tiny model: fast RoPE vs float64 RoPE
     assert 1e-5 < fwd["fp8"]["rel_err_vs_plain"] < 0.2  # quantised weights: close, not equal
@@ -99,12 +100,15 @@ def test_cli_options():
             "--no-compile",
             "--attention",
             "cudnn",
+            "--fp8-attention",
+            "off",
             "--quick",
         ]
     )
     opts = bench_cmd.options_from_args(args)
     assert opts.sizes == ("480",) and opts.dtypes == ("bf16", "fp8") and opts.passes == (2,)
     assert not opts.compile and opts.attention == "cudnn" and opts.load_probe_blocks == 0
+    assert opts.fp8_attention == "off"
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--passes", "3"])
 

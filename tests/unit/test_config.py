@@ -60,6 +60,10 @@ def test_environment_variable_then_local_file(tmp_path: Path, monkeypatch: pytes
         ("[defaults]\napg_momentum = 1.5\n", "defaults.apg_momentum must be <= 1, got 1.5"),
         ("[defaults]\napg_momentum = -2\n", "defaults.apg_momentum must be >= -1"),
         ('[defaults]\nuse_apg = "yes"\n', "defaults.use_apg must be true or false"),
+        (
+            '[performance]\nfp8_attention = "maybe"\n',
+            "performance.fp8_attention must be one of auto, on, off",
+        ),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, needle: str) -> None:
@@ -85,3 +89,14 @@ def test_printed_config_round_trips(tmp_path: Path) -> None:
 def test_configuration_doc_is_up_to_date() -> None:
     doc = (ROOT / "docs" / "configuration.md").read_text()
     assert doc == render_markdown(), "regenerate with: python -m daemon.config > docs/configuration.md"
+
+
+def test_fp8_attention_setting_resolves_per_worker() -> None:
+    from daemon.runner import resolve_fp8_attention
+
+    assert resolve_fp8_attention("on", False, "cuda:0") is True  # the load then says if it cannot run
+    assert resolve_fp8_attention("off", True, "cuda:0") is False
+    assert resolve_fp8_attention("auto", False, "cuda:0") is False  # bf16 weights: bf16 attention
+    assert resolve_fp8_attention("auto", True, "cpu") is False  # cannot run here: off, logged
+    with pytest.raises(ValueError, match="fp8_attention must be auto, on or off, got 'yes'"):
+        resolve_fp8_attention("yes", True, "cuda:0")
