@@ -226,8 +226,43 @@ def fp8_case(
     return res
 
 
+def fa4_case(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, ref: torch.Tensor, seq: int
+) -> dict[str, Any]:
+    """FlashAttention 4 (`flash_attn.cute`, CuTe DSL; its SM90 forward on Hopper), bf16."""
+    import time
+
+    res: dict[str, Any] = {}
+    try:
+        from flash_attn.cute import flash_attn_func
+
+        def run() -> torch.Tensor:
+            out = flash_attn_func(q, k, v)
+            return out[0] if isinstance(out, tuple) else out
+
+        t0 = time.perf_counter()
+        out = run()
+        torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        ms = timed(run)
+        res["fa4_bf16"] = {
+            "ms": ms,
+            "tflops": tflops(ms, seq),
+            "rel_err": rel(out[:, rows], ref),
+            "first_s": first,
+        }
+    except Exception:
+        res["fa4_bf16"] = {"error": traceback.format_exc()[-1500:]}
+    return res
+
+
 def probe_size(
-    size: str, report: dict[str, Any], frontend_plans: bool = True, knobs: bool = False, fp8: bool = True
+    size: str,
+    report: dict[str, Any],
+    frontend_plans: bool = True,
+    knobs: bool = False,
+    fp8: bool = True,
+    fa4: bool = False,
 ) -> None:
 
     seq = TOKENS[size]
@@ -275,6 +310,8 @@ def probe_size(
             except Exception:
                 res["frontend_bf16_plans"] = {"error": traceback.format_exc()[-600:]}
         res |= fp8_case(q, k, v, rows, ref, seq) if fp8 else {}
+        if fa4:
+            res |= fa4_case(q, k, v, rows, ref, seq)
         cases[case] = res
         print(size, case, json.dumps(res, indent=1), flush=True)
     report[size] = cases
@@ -307,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None)
     parser.add_argument("--knobs", action="store_true", help="time every cuDNN kernel config (bf16)")
     parser.add_argument("--skip-fp8", action="store_true")
+    parser.add_argument("--fa4", action="store_true", help="also time FlashAttention 4 (flash-attn-4)")
     parser.add_argument("--no-plans", action="store_true", help="skip timing every cuDNN bf16 plan")
     args = parser.parse_args(argv)
     from pipeline.models import attention_fp8 as fa
@@ -326,7 +364,14 @@ def main(argv: list[str] | None = None) -> int:
         report["frontend"] = repr(exc)
     print(json.dumps(report), flush=True)
     for size in args.sizes.split(","):
-        probe_size(size, report, frontend_plans=not args.no_plans, knobs=args.knobs, fp8=not args.skip_fp8)
+        probe_size(
+            size,
+            report,
+            frontend_plans=not args.no_plans,
+            knobs=args.knobs,
+            fp8=not args.skip_fp8,
+            fa4=args.fa4,
+        )
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(report, fh, indent=1)

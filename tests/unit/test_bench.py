@@ -132,6 +132,44 @@ def test_cudnn_backend_refuses_cpu_tensors():
     assert torch.allclose(attention(q, q, q, backend="auto"), attention(q, q, q, backend="sdpa"))
 
 
+def test_fa4_routing_by_key_length():
+    """ "fa4" sends long key sequences to FlashAttention 4 and short ones (cross-attention) to cuDNN."""
+    from pipeline.models import attention as att
+
+    q = torch.randn(1, 8, 2, 16, dtype=torch.bfloat16)
+    short = torch.randn(1, 8, 2, 16, dtype=torch.bfloat16)
+    long = torch.randn(1, att.FA4_MIN_KEYS, 2, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="cudnn attention needs CUDA"):
+        att.attention(q, short, short, backend="fa4")
+    with pytest.raises(ValueError, match="FlashAttention 4 needs CUDA fp16/bf16 tensors, got cpu"):
+        att.attention(q, long, long, backend="fa4")
+    assert att.resolve_backend("auto", q) == "sdpa"  # CPU
+    with pytest.raises(ValueError, match="attention backend must be one of"):
+        att.resolve_backend("xformers", q)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "cudnn", "fa4"])
+def test_resolving_a_concrete_backend_keeps_one_graph(backend, monkeypatch):
+    """Inside a compiled block the backend is already concrete: resolving it again must not query
+    the device or the installed packages (each such call would split the compiled graph)."""
+    from pipeline.models import attention as att
+    from pipeline.models.attention import resolve_backend
+
+    def no_query(*args):
+        raise AssertionError("device or package query while resolving a concrete backend")
+
+    monkeypatch.setattr(att, "cudnn_preferred", no_query)
+    monkeypatch.setattr(att, "fa4_available", no_query)
+    monkeypatch.setattr(att, "flash_available", no_query)
+    assert resolve_backend(backend, torch.randn(1, 1, 1, 8, dtype=torch.bfloat16)) == backend
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if resolve_backend(backend, x) == backend else x
+
+    explained = torch._dynamo.explain(fn)(torch.randn(4))
+    assert explained.graph_break_count == 0
+
+
 def test_default_perf_is_fast_on_cuda_only():
     from pipeline.perf import PerfConfig, default_perf
 
