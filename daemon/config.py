@@ -125,7 +125,9 @@ class Settings:
     )
     lora_scale: float = _f(1.0, "scale of the merged LoRA(s)")
     attention: str = _f(
-        "auto", "attention kernel: auto (cuDNN SDPA on Hopper, flash-attn where faster), sdpa, cudnn, flash"
+        "auto",
+        "attention kernel: auto (Hopper: FlashAttention 4 when flash-attn-4 is installed, else cuDNN "
+        "SDPA; older GPUs: flash-attn when installed), sdpa, cudnn, flash",
     )
     pipeline_factory: str = _f(
         "",
