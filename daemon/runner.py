@@ -151,7 +151,7 @@ def resolve_fp8_attention(setting: str, fp8: bool, device: str) -> bool:
         return False
     from pipeline.models.attention_fp8 import unavailable_reason
 
-    reason = unavailable_reason(device)
+    reason = unavailable_reason(device, test_run=True)
     logging.getLogger(__name__).info("fp8 attention: %s", "on" if reason is None else f"off ({reason})")
     return reason is None
 

@@ -478,7 +478,7 @@ class Bench:
 
         if self.opts.fp8_attention == "off":
             return False
-        reason = unavailable_reason(self.device)
+        reason = unavailable_reason(self.device, test_run=True)
         if reason is not None:
             if self.opts.fp8_attention == "on":
                 raise ValueError(f"--fp8-attention on: {reason}")

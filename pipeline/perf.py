@@ -91,7 +91,7 @@ def apply_dit_perf(perf: PerfConfig, dit: InfiniteTalkDiT) -> dict[str, Any]:
     if perf.fp8_attention:
         from pipeline.models.attention_fp8 import unavailable_reason
 
-        reason = unavailable_reason(device)
+        reason = unavailable_reason(device, test_run=True)
         if reason is not None:
             raise ValueError(f"fp8_attention is on but cannot run here: {reason}")
     for block in getattr(dit, "blocks", ()):
@@ -164,7 +164,7 @@ def default_perf(
         attention = "flash"
     fp8 = quant == "fp8"
     if fp8_attention is None:
-        reason = unavailable_reason(device) if fp8 else "fp8 is off"
+        reason = unavailable_reason(device, test_run=True) if fp8 else "fp8 is off"
         fp8_attention = reason is None
         if fp8 and reason is not None:
             logger.info("fp8 attention off: %s", reason)

@@ -43,6 +43,7 @@ FA4_MIN_KEYS = 4096
 
 _logged: set[str] = set()
 _fa4: bool | None = None
+_fa4_ok: dict[str, bool] = {}
 
 
 def _module_available(name: str) -> bool:
@@ -58,6 +59,41 @@ def fa4_available() -> bool:
     if _fa4 is None:
         _fa4 = _module_available("flash_attn.cute")
     return _fa4
+
+
+def fa4_works(device: torch.device) -> bool:
+    """FlashAttention 4 is installed and runs on `device`: one small attention, checked against
+    SDPA, once per device. An install that imports but fails (driver, toolkit or DSL mismatch)
+    is logged and left out, so "auto" falls back to cuDNN instead of failing every render."""
+    if not fa4_available():
+        return False
+    key = str(device)
+    if key not in _fa4_ok:
+        _fa4_ok[key] = _fa4_test_run(device)
+    return _fa4_ok[key]
+
+
+def _fa4_test_run(device: torch.device) -> bool:
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (
+            torch.randn(1, 256, 2, 128, generator=g, device=device, dtype=torch.bfloat16) for _ in range(3)
+        )
+        with torch.no_grad():
+            out = fa4_attention(q, k, v).float()
+            ref = attention(q.float(), k.float(), v.float(), backend="sdpa")
+        err = float((out - ref).norm() / ref.norm())
+        if not err < 2e-2:
+            raise ValueError(f"relative error {err:.3g} against SDPA")
+        return True
+    except Exception as exc:
+        logger.warning(
+            "FlashAttention 4 is installed but failed a test run on %s (%s: %s); using cuDNN",
+            device,
+            type(exc).__name__,
+            exc,
+        )
+        return False
 
 
 def flash_available() -> bool:
@@ -79,10 +115,10 @@ def resolve_backend(backend: Backend, q: Tensor) -> Backend:
         half = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
         hopper = half and cudnn_preferred(q.device)
         if backend == "auto" and hopper:
-            backend = "fa4" if fa4_available() else "cudnn"
+            backend = "fa4" if fa4_works(q.device) else "cudnn"
         elif backend == "auto":
             backend = "flash" if half and flash_available() else "sdpa"
-        elif hopper and fa4_available():
+        elif hopper and fa4_works(q.device):
             backend = "fa4"
     if backend not in _logged:
         _logged.add(backend)

@@ -56,8 +56,10 @@ def package_installed() -> bool:
     return importlib.util.find_spec("cudnn") is not None
 
 
-def unavailable_reason(device: torch.device | str | None = None) -> str | None:
-    """Why fp8 attention cannot run on `device` (None when it can)."""
+def unavailable_reason(device: torch.device | str | None = None, *, test_run: bool = False) -> str | None:
+    """Why fp8 attention cannot run on `device` (None when it can). With `test_run`, a small
+    attention is also run and checked once per device (a cuDNN that declines the graph, or a
+    broken install, is reported here rather than in every render)."""
     dev = torch.device(device if device is not None else "cuda")
     if dev.type != "cuda" or not torch.cuda.is_available():
         return f"fp8 attention needs a CUDA device, got {dev}"
@@ -69,7 +71,35 @@ def unavailable_reason(device: torch.device | str | None = None) -> str | None:
         return f"fp8 attention needs cuDNN >= 9.14 (torch has {version})"
     if not package_installed():
         return f"fp8 attention needs the {PACKAGE} package (pip install {PACKAGE})"
+    if test_run:
+        key = str(dev)
+        if key not in _tested:
+            _tested[key] = try_run(dev)
+        return _tested[key]
     return None
+
+
+_tested: dict[str, str | None] = {}
+
+
+def try_run(device: torch.device) -> str | None:
+    """Run one small fp8 attention on `device` against fp32 attention: None, or what went wrong."""
+    from pipeline.models.attention import attention
+
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (
+            torch.randn(1, 256, 2, 128, generator=g, device=device, dtype=torch.bfloat16) for _ in range(3)
+        )
+        with torch.no_grad():
+            out = attention_fp8(q, k, v).float()
+            ref = attention(q.float(), k.float(), v.float(), backend="sdpa")
+        err = float((out - ref).norm() / ref.norm())
+        if not err < 0.15:
+            return f"fp8 attention test run on {device}: relative error {err:.3g} against fp32 attention"
+        return None
+    except Exception as exc:
+        return f"fp8 attention failed a test run on {device}: {type(exc).__name__}: {exc}"
 
 
 def available(device: torch.device | str | None = None) -> bool:

@@ -140,7 +140,7 @@ def test_speed_settings_switch_it(monkeypatch: pytest.MonkeyPatch, tiny_weights_
     assert default_perf("cpu", quant="fp8") is None
     perf = default_perf("cuda", quant="fp8")  # no CUDA here: fp8 weights, bf16 attention
     assert perf is not None and perf.fp8 and not perf.fp8_attention
-    monkeypatch.setattr(fa, "unavailable_reason", lambda device=None: None)
+    monkeypatch.setattr(fa, "unavailable_reason", lambda device=None, test_run=False: None)
     perf = default_perf("cuda", quant="fp8")
     assert perf is not None and perf.fp8_attention
     bf16 = default_perf("cuda")
@@ -156,3 +156,36 @@ def test_speed_settings_switch_it(monkeypatch: pytest.MonkeyPatch, tiny_weights_
     applied = apply_dit_perf(PerfConfig(compile=False), model)
     assert applied["fp8_attention"] is False
     assert not any(b.self_attn.fp8_attention for b in model.blocks)
+
+
+def test_a_test_run_reports_what_went_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where fp8 attention is switched on, one small attention runs first: a failing install or a
+    wrong result turns it off (auto) or stops the load (on) with this message, not every render."""
+    assert fa.try_run(torch.device("cpu")) is None  # the kernel's contract holds
+
+    def broken(q, k, v):  # type: ignore[no-untyped-def]
+        raise RuntimeError("no engine proposed a plan")
+
+    monkeypatch.setattr(fa, "attention_fp8", broken)
+    assert fa.try_run(torch.device("cpu")) == (
+        "fp8 attention failed a test run on cpu: RuntimeError: no engine proposed a plan"
+    )
+    monkeypatch.setattr(fa, "attention_fp8", lambda q, k, v: torch.zeros_like(q))
+    message = fa.try_run(torch.device("cpu"))
+    assert message is not None and "relative error 1 against fp32 attention" in message
+
+
+def test_flash_attention_4_that_fails_its_test_run_is_left_out(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pipeline.models import attention as att
+
+    monkeypatch.setattr(att, "_fa4_ok", {})
+    monkeypatch.setattr(att, "fa4_available", lambda: True)  # "installed", but cannot run here
+    with caplog.at_level("WARNING", logger="pipeline.models.attention"):
+        assert att.fa4_works(torch.device("cpu")) is False
+    assert "FlashAttention 4 is installed but failed a test run on cpu (ValueError" in caplog.text
+    assert att._fa4_ok == {"cpu": False}  # once per device
+    monkeypatch.setattr(att, "fa4_available", lambda: False)
+    monkeypatch.setattr(att, "_fa4_ok", {})
+    assert att.fa4_works(torch.device("cpu")) is False and att._fa4_ok == {}
