@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -73,16 +74,22 @@ def fa4_works(device: torch.device) -> bool:
     return _fa4_ok[key]
 
 
+def error_on_small_input(kernel: Callable[[Tensor, Tensor, Tensor], Tensor], device: torch.device) -> float:
+    """Relative error of `kernel` against fp32 SDPA on one small random bf16 attention
+    (q, k, v [1, 256, 2, 128]): the test run an optional kernel passes before it is used."""
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (
+        torch.randn(1, 256, 2, 128, generator=g, device=device, dtype=torch.bfloat16) for _ in range(3)
+    )
+    with torch.no_grad():
+        out = kernel(q, k, v).float()
+        ref = attention(q.float(), k.float(), v.float(), backend="sdpa")
+    return float((out - ref).norm() / ref.norm())
+
+
 def _fa4_test_run(device: torch.device) -> bool:
     try:
-        g = torch.Generator(device=device).manual_seed(0)
-        q, k, v = (
-            torch.randn(1, 256, 2, 128, generator=g, device=device, dtype=torch.bfloat16) for _ in range(3)
-        )
-        with torch.no_grad():
-            out = fa4_attention(q, k, v).float()
-            ref = attention(q.float(), k.float(), v.float(), backend="sdpa")
-        err = float((out - ref).norm() / ref.norm())
+        err = error_on_small_input(fa4_attention, device)
         if not err < 2e-2:
             raise ValueError(f"relative error {err:.3g} against SDPA")
         return True
