@@ -37,10 +37,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pipeline.quant import FP8, FP8_MAX  # e4m3 and its largest value, 448
+
 logger = logging.getLogger(__name__)
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
 #: fixed scale of the softmax probabilities before their fp8 cast (P <= 1, so P·256 <= 256 < 448)
 P_SCALE = 256.0
 #: the cuDNN release that added fp8 SDPA forward on Hopper with these options
