@@ -4,6 +4,7 @@
                        [--compile/--no-compile] [--attention auto|sdpa|cudnn|flash] [--quick]
                        [--fp8-attention auto|on|off]
                        [--json OUT] [--no-t5] [--no-baseline] [--chunk-size 480|720|both|none]
+                       [--gpu-memory-gib N[,N...]] [--no-unconstrained]
 
 Prints seconds per DiT forward (plain and fast paths, with their relative error), the VAE and
 per-chunk phases, GPU-seconds per second of video for 1 and 2 DiT passes per step, weight
@@ -45,6 +46,18 @@ def _passes(value: str) -> tuple[int, ...]:
     if not passes or any(p not in (1, 2) for p in passes):
         raise argparse.ArgumentTypeError(f"passes must be a comma list of 1 and 2, got {value!r}")
     return passes
+
+
+def _budgets(value: str) -> tuple[float, ...]:
+    try:
+        budgets = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"gpu-memory-gib must be a comma list of GiB, got {value!r}"
+        ) from None
+    if not budgets or any(not b > 0 for b in budgets):
+        raise argparse.ArgumentTypeError(f"gpu-memory-gib must be a comma list of GiB > 0, got {value!r}")
+    return budgets
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -134,6 +147,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="480p only, fewer repeats, one chunk loop (1 pass), no load probe",
     )
+    p.add_argument(
+        "--gpu-memory-gib",
+        type=_budgets,
+        default=(),
+        metavar="N[,N...]",
+        help="also run the chunk loop under the placement plan of each budget (GiB), enforced with "
+        "torch.cuda.set_per_process_memory_fraction; prints the plan, seconds per chunk, GPU-s per "
+        "video-s, peak memory and host-to-device bytes per forward",
+    )
+    p.add_argument(
+        "--unconstrained",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --gpu-memory-gib: also run the chunk loop with everything resident (default on)",
+    )
     p.add_argument("--device", default="cuda", help="torch device (default cuda)")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the full report as JSON")
     p.set_defaults(func=run)
@@ -156,6 +184,8 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         "load_probe_blocks": args.load_probe_blocks,
         "device": args.device,
         "profile": args.profile,
+        "gpu_memory_gib": args.gpu_memory_gib,
+        "unconstrained": args.unconstrained,
     }
     if args.quick:
         kwargs |= {
@@ -171,7 +201,11 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
 
 def run(args: argparse.Namespace) -> int:
     import logging
+    import os
 
+    from daemon.runner import ALLOC_CONF
+
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)  # as the render worker
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from pipeline.bench import format_report, run_bench
 

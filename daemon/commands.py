@@ -2,7 +2,8 @@
 
 - `submit JOB.json|DIR` copies a job into the inbox safely: everything is staged under a
   dot-name the daemon ignores, then renamed into place in one step.
-- `status [--json]` reads the ledger read-only.
+- `status [--json] [--state S] [--name TEXT] [--limit N] [--check]` reads the ledger read-only
+  (daemon/status_cmd.py).
 - `cancel`, `retry`, `delete` hand a request to the running daemon (the ledger's only writer)
   and print its answer; with no daemon running they apply it themselves under the same lock.
 """
@@ -33,8 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     common(p)
     p.set_defaults(func=run_submit)
 
-    p = subparsers.add_parser("status", help="queue and jobs from the ledger")
-    p.add_argument("--json", action="store_true", help="print one JSON object {counts, jobs}")
+    p = subparsers.add_parser("status", help="daemon liveness, queue and the newest jobs from the ledger")
+    p.add_argument("--json", action="store_true", help="print one JSON object {counts, daemon, jobs, ...}")
+    from daemon.status_cmd import add_arguments  # standard library only
+
+    add_arguments(p)
     common(p)
     p.set_defaults(func=run_status)
 
@@ -154,30 +158,18 @@ def run_submit(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from daemon.ledger import status_snapshot
-
+    """The summary line and the newest jobs (daemon/status_cmd.py)."""
     settings = _settings(args)
-    snapshot = status_snapshot(settings.ledger_path)
-    if args.json:
-        print(json.dumps(snapshot, sort_keys=True))
-        return 0
-    counts = snapshot["counts"]
-    print("  ".join(f"{state} {n}" for state, n in counts.items()))
-    for job in snapshot["jobs"]:
-        extra = ""
-        if job["state"] == "running":
-            extra = (
-                f" {job['progress'] * 100:5.1f}%  chunk {job['chunk']}/{job['num_chunks']} step {job['step']}/"
-                f"{job['num_steps']}"
-            )
-        elif job["state"] == "waiting":
-            extra = f" ({job['waiting_reason']})"
-        elif job["state"] in ("failed", "rejected"):
-            extra = f" {job['error_code']}: {job['error_message']}"
-        elif job["state"] == "done":
-            extra = f" {job['output_video']}" + (" (deleted)" if job["deleted_at"] else "")
-        print(f"{job['id']}  {job['state']:<10} {job['name']}{extra}")
-    return 0
+    claimed = list(settings.jobs_dir.iterdir()) if settings.jobs_dir.is_dir() else []
+    if claimed and not settings.ledger_path.exists():  # zeros here would be a lie
+        print(
+            f"infinitetalk status: the ledger {settings.ledger_path} is missing but {settings.jobs_dir} "
+            f"holds {len(claimed)} claimed job(s); see {settings.state_dir}/ledger.sqlite3.rescued-*",
+            file=sys.stderr,
+        )
+    from daemon import status_cmd
+
+    return status_cmd.run(args, settings.ledger_path)
 
 
 # ---------------------------------------------------------------------- cancel / retry / delete
@@ -188,7 +180,7 @@ def run_request(args: argparse.Namespace) -> int:
     from daemon.supervisor import acquire_lock, lock_is_held
 
     settings = _settings(args)
-    if lock_is_held(settings.lock_path):
+    if lock_is_held(settings.state_dir):
         answer_path = control.write_request(settings, args.action, args.job_id)
         deadline = time.monotonic() + args.timeout
         while time.monotonic() < deadline:
@@ -204,7 +196,7 @@ def run_request(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    from daemon.errors import DaemonLocked
+    from daemon.errors import DaemonLocked, FolderUnusable
     from daemon.ledger import Ledger
     from daemon.outbox import Outbox
 
@@ -212,8 +204,8 @@ def run_request(args: argparse.Namespace) -> int:
         print(f"no ledger at {settings.ledger_path}: no job has been seen yet", file=sys.stderr)
         return 1
     try:
-        fd = acquire_lock(settings.lock_path)
-    except DaemonLocked as e:  # a daemon started meanwhile
+        fd = acquire_lock(settings.state_dir)
+    except (DaemonLocked, FolderUnusable) as e:  # a daemon started meanwhile, or a read-only state dir
         print(str(e), file=sys.stderr)
         return 1
     try:

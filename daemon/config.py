@@ -12,6 +12,7 @@ The field docs below are the single source of `docs/configuration.md` and of
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -34,19 +35,26 @@ def _f(default: Any, doc: str, **kw: Any) -> Any:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DashboardSettings:
     host: str = _f("127.0.0.1", "address the dashboard binds; keep 127.0.0.1 and use an SSH tunnel")
-    port: int = _f(8000, "TCP port of the dashboard")
+    port: int = _f(8000, "TCP port of the dashboard", lo=1, hi=65535)
     token: str = _f("", "if set, the dashboard asks for this bearer token (empty: no auth)")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RetentionSettings:
-    outputs_days: float = _f(0.0, "delete published videos/posters/sidecars older than this (0: keep)")
-    archive_days: float = _f(30.0, "delete claimed job inputs in state_dir/jobs older than this (0: keep)")
-    ledger_days: float = _f(0.0, "delete finished ledger rows and their events older than this (0: keep)")
+    outputs_days: float = _f(
+        0.0, "delete published videos/posters/sidecars older than this (0: keep)", hi=36500.0
+    )
+    archive_days: float = _f(
+        30.0, "delete claimed job inputs in state_dir/jobs older than this (0: keep)", hi=36500.0
+    )
+    ledger_days: float = _f(
+        0.0, "delete finished ledger rows and their events older than this (0: keep)", hi=36500.0
+    )
     progress_events_days: float = _f(
         0.0,
         "delete the per-step progress events (not the state events) of jobs finished longer ago than "
         "this (0: keep; the events table is append-only unless a retention key says otherwise)",
+        hi=36500.0,
     )
 
 
@@ -62,9 +70,17 @@ class PerformanceSettings:
     fp8_attention: str = _f(
         "auto",
         "self-attention in fp8 (cuDNN, Hopper, package nvidia-cudnn-frontend): auto (on with "
-        'quant = "fp8" where it can run), on (error at start when it cannot), off',
+        "fp8 weights where it can run: quant fp8, or auto on a GPU with fp8 tensor cores), on (error "
+        "at start when it cannot), off",
     )
     warmup: bool = _f(True, "run one small DiT forward after loading, before READY=1 (compiles the block)")
+    gpu_memory_gib: str | float = _f(
+        "auto",
+        "GPU memory the placement plan may use, in GiB: auto (the free memory at start minus 1.5 GiB) "
+        "or a number; under it DiT blocks stream from host memory, umT5/CLIP/wav2vec2 move to the CPU "
+        "or in and out, the VAE tiles; a budget no plan fits is refused at start with the smallest "
+        "that works (docs/benchmarks.md section 5)",
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,25 +90,42 @@ class JobDefaultsSettings:
     The defaults are the lightx2v 4-step recipe of `daemon.jobs.JobDefaults`."""
 
     size: str = _f("infinitetalk-480", "resolution bucket: infinitetalk-480 or infinitetalk-720")
-    sample_steps: int = _f(4, "denoising steps per chunk (4 with the lightx2v LoRA)")
+    sample_steps: int = _f(4, "denoising steps per chunk (4 with the lightx2v LoRA)", lo=1, hi=1000)
     sample_shift: float | None = _f(
-        2.0, 'flow shift; unset (""): 7 for 480, 11 for 720 (the reference\'s rule)', optional=True
+        2.0,
+        'flow shift; unset (""): 7 for 480, 11 for 720 (the reference\'s rule)',
+        optional=True,
+        lo=1e-3,
+        hi=1000.0,
     )
-    sample_text_guide_scale: float = _f(1.0, "text classifier-free guidance (1: off, as with the LoRA)")
-    sample_audio_guide_scale: float = _f(2.0, "audio classifier-free guidance")
+    sample_text_guide_scale: float = _f(
+        1.0, "text classifier-free guidance (1: off, as with the LoRA)", hi=100.0
+    )
+    sample_audio_guide_scale: float = _f(2.0, "audio classifier-free guidance", hi=100.0)
     mode: str = _f("streaming", "streaming (long audio in chunks) or clip (one chunk)")
-    motion_frame: int = _f(9, "frames carried over between chunks (4n+1)")
-    max_frame_num: int | None = _f(None, "cap on rendered frames; unset: the whole audio", optional=True)
-    color_correction_strength: float = _f(1.0, "colour drift correction between chunks (0..1)")
+    motion_frame: int = _f(9, "frames carried over between chunks (4n+1)", lo=1, hi=77)
+    max_frame_num: int | None = _f(
+        None, "cap on rendered frames; unset: the whole audio", optional=True, lo=1, hi=10**8
+    )
+    color_correction_strength: float = _f(1.0, "colour drift correction between chunks (0..1)", hi=1.0)
     use_apg: bool = _f(
         False, "adaptive projected guidance (the reference's --use_apg): tames over-saturation at high CFG"
     )
     apg_momentum: float = _f(-0.75, "APG momentum of the guidance differences (-1..1)", lo=-1.0, hi=1.0)
-    apg_norm_threshold: float = _f(55.0, "APG cap on a guidance difference's L2 norm (0: no cap)")
+    apg_norm_threshold: float = _f(55.0, "APG cap on a guidance difference's L2 norm (0: no cap)", hi=1e6)
     audio_type: str = _f("para", "two speakers: para (at once) or add (one after the other)")
     negative_prompt: str | None = _f(None, "negative prompt; unset: the InfiniteTalk default", optional=True)
     seed: int | None = _f(
-        None, "seed for jobs that give none; unset: drawn at random and recorded", optional=True
+        None,
+        "seed for jobs that give none; unset: drawn at random and recorded",
+        optional=True,
+        lo=0,
+        hi=2**32 - 1,
+    )
+    noise: str = _f(
+        "portable",
+        "where the noise is drawn: portable (a CPU generator: one seed, one video on any machine) or "
+        "reference (on the GPU, as the reference: its video for the seed); docs/rendering.md",
     )
 
 
@@ -119,11 +152,16 @@ class Settings:
         "else device",
     )
     dtype: str = _f("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
-    quant: str = _f("none", "DiT weight quantization: none or fp8")
+    quant: str = _f(
+        "auto",
+        "DiT weight quantization: auto (fp8 on GPUs with fp8 tensor cores, compute capability >= 8.9; "
+        "weight-only fp8 on older GPUs where the bf16 DiT does not fit gpu_memory_gib; none on the "
+        "CPU), none or fp8",
+    )
     lora: tuple[str, ...] = _f(
         (), "LoRA files (relative to weights_dir) merged at load; empty: the lightx2v LoRA when present"
     )
-    lora_scale: float = _f(1.0, "scale of the merged LoRA(s)")
+    lora_scale: float = _f(1.0, "scale of the merged LoRA(s)", hi=10.0)
     attention: str = _f(
         "auto",
         "attention kernel: auto (Hopper: FlashAttention 4 when flash-attn-4 is installed, else cuDNN "
@@ -134,20 +172,61 @@ class Settings:
         "advanced: module:callable that builds the pipeline in a render worker from its "
         "WorkerConfig (e.g. pipeline.parallel_pipeline:from_worker_config); empty: InfiniteTalkPipeline",
     )
-    max_queued: int = _f(20, "most jobs in state queued; more wait in the inbox")
-    max_running: int = _f(3, "most jobs rendering at once (they share the GPU)")
-    settle_s: float = _f(5.0, "a job without checksums is complete when its files are quiet this long")
-    incomplete_timeout_s: float = _f(3600.0, "a job still incomplete after this long is rejected")
-    rescan_s: float = _f(10.0, "full inbox rescan period (filesystem events are only hints)")
-    tick_s: float = _f(0.5, "main loop period when idle")
-    max_attempts: int = _f(3, "a job that fails transiently (OOM, worker crash) this often ends failed")
-    retry_backoff_s: float = _f(10.0, "first retry delay; doubles with each attempt")
-    retry_backoff_max_s: float = _f(600.0, "longest retry delay")
-    max_file_mb: float = _f(2048.0, "largest accepted media file, in MiB")
-    max_json_kb: float = _f(256.0, "largest accepted job JSON, in KiB")
-    min_audio_s: float = _f(0.5, "shortest accepted speech track, in seconds (shorter: audio_too_short)")
+    max_queued: int = _f(20, "most jobs in state queued; more wait in the inbox", lo=1, hi=100_000)
+    max_running: int = _f(3, "most jobs rendering at once (they share the GPU)", lo=1, hi=64)
+    settle_s: float = _f(
+        5.0, "a job without checksums is complete when its files are quiet this long", hi=86400.0
+    )
+    incomplete_timeout_s: float = _f(
+        3600.0,
+        "a job still incomplete after this long is rejected (monotonic clock: a step of the wall "
+        "clock does not shorten it; after a restart at most half of it counts as already spent)",
+        lo=1.0,
+        hi=30 * 86400.0,
+    )
+    rescan_s: float = _f(
+        10.0, "full inbox rescan period (filesystem events are only hints)", lo=0.1, hi=3600.0
+    )
+    tick_s: float = _f(0.5, "main loop period when idle", lo=0.01, hi=60.0)
+    max_attempts: int = _f(
+        3,
+        "a job that fails transiently (OOM, worker crash or stall) this often ends failed; a stop or "
+        "kill of the daemon itself is not counted",
+        lo=1,
+        hi=1000,
+    )
+    retry_backoff_s: float = _f(
+        10.0, "first retry delay; doubles with each attempt (monotonic clock)", hi=86400.0
+    )
+    retry_backoff_max_s: float = _f(600.0, "longest retry delay", hi=86400.0)
+    max_file_mb: float = _f(2048.0, "largest accepted media file, in MiB", hi=1024.0 * 1024)
+    max_json_kb: float = _f(256.0, "largest accepted job JSON, in KiB", hi=1024.0 * 1024)
+    min_audio_s: float = _f(
+        0.5, "shortest accepted speech track, in seconds (shorter: audio_too_short)", hi=3600.0
+    )
+    max_audio_s: float = _f(
+        3600.0,
+        "longest accepted job, in seconds of speech (two speakers with audio_type add: the sum); "
+        "longer: audio_too_long, judged before the job is queued",
+        lo=1.0,
+        hi=7 * 86400.0,
+    )
+    stream_settle_s: float = _f(
+        60.0,
+        "a job without checksums whose WAV header gives no size (0xFFFFFFFF, as written to a pipe "
+        "or still being written in place) is complete only when its files are quiet this long",
+        hi=86400.0,
+    )
     stop_timeout_s: float = _f(
-        120.0, "on SIGTERM, how long to wait for running jobs to reach a step boundary"
+        120.0, "on SIGTERM, how long to wait for running jobs to reach a step boundary", hi=86400.0
+    )
+    worker_stall_s: float = _f(
+        300.0,
+        "a render worker that sends no heartbeat (it sends one every 2 s, whatever it is doing) for "
+        "this long is taken as stopped or hung: it is killed and its jobs retry (an attempt each); "
+        "longer than the slowest uninterruptible step",
+        lo=1.0,
+        hi=86400.0,
     )
     log_level: str = _f("info", "debug, info, warning or error")
     dashboard: DashboardSettings = field(
@@ -205,6 +284,7 @@ class Settings:
             "apg_norm_threshold": d.apg_norm_threshold,
             "audio_type": d.audio_type,
             "seed": d.seed,
+            "noise": d.noise,
             "max_media_bytes": int(self.max_file_mb * 1024 * 1024),
         }
         if d.negative_prompt is not None:
@@ -222,7 +302,7 @@ _PATH_KEYS = ("inbox", "outbox", "state_dir", "weights_dir")
 _CHOICES = {
     "device": None,
     "dtype": ("auto", "bf16", "fp16", "fp32"),
-    "quant": ("none", "fp8"),
+    "quant": ("auto", "none", "fp8"),
     "attention": ("auto", "sdpa", "cudnn", "flash"),
     "rope": ("fast", "exact"),
     "vae_dtype": ("bf16", "fp32"),
@@ -231,6 +311,7 @@ _CHOICES = {
     "size": ("infinitetalk-480", "infinitetalk-720"),
     "mode": ("streaming", "clip"),
     "audio_type": ("para", "add"),
+    "noise": ("portable", "reference"),
 }
 _OPTIONAL_TYPES: dict[str, type] = {"seed": int, "max_frame_num": int, "negative_prompt": str}
 _POSITIVE = {
@@ -264,8 +345,10 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
         raw = tomllib.loads(chosen.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise ConfigError(f"config file {chosen} does not exist") from e
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ConfigError(f"config file {chosen} is not valid TOML: {e}") from e
+    except OSError as e:
+        raise ConfigError(f"config file {chosen} cannot be read: {e.strerror or e}") from e
     return settings_from_mapping(raw, base=chosen.resolve().parent, source=chosen.resolve())
 
 
@@ -301,6 +384,8 @@ def _coerce(f: dataclasses.Field[Any], value: Any, name: str) -> Any:
     default = f.default if f.default is not dataclasses.MISSING else None
     if f.metadata.get("optional") and value in ("", None):
         return None
+    if f.name == "gpu_memory_gib":
+        return _gpu_memory(value, name)
     if isinstance(default, Path):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{name} must be a path string, got {value!r}")
@@ -319,15 +404,17 @@ def _coerce(f: dataclasses.Field[Any], value: Any, name: str) -> Any:
     if want is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{name} must be an integer, got {value!r}")
+        _check_range(f, value, name)
     elif want is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name} must be a number, got {value!r}")
-        value = float(value)
-        lo, hi = f.metadata.get("lo", 0.0), f.metadata.get("hi")
-        if value < lo:
-            raise ConfigError(f"{name} must be >= {lo:g}, got {value!r}")
-        if hi is not None and value > hi:
-            raise ConfigError(f"{name} must be <= {hi:g}, got {value!r}")
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number ({allowed_range(f)}), got {value!r}")
+        _check_range(f, value, name)
     elif want is str:
         if not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {value!r}")
@@ -339,9 +426,44 @@ def _coerce(f: dataclasses.Field[Any], value: Any, name: str) -> Any:
                 f"{name} must be auto, cpu, cuda, cuda:N, or a comma list of these for one worker "
                 f"spanning several devices (cuda:0,cuda:1), got {value!r}"
             )
-    if f.name in _POSITIVE and value <= 0:
-        raise ConfigError(f"{name} must be > 0, got {value!r}")
     return value
+
+
+def _gpu_memory(value: Any, name: str) -> str | float:
+    if value == "auto":
+        return "auto"
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not 0 < value <= 4096:
+        raise ConfigError(f'{name} must be "auto" or a number of GiB > 0 and <= 4096, got {value!r}')
+    return float(value)
+
+
+def _bounds(f: dataclasses.Field[Any]) -> tuple[float, float | None]:
+    """(lowest, highest or None) a number key accepts; keys in _POSITIVE must also be > 0."""
+    return f.metadata.get("lo", 0), f.metadata.get("hi")
+
+
+def allowed_range(f: dataclasses.Field[Any]) -> str:
+    """The documented range of a number key, e.g. "0.01 to 60" or "> 0"."""
+    lo, hi = _bounds(f)
+    low = "> 0" if f.name in _POSITIVE and lo <= 0 else f">= {_num(lo)}"
+    if hi is None:
+        return low
+    return f"> 0 and <= {_num(hi)}" if low == "> 0" else f"{_num(lo)} to {_num(hi)}"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
+def _check_range(f: dataclasses.Field[Any], value: float, name: str) -> None:
+    lo, hi = _bounds(f)
+    if f.name in _POSITIVE and value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value!r} (allowed: {allowed_range(f)})")
+    if value < lo:
+        raise ConfigError(f"{name} must be >= {_num(lo)}, got {value!r} (allowed: {allowed_range(f)})")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{name} must be <= {_num(hi)}, got {value!r} (allowed: {allowed_range(f)})")
 
 
 def _valid_device(value: str) -> bool:
@@ -402,6 +524,20 @@ def render_toml(settings: Settings | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _allowed_doc(f: dataclasses.Field[Any]) -> str:
+    """The "allowed" column: the range of a number, the choices of a string, true/false."""
+    default = f.default if f.default is not dataclasses.MISSING else None
+    kind = type(default) if default is not None else _OPTIONAL_TYPES.get(f.name, float)
+    if isinstance(default, bool):
+        return "true, false"
+    if f.name == "gpu_memory_gib":
+        return "`auto`, or GiB > 0 and <= 4096"
+    if kind in (int, float) and not isinstance(default, (Path, tuple)):
+        return ("integer " if kind is int else "finite, ") + allowed_range(f)
+    choices = _CHOICES.get(f.name)
+    return ", ".join(f"`{c}`" for c in choices) if choices else ""
+
+
 def render_markdown() -> str:
     """The body of docs/configuration.md (a test checks the file is up to date)."""
     out = [
@@ -417,16 +553,20 @@ def render_markdown() -> str:
         "`infinitetalk daemon --print-config` prints the complete file with the values in effect.",
         "SIGHUP makes a running daemon re-read the caps (`max_queued`, `max_running`), timings,",
         "retention and `[defaults]`; paths and model settings need a restart.",
+        "Every number must be finite (no `inf`, no `nan`) and inside the range in the `allowed`",
+        "column, at start-up and at a SIGHUP reload alike; a reload with a bad value keeps the",
+        "config in effect and logs one line naming the key, the value and the range.",
         "",
     ]
     sections: list[tuple[str, type]] = [("Top-level keys", Settings)] + [
         (f"[{name}]", cls) for name, cls in _TABLES.items()
     ]
     for title, cls in sections:
-        out += [f"## {title}", "", "| key | default | meaning |", "|---|---|---|"]
+        out += [f"## {title}", "", "| key | default | allowed | meaning |", "|---|---|---|---|"]
+        allowed = {f.name: _allowed_doc(f) for f in dataclasses.fields(cls)}
         for key, default, doc in _rows(cls):
             shown = "unset" if default is None else _toml_value(default)
-            out.append(f"| `{key}` | `{shown}` | {doc} |")
+            out.append(f"| `{key}` | `{shown}` | {allowed[key]} | {doc} |")
         out.append("")
     out += [
         "## Example",

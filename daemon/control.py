@@ -22,7 +22,7 @@ from typing import Any
 from daemon.config import Settings
 from daemon.errors import LedgerConflict
 from daemon.ledger import JobRow, Ledger
-from daemon.outbox import Outbox
+from daemon.outbox import Outbox, is_same_file, names_job
 
 logger = logging.getLogger(__name__)
 
@@ -83,13 +83,67 @@ def consume_requests(settings: Settings, apply: Callable[[str, str], Outcome]) -
     return done
 
 
-def remove_outputs(job: JobRow) -> list[str]:
-    removed = []
-    for path in (job.output_video, job.output_poster, job.output_json):
-        if path and Path(path).exists():
-            Path(path).unlink()
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Removal:
+    #: the job's own output files, unlinked
+    removed: tuple[str, ...]
+    #: files at the job's output names that are not (or no longer provably) the job's: kept
+    kept: tuple[str, ...]
+
+
+def _outputs(job: JobRow) -> list[tuple[str, str]]:
+    """(role, path) of every output the ledger names for `job`."""
+    roles = (("video", job.output_video), ("poster", job.output_poster), ("sidecar", job.output_json))
+    return [(role, path) for role, path in roles if path]
+
+
+def owns_output(job: JobRow, role: str, path: str, *, check_hash: bool = True) -> bool:
+    """Whether the file at `path` is provably `job`'s output `role` (video, poster, sidecar).
+
+    With the identity recorded at publication: the same device, inode, size and mtime (and, with
+    `check_hash`, sha256). Without one (an error JSON, or a job published before identities were
+    recorded): a JSON file must name the job; a video or poster must be listed by the job's own
+    sidecar, still in place. Anything else (a name freed by hand and taken by a newer job) is not
+    the job's."""
+    identity = job.identities.get(role)
+    if identity:
+        return is_same_file(Path(path), identity, check_hash=check_hash)
+    if role == "sidecar":
+        return names_job(Path(path), job.id)
+    return (
+        Path(path).is_file()
+        and not Path(path).is_symlink()
+        and bool(job.output_json)
+        and names_job(Path(str(job.output_json)), job.id, listing=Path(path))
+    )
+
+
+def output_replaced_or_gone(job: JobRow) -> str | None:
+    """Why a done job's video is no longer in the outbox ("removed", "replaced"), else None
+    (a cheap check: no hashing)."""
+    if not job.output_video:
+        return None
+    if not os.path.lexists(job.output_video):
+        return "removed"
+    if not owns_output(job, "video", job.output_video, check_hash=False):
+        return "replaced"
+    return None
+
+
+def remove_outputs(job: JobRow) -> Removal:
+    """Unlink the job's outputs, only those proven to be its own (`owns_output`): a file that took
+    one of its names later (a newer job's, after the old files were removed by hand) is kept."""
+    # decide for every file first: a legacy video is proven by the sidecar, removed last
+    verdicts = [(path, owns_output(job, role, path)) for role, path in _outputs(job) if os.path.lexists(path)]
+    removed, kept = [], []
+    for path, ours in verdicts:
+        if ours:
+            Path(path).unlink(missing_ok=True)
             removed.append(path)
-    return removed
+        else:
+            kept.append(path)
+            logger.warning("job %s: %s is not this job's file (replaced since); left alone", job.id, path)
+    return Removal(removed=tuple(removed), kept=tuple(kept))
 
 
 def apply_request(
@@ -187,7 +241,11 @@ def _retry(ledger: Ledger, job: JobRow) -> Outcome:
             "(never taken from the inbox, or removed by retention)",
             state=job.state,
         )
-    if job.output_json and job.output_json.endswith(".error.json"):
+    if (
+        job.output_json
+        and job.output_json.endswith(".error.json")
+        and names_job(Path(job.output_json), job.id)
+    ):
         Path(job.output_json).unlink(missing_ok=True)  # it no longer describes the job
     row = ledger.transition(
         job.id,
@@ -210,12 +268,18 @@ def _delete(ledger: Ledger, job: JobRow) -> Outcome:
         )
     if job.deleted_at is not None:
         return Outcome(ok=True, message=f"job {job.id}'s outputs were already deleted", state=job.state)
-    removed = remove_outputs(job)
+    removal = remove_outputs(job)
     if job.job_dir and Path(job.job_dir).is_dir():
         shutil.rmtree(job.job_dir, ignore_errors=True)
     ledger.mark_deleted(job.id, reason="deleted by the user")
+    kept = (
+        f"; left {len(removal.kept)} file(s) alone that are not provably this job's (the name was "
+        "taken again after its files were removed by hand): " + ", ".join(Path(p).name for p in removal.kept)
+        if removal.kept
+        else ""
+    )
     return Outcome(
         ok=True,
-        message=f"job {job.id}: removed {len(removed)} output file(s); its history is kept",
+        message=f"job {job.id}: removed {len(removal.removed)} output file(s){kept}; its history is kept",
         state=job.state,
     )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import re
+import sqlite3
 from collections.abc import Iterable
 
 
@@ -42,7 +45,49 @@ class StateDirFull(DaemonError):
 
 
 class DaemonLocked(DaemonError):
-    """Another daemon already holds the state directory's lock file."""
+    """Another daemon already holds the state directory's lock (an flock on the directory)."""
+
+
+class FolderUnusable(DaemonError):
+    """A folder the daemon must write (state dir, outbox) cannot be created or written at start."""
+
+    def __init__(self, what: str, path: object, reason: str) -> None:
+        self.what = what
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{what} {path} is not writable ({reason})")
+
+
+class LedgerLost(DaemonError):
+    """The ledger file was deleted or replaced under the daemon, or is missing while the state
+    dir still holds claimed jobs: writing on would orphan them, so the daemon stops."""
+
+
+#: errnos that mean "no room": the disk, or the user's or group's quota, is full
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: how those errors read once stringified (shutil.Error keeps only str(error) per file)
+_ERRNOS = "|".join(str(n) for n in sorted(DISK_FULL_ERRNOS))
+_DISK_FULL_TEXT = re.compile(
+    rf"\[Errno ({_ERRNOS})\]|No space left on device|Disk quota exceeded|database or disk is full|SQLITE_FULL"
+)
+_SQLITE_FULL = 13
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """True for every way a full disk or quota shows up: an OSError with errno ENOSPC or EDQUOT,
+    `shutil.Error` (copytree/move) whose per-file errors are those, SQLite's SQLITE_FULL, and any
+    exception caused by one of these (`raise ... from`, or raised while handling one)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            return True
+        if isinstance(e, sqlite3.Error) and getattr(e, "sqlite_errorcode", None) == _SQLITE_FULL:
+            return True
+        if _DISK_FULL_TEXT.search(str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 #: error codes of failed renders (the worker classifies exceptions into these)

@@ -6,11 +6,19 @@ watchdog reports an inotify queue overflow (events were lost and it tells the ha
 else; the only trace is a log record, which `OverflowHook` turns into a wake-up).
 
 Two job forms:
-- bundle: `inbox/<name>/job.json` plus the media it names;
-- loose: `inbox/<name>.json` with its media beside it in the inbox, possibly in subfolders
-  (`examples/single/1.wav`, as in the reference's example JSON files). A folder without a
-  `job.json` that a loose job names media in is that job's media, not a bundle (`scan`), and
-  the folders a loose job's claim or rejection empties are removed (`prune_emptied`).
+- bundle: `inbox/<name>/job.json` plus the media it names (subfolders allowed);
+- loose: `inbox/<name>.json` with its media beside it: loose files at the top of the inbox, or
+  files in a plain *media folder* (`examples/single/1.wav`, as in the reference's example JSON
+  files): a folder without `job.json`, reached without a hidden or temporary name or a symbolic
+  link on the way (`loose_path_problem`). A folder with `job.json` is a bundle, never a media
+  folder, and a dot-folder is an upload being staged: a loose path into either is rejected.
+  While a loose job of the inbox names files in a folder without `job.json`, that folder is no
+  job candidate (`is_media_folder`); its files are copied at the claim, never moved, so a bundle
+  whose `job.json` has not arrived yet is never damaged.
+
+Nothing here opens a file that is not a regular one (a FIFO named `x.json` must not block the
+daemon: `daemon.jobs.open_regular`), and a bundle's tree is walked without recursion and within
+bounds (`walk_bundle`: at most MAX_FOLDER_DEPTH folders deep and MAX_BUNDLE_ENTRIES entries).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from daemon.jobs import SILENT
+from daemon.jobs import MAX_FOLDER_DEPTH, SILENT, json_too_deep, normalise_media_path, read_regular
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +56,7 @@ TEMP_PATTERNS = (
     "desktop.ini",
 )
 #: OS metadata files (Finder, Explorer), made and remade at will and never job content: ignored,
-#: and removed with a loose job's media folder that holds nothing else (`prune_emptied`)
+#: and never a sign of an upload in progress
 OS_LITTER_PATTERNS = (".DS_Store", "._*", "Thumbs.db", "ehthumbs.db", "desktop.ini")
 #: litter among TEMP_PATTERNS: never taken as jobs, but never an upload in progress either, so it
 #: does not keep a bundle waiting (editors' and `rsync --backup`'s `name~` copies included)
@@ -113,8 +121,8 @@ def storable(text: str) -> str:
 
 
 def scan(inbox: Path) -> list[Entry]:
-    """Every job candidate in `inbox`, in name order. Temporary names, OS litter, non-job files and
-    the folders holding loose jobs' media (`is_media_folder`) are skipped."""
+    """Every job candidate in `inbox`, in name order. Temporary names, OS litter, non-job files
+    and the media folders of loose jobs (`is_media_folder`) are skipped."""
     try:
         names = sorted(os.listdir(inbox))
     except FileNotFoundError:
@@ -156,10 +164,10 @@ def media_folder_names(entries: Iterable[Entry]) -> set[str]:
 
 
 def is_media_folder(entry: Entry, named: set[str]) -> bool:
-    """True for a folder that holds loose jobs' media rather than being a bundle: a real folder
+    """True for a folder that holds loose jobs' media rather than being a job: a real folder
     without `job.json` in which a loose job of the inbox names a file (`named`, from
-    `media_folder_names`). A folder without `job.json` that no loose job names is still a bundle
-    being uploaded."""
+    `media_folder_names`). A folder with `job.json` is always a bundle; one without it that no
+    loose job names is a bundle still being uploaded."""
     return (
         entry.kind == "bundle"
         and entry.path.name in named
@@ -168,28 +176,49 @@ def is_media_folder(entry: Entry, named: set[str]) -> bool:
     )
 
 
+def loose_path_problem(inbox: Path, rel: str) -> str | None:
+    """Why a loose job of `inbox` may not take the media path `rel` (normalised, relative), or
+    None: a hidden or temporary name anywhere on it (an upload in progress, a staged dot-folder),
+    or a file inside a bundle (a top-level folder holding `job.json`: another client's job).
+    Symbolic links and non-regular files are `daemon.jobs.check_media_path`'s to refuse."""
+    parts = rel.split("/")
+    hidden = next((part for part in parts if is_temporary(part)), None)
+    if hidden is not None:
+        return f"passes through the hidden or temporary name {hidden!r} (an upload in progress)"
+    if len(parts) > 1 and os.path.lexists(inbox / parts[0] / BUNDLE_JOB_FILE):
+        return f"is inside the bundle {parts[0]!r} (a folder with {BUNDLE_JOB_FILE}: another job)"
+    return None
+
+
+#: the largest loose JSON `loose_media_names` reads
+_LOOSE_JSON_MAX_BYTES = 1 << 20
+
+
 def loose_media_names(job_file: Path) -> set[str]:
-    """Best-effort: the media a loose JSON names (normalised, inside the inbox), for claims and
-    for telling its media folders from bundles. Unreadable or invalid JSON names none."""
+    """Best-effort: the media a loose JSON names (normalised, inside the inbox, no hidden or
+    temporary name on the way), for claims and for telling its media folders from bundles.
+    Unreadable, non-regular (a FIFO), too deeply nested or invalid JSON names none."""
     try:
-        if job_file.is_symlink() or job_file.stat().st_size > 1 << 20:
+        raw = read_regular(job_file, max_bytes=_LOOSE_JSON_MAX_BYTES)  # no symlink, never blocks
+        text = raw.decode("utf-8-sig")
+        if json_too_deep(text):
             return set()
-        doc = json.loads(job_file.read_bytes().decode("utf-8-sig"))
-    except (OSError, ValueError):
+        doc = json.loads(text)
+    except (OSError, ValueError, RecursionError):
         return set()
     if not isinstance(doc, dict):
         return set()
-    raw: list[Any] = [doc.get("cond_video")]
+    raw_names: list[Any] = [doc.get("cond_video")]
     audio = doc.get("cond_audio")
     if isinstance(audio, dict):
-        raw += list(audio.values())
+        raw_names += list(audio.values())
     names = set()
-    for value in raw:
-        if not isinstance(value, str) or value == SILENT:
+    for value in raw_names:
+        if not isinstance(value, str) or value == SILENT or "\0" in value:
             continue
-        parts = [p for p in PurePosixPath(value.strip().replace("\\", "/")).parts if p not in ("", ".")]
-        if parts and ".." not in parts and not value.startswith("/"):
-            names.add("/".join(parts))
+        rel = normalise_media_path(value)
+        if rel and not any(is_temporary(part) for part in rel.split("/")):
+            names.add(rel)
     return names
 
 
@@ -211,56 +240,84 @@ def plain_file_in(root: Path, rel: str) -> bool:
     return stat.S_ISREG(mode)
 
 
-def prune_emptied(inbox: Path, rels: Iterable[str]) -> None:
-    """Remove the folders of the loose media `rels` (paths relative to `inbox`) that moving those
-    files out left empty, or holding only OS litter, from the deepest up to the inbox itself:
-    what a claimed or rejected loose job leaves behind must not look like a bundle. Folders with
-    anything else in them, and paths through a symbolic link, are left alone."""
-    for rel in rels:
-        parts = PurePosixPath(rel).parts[:-1]
-        folders = [inbox.joinpath(*parts[: i + 1]) for i in range(len(parts))]
-        if any(folder.is_symlink() for folder in folders):
+#: most entries (files and folders) a bundle may hold
+MAX_BUNDLE_ENTRIES = 10_000
+
+
+class BadBundle(ValueError):
+    """A bundle whose tree is too deep or too large to take: `code` for the error JSON."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class BundleTree:
+    """What `walk_bundle` found: regular files, temporary names (uploads in progress) and the
+    entries that are neither files nor folders (FIFOs, sockets, devices, symbolic links)."""
+
+    files: tuple[Path, ...]
+    uploading: tuple[str, ...]
+    special: tuple[str, ...]
+
+
+def walk_bundle(bundle: Path) -> BundleTree:
+    """The bundle's tree, walked without recursion and without following symbolic links; raises
+    `BadBundle` (`too_deep`, `too_large`) past MAX_FOLDER_DEPTH folders or MAX_BUNDLE_ENTRIES
+    entries, so a hostile tree can neither crash nor stall the daemon."""
+    files: list[Path] = []
+    uploading: list[str] = []
+    special: list[str] = []
+    seen = 0
+    stack: list[tuple[Path, int]] = [(bundle, 0)]
+    while stack:
+        folder, depth = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except FileNotFoundError:
             continue
-        for folder in reversed(folders):
-            if not _remove_if_emptied(folder):
-                break
-
-
-def _remove_if_emptied(folder: Path) -> bool:
-    """Remove `folder` if it holds nothing but OS litter; True if it is gone."""
-    try:
-        if not stat.S_ISDIR(os.lstat(folder).st_mode):
-            return False
-        names = os.listdir(folder)
-        if not all(is_os_litter(n) for n in names):
-            return False
-        for n in names:
-            os.unlink(folder / n)
-        os.rmdir(folder)
-    except FileNotFoundError:
-        return True
-    except OSError as e:  # e.g. a file that appeared meanwhile, or litter that is a folder
-        logger.debug("inbox folder %s kept: %s", folder, e)
-        return False
-    return True
+        seen += len(entries)
+        if seen > MAX_BUNDLE_ENTRIES:
+            raise BadBundle("too_large", f"the bundle holds more than {MAX_BUNDLE_ENTRIES} files and folders")
+        subdirs = []
+        for entry in entries:
+            rel = os.path.relpath(entry.path, bundle)
+            temporary = is_temporary(entry.name)
+            if temporary and not is_litter(entry.name):
+                uploading.append(rel)
+            try:
+                mode = entry.stat(follow_symlinks=False).st_mode
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(mode):
+                if depth + 1 >= MAX_FOLDER_DEPTH:
+                    raise BadBundle(
+                        "too_deep",
+                        f"the bundle nests folders more than {MAX_FOLDER_DEPTH} levels deep ({rel[:80]}...)",
+                    )
+                if not temporary:
+                    subdirs.append((Path(entry.path), depth + 1))
+            elif stat.S_ISREG(mode):
+                if not temporary:
+                    files.append(Path(entry.path))
+            elif not temporary:
+                special.append(rel)
+        stack.extend(reversed(subdirs))
+    return BundleTree(files=tuple(files), uploading=tuple(uploading), special=tuple(special))
 
 
 def bundle_files(bundle: Path) -> list[Path]:
-    """Every non-temporary file under a bundle (recursively, symlinks not followed)."""
-    out: list[Path] = []
-    for root, dirs, files in os.walk(bundle, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not is_temporary(d))
-        out.extend(Path(root) / f for f in sorted(files) if not is_temporary(f))
-    return out
+    """Every non-temporary regular file under a bundle (`walk_bundle`)."""
+    return list(walk_bundle(bundle).files)
 
 
 def has_temporary_files(bundle: Path) -> bool:
     """True while an upload tool still has temporary files (e.g. rsync's `.name.XXXXXX`) in a
     bundle. OS and editor litter (`is_litter`: `.DS_Store`, `Thumbs.db`, `face.png~`) is not one."""
-    for _root, dirs, files in os.walk(bundle, followlinks=False):
-        if any(is_temporary(n) and not is_litter(n) for n in (*dirs, *files)):
-            return True
-    return False
+    return bool(walk_bundle(bundle).uploading)
 
 
 def signature(paths: list[Path]) -> tuple[tuple[str, int, int], ...]:
@@ -310,7 +367,9 @@ class Watcher:
 
         class _Hint(FileSystemEventHandler):
             def on_any_event(self, event: Any) -> None:
-                wake.set()
+                # reads change nothing: the daemon's own reads of the inbox must not wake a rescan
+                if event.event_type not in ("opened", "closed_no_write"):
+                    wake.set()
 
         logging.getLogger("watchdog").addHandler(self._hook)
         self.inbox.mkdir(parents=True, exist_ok=True)

@@ -21,9 +21,12 @@ Rejection moves the originals to `outbox/failed/<name>/` and writes `outbox/<nam
 
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import sqlite3
@@ -37,8 +40,19 @@ from typing import Any
 
 from daemon import inbox as inbox_mod
 from daemon.config import Settings
-from daemon.errors import JobRejected, LedgerConflict
-from daemon.jobs import SILENT, InvalidJob, JobSpec, parse_job, sha256_file
+from daemon.errors import JobRejected, LedgerConflict, is_disk_full
+from daemon.jobs import (
+    MAX_FOLDER_DEPTH,
+    SILENT,
+    InvalidJob,
+    JobSpec,
+    NotRegularFile,
+    describe_mode,
+    open_regular,
+    parse_job,
+    read_regular,
+    sha256_file,
+)
 from daemon.ledger import JobRow, Ledger
 from daemon.outbox import Outbox, move, restore_loose_job_name
 
@@ -57,6 +71,8 @@ class _Track:
     job_id: str
     sig: tuple[Any, ...] = ()
     sig_since: float = 0.0
+    #: monotonic time `incomplete_timeout_s` counts from (never the wall clock, which may step)
+    waiting_since: float = 0.0
     probed_sig: tuple[Any, ...] | None = None
     probe: Future[None] | None = None
     probe_sig: tuple[Any, ...] | None = None
@@ -80,11 +96,14 @@ class Intake:
         outbox: Outbox,
         *,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
         self.outbox = outbox
+        #: timeouts and settling run on `clock` (monotonic); `wall_clock` only dates rows
         self.clock = clock
+        self.wall_clock = wall_clock
         self._tracks: dict[str, _Track] = {}
         self._probes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="probe")
         #: set by the daemon: called when a background probe finishes (wakes the main loop)
@@ -125,7 +144,12 @@ class Intake:
             try:
                 result = self._check(entry, row)
             except JobRejected as rejected:
-                self.reject(row, entry, rejected)
+                try:
+                    self.reject(row, entry, rejected)
+                except OSError as e:  # e.g. the originals cannot be moved yet: finished at a later scan
+                    if is_disk_full(e):
+                        raise
+                    logger.warning("job %s (%s): rejection not finished yet: %s", row.id, row.name, e)
                 continue
             except OSError as e:  # e.g. a file the daemon may not read: report it, keep serving
                 logger.warning("job %s (%s): cannot check it yet: %s", row.id, row.name, e)
@@ -142,7 +166,9 @@ class Intake:
             if result is not None:
                 ready.append(result)
         for source, row in waiting.items():
-            claimed = row.job_dir and (Path(row.job_dir) / "input").exists()
+            claimed = row.job_dir and any(
+                os.path.lexists(Path(row.job_dir) / part) for part in ("input", UPLOAD_DIR)
+            )
             if source not in present and not claimed:
                 self._tracks.pop(source, None)
                 try:
@@ -161,26 +187,22 @@ class Intake:
 
     # ------------------------------------------------------------------ completeness
 
+    def _waited_before(self, row: JobRow) -> float:
+        """How long an entry already waited when this daemon first looks at it: ~0 for a new
+        row; for one from before a restart, its age by the wall clock (the only clock that spans
+        a restart), but at most half of `incomplete_timeout_s`, so that a clock stepped forward
+        meanwhile cannot reject an upload at once."""
+        age_s = self.wall_clock() - row.created_at
+        return min(max(0.0, age_s), self.settings.incomplete_timeout_s / 2)
+
     def _check(self, entry: inbox_mod.Entry, row: JobRow) -> Ready | None:
         s = self.settings
         now = self.clock()
         track = self._tracks.get(entry.source)
         if track is None or track.job_id != row.id:
-            track = self._tracks[entry.source] = _Track(job_id=row.id, sig_since=now)
-        files = self._entry_files(entry)
-        sig = inbox_mod.signature(files)
-        if sig != track.sig:
-            track.sig, track.sig_since = sig, now
-        quiet = now - track.sig_since >= s.settle_s
-        timed_out = time.time() - row.created_at >= s.incomplete_timeout_s
-
-        def wait(reason: str, code: str = "incomplete", fld: str = "") -> None:
-            if timed_out:
-                raise JobRejected(
-                    code, f"still incomplete after {s.incomplete_timeout_s:g} s: {reason}", field=fld
-                )
-            self.ledger.set_waiting_reason(row.id, reason)
-
+            track = self._tracks[entry.source] = _Track(
+                job_id=row.id, sig_since=now, waiting_since=now - self._waited_before(row)
+            )
         job_file = entry.job_file
         if entry.kind == "loose" and job_file.is_symlink():
             raise JobRejected(
@@ -191,35 +213,63 @@ class Intake:
                 "symlink", f"bundle {entry.name} is a symbolic link, which is not allowed", field=entry.name
             )
         try:
+            tree = inbox_mod.walk_bundle(entry.path) if entry.kind == "bundle" else None
+        except inbox_mod.BadBundle as e:
+            raise JobRejected(e.code, f"bundle {entry.name}: {e.message}", field=entry.name) from e
+        files = self._entry_files(entry, tree)
+        sig = inbox_mod.signature(files)
+        if sig != track.sig:
+            track.sig, track.sig_since = sig, now
+        quiet = now - track.sig_since >= s.settle_s
+        timed_out = now - track.waiting_since >= s.incomplete_timeout_s
+
+        def wait(reason: str, code: str = "incomplete", fld: str = "") -> None:
+            if timed_out:
+                raise JobRejected(
+                    code, f"still incomplete after {s.incomplete_timeout_s:g} s: {reason}", field=fld
+                )
+            self.ledger.set_waiting_reason(row.id, reason)
+
+        try:
             st = os.lstat(job_file)
         except FileNotFoundError:
             wait(f"incomplete upload: no {inbox_mod.BUNDLE_JOB_FILE} yet", fld=inbox_mod.BUNDLE_JOB_FILE)
             return None
         if not stat.S_ISREG(st.st_mode):
-            raise JobRejected("not_a_file", f"{job_file.name} is not a regular file", field=job_file.name)
+            raise JobRejected(
+                "not_a_file",
+                f"{job_file.name} is {describe_mode(st.st_mode)}, not a regular file",
+                field=job_file.name,
+            )
         if st.st_size > s.max_json_kb * 1024:
             raise JobRejected(
                 "too_large",
                 f"{job_file.name} is {st.st_size} bytes, over max_json_kb ({s.max_json_kb:g} KiB)",
                 field=job_file.name,
             )
-        if entry.kind == "bundle" and inbox_mod.has_temporary_files(entry.path):
+        if tree is not None and tree.uploading:
             wait("upload in progress (temporary files in the bundle)")
             return None
         try:
-            spec = self._parse(job_file.read_bytes(), entry.base_dir)
+            raw = read_regular(job_file, max_bytes=self._max_json_bytes())  # never blocks on a FIFO
+        except NotRegularFile as e:
+            raise JobRejected("not_a_file", str(e), field=job_file.name) from e
+        try:
+            spec = self._parse(raw, entry.base_dir, loose=entry.kind == "loose")
         except InvalidJob as e:
             incomplete = [err for err in e.errors if err.code in INCOMPLETE_CODES]
-            # checksums naming a file that is not there yet are part of the same incompleteness
-            follow_on = [err for err in e.errors if incomplete and err.field.startswith("checksums.")]
-            if incomplete and len(incomplete) + len(follow_on) == len(e.errors):
+            # (a checksum of a file not there yet is no error of its own; a checksum naming no
+            # file of the job, e.g. "../face.png", is, and rejects the job at once)
+            if incomplete and len(incomplete) == len(e.errors):
                 names = ", ".join(err.field for err in incomplete)
                 wait(f"incomplete upload: waiting for {names}", code="incomplete", fld=incomplete[0].field)
                 return None
             if not quiet:
                 wait("upload in progress (job file changing)")
                 return None
-            raise JobRejected(e.code, str(e), field=e.field) from e
+            # named by the first error that waiting cannot cure (not a file still to come)
+            first = next((err for err in e.errors if err.code not in INCOMPLETE_CODES), e.errors[0])
+            raise JobRejected(first.code, str(e), field=first.field) from e
         if spec.checksums:
             bad = [
                 name for name, digest in spec.checksums if self._hash(track, entry.base_dir / name) != digest
@@ -234,6 +284,19 @@ class Intake:
         elif not quiet:
             wait(f"settling: files changed {now - track.sig_since:.0f} s ago (settle_s = {s.settle_s:g})")
             return None
+        elif now - track.sig_since < s.stream_settle_s:
+            streamed = [
+                rel for rel in spec.media_files if _is_wav(rel) and wav_size_unknown(entry.base_dir / rel)
+            ]
+            if streamed:
+                # no size in the header: only a longer quiet can say the writer is done
+                wait(
+                    f"settling: {', '.join(streamed)} gives no size in its WAV header (streamed); "
+                    f"complete once quiet for stream_settle_s = {s.stream_settle_s:g} s "
+                    "(give checksums, or stage the upload, to skip this wait)",
+                    fld=streamed[0],
+                )
+                return None
         if self.model_min_audio_s is None:
             self.ledger.set_waiting_reason(row.id, "waiting for the model to load")
             return None
@@ -247,7 +310,11 @@ class Intake:
                 self.ledger.set_waiting_reason(row.id, "checking media")
                 track.probe_sig = sig
                 track.probe = self._probes.submit(
-                    _probe_all, entry.base_dir, spec, max(s.min_audio_s, self.model_min_audio_s)
+                    _probe_all,
+                    entry.base_dir,
+                    spec,
+                    max(s.min_audio_s, self.model_min_audio_s),
+                    s.max_audio_s,
                 )
                 track.probe.add_done_callback(lambda _: self.wake_later())
                 return None
@@ -258,8 +325,11 @@ class Intake:
             track.probed_sig = sig
         return Ready(entry=entry, row=row, spec=spec)
 
-    def _parse(self, raw: bytes, base_dir: Path) -> JobSpec:
-        spec = parse_job(raw, base_dir=base_dir, defaults=self.settings.job_defaults())
+    def _parse(self, raw: bytes, base_dir: Path, *, loose: bool = False) -> JobSpec:
+        """`loose`: a loose job of the inbox (`base_dir`), whose media paths must be loose files
+        or files of a media folder (`inbox.loose_path_problem`)."""
+        rule = functools.partial(inbox_mod.loose_path_problem, base_dir) if loose else None
+        spec = parse_job(raw, base_dir=base_dir, defaults=self.settings.job_defaults(), loose_paths=rule)
         if spec.seed_drawn and self.settings.defaults.seed is not None:
             spec = spec.with_seed(self.settings.defaults.seed)
         return spec
@@ -274,9 +344,9 @@ class Intake:
             track.hashes[key] = sha256_file(path)
         return track.hashes[key]
 
-    def _entry_files(self, entry: inbox_mod.Entry) -> list[Path]:
-        if entry.kind == "bundle":
-            return inbox_mod.bundle_files(entry.path)
+    def _entry_files(self, entry: inbox_mod.Entry, tree: inbox_mod.BundleTree | None) -> list[Path]:
+        if tree is not None:
+            return [*tree.files, *(entry.path / rel for rel in tree.special)]
         names = self._loose_media.get(entry.source, set())
         return [entry.job_file, *(entry.base_dir / n for n in sorted(names))]
 
@@ -290,57 +360,92 @@ class Intake:
                 continue
             try:
                 self.claim(item)
+            except inbox_mod.BadBundle as e:  # the tree grew past the bounds while it was taken
+                self._reject_claimed(item.row, JobRejected(e.code, e.message, field=""))
             except JobRejected as rejected:
                 self._reject_claimed(item.row, rejected)
             except OSError as e:  # the rename failed (permissions, vanished file): retried next scan
+                if is_disk_full(e):
+                    raise  # the state dir is full: the supervisor pauses intake; resumed at a later scan
                 logger.warning("job %s (%s): cannot take it yet: %s", item.row.id, item.row.name, e)
                 self.ledger.set_waiting_reason(item.row.id, f"cannot take the upload: {e.strerror or e}")
 
     def claim(self, item: Ready) -> JobRow | None:
-        """Move the inputs into the state dir, hash them, check for a duplicate, queue the job.
+        """Take the inputs into the state dir, hash them, check for a duplicate, queue the job.
 
         The job dir is recorded in the ledger before anything moves (the intent), so a daemon
-        killed halfway finishes the claim at its next scan (`resume_claims`).
+        killed halfway finishes the claim at its next scan (`resume_claims`). The entry is
+        renamed into `jobs/<id>/upload/` (across filesystems: copied), then copied into the
+        daemon's own `jobs/<id>/input/` (`copy_inputs`), which is what is hashed and rendered.
         """
         row, entry = item.row, item.entry
         job_dir = self.settings.jobs_dir / row.id
         input_dir = job_dir / "input"
+        upload = job_dir / UPLOAD_DIR
         self.ledger.set_columns(row.id, job_dir=str(job_dir))
-        job_dir.mkdir(parents=True, exist_ok=True)
-        if entry.kind == "bundle":
-            if input_dir.is_dir():  # copied here across filesystems before a crash: that copy is complete
-                shutil.rmtree(entry.path)
-            else:
-                move(entry.path, input_dir)
-        else:
-            input_dir.mkdir(exist_ok=True)
-            move(entry.job_file, input_dir / inbox_mod.BUNDLE_JOB_FILE)
-            self._move_loose_media(entry.source, input_dir, item.spec.media_files)
+        private_dir(self.settings.jobs_dir)
+        private_dir(job_dir)
+        # a bundle copied straight from the inbox (another filesystem) is removed from it after
+        # the copy, also when that copy was finished before a restart
+        copied_bundle = entry.kind == "bundle" and input_dir.is_dir()
+        if not input_dir.is_dir():
+            if entry.kind == "bundle" and not os.path.lexists(upload):
+                try:
+                    os.rename(entry.path, upload)
+                except OSError as e:
+                    if e.errno != errno.EXDEV:
+                        raise
+                    copy_inputs(entry.path, job_dir)  # another filesystem: straight from the inbox
+                    copied_bundle = True
+            elif entry.kind == "loose":
+                upload.mkdir(exist_ok=True)
+                self._take_loose_files(entry.source, entry.job_file, upload, item.spec.media_files)
+            if not input_dir.is_dir():
+                copy_inputs(upload, job_dir)
         self._tracks.pop(entry.source, None)
+        self._remove_taken(upload, entry.path if copied_bundle else None)
         return self._complete_claim(row, input_dir)
 
-    def _move_loose_media(self, source: str, input_dir: Path, media: tuple[str, ...] | set[str]) -> None:
+    def _take_loose_files(self, source: str, job_file: Path | None, upload: Path, media: Any) -> None:
+        """Move a loose job's JSON (unless already taken) and its media into `upload`: a loose
+        file of the inbox is moved (copied if another loose job of the inbox also names it); a
+        file of a media folder is always copied (`copy_media_file`), never moved, so a folder that
+        is really a bundle still being uploaded keeps all its files. A path the rule refuses now
+        (its folder got a job.json meanwhile) rejects the job."""
+        inbox = self.settings.inbox
+        if job_file is not None and not os.path.lexists(upload / inbox_mod.BUNDLE_JOB_FILE):
+            move_upload(job_file, upload / inbox_mod.BUNDLE_JOB_FILE)
+        for rel in sorted(media):
+            refused = inbox_mod.loose_path_problem(inbox, rel)
+            if refused is not None:  # the JSON is taken: a rejection keeps it as the original
+                raise JobRejected("path_escape", f"{rel!r} {refused}; not taken", field=rel)
         shared = self._shared_loose_media(source)
         for rel in sorted(media):
-            target = input_dir / rel
-            src = self.settings.inbox / rel
-            if target.exists() or not inbox_mod.plain_file_in(self.settings.inbox, rel):
-                continue  # gone, or reached through a symlink: never taken from outside the inbox
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if rel in shared:
-                shutil.copy2(src, target)
-            else:
-                move(src, target)
-        inbox_mod.prune_emptied(self.settings.inbox, media)
+            target = upload / rel
+            if os.path.lexists(target):
+                continue  # taken before a restart
+            if "/" in rel or rel in shared:
+                copy_media_file(inbox, rel, target)
+            elif inbox_mod.plain_file_in(inbox, rel):  # else gone, or not a regular file: not taken
+                move_upload(inbox / rel, target)
+
+    def _remove_taken(self, upload: Path, bundle: Path | None) -> None:
+        """After the copy: the upload as renamed (and a bundle copied across filesystems)."""
+        for path in (upload, bundle):
+            if path is None or not os.path.lexists(path):
+                continue
+            try:
+                remove_tree(path)
+            except OSError as e:  # e.g. a folder the daemon may not write: the copy is what counts
+                logger.warning("cannot remove %s after taking it: %s", path, e)
 
     def _complete_claim(self, row: JobRow, input_dir: Path) -> JobRow | None:
         try:
-            spec = self._parse((input_dir / inbox_mod.BUNDLE_JOB_FILE).read_bytes(), input_dir)
+            job_file = input_dir / inbox_mod.BUNDLE_JOB_FILE
+            spec = self._parse(read_regular(job_file, max_bytes=self._max_json_bytes()), input_dir)
         except (InvalidJob, OSError) as e:
             code, fld = (e.code, e.field) if isinstance(e, InvalidJob) else ("missing_file", "job.json")
             raise JobRejected(code, f"the job changed while it was taken: {e}", field=fld) from e
-        for rel in spec.media_files:
-            _unshare(input_dir / rel)
         hashes = {rel: sha256_file(input_dir / rel) for rel in spec.media_files}
         for name, digest in spec.checksums:
             if hashes.get(name) != digest:
@@ -372,21 +477,30 @@ class Intake:
             logger.info("job %s (%s) queued, seed %d", row.id, row.name, spec.seed)
         return admitted
 
+    def _max_json_bytes(self) -> int:
+        return int(self.settings.max_json_kb * 1024)
+
     def resume_claims(self, waiting: dict[str, JobRow], present: set[str]) -> None:
         """Finish claims a killed daemon left halfway (job dir recorded, spec not yet stored)."""
         for source, row in waiting.items():
             if not row.job_dir or row.spec_json or row.error_code or source in present:
                 continue
-            input_dir = Path(row.job_dir) / "input"
-            if not (input_dir / inbox_mod.BUNDLE_JOB_FILE).is_file():
+            job_dir = Path(row.job_dir)
+            input_dir, upload = job_dir / "input", job_dir / UPLOAD_DIR
+            job_file = inbox_mod.BUNDLE_JOB_FILE
+            if not (input_dir / job_file).is_file() and not (upload / job_file).is_file():
                 continue
             logger.info("job %s (%s): finishing a claim interrupted by a restart", row.id, row.name)
             try:
-                if Path(source).suffix.lower() == ".json":  # a loose job: its media may still be in the inbox
-                    self._move_loose_media(
-                        source, input_dir, inbox_mod.loose_media_names(input_dir / inbox_mod.BUNDLE_JOB_FILE)
-                    )
+                if not input_dir.is_dir():
+                    if Path(source).suffix.lower() == ".json":  # loose: its media may still be in the inbox
+                        media = inbox_mod.loose_media_names(upload / job_file)
+                        self._take_loose_files(source, None, upload, media)
+                    copy_inputs(upload, job_dir)
+                self._remove_taken(upload, None)
                 self._complete_claim(row, input_dir)
+            except inbox_mod.BadBundle as e:
+                self._reject_claimed(row, JobRejected(e.code, e.message, field=""))
             except JobRejected as rejected:
                 self._reject_claimed(row, rejected)
             except OSError as e:
@@ -418,13 +532,25 @@ class Intake:
 
     def _reject_claimed(self, row: JobRow, rejected: JobRejected) -> None:
         self._record_rejection(row, rejected)
-        input_dir = self.settings.jobs_dir / row.id / "input"
-        kept = Path(self._originals(row.id))
-        if input_dir.exists():
-            _clear_empty(kept)
-            move(input_dir, kept)
-            restore_loose_job_name(kept, row.name, row.source)
+        self._keep_claimed_originals(row)
         self._finish_rejection(row.id)
+
+    def _keep_claimed_originals(self, row: JobRow) -> bool:
+        """Move what a claim took (the daemon's copy, else the upload as renamed) to the originals
+        folder; False if the claim had taken nothing yet."""
+        job_dir = Path(row.job_dir) if row.job_dir else self.settings.jobs_dir / row.id
+        kept = Path(self._originals(row.id))
+        for taken in (job_dir / "input", job_dir / UPLOAD_DIR):
+            if not os.path.lexists(taken):
+                continue
+            _clear_empty(kept)
+            move_upload(taken, kept)
+            restore_loose_job_name(kept, row.name, row.source)
+            self._remove_taken(job_dir / UPLOAD_DIR, None)
+            if taken.name == "input":
+                _adopt_group(kept, self.outbox.root)
+            return True
+        return False
 
     def _originals(self, job_id: str) -> str:
         return str(self.ledger.get(job_id).originals or "")
@@ -444,26 +570,25 @@ class Intake:
         )
 
     def _keep_inbox_originals(self, src: Path, source: str, kept: Path) -> None:
-        """Move an inbox entry (`src`, ledger source `source`) and its loose media into `kept`."""
+        """Move an inbox entry (`src`, ledger source `source`) and its loose media into `kept`
+        (`move_upload`: across filesystems too, FIFOs and deep trees included, never crashing)."""
         if src.is_dir() and not src.is_symlink():
             _clear_empty(kept)
-            move(src, kept)
+            move_upload(src, kept)
             return
         kept.mkdir(parents=True, exist_ok=True)
-        if src.exists() or src.is_symlink():
+        if os.path.lexists(src):
             media = inbox_mod.loose_media_names(src)
             shared = self._shared_loose_media(source)
-            move(src, kept / src.name)
+            move_upload(src, kept / src.name)
             for rel in sorted(media):
                 path = self.settings.inbox / rel
-                if inbox_mod.plain_file_in(self.settings.inbox, rel):  # never through a symlink
-                    target = kept / rel
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    if rel in shared:
-                        shutil.copy2(path, target)
-                    else:
-                        move(path, target)
-            inbox_mod.prune_emptied(self.settings.inbox, media)
+                if "/" in rel or not inbox_mod.plain_file_in(self.settings.inbox, rel):
+                    continue  # only loose files of the inbox: a media folder's files stay put
+                if rel in shared:
+                    copy_regular(path, kept / rel)
+                else:
+                    move_upload(path, kept / rel)
 
     def _finish_rejection(self, job_id: str) -> None:
         row = self.ledger.get(job_id)
@@ -491,13 +616,25 @@ class Intake:
             if not (row.error_code and row.output_json and row.originals):
                 continue
             kept = Path(row.originals)
-            claimed_input = Path(row.job_dir) / "input" if row.job_dir else None
-            if claimed_input is not None and claimed_input.exists():
-                _clear_empty(kept)
-                move(claimed_input, kept)
-            else:
+            if not (row.job_dir and self._keep_claimed_originals(row)):
                 self._keep_inbox_originals(Path(row.source), row.source, kept)
             self._finish_rejection(row.id)
+
+
+def _adopt_group(kept: Path, outbox: Path) -> None:
+    """The daemon's copies kept as a rejected job's originals get the outbox's group (as files
+    made there do), so the uploaders who may read the outbox can read them. Best effort."""
+    try:
+        gid = os.stat(outbox).st_gid
+        for root, dirs, files in os.walk(kept):
+            for name in (*dirs, *files):
+                path = os.path.join(root, name)
+                if os.lstat(path).st_gid != gid:
+                    os.chown(path, -1, gid, follow_symlinks=False)
+        if os.lstat(kept).st_gid != gid:
+            os.chown(kept, -1, gid, follow_symlinks=False)
+    except OSError as e:
+        logger.debug("originals %s keep the daemon's group: %s", kept, e)
 
 
 def _clear_empty(folder: Path) -> None:
@@ -505,18 +642,242 @@ def _clear_empty(folder: Path) -> None:
         folder.rmdir()
 
 
-def _unshare(path: Path) -> None:
-    """A claimed file that is also a hard link elsewhere (e.g. outside the inbox) becomes a copy of
-    its own, so that other name can no longer change the job's input after the claim."""
+# ---------------------------------------------------------------------- taking files from uploaders
+#
+# What is rendered must be exactly what was claimed and hashed, whatever an uploader does later:
+# a process whose working directory is inside a bundle still reaches that folder after it is
+# renamed into the state dir, and a writer holding a file open can still change it. So the claim
+# renames the entry into `jobs/<id>/upload/` (off the inbox at once), then *copies* it into a new
+# folder of the daemon's own, `jobs/<id>/input/` (`copy_inputs`), in a job dir only the daemon
+# may enter (0700), opening every file without following links and only if it is a regular file.
+# The render reads that copy, and the worker checks its hashes before it starts.
+
+UPLOAD_DIR = "upload"
+PARTIAL_INPUT_DIR = ".input.partial"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+def private_dir(path: Path) -> Path:
+    """`path` as a folder only the daemon's user may enter (0700), made if needed."""
+    path.mkdir(parents=True, exist_ok=True)
+    if stat.S_IMODE(os.lstat(path).st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    return path
+
+
+def copy_inputs(src: Path, job_dir: Path) -> Path:
+    """Copy the uploaded tree `src` into `job_dir/input` (via a partial folder renamed at the end):
+    regular files and folders only, each opened without following a link (FIFOs, sockets,
+    devices and symbolic links are left behind), bounded by MAX_FOLDER_DEPTH and
+    MAX_BUNDLE_ENTRIES. Returns the input folder."""
+    partial = job_dir / PARTIAL_INPUT_DIR
+    remove_tree(partial)
     try:
-        st = os.lstat(path)
+        copy_tree(src, partial, links=False)
+    except BaseException:
+        remove_tree(partial)  # e.g. a full state dir: give the room back
+        raise
+    input_dir = job_dir / "input"
+    os.rename(partial, input_dir)
+    return input_dir
+
+
+def copy_tree(src: Path, dest: Path, *, links: bool) -> None:
+    """Copy the folder `src` to the new folder `dest` without ever following a symbolic link or
+    opening anything but a regular file; `links`: symbolic links are copied as links (the
+    originals kept for a rejected job), else left out. Raises `inbox.BadBundle` past the bounds."""
+    fd = os.open(src, _DIR_FLAGS)
+    try:
+        budget = [inbox_mod.MAX_BUNDLE_ENTRIES]
+        os.mkdir(dest, 0o750)
+        _copy_dir(fd, dest, 0, budget, links)
+    finally:
+        os.close(fd)
+
+
+def _copy_dir(fd: int, dest: Path, depth: int, budget: list[int], links: bool) -> None:
+    """`links` (originals of a rejected job): past the bounds, what is left is left out (logged),
+    never an error; else (a claim) the bounds raise `inbox.BadBundle`."""
+    with os.scandir(fd) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    budget[0] -= len(entries)
+    if budget[0] < 0:
+        if links:
+            logger.warning("%s: over %d entries; the rest is not kept", dest, inbox_mod.MAX_BUNDLE_ENTRIES)
+            return
+        raise inbox_mod.BadBundle("too_large", f"more than {inbox_mod.MAX_BUNDLE_ENTRIES} files and folders")
+    for entry in entries:
+        name = entry.name
+        try:
+            mode = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(mode):
+            if depth + 1 >= MAX_FOLDER_DEPTH:
+                if links:
+                    logger.warning("%s: folders deeper than %d levels are not kept", dest, MAX_FOLDER_DEPTH)
+                    continue
+                raise inbox_mod.BadBundle(
+                    "too_deep", f"folders nested more than {MAX_FOLDER_DEPTH} levels deep"
+                )
+            sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            try:
+                os.mkdir(dest / name, 0o750)
+                _copy_dir(sub, dest / name, depth + 1, budget, links)
+            finally:
+                os.close(sub)
+        elif stat.S_ISREG(mode):
+            try:
+                source = open_regular(name, dir_fd=fd)
+            except (NotRegularFile, FileNotFoundError):
+                continue  # swapped for something else meanwhile: not taken
+            with os.fdopen(source, "rb") as f_in:
+                copy_file_object(f_in, dest / name)
+        elif stat.S_ISLNK(mode) and links:
+            os.symlink(os.readlink(name, dir_fd=fd), dest / name)
+        else:
+            logger.info("%s: %s left out (%s)", dest, name, describe_mode(mode))
+
+
+def copy_file_object(f_in: Any, dest: Path) -> None:
+    """Copy an open file to the new file `dest` (never through a link at `dest`), fsynced."""
+    out = os.open(
+        dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o640
+    )
+    with os.fdopen(out, "wb") as f_out:
+        shutil.copyfileobj(f_in, f_out, 1 << 20)
+        f_out.flush()
+        os.fsync(f_out.fileno())
+    st = os.fstat(f_in.fileno())
+    os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def copy_media_file(root: Path, rel: str, dest: Path) -> None:
+    """Copy `root/rel` (a file of a loose job's media folder, or a loose file another loose job
+    also names) to the new file `dest`, made with its folders: each folder on the way and the
+    file itself opened without following a link, and only a regular file read (`open_regular`);
+    written under a temporary name and renamed, so a kill mid-copy never leaves a short file
+    at `dest`. A missing file is skipped (the claim then finds it missing); a link swapped in on
+    the way raises OSError (ELOOP, ENOTDIR)."""
+    *folders, name = rel.split("/")
+    partial = dest.with_name(f".{dest.name}.copying")
+    if os.path.lexists(partial):
+        os.unlink(partial)
+    fd = os.open(root, _DIR_FLAGS)
+    try:
+        for folder in folders:
+            sub = os.open(folder, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        source = open_regular(name, dir_fd=fd)
     except FileNotFoundError:
         return
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink <= 1:
+    finally:
+        os.close(fd)
+    with os.fdopen(source, "rb") as f_in:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        copy_file_object(f_in, partial)
+    os.rename(partial, dest)
+
+
+def copy_regular(src: Path, dest: Path) -> None:
+    """Copy one uploaded regular file (`open_regular`: no link, no FIFO) to the new file `dest`."""
+    with os.fdopen(open_regular(src), "rb") as f_in:
+        copy_file_object(f_in, dest)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a file or a folder tree of any depth without recursion and without following links:
+    each sub-folder is first moved up to `path` itself, so no path ever gets long."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
         return
-    tmp = path.with_name(f".{path.name}.unshare")
-    shutil.copy2(path, tmp)
-    os.replace(tmp, path)
+    if not stat.S_ISDIR(mode):
+        os.unlink(path)
+        return
+    serial = 0
+    stack = [path]
+    while stack:
+        folder = stack.pop()
+        with os.scandir(folder) as it:
+            entries = list(it)
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                if folder == path:
+                    stack.append(Path(entry.path))
+                    continue
+                while True:
+                    serial += 1
+                    flat = path / f".rm-{serial}"
+                    if not os.path.lexists(flat):
+                        break
+                os.rename(entry.path, flat)
+                stack.append(flat)
+            else:
+                os.unlink(entry.path)
+        if folder != path:
+            os.rmdir(folder)  # emptied: its files unlinked, its folders moved up to `path`
+    os.rmdir(path)
+
+
+def move_upload(src: Path, dest: Path) -> None:
+    """Move an uploader's entry (file or tree) to `dest`: a rename; across filesystems a copy that
+    never follows links nor opens a FIFO (`copy_tree`, FIFOs and devices are left out), renamed
+    into place, then the source removed (`remove_tree`). Never raises for a FIFO."""
+    try:
+        os.rename(src, dest)
+        return
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+    tmp = dest.with_name(f".{dest.name}.copying")
+    remove_tree(tmp)
+    mode = os.lstat(src).st_mode
+    if stat.S_ISDIR(mode):
+        copy_tree(src, tmp, links=True)
+    elif stat.S_ISREG(mode):
+        copy_regular(src, tmp)
+    elif stat.S_ISLNK(mode):
+        os.symlink(os.readlink(src), tmp)
+    else:  # a FIFO, a socket, a device: nothing to keep but its name
+        logger.info("%s is %s: not copied to %s", src, describe_mode(mode), dest)
+        os.unlink(src)
+        return
+    os.rename(tmp, dest)
+    remove_tree(src)
+
+
+def claimed_inputs(input_hashes_json: str | None, input_dir: Path) -> tuple[tuple[str, str], ...]:
+    """(absolute path, sha256) of each input a claim hashed (the ledger's `input_hashes_json`),
+    for the worker to check before it renders (`daemon.runner.verify_inputs`)."""
+    hashes = json.loads(input_hashes_json or "{}")
+    return tuple((str(input_dir / rel), str(digest)) for rel, digest in sorted(hashes.items()))
+
+
+def wav_size_unknown(path: Path) -> bool:
+    """True for a WAV whose header gives no size (0 or 0xFFFFFFFF in the RIFF or data chunk size:
+    written to a pipe, or still being written in place): its length proves nothing."""
+    try:
+        with os.fdopen(open_regular(path), "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return False
+            if int.from_bytes(head[4:8], "little") in (0, 0xFFFFFFFF):
+                return True
+            pos = 12
+            for _ in range(64):
+                f.seek(pos)
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    return False
+                declared = int.from_bytes(chunk[4:8], "little")
+                if chunk[:4] == b"data":
+                    return declared in (0, 0xFFFFFFFF)
+                pos += 8 + declared + (declared & 1)
+    except OSError:
+        return False
+    return False
 
 
 def model_min_audio_s(weights_dir: Path) -> float | None:
@@ -597,95 +958,171 @@ def _gone_reason(source: Path) -> str:
 # ---------------------------------------------------------------------- decode probes
 
 
-def _probe_all(base_dir: Path, spec: JobSpec, min_audio_s: float) -> None:
+#: the lowest sample rate accepted for speech (a header saying 1 Hz would make a 1 KB file an
+#: hour of "audio")
+MIN_SAMPLE_RATE = 8000
+
+
+def _is_wav(rel: str) -> bool:
+    return rel.lower().endswith(".wav")
+
+
+def _probe_all(base_dir: Path, spec: JobSpec, min_audio_s: float, max_audio_s: float = math.inf) -> None:
     """Each file in its role: the reference's picture (image or video stream), then each speaker's
-    sound (an audio file's, or a video's audio stream: the same MP4 may be both)."""
-    probe_media(base_dir / spec.cond_video, rel=spec.cond_video, field="cond_video", min_audio_s=min_audio_s)
+    sound (an audio file's, or a video's audio stream: the same MP4 may be both). The job's
+    length (the longest speech; for `audio_type = "add"` the sum) must be <= `max_audio_s`."""
+    probe_media(
+        base_dir / spec.cond_video,
+        rel=spec.cond_video,
+        field="cond_video",
+        min_audio_s=min_audio_s,
+        max_audio_s=max_audio_s,
+    )
+    lengths = []
     for person, rel in spec.cond_audio:
         if rel != SILENT:
-            probe_media(
-                base_dir / rel, rel=rel, field=f"cond_audio.{person}", min_audio_s=min_audio_s, speech=True
+            field = f"cond_audio.{person}"
+            lengths.append(
+                probe_media(
+                    base_dir / rel,
+                    rel=rel,
+                    field=field,
+                    min_audio_s=min_audio_s,
+                    max_audio_s=max_audio_s,
+                    speech=True,
+                )
             )
+    total = (
+        sum(lengths) if spec.audio_type == "add" and len(spec.cond_audio) == 2 else max(lengths, default=0.0)
+    )
+    if total > max_audio_s:
+        raise JobRejected(
+            "audio_too_long",
+            f"the speakers' tracks one after the other (audio_type add) last {total:.1f} s; "
+            f"at most max_audio_s = {max_audio_s:g} s is accepted",
+            field="cond_audio",
+        )
 
 
-def probe_media(path: Path, *, rel: str, field: str, min_audio_s: float, speech: bool = False) -> None:
+def probe_media(
+    path: Path,
+    *,
+    rel: str,
+    field: str,
+    min_audio_s: float,
+    max_audio_s: float = math.inf,
+    speech: bool = False,
+) -> float:
     """Decode a media file to the end; raise `JobRejected` naming the file if it cannot be.
-    `speech`: the file's audio stream is what counts (an audio file, or a video with sound)."""
+    `speech`: the file's audio stream is what counts (an audio file, or a video with sound); its
+    duration is returned (0 for a picture). The file is opened once, without following a link
+    and only if it is a regular file (`open_regular`: a FIFO swapped in cannot hang the probe),
+    and decoded from that descriptor."""
     suffix = path.suffix.lower()
     from daemon.jobs import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS
 
     try:
-        if suffix in IMAGE_EXTENSIONS and not speech:
-            _probe_image(path)
-        elif speech or suffix in AUDIO_EXTENSIONS:
+        fd = open_regular(path)
+    except NotRegularFile as e:
+        raise JobRejected("not_a_file", f"{field}: {rel}: {e}", field=field) from e
+    with os.fdopen(fd, "rb") as f:
+        try:
+            if suffix in IMAGE_EXTENSIONS and not speech:
+                _probe_image(f)
+                return 0.0
+            if not (speech or suffix in AUDIO_EXTENSIONS):
+                _probe_stream(f, "video")
+                return 0.0
             if suffix == ".wav":
-                _check_wav_length(path)
-            duration = _probe_stream(path, "audio")
+                _check_wav_length(f)
+            duration = _probe_stream(f, "audio", field=field, rel=rel, max_s=max_audio_s)
             if duration < min_audio_s:
                 raise JobRejected(
                     "audio_too_short",
                     f"{field}: {rel} holds {duration:.2f} s of audio; at least {min_audio_s:g} s are needed",
                     field=field,
                 )
-        else:
-            _probe_stream(path, "video")
-    except JobRejected:
-        raise
-    except Exception as e:  # noqa: BLE001 - any decoder failure means the file is unusable
-        raise JobRejected(
-            "bad_media", f"{field}: {rel} cannot be decoded: {type(e).__name__}: {e}", field=field
-        ) from e
+            return duration
+        except JobRejected:
+            raise
+        except Exception as e:  # noqa: BLE001 - any decoder failure means the file is unusable
+            raise JobRejected(
+                "bad_media", f"{field}: {rel} cannot be decoded: {type(e).__name__}: {e}", field=field
+            ) from e
 
 
-def _check_wav_length(path: Path) -> None:
+def _check_wav_length(f: Any) -> None:
     """Refuse a WAV whose data chunk declares more bytes than the file holds: a truncated upload
     (e.g. a killed `rsync --partial`). FFmpeg clamps such a duration to the file size and decodes
     the rest without complaint, so the decode alone does not notice."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(12)
-        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-            return  # RF64 and friends: left to the decoder
-        pos = 12
-        while pos + 8 <= size:
-            f.seek(pos)
-            chunk = f.read(8)
-            declared = int.from_bytes(chunk[4:8], "little")
-            if chunk[:4] == b"data":
-                if declared not in (0, 0xFFFFFFFF) and pos + 8 + declared > size:
-                    raise ValueError(
-                        f"its data chunk declares {declared} bytes but the file holds only "
-                        f"{size - pos - 8} (truncated upload?)"
-                    )
-                return
-            pos += 8 + declared + (declared & 1)
+    size = os.fstat(f.fileno()).st_size
+    f.seek(0)
+    head = f.read(12)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return  # RF64 and friends: left to the decoder
+    pos = 12
+    while pos + 8 <= size:
+        f.seek(pos)
+        chunk = f.read(8)
+        declared = int.from_bytes(chunk[4:8], "little")
+        if chunk[:4] == b"data":
+            if declared not in (0, 0xFFFFFFFF) and pos + 8 + declared > size:
+                raise ValueError(
+                    f"its data chunk declares {declared} bytes but the file holds only "
+                    f"{size - pos - 8} (truncated upload?)"
+                )
+            return
+        pos += 8 + declared + (declared & 1)
 
 
-def _probe_image(path: Path) -> None:
+def _probe_image(f: Any) -> None:
     from PIL import Image
 
-    with Image.open(path) as img:
+    f.seek(0)
+    with Image.open(f) as img:
         img.load()
         if img.width < 2 or img.height < 2:
             raise ValueError(f"image is {img.width}x{img.height} pixels")
 
 
-def _probe_stream(path: Path, kind: str) -> float:
-    """Decode every frame of the first `kind` stream; returns its duration in seconds."""
+def _decoder_path(f: Any) -> Any:
+    """What PyAV opens for the open file `f`: its /proc/self/fd link (the same file, whatever
+    its name now points to), else the file object itself."""
+    proc = f"/proc/self/fd/{f.fileno()}"
+    if os.path.exists(proc):
+        return proc
+    f.seek(0)
+    return f
+
+
+def _probe_stream(f: Any, kind: str, *, field: str = "", rel: str = "", max_s: float = math.inf) -> float:
+    """Decode every frame of the first `kind` stream; returns its duration in seconds. Audio: a
+    sample rate below MIN_SAMPLE_RATE is `bad_sample_rate`, more than `max_s` seconds
+    `audio_too_long` (decoding stops there)."""
     import av
 
-    with av.open(str(path), metadata_errors="ignore") as container:
+    with av.open(_decoder_path(f), metadata_errors="ignore") as container:
         streams = container.streams.audio if kind == "audio" else container.streams.video
         if not streams:
             raise ValueError(f"no {kind} stream")
         stream = streams[0]
+        if kind == "audio":
+            _check_rate(stream.codec_context.sample_rate, field, rel)
         end = 0.0
         count = 0
         for frame in container.decode(stream):
             count += 1
             if isinstance(frame, av.AudioFrame):
+                _check_rate(frame.sample_rate, field, rel)
                 length = frame.samples / float(frame.sample_rate or 1)
                 end = end + length if frame.time is None else max(end, frame.time + length)
+                if end > max_s:
+                    raise JobRejected(
+                        "audio_too_long",
+                        f"{field}: {rel} holds more than {max_s:g} s of audio (max_audio_s); "
+                        "split it into shorter jobs",
+                        field=field,
+                    )
             elif isinstance(frame, av.VideoFrame) and frame.time is not None:
                 end = max(end, frame.time)
         if count == 0:
@@ -696,3 +1133,12 @@ def _probe_stream(path: Path, kind: str) -> float:
             if declared > 0 and end < declared - (0.5 if kind == "audio" else 1.0):
                 raise ValueError(f"decoded {end:.2f} s of a declared {declared:.2f} s (truncated?)")
         return end
+
+
+def _check_rate(rate: int | None, field: str, rel: str) -> None:
+    if rate is not None and 0 < rate < MIN_SAMPLE_RATE:
+        raise JobRejected(
+            "bad_sample_rate",
+            f"{field}: {rel} says its sample rate is {rate} Hz; speech needs at least {MIN_SAMPLE_RATE} Hz",
+            field=field,
+        )

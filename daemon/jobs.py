@@ -8,7 +8,7 @@ example files work unchanged:
 plus the generation settings under the reference CLI's names (`size`, `sample_steps`,
 `sample_shift`, `sample_text_guide_scale`, `sample_audio_guide_scale`, `seed`, `mode`,
 `motion_frame`, `max_frame_num`, `color_correction_strength`, `use_apg`, `apg_momentum`,
-`apg_norm_threshold`), and `priority`, `checksums`,
+`apg_norm_threshold`), and `noise`, `priority`, `checksums`,
 `negative_prompt`. Missing settings come from `JobDefaults` (filled by the daemon's config);
 a missing seed is drawn here and recorded in the spec, so every render can be repeated.
 
@@ -19,18 +19,20 @@ intake without loading the ML stack.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pipeline.types import GenerationRequest
+from pipeline.types import NOISE_MODES, GenerationRequest
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm")
@@ -48,6 +50,99 @@ SILENT = "None"
 SHIFT_BY_SIZE = {"infinitetalk-480": 7.0, "infinitetalk-720": 11.0}
 SEED_LIMIT = 2**32  # seeds are 0 .. 2**32 - 1 (fits every RNG the pipeline seeds)
 MAX_STEPS = 1000
+#: deepest nesting of arrays/objects a job JSON may have (a job needs 3; 100,000 would crash the
+#: JSON parser with RecursionError)
+MAX_JSON_DEPTH = 32
+#: longest media path (bytes) and path component (NAME_MAX) a job may name
+MAX_PATH_BYTES = 4096
+MAX_NAME_BYTES = 255
+#: deepest folder nesting under a job's folder (a media path's parts, a bundle's tree)
+MAX_FOLDER_DEPTH = 32
+#: the largest job file `load_job` reads (the daemon's own limit is `max_json_kb`)
+MAX_JOB_FILE_BYTES = 16 * 1024 * 1024
+#: flags for every open of an uploaded file: never through a final symbolic link, never blocking
+#: on a FIFO (a FIFO named voice.wav or x.json must not hang the daemon)
+#: a loose job's rule for its media paths: why a normalised path may not be taken, or None
+LoosePathRule = Callable[[str], str | None]
+SAFE_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+
+class NotRegularFile(OSError):
+    """An upload opened by `open_regular` that is not a regular file (a FIFO, a device, a folder)."""
+
+
+def open_regular(path: Path | str, *, dir_fd: int | None = None) -> int:
+    """Open an uploaded file read-only and return the descriptor: never through a final symbolic
+    link (ELOOP), never blocking (O_NONBLOCK, so a FIFO cannot hang the caller), and only a
+    regular file (`NotRegularFile` otherwise). The descriptor is back in blocking mode."""
+    fd = os.open(path, SAFE_OPEN_FLAGS, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(f"{os.fsdecode(path)!r} is {describe_mode(st.st_mode)}, not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular(path: Path | str, *, max_bytes: int) -> bytes:
+    """The bytes of a regular file opened with `open_regular`; OSError if it holds more than
+    `max_bytes` (never reads more than that plus one)."""
+    with os.fdopen(open_regular(path), "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise OSError(f"{os.fsdecode(path)!r} is over {max_bytes} bytes")
+    return data
+
+
+def describe_mode(mode: int) -> str:
+    """'a FIFO', 'a directory', ... for an lstat mode (in error messages)."""
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def json_too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True if the JSON text nests arrays/objects deeper than `limit` (brackets inside strings
+    do not count), checked in one linear pass before parsing, so a hostile file can never reach
+    the parser's recursion limit (RecursionError)."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    in_string = False
+    skip_to = -1  # the character after a backslash inside a string is escaped
+    for match in _JSON_TOKENS.finditer(text):
+        at = match.start()
+        if at < skip_to:
+            continue
+        token = match.group()
+        if in_string:
+            if token == "\\":
+                skip_to = at + 2
+            elif token == '"':
+                in_string = False
+        elif token == '"':
+            in_string = True
+        elif token in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif token in "]}":
+            depth -= 1
+    return False
+
+
+_JSON_TOKENS = re.compile(r'["\\\[\]{}]')
 
 #: the negative prompt the InfiniteTalk config uses (model.md 1.5); sent with every render
 DEFAULT_NEGATIVE_PROMPT = (
@@ -80,6 +175,7 @@ KNOWN_KEYS = frozenset(
         "use_apg",
         "apg_momentum",
         "apg_norm_threshold",
+        "noise",
         "priority",
         "checksums",
     }
@@ -108,6 +204,7 @@ class JobDefaults:
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     priority: int = 0
     seed: int | None = None  # seed for jobs that give none; None: drawn at random (and recorded)
+    noise: str = "portable"  # where the noise is drawn: portable (CPU) or reference (render device)
     max_media_bytes: int = 4 * 1024**3  # a media file larger than this is rejected (too_large)
 
 
@@ -149,7 +246,7 @@ class InvalidJob(ValueError):
 
 
 #: JobSpec fields added after the first release: absent from older stored specs, then defaulted
-_OPTIONAL_SPEC_FIELDS = frozenset({"use_apg", "apg_momentum", "apg_norm_threshold"})
+_OPTIONAL_SPEC_FIELDS = frozenset({"use_apg", "apg_momentum", "apg_norm_threshold", "noise"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -183,6 +280,7 @@ class JobSpec:
     use_apg: bool = False
     apg_momentum: float = -0.75
     apg_norm_threshold: float = 55.0
+    noise: str = "portable"
 
     @property
     def media_files(self) -> tuple[str, ...]:
@@ -255,6 +353,7 @@ class JobSpec:
             use_apg=self.use_apg,
             apg_momentum=self.apg_momentum,
             apg_norm_threshold=self.apg_norm_threshold,
+            noise=self.noise,  # type: ignore[arg-type]
         )
 
     def with_seed(self, seed: int) -> JobSpec:
@@ -340,26 +439,71 @@ def _get_choice(doc: dict[str, Any], key: str, default: str, choices: tuple[str,
     return str(value)
 
 
-def check_media_path(
-    raw: Any, *, base_dir: Path, field: str, extensions: tuple[str, ...], max_bytes: int, c: _Collector
-) -> str | None:
-    """Validate one media path of a job; returns it normalised (POSIX, relative) or None."""
-    if not isinstance(raw, str) or not raw.strip():
-        c.add("bad_type", field, f"{field} must be a non-empty file path string, got {raw!r}")
-        return None
+def normalise_media_path(raw: str) -> str | None:
+    """A job's media path as the job's files are keyed (POSIX, relative, no "." parts), or None
+    for a path that leaves the job's folder (absolute, a drive, "~", or a ".." part)."""
     text = raw.strip().replace("\\", "/")
     if text.startswith("/") or (len(text) > 1 and text[1] == ":") or text.startswith("~"):
-        c.add(
-            "path_escape",
-            field,
-            f"{field}: absolute paths are not allowed ({raw!r}); name a file beside the job",
-        )
         return None
     parts = [p for p in PurePosixPath(text).parts if p not in ("", ".")]
     if not parts or ".." in parts:
-        c.add("path_escape", field, f"{field}: {raw!r} leaves the job's folder ('..' is not allowed)")
         return None
-    rel = "/".join(parts)
+    return "/".join(parts)
+
+
+def _bad_path_text(raw: str) -> str | None:
+    """Why a path string can name no file at all (a NUL or control character, too long), or None."""
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in raw):
+        return "holds a NUL or control character"
+    encoded = raw.encode("utf-8", "surrogateescape")
+    if len(encoded) > MAX_PATH_BYTES or any(
+        len(part) > MAX_NAME_BYTES for part in encoded.replace(b"\\", b"/").split(b"/")
+    ):
+        return f"is too long (over {MAX_PATH_BYTES} bytes, or a name over {MAX_NAME_BYTES})"
+    if raw.replace("\\", "/").count("/") >= MAX_FOLDER_DEPTH:
+        return f"nests more than {MAX_FOLDER_DEPTH} folders deep"
+    return None
+
+
+def check_media_path(
+    raw: Any,
+    *,
+    base_dir: Path,
+    field: str,
+    extensions: tuple[str, ...],
+    max_bytes: int,
+    c: _Collector,
+    loose_paths: LoosePathRule | None = None,
+) -> str | None:
+    """Validate one media path of a job; returns it normalised (POSIX, relative) or None.
+    `loose_paths` (a loose job in the inbox): says why a path may not be taken (a file inside
+    another client's bundle, a hidden or temporary name: `path_escape`), or None."""
+    if not isinstance(raw, str) or not raw.strip():
+        c.add("bad_type", field, f"{field} must be a non-empty file path string, got {raw!r}")
+        return None
+    problem = _bad_path_text(raw)
+    if problem is not None:
+        c.add("bad_value", field, f"{field}: the path {raw!r} {problem}")
+        return None
+    rel = normalise_media_path(raw)
+    if rel is None:
+        c.add(
+            "path_escape",
+            field,
+            f"{field}: {raw!r} leaves the job's folder (absolute paths and '..' are not allowed); "
+            "name a file beside the job",
+        )
+        return None
+    parts = rel.split("/")
+    refused = loose_paths(rel) if loose_paths is not None else None
+    if refused is not None:
+        c.add(
+            "path_escape",
+            field,
+            f"{field}: {raw!r} {refused}; a loose job may take only loose files of the inbox or "
+            "files of a media folder (a plain folder without job.json)",
+        )
+        return None
     suffix = PurePosixPath(rel).suffix.lower()
     if suffix not in extensions:
         c.add(
@@ -376,8 +520,14 @@ def check_media_path(
         except FileNotFoundError:
             c.add("missing_file", field, f"{field}: file {rel!r} not found beside the job")
             return None
+        except ValueError as e:  # e.g. a character the OS cannot take in a path
+            c.add("bad_value", field, f"{field}: {rel!r} cannot name a file: {e}")
+            return None
         except OSError as e:
-            c.add("missing_file", field, f"{field}: cannot read {rel!r}: {e.strerror}")
+            if e.errno in (errno.ENAMETOOLONG, errno.ELOOP):
+                c.add("bad_value", field, f"{field}: {rel!r} cannot name a file: {e.strerror}")
+            else:
+                c.add("missing_file", field, f"{field}: cannot read {rel!r}: {e.strerror}")
             return None
         if stat.S_ISLNK(st.st_mode):
             c.add(
@@ -387,14 +537,7 @@ def check_media_path(
             )
             return None
     if not stat.S_ISREG(st.st_mode):
-        kind = (
-            "a FIFO"
-            if stat.S_ISFIFO(st.st_mode)
-            else "a directory"
-            if stat.S_ISDIR(st.st_mode)
-            else "not a file"
-        )
-        c.add("not_a_file", field, f"{field}: {rel!r} is {kind}, not a regular file")
+        c.add("not_a_file", field, f"{field}: {rel!r} is {describe_mode(st.st_mode)}, not a regular file")
         return None
     if st.st_size == 0:
         c.add("empty_file", field, f"{field}: {rel!r} is empty")
@@ -406,7 +549,12 @@ def check_media_path(
 
 
 def _parse_audio(
-    doc: dict[str, Any], base_dir: Path, defaults: JobDefaults, c: _Collector
+    doc: dict[str, Any],
+    base_dir: Path,
+    defaults: JobDefaults,
+    c: _Collector,
+    *,
+    loose_paths: LoosePathRule | None = None,
 ) -> tuple[tuple[str, str], ...]:
     if "cond_audio" not in doc:
         c.add("missing_field", "cond_audio", 'cond_audio is required, e.g. {"person1": "voice.wav"}')
@@ -447,6 +595,7 @@ def _parse_audio(
                 extensions=SPEECH_EXTENSIONS,
                 max_bytes=defaults.max_media_bytes,
                 c=c,
+                loose_paths=loose_paths,
             )
             out.append((person, rel or ""))
     return tuple(out)
@@ -492,8 +641,11 @@ def _parse_bbox(doc: dict[str, Any], persons: tuple[str, ...], c: _Collector) ->
 
 
 def _parse_checksums(
-    doc: dict[str, Any], media: tuple[str, ...], c: _Collector
+    doc: dict[str, Any], declared: tuple[str, ...], media: tuple[str, ...], c: _Collector
 ) -> tuple[tuple[str, str], ...]:
+    """`checksums`: each name must be one of the job's own media paths exactly as the job names
+    them (`declared`, normalised the same way); a name that is not ("../face.png", "x.png") is a
+    `bad_value` at once. A declared file that is not there yet is reported by its own field."""
     if doc.get("checksums") is None:
         return ()
     value = doc["checksums"]
@@ -503,12 +655,12 @@ def _parse_checksums(
     out = []
     for name, digest in value.items():
         key = f"checksums.{name}"
-        norm = str(name).replace("\\", "/").lstrip("./") if isinstance(name, str) else name
-        if norm not in media:
+        norm = normalise_media_path(name) if isinstance(name, str) and not _bad_path_text(name) else None
+        if norm is None or norm not in declared:
             c.add(
                 "bad_value",
                 key,
-                f"checksums names {name!r}, which is not one of the job's files {list(media)}",
+                f"checksums names {name!r}, which is not one of the job's files {list(declared)}",
             )
             continue
         if (
@@ -518,8 +670,19 @@ def _parse_checksums(
         ):
             c.add("bad_value", key, f"{key} must be a sha256 hex digest (64 hex digits), got {digest!r}")
             continue
-        out.append((norm, digest.lower()))
+        if norm in media:
+            out.append((norm, digest.lower()))
     return tuple(sorted(out))
+
+
+def _declared_media(doc: dict[str, Any]) -> tuple[str, ...]:
+    """The media paths the job names (normalised; present or not, valid or not)."""
+    raw: list[Any] = [doc.get("cond_video")]
+    audio = doc.get("cond_audio")
+    if isinstance(audio, dict):
+        raw += [v for v in audio.values() if v != SILENT]
+    names = [normalise_media_path(v) for v in raw if isinstance(v, str) and not _bad_path_text(v)]
+    return tuple(n for n in names if n)
 
 
 def _load_document(raw: bytes) -> dict[str, Any]:
@@ -527,6 +690,10 @@ def _load_document(raw: bytes) -> dict[str, Any]:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise InvalidJob.single("bad_json", f"job file is not UTF-8 text: {e}") from e
+    if json_too_deep(text):
+        raise InvalidJob.single(
+            "bad_json", f"job file nests arrays/objects more than {MAX_JSON_DEPTH} levels deep"
+        )
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
@@ -551,8 +718,16 @@ def _load_document(raw: bytes) -> dict[str, Any]:
     return doc
 
 
-def parse_job(raw: bytes, *, base_dir: Path, defaults: JobDefaults | None = None) -> JobSpec:
-    """Validate a job JSON whose media lie under `base_dir`; raise `InvalidJob` listing every error."""
+def parse_job(
+    raw: bytes,
+    *,
+    base_dir: Path,
+    defaults: JobDefaults | None = None,
+    loose_paths: LoosePathRule | None = None,
+) -> JobSpec:
+    """Validate a job JSON whose media lie under `base_dir`; raise `InvalidJob` listing every error.
+    `loose_paths`: a loose job of the inbox, whose every media path this rule must accept
+    (`daemon.inbox.loose_path_problem`; a refused path is `path_escape`)."""
     defaults = defaults or JobDefaults()
     doc = _load_document(raw)
     c = _Collector()
@@ -581,8 +756,9 @@ def parse_job(raw: bytes, *, base_dir: Path, defaults: JobDefaults | None = None
             extensions=IMAGE_EXTENSIONS + VIDEO_EXTENSIONS,
             max_bytes=defaults.max_media_bytes,
             c=c,
+            loose_paths=loose_paths,
         )
-    audio = _parse_audio(doc, base_dir, defaults, c)
+    audio = _parse_audio(doc, base_dir, defaults, c, loose_paths=loose_paths)
     persons = tuple(p for p, _ in audio)
     audio_type = _get_choice(doc, "audio_type", defaults.audio_type, AUDIO_TYPES, c)
     # one speaker: the reference ignores bbox (its own example jobs carry one), and so do we
@@ -608,6 +784,7 @@ def parse_job(raw: bytes, *, base_dir: Path, defaults: JobDefaults | None = None
     use_apg = _get_bool(doc, "use_apg", defaults.use_apg, c)
     apg_momentum = _get_float(doc, "apg_momentum", defaults.apg_momentum, -1.0, 1.0, c)
     apg_threshold = _get_float(doc, "apg_norm_threshold", defaults.apg_norm_threshold, 0.0, 1e6, c)
+    noise = _get_choice(doc, "noise", defaults.noise, NOISE_MODES, c)
     priority = _get_int(doc, "priority", defaults.priority, -(10**6), 10**6, c)
     if doc.get("seed") is not None:
         seed, seed_drawn = _get_int(doc, "seed", 0, 0, SEED_LIMIT - 1, c), False
@@ -615,7 +792,9 @@ def parse_job(raw: bytes, *, base_dir: Path, defaults: JobDefaults | None = None
         seed, seed_drawn = defaults.seed, False
     else:
         seed, seed_drawn = secrets.randbelow(SEED_LIMIT), True
-    checksums = _parse_checksums(doc, (cond_video or "", *(p for _, p in audio)), c)
+    checksums = _parse_checksums(
+        doc, _declared_media(doc), tuple(p for p in (cond_video, *(p for _, p in audio)) if p), c
+    )
 
     if c.errors:
         raise InvalidJob(c.errors)
@@ -644,6 +823,7 @@ def parse_job(raw: bytes, *, base_dir: Path, defaults: JobDefaults | None = None
         use_apg=use_apg,
         apg_momentum=float(apg_momentum if apg_momentum is not None else defaults.apg_momentum),
         apg_norm_threshold=float(apg_threshold if apg_threshold is not None else defaults.apg_norm_threshold),
+        noise=noise,
     )
 
 
@@ -651,15 +831,18 @@ def load_job(path: Path, *, base_dir: Path | None = None, defaults: JobDefaults 
     """Parse a job file: a bundle's `job.json` (media beside it) or a loose `<name>.json`."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        raw = read_regular(path, max_bytes=MAX_JOB_FILE_BYTES)
     except OSError as e:
-        raise InvalidJob.single("missing_file", f"cannot read job file {str(path)!r}: {e.strerror}") from e
+        raise InvalidJob.single(
+            "missing_file", f"cannot read job file {str(path)!r}: {e.strerror or e}"
+        ) from e
     return parse_job(raw, base_dir=base_dir or path.parent, defaults=defaults)
 
 
 def sha256_file(path: Path, *, chunk_bytes: int = 1 << 20) -> str:
+    """sha256 of a regular file, opened with `open_regular` (no final symlink, no FIFO)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path), "rb") as f:
         while block := f.read(chunk_bytes):
             digest.update(block)
     return digest.hexdigest()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import secrets
 import sqlite3
 import time
@@ -38,7 +39,8 @@ from typing import Any
 
 import sqlite_utils
 
-from daemon.errors import LedgerConflict
+from daemon.errors import LedgerConflict, LedgerLost
+from daemon.errors import is_disk_full as is_disk_full
 
 STATES = ("waiting", "queued", "running", "retry_wait", "done", "failed", "rejected", "cancelled")
 ACTIVE_STATES = ("waiting", "queued", "running", "retry_wait")
@@ -109,6 +111,11 @@ JOB_COLUMNS: dict[str, type] = {
     "cancel_requested": int,
     # migration 2: where a rejected or failed job's original files are kept
     "originals": str,
+    # migration 3: what was published (device, inode, size, mtime, sha256 per output), so that
+    # `delete`, retention and recovery only ever touch files proven to be this job's
+    "outputs_identity": str,
+    # migration 4: the last failure's traceback and worker log lines (JSON, bounded: daemon/failures.py)
+    "failure_detail": str,
 }
 EVENT_COLUMNS: dict[str, type] = {"id": int, "job_id": str, "at": float, "kind": str, "data_json": str}
 
@@ -118,7 +125,15 @@ def _migration_0(db: sqlite_utils.Database) -> None:
         {
             k: v
             for k, v in JOB_COLUMNS.items()
-            if k not in ("dedupe_key", "job_dir", "resumed_from_chunk", "cancel_requested", "originals")
+            if k
+            not in (
+                "dedupe_key",
+                "job_dir",
+                "resumed_from_chunk",
+                "cancel_requested",
+                "originals",
+                "outputs_identity",
+            )
         },
         pk="id",
         not_null={"name", "state", "priority", "seq", "source", "attempts", "created_at"},
@@ -146,8 +161,51 @@ def _migration_2(db: sqlite_utils.Database) -> None:
     db["jobs"].add_column("originals", str)  # type: ignore[union-attr]
 
 
+def _migration_3(db: sqlite_utils.Database) -> None:
+    db["jobs"].add_column("outputs_identity", str)  # type: ignore[union-attr]
+
+
+def _migration_4(db: sqlite_utils.Database) -> None:
+    """Operating at scale (docs/dashboard.md): indexes for paging newest-first, the failure
+    details column, the daemon's heartbeat row, and counters that retention never lowers (kept
+    by triggers, so every writer of a final state counts)."""
+    if "failure_detail" not in db["jobs"].columns_dict:  # new ledgers have it from migration 0
+        db["jobs"].add_column("failure_detail", str)  # type: ignore[union-attr]
+    # newest-first pages of all jobs (dashboard/reader.py); no index that a query without ORDER BY
+    # over one state or one job's events would pick instead of the existing ones (their order holds)
+    db.execute("CREATE INDEX IF NOT EXISTS jobs_by_seq ON jobs(seq)")
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS heartbeat (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL,"
+        " pid INTEGER NOT NULL, state TEXT NOT NULL, started_at REAL, data_json TEXT NOT NULL DEFAULT '{}')"
+    )
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS counters (name TEXT NOT NULL, label TEXT NOT NULL DEFAULT '',"
+        " value REAL NOT NULL DEFAULT 0, PRIMARY KEY (name, label))"
+    )
+    bump = (
+        "INSERT INTO counters (name, label, value) VALUES ('jobs_finished', NEW.state || '|' ||"
+        " COALESCE(NEW.error_code, ''), 1) ON CONFLICT (name, label) DO UPDATE SET value = value + 1;"
+        " INSERT INTO counters (name, label, value) SELECT 'video_seconds', '', COALESCE(NEW.duration_s, 0)"
+        " WHERE NEW.state = 'done' ON CONFLICT (name, label) DO UPDATE SET value = value + excluded.value;"
+    )
+    final = "NEW.state IN ('done', 'failed', 'rejected', 'cancelled')"
+    db.execute(
+        f"CREATE TRIGGER IF NOT EXISTS count_finished AFTER UPDATE OF state ON jobs"
+        f" WHEN {final} AND OLD.state != NEW.state BEGIN {bump} END"
+    )
+    db.execute(
+        f"CREATE TRIGGER IF NOT EXISTS count_inserted_final AFTER INSERT ON jobs WHEN {final} BEGIN {bump} END"
+    )
+
+
 #: applied in order; PRAGMA user_version counts how many ran (each with its bump in one transaction)
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_migration_0, _migration_1, _migration_2)
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
+    _migration_0,
+    _migration_1,
+    _migration_2,
+    _migration_3,
+    _migration_4,
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -191,6 +249,8 @@ class JobRow:
     resumed_from_chunk: int | None = None
     cancel_requested: int = 0
     originals: str | None = None
+    outputs_identity: str | None = None
+    failure_detail: str | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> JobRow:
@@ -204,6 +264,11 @@ class JobRow:
     @property
     def input_hashes(self) -> dict[str, str]:
         return json.loads(self.input_hashes_json) if self.input_hashes_json else {}
+
+    @property
+    def identities(self) -> dict[str, dict[str, Any]]:
+        """Per output role (video, poster, sidecar): the identity recorded at publication."""
+        return json.loads(self.outputs_identity) if self.outputs_identity else {}
 
     def summary(self) -> dict[str, Any]:
         """The fields `infinitetalk status --json` prints for a job."""
@@ -262,11 +327,6 @@ def connect(path: Path, *, readonly: bool = False, timeout_s: float = 30.0) -> s
     return conn
 
 
-def is_disk_full(e: BaseException) -> bool:
-    """An OSError ENOSPC or SQLite's "database or disk is full"."""
-    return getattr(e, "errno", None) == 28 or "disk is full" in str(e) or "SQLITE_FULL" in str(e)
-
-
 def _waits_when_full(method: Callable[..., Any]) -> Callable[..., Any]:
     """A write that, when the state dir is full, calls `ledger.on_full(error, attempt)` and tries
     again (the failed transaction was rolled back, so the retry starts clean). Without `on_full`,
@@ -303,11 +363,46 @@ class Ledger:
         self.on_full: Callable[[BaseException, int], None] | None = None
         self._fail_fast = 0
         self.conn = connect(path)
+        #: (st_dev, st_ino) of the file opened: the path must keep naming it (`check_file`)
+        self.file_id = _file_id(path)
         self.db = sqlite_utils.Database(self.conn)
         self.migrate()
 
     def close(self) -> None:
         self.conn.close()
+
+    def probe_write(self) -> None:
+        """One real write (the schema version, rewritten unchanged): a ledger file that SQLite
+        opened read-only (no write permission, immutable) fails here, at start, not later."""
+        version = int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+        self.conn.execute(f"PRAGMA user_version={version}")
+
+    def check_file(self) -> None:
+        """Raise `LedgerLost` if the ledger's path no longer names the file this connection has
+        open (deleted, or replaced by another file): every write would go to a file nobody else
+        can see, and a restart would start from a ledger that does not know the claimed jobs."""
+        now = _file_id(self.path)
+        if now == self.file_id:
+            return
+        if now is None:
+            what = "deleted"
+        else:
+            was = self.file_id[1] if self.file_id else "?"
+            what = f"replaced by another file (inode {was} -> {now[1]})"
+        raise LedgerLost(f"the ledger {self.path} was {what} while the daemon ran")
+
+    def rescue(self, dest: Path) -> Path:
+        """Copy the open ledger (the file still open, even if its path is gone) to `dest`."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        target = sqlite3.connect(str(tmp))
+        try:
+            self.conn.backup(target)
+        finally:
+            target.close()
+        os.replace(tmp, dest)
+        return dest
 
     # ------------------------------------------------------------------ plumbing
 
@@ -463,18 +558,28 @@ class Ledger:
             )
 
     @_waits_when_full
-    def requeue_due_retries(self, *, max_queued: int) -> list[JobRow]:
-        """`retry_wait -> queued` for jobs whose backoff has passed, as room allows."""
+    def requeue_due_retries(self, *, max_queued: int, job_ids: Iterable[str] | None = None) -> list[JobRow]:
+        """`retry_wait -> queued` for jobs whose backoff has passed (by this ledger's clock), or
+        for the `job_ids` the caller found due (the daemon times backoff on the monotonic clock),
+        as room allows."""
         moved: list[JobRow] = []
         with self.tx():
             room = max_queued - self._count("queued")
             if room <= 0:
                 return moved
-            due = self.conn.execute(
-                "SELECT id FROM jobs WHERE state = 'retry_wait' AND COALESCE(next_attempt_at, 0) <= ?"
-                " ORDER BY next_attempt_at, seq LIMIT ?",
-                (self.clock(), room),
-            ).fetchall()
+            if job_ids is None:
+                due = self.conn.execute(
+                    "SELECT id FROM jobs WHERE state = 'retry_wait' AND COALESCE(next_attempt_at, 0) <= ?"
+                    " ORDER BY next_attempt_at, seq LIMIT ?",
+                    (self.clock(), room),
+                ).fetchall()
+            else:
+                ids = list(job_ids)
+                due = self.conn.execute(
+                    f"SELECT id FROM jobs WHERE state = 'retry_wait' AND id IN ({', '.join('?' * len(ids))})"
+                    " ORDER BY next_attempt_at, seq LIMIT ?",
+                    (*ids, room),
+                ).fetchall()
             for (job_id,) in due:
                 moved.append(
                     self._transition(
@@ -520,6 +625,7 @@ class Ledger:
                 output_video=None,
                 output_poster=None,
                 output_json=None,
+                outputs_identity=None,
                 event_data={"attempt": row["attempts"] + 1},
             )
 
@@ -596,18 +702,32 @@ class Ledger:
             )
 
     @_waits_when_full
-    def recover_running(self, *, max_queued: int) -> list[JobRow]:
-        """At start-up: jobs left `running` by a daemon that died go back to `queued` (attempt
-        kept), or to `retry_wait` due at once when the queue is full (see `requeue`)."""
+    def recover_running(
+        self, *, max_queued: int, give_back_attempt: bool = False, exclude: Iterable[str] = ()
+    ) -> list[JobRow]:
+        """At start-up: jobs left `running` by a daemon that died go back to `queued`, or to
+        `retry_wait` due at once when the queue is full (see `requeue`). The attempt is kept,
+        or, with `give_back_attempt` (what the daemon does: a kill of the daemon is not the
+        job's fault), not counted (`attempts - 1`), in the same transaction. Jobs in `exclude`
+        stay running (a failure whose files wait for room in the outbox)."""
+        skip = set(exclude)
         with self.tx():
-            ids = [
-                r[0] for r in self.conn.execute("SELECT id FROM jobs WHERE state = 'running' ORDER BY seq")
+            rows = [
+                r
+                for r in self.conn.execute(
+                    "SELECT id, attempts FROM jobs WHERE state = 'running' ORDER BY seq"
+                )
+                if r[0] not in skip
             ]
             return [
                 self.requeue(
-                    i, max_queued=max_queued, reason="daemon restarted while running", stage="recovered"
+                    job_id,
+                    max_queued=max_queued,
+                    reason="daemon restarted while running",
+                    stage="recovered",
+                    **({"attempts": max(0, attempts - 1)} if give_back_attempt else {}),
                 )
-                for i in ids
+                for job_id, attempts in rows
             ]
 
     @_waits_when_full
@@ -690,6 +810,15 @@ class Ledger:
             (dedupe_key,),
         ).fetchone()
         return JobRow.from_row(row) if row else None
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of `path` now; None when nothing is there."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def _state_data(state: str, row: Mapping[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:

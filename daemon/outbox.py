@@ -5,6 +5,13 @@ to its final name (`os.link` fails if the name exists, so a taken name is never 
 the next suffix is tried), then removes the staging copy. Order: `<name>.mp4`, `<name>.jpg`,
 then `<name>.json` last, so a client that waits for the JSON sees a complete result.
 
+All or nothing: if any link fails (ENOSPC, EDQUOT, EMLINK, EIO, any errno), the links already
+made are removed again before the error is raised, so a failed publication leaves no orphan
+`<name>.mp4` behind and a retry takes the same name. Every published file's identity (device,
+inode, size, mtime, sha256; `identify`) is recorded in the ledger with the intent, so later
+deletions (the `delete` command, retention, recovery) touch only files proven to be the job's
+(`is_same_file`), never a newer job's file that took a name freed by hand.
+
 A rejected or failed job gets `<name>.error.json` and its original files under
 `outbox/failed/<name>/`.
 """
@@ -12,14 +19,16 @@ A rejected or failed job gets `<name>.error.json` and its original files under
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
 import shutil
+import stat
 import time
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +47,80 @@ class Published:
     video: Path
     poster: Path | None
     sidecar: Path
+    #: role (video, poster, sidecar) -> `identify()` of the staged file (the final name is a hard
+    #: link to the same inode)
+    identity: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def identity_json(self) -> str:
+        return json.dumps(dict(self.identity), sort_keys=True)
+
+
+def identify(path: Path) -> dict[str, Any]:
+    """A file's identity: device, inode, size, mtime in ns and sha256 (read without following a
+    symlink). Two files with the same identity are the same file with the same content."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        digest = hashlib.sha256()
+        while chunk := os.read(fd, 1 << 20):
+            digest.update(chunk)
+    finally:
+        os.close(fd)
+    return {
+        "dev": st.st_dev,
+        "ino": st.st_ino,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "sha256": digest.hexdigest(),
+    }
+
+
+def is_same_file(path: Path, identity: Mapping[str, Any], *, check_hash: bool = True) -> bool:
+    """True only if `path` (not followed if a symlink) is the file `identity` describes: same
+    device, inode, size and mtime, and with `check_hash` the same sha256 too (an inode number freed
+    by a removal is soon given to a new file; the content is the proof)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    recorded = (identity.get("dev"), identity.get("ino"), identity.get("size"), identity.get("mtime_ns"))
+    if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != recorded:
+        return False
+    if not check_hash:
+        return True
+    try:
+        return identify(path)["sha256"] == identity.get("sha256")
+    except OSError:
+        return False
+
+
+def names_job(path: Path, job_id: str, *, listing: Path | None = None, max_bytes: int = 1 << 20) -> bool:
+    """True if `path` is a JSON file (sidecar or error JSON, not a symlink) written for `job_id`;
+    with `listing`, it must also name that file among its outputs."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        raw = os.read(fd, max_bytes + 1)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    try:
+        doc = json.loads(raw) if len(raw) <= max_bytes else None
+    except ValueError:
+        return False
+    if not isinstance(doc, dict) or doc.get("job_id") != job_id:
+        return False
+    if listing is None:
+        return True
+    outputs = doc.get("outputs")
+    return isinstance(outputs, dict) and str(listing) in [str(v) for v in outputs.values() if v]
 
 
 def fsync_path(path: Path) -> None:
@@ -164,28 +247,62 @@ class Outbox:
             f.flush()
             os.fsync(f.fileno())
         fsync_path(video)
+        identity = {"video": identify(video), "sidecar": identify(staged)}
         if published.poster is not None and poster is not None:
             fsync_path(poster)
+            identity["poster"] = identify(poster)
         fsync_dir(video.parent)
-        return published
+        return replace(published, identity=identity)
+
+    def _pairs(self, published: Published, staging: Path, job_id: str) -> list[tuple[Path, Path]]:
+        """(staged file, final name) in publication order: video, poster, sidecar last."""
+        pairs = [(staging / f"{job_id}.mp4", published.video)]
+        if published.poster is not None:
+            pairs.append((staging / f"{job_id}.jpg", published.poster))
+        pairs.append((staging / STAGED_SIDECAR, published.sidecar))
+        return pairs
 
     def commit_publication(self, published: Published, *, staging: Path, job_id: str) -> None:
         """Phase 2: hard-link video, poster, then the sidecar (last) to their final names.
 
         Idempotent: a name already linked to the staged file is left alone. A final name taken
-        by a file that is not ours raises FileExistsError (nothing is ever overwritten).
+        by a file that is not ours raises FileExistsError (nothing is ever overwritten). All or
+        nothing: whatever fails (any errno, or an exception in between), every final name linked
+        to a staged file is unlinked again before the error propagates.
         """
-        pairs = [(staging / f"{job_id}.mp4", published.video)]
-        if published.poster is not None:
-            pairs.append((staging / f"{job_id}.jpg", published.poster))
-        pairs.append((staging / STAGED_SIDECAR, published.sidecar))
+        pairs = self._pairs(published, staging, job_id)
+        try:
+            for src, dest in pairs:
+                try:
+                    os.link(src, dest)
+                except FileExistsError:
+                    if not _same(src, dest):
+                        raise
+            fsync_dir(self.root)
+        except BaseException:
+            self._unlink_ours(pairs)
+            raise
+
+    def undo_publication(self, published: Published, *, staging: Path, job_id: str) -> list[Path]:
+        """Unlink every final name that is a link to this job's staged file; returns the names
+        left behind (an unlink that failed). Names held by other files are never touched."""
+        return self._unlink_ours(self._pairs(published, staging, job_id))
+
+    def _unlink_ours(self, pairs: Iterable[tuple[Path, Path]]) -> list[Path]:
+        left = []
         for src, dest in pairs:
+            if not _same(src, dest):
+                continue
             try:
-                os.link(src, dest)
-            except FileExistsError:
-                if not (src.exists() and os.path.samefile(src, dest)):
-                    raise
-        fsync_dir(self.root)
+                dest.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                logger.error("could not take back %s after a failed publication: %s", dest, e)
+                left.append(dest)
+        if pairs:
+            fsync_dir(self.root)
+        return left
 
     def finish_publication(self, job_id: str) -> None:
         """After the ledger says done: drop the staging folder."""
@@ -213,12 +330,12 @@ class Outbox:
         """Write an error JSON at an exact, reserved path (atomically; never replaces a file)."""
         self.partial.mkdir(parents=True, exist_ok=True)
         tmp = self.partial / f"error-{os.getpid()}-{time.time_ns()}.json"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(dict(payload), f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
         try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(dict(payload), f, indent=2, sort_keys=True, default=str)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
             os.link(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -269,6 +386,23 @@ class Outbox:
             except FileNotFoundError:
                 logger.warning("original %s vanished before it could be kept", src)
         return dest
+
+
+def _same(src: Path, dest: Path) -> bool:
+    """`dest` is a hard link to `src` (both exist, same inode; symlinks never count)."""
+    try:
+        a, b = os.lstat(src), os.lstat(dest)
+    except OSError:
+        return False
+    return stat.S_ISREG(b.st_mode) and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def remove_if_same(path: Path, identity: Mapping[str, Any]) -> bool:
+    """Unlink `path` only if it is still the recorded file (`is_same_file`, content checked)."""
+    if not is_same_file(path, identity):
+        return False
+    path.unlink(missing_ok=True)
+    return True
 
 
 def restore_loose_job_name(kept: Path, name: str, source: str) -> None:

@@ -192,10 +192,16 @@ def run(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {}
     if settings is not None:
         kwargs = {
-            "quant": None if settings.quant == "none" else settings.quant,
+            # across GPUs (--gpus N) auto means none: fp8 is not supported there yet
+            "quant": None
+            if settings.quant == "none" or (group and settings.quant == "auto")
+            else settings.quant,
             "lora_scale": settings.lora_scale,
             "lora": list(settings.lora) or "auto",
         }
+    if group is not None:  # each rank keeps its whole stack resident, in bf16 unless told fp8
+        kwargs.setdefault("quant", None)
+        kwargs["gpu_memory_gib"] = None
     print(f"loading the model from {weights} on {device} ({dtype_name}) ...", file=sys.stderr)
     t0 = time.perf_counter()
     pipe = InfiniteTalkPipeline.from_weights(weights, device=device, dtype=dtype, **kwargs)

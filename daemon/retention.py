@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from daemon.config import RetentionSettings, Settings
-from daemon.control import remove_outputs
+from daemon.control import output_replaced_or_gone, remove_outputs
 from daemon.ledger import FINAL_STATES, Ledger
 
 logger = logging.getLogger(__name__)
@@ -21,12 +21,17 @@ DAY_S = 86400.0
 
 
 def notice_removed_outputs(ledger: Ledger) -> list[str]:
-    """Done jobs whose video is gone from the outbox are marked deleted; returns their ids."""
+    """Done jobs whose video is gone from the outbox, or whose video's name now holds another
+    file (removed by hand, the name then reused), are marked deleted; returns their ids."""
     gone = []
     for job in ledger.jobs(["done"]):
-        if job.deleted_at is None and job.output_video and not Path(job.output_video).exists():
-            ledger.mark_deleted(job.id, reason="removed from the outbox by hand")
-            logger.info("job %s (%s): video removed from the outbox by hand", job.id, job.name)
+        why = output_replaced_or_gone(job) if job.deleted_at is None else None
+        if why is not None:
+            reason = "removed from the outbox by hand" + (
+                "" if why == "removed" else "; its name holds another file"
+            )
+            ledger.mark_deleted(job.id, reason=reason)
+            logger.info("job %s (%s): video %s", job.id, job.name, reason)
             gone.append(job.id)
     return gone
 

@@ -11,6 +11,9 @@ Messages, over one duplex `multiprocessing` pipe (the daemon is the only ledger 
     daemon -> worker   ("run", RunOrder) | ("stop", job_id, reason) | ("exit",)
     worker -> daemon   ("ready", info) | ("progress", job_id, dict) | ("done", job_id, dict)
                        | ("stopped", job_id, reason) | ("failed", job_id, dict) | ("fatal", message)
+                       | ("heartbeat",) every `heartbeat_s`, from its own thread, from start-up on
+                         (loading included), whatever the jobs do: a worker that falls silent is
+                         stopped (SIGSTOP) or hung, and the daemon kills it after `worker_stall_s`
 """
 
 from __future__ import annotations
@@ -29,9 +32,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon.errors import is_disk_full
+
 logger = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+#: CUDA caching-allocator setting of the render worker (and `infinitetalk bench`)
+ALLOC_CONF = "expandable_segments:True"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -56,6 +63,8 @@ class WorkerConfig:
     parent_pid: int = 0
     #: weights_dir holds no weights: write a tiny random-weight model there first
     write_tiny: bool = False
+    #: seconds between two heartbeats to the daemon
+    heartbeat_s: float = 2.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -68,6 +77,8 @@ class RunOrder:
     poster_path: Path
     checkpoint_dir: Path
     attempt: int = 1
+    #: (path, sha256) of each claimed input: checked before every attempt (`verify_inputs`)
+    inputs: tuple[tuple[str, str], ...] = ()
 
 
 class _Channel:
@@ -116,11 +127,14 @@ def load_pipeline(config: WorkerConfig) -> Any:
     device = resolve_device(config.device)
     kwargs: dict[str, Any] = {"device": device, "dtype": resolve_dtype(config.dtype, device)}
     params = inspect.signature(InfiniteTalkPipeline.from_weights).parameters
+    perf = dict(config.perf)
     optional = {
         "quant": None if config.quant == "none" else config.quant,
         "attention": config.attention,
         "lora_scale": config.lora_scale,
         "lora": list(config.lora) or None,
+        "gpu_memory_gib": perf.pop("gpu_memory_gib", "auto"),
+        "max_running": config.max_running,
     }
     for key, value in optional.items():
         if key in params and value is not None:
@@ -128,9 +142,8 @@ def load_pipeline(config: WorkerConfig) -> Any:
     if device.startswith("cuda") and "perf" in params:
         from pipeline.perf import PerfConfig
 
-        perf = dict(config.perf)
         perf.pop("warmup", None)
-        fp8 = config.quant == "fp8"
+        fp8 = config.quant in ("fp8", "auto")  # auto: the pipeline turns fp8 off where it picks none
         perf["fp8_attention"] = resolve_fp8_attention(str(perf.get("fp8_attention", "auto")), fp8, device)
         kwargs["perf"] = PerfConfig(attention=config.attention, fp8=fp8, **perf)  # type: ignore[arg-type]
     pipe = InfiniteTalkPipeline.from_weights(config.weights_dir, **kwargs)
@@ -179,15 +192,37 @@ def classify(exc: BaseException) -> tuple[str, bool, bool]:
     text = str(exc)
     if name == "OutOfMemoryError" or "CUDA out of memory" in text:
         return "cuda_oom", True, False
-    if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
+    if is_disk_full(exc):  # ENOSPC, EDQUOT, wrapped in shutil.Error, SQLITE_FULL, chained
         return "disk_full", True, False
     if "CUDA error" in text or name in ("AcceleratorError", "CudaError"):
         return "cuda_error", True, True  # the CUDA context may be poisoned: start a fresh process
     if name == "GroupBroken":  # pipeline.parallel_pipeline: a rank died; rebuild the whole group
         return "worker_group_broken", True, True
+    if isinstance(exc, InputChanged):
+        return "input_changed", False, False
     if isinstance(exc, (ValueError, FileNotFoundError, KeyError)):
         return "bad_input", False, False
     return "render_error", False, False
+
+
+class InputChanged(Exception):
+    """A claimed input no longer has the hash recorded when it was claimed: never rendered."""
+
+
+def verify_inputs(inputs: tuple[tuple[str, str], ...]) -> None:
+    """What is rendered must be exactly what was claimed and hashed: each input is opened without
+    following a link (and only if it is a regular file) and its sha256 compared with the claim's."""
+    from daemon.jobs import sha256_file
+
+    for path, expected in inputs:
+        try:
+            actual = sha256_file(Path(path))
+        except OSError as e:
+            raise InputChanged(f"claimed input {path} cannot be read as claimed: {e}") from e
+        if actual != expected:
+            raise InputChanged(
+                f"claimed input {path} changed since it was claimed (sha256 {actual} != {expected})"
+            )
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -197,8 +232,23 @@ def _watch_parent(parent_pid: int) -> None:
         time.sleep(1.0)
 
 
+def _send_heartbeats(channel: _Channel, interval_s: float) -> None:
+    while True:
+        channel.send("heartbeat")
+        time.sleep(interval_s)
+
+
+def _log_tail(job_id: str) -> list[str]:
+    from daemon.failures import log_tail
+
+    return log_tail(job_id)
+
+
 def worker_main(conn: Any, config: WorkerConfig) -> None:
     """Entry point of the worker process."""
+    # Before torch starts CUDA: far less fragmentation when the memory plan runs close to its
+    # budget (measured: docs/benchmarks.md section 5); a value set by the operator wins.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)
     # Die with the daemon (kill -9 included): a render must never outlive its supervisor.
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -212,7 +262,13 @@ def worker_main(conn: Any, config: WorkerConfig) -> None:
     from daemon.logs import configure_logging
 
     configure_logging(config.log_level, tag="worker")
+    from daemon.failures import install_log_tail
+
+    install_log_tail()  # the last lines of each job go with its failure (daemon/failures.py)
     channel = _Channel(conn)
+    threading.Thread(
+        target=_send_heartbeats, args=(channel, config.heartbeat_s), name="heartbeat", daemon=True
+    ).start()
     started = time.monotonic()
     try:
         pipe = load_pipeline(config)
@@ -327,6 +383,7 @@ class Worker:
         try:
             order.out_path.parent.mkdir(parents=True, exist_ok=True)
             order.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            verify_inputs(order.inputs)
             result = self._render(order, on_progress, stop)
         except StopRequested:
             self.channel.send("stopped", order.job_id, self._reason(order.job_id))
@@ -340,6 +397,7 @@ class Worker:
                     "transient": transient,
                     "message": f"{type(e).__name__}: {e}",
                     "traceback": traceback.format_exc(limit=20),
+                    "log_tail": _log_tail(order.job_id),
                 },
             )
             if fatal:

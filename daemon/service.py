@@ -1,8 +1,10 @@
 """`infinitetalk daemon`: the hot-folder render service in the foreground (systemd Type=notify).
 
 Exit codes: 0 after a clean stop (SIGTERM/SIGINT), 78 (EX_CONFIG) on a bad config file,
-75 (EX_TEMPFAIL) when another daemon already holds the state dir, 1 when the model cannot be
-loaded.
+75 (EX_TEMPFAIL) when another daemon already holds the state dir, 73 (EX_CANTCREAT) when the
+state dir or the outbox cannot be written (read-only, permissions), 65 (EX_DATAERR) when the
+ledger was deleted or replaced while the daemon ran (or is missing while claimed jobs exist),
+1 when the model cannot be loaded.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from pathlib import Path
 
 EX_CONFIG = 78
 EX_TEMPFAIL = 75
+EX_CANTCREAT = 73
+EX_DATAERR = 65
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -54,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(render_toml(settings))
         return 0
 
-    from daemon.errors import DaemonLocked
+    from daemon.errors import DaemonLocked, FolderUnusable, LedgerLost
     from daemon.logs import configure_logging
     from daemon.supervisor import Supervisor
 
@@ -71,3 +75,9 @@ def run(args: argparse.Namespace) -> int:
     except DaemonLocked as e:
         print(f"infinitetalk daemon: {e}", file=sys.stderr)
         return EX_TEMPFAIL
+    except FolderUnusable as e:
+        print(f"infinitetalk daemon: cannot start: {e}", file=sys.stderr)
+        return EX_CANTCREAT
+    except LedgerLost as e:
+        print(f"infinitetalk daemon: {e}", file=sys.stderr)
+        return EX_DATAERR

@@ -10,7 +10,7 @@ One thread owns the ledger's write connection. Signal handlers only set flags:
 
 Start-up: take the state-dir lock (a second daemon refuses to start), migrate the ledger, put
 jobs left `running` by a dead daemon back to `queued` (they resume from their last finished
-chunk), clean `outbox/.partial/`, start the worker (it loads the model once), READY=1.
+chunk; the interrupted attempt is not counted, and one already past `max_attempts` fails), clean `outbox/.partial/`, start the worker (it loads the model once), READY=1.
 """
 
 from __future__ import annotations
@@ -28,15 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon import control, retention
+from daemon import control, failures, heartbeat, retention
 from daemon.config import ConfigError, Settings, load_settings
-from daemon.errors import DaemonLocked, LedgerConflict, StateDirFull
+from daemon.errors import DaemonLocked, FolderUnusable, LedgerConflict, LedgerLost, StateDirFull
 from daemon.inbox import Watcher
-from daemon.intake import Intake, error_payload, model_min_audio_s
+from daemon.intake import Intake, claimed_inputs, error_payload, model_min_audio_s
 from daemon.jobs import JobSpec
 from daemon.ledger import JobRow, Ledger
 from daemon.ledger import is_disk_full as _is_disk_full
-from daemon.outbox import Outbox, restore_loose_job_name
+from daemon.outbox import Outbox, Published, remove_if_same, restore_loose_job_name
 from daemon.runner import RunOrder, WorkerConfig
 from daemon.sdnotify import Notifier
 from daemon.worker import WorkerHandle
@@ -47,44 +47,109 @@ TINY_MARKER = "tiny.json"
 FULL_MARKER = Path("Wan2.1-I2V-14B-480P") / "config.json"
 #: a worker that dies this many times in a row before it is ready makes the daemon give up
 MAX_START_FAILURES = 3
+#: how often the main loop checks that the ledger's path still names the open ledger file
+LEDGER_CHECK_S = 1.0
 
 
 def has_weights(folder: Path) -> bool:
     return (folder / TINY_MARKER).is_file() or (folder / FULL_MARKER).is_file()
 
 
-def acquire_lock(path: Path) -> int:
-    """Hold `path` locked for the life of the process; raise DaemonLocked if another one has it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+#: the state dir's lock: an flock on the directory itself; this file only says who holds it
+PID_FILE = "daemon.lock"
+
+
+def acquire_lock(state_dir: Path) -> int:
+    """Hold the state directory locked (flock on an fd of the directory itself) for the life of
+    the process; raise DaemonLocked if another process has it. No path inside the state dir can
+    be unlinked to break the lock: a directory that holds files cannot be removed, and one that
+    is renamed away takes its lock with it. `daemon.lock` only records the holder's pid.
+
+    On a filesystem that cannot lock a directory (NFS turns flock into a POSIX lock, which needs
+    a file open for writing) `daemon.lock` itself is locked instead, with a warning."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd, on_dir = _open_locked(state_dir, exclusive=True)
     except BlockingIOError:
         try:
-            other = os.read(fd, 32).decode().strip() or "?"
-        finally:
-            os.close(fd)
+            other = (state_dir / PID_FILE).read_text()[:32].strip() or "?"
+        except OSError:
+            other = "?"
         raise DaemonLocked(
-            f"another infinitetalk daemon (pid {other}) is using the state dir {path.parent}; "
+            f"another infinitetalk daemon (pid {other}) is using the state dir {state_dir}; "
             "stop it first (only one daemon may run per state dir)"
         ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as e:
+        raise FolderUnusable("state dir", state_dir, e.strerror or str(e)) from e
+    try:
+        if on_dir:
+            tmp = state_dir / f".{PID_FILE}.{os.getpid()}"
+            tmp.write_text(f"{os.getpid()}\n")
+            os.replace(tmp, state_dir / PID_FILE)
+        else:  # the locked file itself: rewritten in place, never replaced
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as e:
+        if not _is_disk_full(e):  # a full state dir is no reason not to start (writes wait)
+            os.close(fd)
+            raise FolderUnusable("state dir", state_dir, e.strerror or str(e)) from e
     return fd
 
 
-def lock_is_held(path: Path) -> bool:
-    """True while a daemon holds the state-dir lock (used by the commands)."""
-    if not path.exists():
-        return False
-    fd = os.open(path, os.O_RDONLY)
+def _open_locked(state_dir: Path, *, exclusive: bool) -> tuple[int, bool]:
+    """An fd holding the state-dir lock and whether it is the directory's (else `daemon.lock`'s);
+    BlockingIOError when someone else holds it."""
+    how = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+    fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, how)
+        return fd, True
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError as e:
+        os.close(fd)
+        if exclusive:
+            logger.warning(
+                "cannot lock the state dir %s itself (%s); locking %s instead: do not delete it",
+                state_dir,
+                e.strerror or e,
+                state_dir / PID_FILE,
+            )
+    flags = os.O_RDWR | os.O_CREAT if exclusive else os.O_RDONLY
+    fd = os.open(state_dir / PID_FILE, flags, 0o644)
+    try:
+        fcntl.flock(fd, how)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, False
+
+
+def lock_is_held(state_dir: Path) -> bool:
+    """True while a daemon holds the state-dir lock (used by the commands)."""
+    try:
+        fd, _ = _open_locked(state_dir, exclusive=False)
+    except FileNotFoundError:
+        return False
     except BlockingIOError:
         return True
-    finally:
-        os.close(fd)
+    os.close(fd)
     return False
+
+
+def check_writable(what: str, folder: Path) -> None:
+    """Create `folder` if needed and prove it writable (create and remove a file), else raise
+    FolderUnusable with one clear reason (read-only file system, permission denied, ...)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        probe.unlink()
+    except OSError as e:
+        if not _is_disk_full(e):  # full, not unwritable: the daemon waits for space
+            raise FolderUnusable(what, folder, e.strerror or str(e)) from e
 
 
 def backoff_s(settings: Settings, attempts: int) -> float:
@@ -152,6 +217,8 @@ class Supervisor:
         self.running: dict[str, Running] = {}
         #: jobs that were running together when the worker died: each runs alone until it ends
         self.isolate: set[str] = set()
+        #: retry_wait job id -> monotonic time its retry is due (backoff never follows the wall clock)
+        self.retry_due: dict[str, float] = {}
         self.lock_fd: int | None = None
         self.ledger: Ledger | None = None
         self.outbox = Outbox(settings.outbox)
@@ -168,6 +235,12 @@ class Supervisor:
         self.tiny = False
         self.intake: Intake | None = None
         self.watcher: Watcher | None = None
+        #: monotonic time of the last `_check_ledger_file`
+        self.ledger_checked = 0.0
+        #: failures waiting for room in the outbox: job id -> (code, message, traceback)
+        self.failing: dict[str, tuple[str, str, str | None]] = {}
+        #: the ledger's `heartbeat` row, rewritten every couple of seconds (daemon/heartbeat.py)
+        self.heartbeat = heartbeat.Heartbeat()
 
     # ------------------------------------------------------------------ signals
 
@@ -190,15 +263,32 @@ class Supervisor:
 
     def start(self) -> None:
         s = self.settings
-        self.lock_fd = acquire_lock(s.lock_path)
-        for folder in (s.inbox, s.outbox, s.state_dir, s.jobs_dir):
-            folder.mkdir(parents=True, exist_ok=True)
-        self.ledger = Ledger(s.ledger_path)
+        self.lock_fd = acquire_lock(s.state_dir)
+        check_writable("state dir", s.state_dir)
+        check_writable("state dir", s.jobs_dir)
+        check_writable("outbox", s.outbox)
+        try:
+            s.inbox.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise FolderUnusable("inbox", s.inbox, e.strerror or str(e)) from e
+        self._check_ledger_present()
+        try:
+            self.ledger = Ledger(s.ledger_path)
+            self.ledger.probe_write()
+        except sqlite3.OperationalError as e:
+            if _is_disk_full(e) or "readonly" not in str(e) and "unable to open" not in str(e):
+                raise
+            raise FolderUnusable("ledger", s.ledger_path, str(e)) from e
         self.ledger.on_full = self._wait_for_space
         self.outbox.ensure()
         self._recover_interrupted_endings()
         self.outbox.clean_staging()
-        recovered = self.ledger.recover_running(max_queued=s.max_queued)
+        self._fail_exhausted_running()
+        # a kill of the daemon (kill -9, power cut, watchdog) is not the job's fault: the attempt
+        # it interrupted is given back; only a render worker dying under the job counts
+        recovered = self.ledger.recover_running(
+            max_queued=s.max_queued, give_back_attempt=True, exclude=self.failing
+        )
         for row in recovered:
             logger.info(
                 "job %s (%s) was running when the daemon stopped; queued again (resumes from its "
@@ -215,6 +305,49 @@ class Supervisor:
         self.intake.model_min_audio_s = model_min_audio_s(self.weights_dir)
         self._start_worker(0)  # the others start once weights exist (the first may write tiny ones)
         self._start_more_workers()
+
+    def _check_ledger_present(self) -> None:
+        """A missing ledger is created afresh, unless the state dir still holds claimed jobs: a new
+        ledger would not know them (their inputs and publications would be orphaned)."""
+        s = self.settings
+        if s.ledger_path.exists() or not s.jobs_dir.is_dir():
+            return
+        claimed = sorted(p.name for p in s.jobs_dir.iterdir())
+        if not claimed:
+            return
+        rescued = sorted(s.state_dir.glob(f"{s.ledger_path.name}.rescued-*"))
+        fix = (
+            f"restore the copy the daemon saved when it lost the ledger: mv {rescued[-1]} {s.ledger_path}"
+            if rescued
+            else f"restore the ledger from a backup, or move {s.jobs_dir} aside to start with an empty one"
+        )
+        raise LedgerLost(
+            f"the ledger {s.ledger_path} is missing but {s.jobs_dir} holds {len(claimed)} claimed "
+            f"job(s) ({', '.join(claimed[:3])}{', ...' if len(claimed) > 3 else ''}); a new ledger would "
+            f"orphan them: {fix}"
+        )
+
+    def _check_ledger_file(self) -> None:
+        """The ledger's path must keep naming the file the daemon has open (`Ledger.check_file`);
+        deleted or replaced, the daemon saves what it has and stops (`LedgerLost`)."""
+        assert self.ledger is not None
+        now = time.monotonic()
+        if now - self.ledger_checked < LEDGER_CHECK_S:
+            return
+        self.ledger_checked = now
+        try:
+            self.ledger.check_file()
+        except LedgerLost as e:
+            s = self.settings
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            try:
+                saved = self.ledger.rescue(s.state_dir / f"{s.ledger_path.name}.rescued-{stamp}")
+            except (OSError, sqlite3.Error) as err:
+                raise LedgerLost(f"{e}; could not save a copy of it ({err}); stopping") from None
+            raise LedgerLost(
+                f"{e}; stopped without writing more. Its content is saved as {saved}; to go on from "
+                f"there: mv {saved} {s.ledger_path}, then start the daemon again"
+            ) from None
 
     def _choose_weights(self) -> tuple[Path, bool]:
         s = self.settings
@@ -252,6 +385,7 @@ class Supervisor:
             factory=self.pipeline_factory,
             log_level=s.log_level,
             write_tiny=self.tiny and not has_weights(self.weights_dir),
+            heartbeat_s=min(2.0, s.worker_stall_s / 4),
         )
         worker = WorkerHandle(config)
         worker.start()
@@ -293,6 +427,7 @@ class Supervisor:
         try:
             while True:
                 self._space_returned()
+                self._check_ledger_file()
                 if self.force.is_set():
                     self._force_stop()
                     return 0
@@ -312,8 +447,9 @@ class Supervisor:
                     self.wake.clear()
                     last_scan = now
                     self._scan_inbox()
+                    self._retry_failures()
                 control.consume_requests(self.settings, self._apply_request)
-                self.ledger.requeue_due_retries(max_queued=self.settings.max_queued)
+                self._requeue_due_retries()
                 self.intake.admit_claimed()
                 if not self._check_worker():
                     return 1
@@ -341,6 +477,7 @@ class Supervisor:
                     retention.notice_removed_outputs(self.ledger)
                     retention.apply_retention(self.settings, self.ledger)
                 self._status()
+                self.heartbeat.beat_if_due(self)
                 self.notifier.ping_if_due()
                 if self.once and self._once_done():
                     self.stop.set()
@@ -417,6 +554,7 @@ class Supervisor:
             poster_path=staging / f"{row.id}.jpg",
             checkpoint_dir=job_dir / "checkpoint",
             attempt=row.attempts,
+            inputs=claimed_inputs(row.input_hashes_json, job_dir / "input"),
         )
 
     def _handle_messages(self) -> None:
@@ -434,6 +572,7 @@ class Supervisor:
             self._stopped(message[1], message[2])
         elif kind == "failed":
             info = message[2]
+            self._keep_failure_detail(message[1], info, index)
             self._failed(
                 message[1],
                 info["code"],
@@ -444,6 +583,22 @@ class Supervisor:
         elif kind == "fatal":
             logger.error("render worker on %s could not start: %s", self.devices[index], message[1])
             self.fatal[index] = str(message[1])
+
+    def _keep_failure_detail(self, job_id: str, info: dict[str, Any], index: int) -> None:
+        """The traceback and the worker's last log lines of a failed attempt, bounded, on the
+        job's row (daemon/failures.py): shown by the dashboard, copied into the error JSON."""
+        assert self.ledger is not None
+        row = self.ledger.find(job_id)
+        if row is None or row.state != "running":
+            return
+        found = failures.detail(
+            traceback=info.get("traceback"),
+            log_lines=info.get("log_tail"),
+            attempt=row.attempts,
+            at=time.time(),
+            worker=self.workers[index].info if self.workers[index] is not None else None,  # type: ignore[union-attr]
+        )
+        self.ledger.set_columns(job_id, failure_detail=failures.encode(found))
 
     def _progress(self, job_id: str, data: dict[str, Any]) -> None:
         assert self.ledger is not None
@@ -516,24 +671,17 @@ class Supervisor:
             "finished_at": finished,
         }
         try:
-            published = self.outbox.stage_publication(
-                job_id=row.id, name=row.name, video=order.out_path, poster=poster, sidecar=sidecar
-            )
-            # the intent: a daemon killed from here on completes this publication at start-up
+            published = self._publish(row, order, poster, sidecar)
+        except OSError as e:  # nothing of it is in the outbox (`commit_publication` undid it)
             self.ledger.set_columns(
-                row.id,
-                output_video=str(published.video),
-                output_json=str(published.sidecar),
-                output_poster=str(published.poster) if published.poster else None,
+                row.id, output_video=None, output_poster=None, output_json=None, outputs_identity=None
             )
-            self.outbox.commit_publication(published, staging=order.out_path.parent, job_id=row.id)
-        except OSError as e:
-            self.ledger.set_columns(row.id, output_video=None, output_poster=None, output_json=None)
+            full = _is_disk_full(e)
             self._failed(
                 job_id,
-                "disk_full" if e.errno == 28 else "publish_error",
+                "disk_full" if full else "publish_error",
                 f"publishing failed: {e}",
-                transient=e.errno == 28,
+                transient=full,
                 row=self.ledger.get(job_id),
             )
             return
@@ -541,6 +689,41 @@ class Supervisor:
         shutil.rmtree(order.checkpoint_dir, ignore_errors=True)
         logger.info("job %s (%s) done: %s", row.id, row.name, published.video)
         self.wake.set()
+
+    def _publish(
+        self, row: JobRow, order: RunOrder, poster: Path | None, sidecar: dict[str, Any]
+    ) -> Published:
+        """Stage, record the intent (names and identities), commit: all of it or none of it.
+
+        A name taken meanwhile by a file that is not ours (FileExistsError) moves on to the next
+        free name; any other error propagates with nothing of the job left in the outbox."""
+        assert self.ledger is not None
+        taken: set[str] = set()
+        while True:
+            published = self.outbox.stage_publication(
+                job_id=row.id,
+                name=row.name,
+                video=order.out_path,
+                poster=poster,
+                sidecar=sidecar,
+                taken=taken,
+            )
+            # the intent: a daemon killed from here on completes (or undoes) this at start-up
+            self.ledger.set_columns(
+                row.id,
+                output_video=str(published.video),
+                output_json=str(published.sidecar),
+                output_poster=str(published.poster) if published.poster else None,
+                outputs_identity=published.identity_json(),
+            )
+            try:
+                self.outbox.commit_publication(published, staging=order.out_path.parent, job_id=row.id)
+            except FileExistsError:
+                if len(taken) >= 100:
+                    raise
+                taken.add(published.base)
+                continue
+            return published
 
     def _mark_done(self, job_id: str, sidecar: dict[str, Any]) -> None:
         assert self.ledger is not None
@@ -571,8 +754,6 @@ class Supervisor:
             sidecar = self.outbox.staged_sidecar(row.id)
             staging = self.outbox.partial / row.id
             if sidecar is not None and (staging / f"{row.id}.mp4").exists():
-                from daemon.outbox import Published
-
                 published = Published(
                     base=Path(row.output_json).stem,
                     video=Path(str(row.output_video)),
@@ -581,14 +762,28 @@ class Supervisor:
                 )
                 try:
                     self.outbox.commit_publication(published, staging=staging, job_id=row.id)
-                except FileExistsError as e:
+                except OSError as e:  # undone by commit_publication: the job renders again
                     logger.error("job %s: cannot finish its publication (%s); rendering it again", row.id, e)
-                    self.ledger.set_columns(row.id, output_video=None, output_poster=None, output_json=None)
+                    self._forget_publication(row)
                     continue
                 self._mark_done(row.id, sidecar)
                 logger.info("job %s (%s): finished a publication interrupted by a restart", row.id, row.name)
             else:
-                self.ledger.set_columns(row.id, output_video=None, output_poster=None, output_json=None)
+                self._forget_publication(row)
+
+    def _forget_publication(self, row: JobRow) -> None:
+        """Undo a publication that cannot be finished: unlink whatever of it reached the outbox
+        (only files proven to be its own, by the identity recorded with the intent), then clear
+        the intent; the job renders again."""
+        assert self.ledger is not None
+        paths = {"video": row.output_video, "poster": row.output_poster, "sidecar": row.output_json}
+        for role, identity in row.identities.items():
+            path = paths.get(role)
+            if path and remove_if_same(Path(path), identity):
+                logger.info("job %s: took back %s of a publication that was not finished", row.id, path)
+        self.ledger.set_columns(
+            row.id, output_video=None, output_poster=None, output_json=None, outputs_identity=None
+        )
 
     def _stopped(self, job_id: str, reason: str) -> None:
         assert self.ledger is not None
@@ -625,6 +820,48 @@ class Supervisor:
             "queued again" if new.state == "queued" else "the queue is full: queued again when there is room",
         )
 
+    def _requeue_due_retries(self) -> None:
+        """`retry_wait -> queued` for jobs whose backoff has run out, timed on the monotonic clock
+        (a wall clock set back a day must not make a retry wait a day). A retry this daemon did
+        not time itself (set before a restart, by the `retry` command, or by a requeue into a
+        full queue) is due at its ledger time `next_attempt_at`, but never later than one
+        backoff from now."""
+        assert self.ledger is not None
+        waiting = self.ledger.jobs(["retry_wait"])
+        if not waiting and not self.retry_due:
+            return
+        now, wall = time.monotonic(), time.time()
+        known = {row.id for row in waiting}
+        for job_id in [j for j in self.retry_due if j not in known]:
+            del self.retry_due[job_id]
+        due: list[str] = []
+        for row in waiting:
+            at = self.retry_due.get(row.id)
+            if at is None:
+                left = (row.next_attempt_at or 0.0) - wall
+                at = self.retry_due[row.id] = now + min(
+                    max(0.0, left), backoff_s(self.settings, row.attempts)
+                )
+            if at <= now:
+                due.append(row.id)
+        if due:
+            for row in self.ledger.requeue_due_retries(max_queued=self.settings.max_queued, job_ids=due):
+                self.retry_due.pop(row.id, None)
+
+    def _fail_exhausted_running(self) -> None:
+        """Start-up, before the requeue: a job left running whose counted attempts (those before
+        the interrupted one) already reach `max_attempts` (the cap was lowered meanwhile) fails
+        instead of running once more."""
+        assert self.ledger is not None
+        cap = self.settings.max_attempts
+        for row in self.ledger.jobs(["running"]):
+            if row.attempts - 1 >= cap and row.id not in self.failing:
+                self._fail(
+                    row,
+                    "attempts_exhausted",
+                    f"gave up after {row.attempts - 1} failed attempts (max_attempts = {cap})",
+                )
+
     def _failed(
         self,
         job_id: str,
@@ -646,11 +883,12 @@ class Supervisor:
                 job_id,
                 "running",
                 "retry_wait",
-                next_attempt_at=time.time() + delay,
+                next_attempt_at=time.time() + delay,  # shown to users; the daemon times it below
                 error_code=code,
                 error_message=message,
                 event_data={"delay_s": delay, "traceback": traceback},
             )
+            self.retry_due[job_id] = time.monotonic() + delay
             logger.warning(
                 "job %s (%s) attempt %d failed (%s: %s); retry in %.0f s",
                 job_id,
@@ -668,16 +906,59 @@ class Supervisor:
     def _fail(self, row: JobRow, code: str, message: str, traceback: str | None = None) -> None:
         """A permanent failure: error JSON, a copy of the inputs under failed/, state failed."""
         assert self.ledger is not None
-        kept = self.outbox.keep_originals(row.name, [])  # reserves failed/<name>[-n]/
+        try:
+            kept = self.outbox.keep_originals(row.name, [])  # reserves failed/<name>[-n]/
+        except OSError as e:
+            self._fail_later(row, code, message, traceback, e)
+            return
         error_path = self.outbox.root / f"{self.outbox.reserve_base(row.name)}.error.json"
         self.ledger.set_columns(
             row.id, error_code=code, error_message=message, output_json=str(error_path), originals=str(kept)
         )
         self._finish_failure(self.ledger.get(row.id), traceback=traceback)
 
-    def _finish_failure(self, row: JobRow, traceback: str | None = None) -> None:
+    def _fail_later(
+        self, row: JobRow, code: str, message: str, traceback: str | None, error: OSError
+    ) -> None:
+        """The outbox is full (or over quota) while a failure is written: the job stays `running`
+        with its intent, and `_retry_failures` finishes it once there is room again."""
+        if not _is_disk_full(error):
+            raise error
+        if row.id not in self.failing:
+            logger.error(
+                "job %s (%s) failed (%s), but the outbox %s is full (%s): its error JSON and "
+                "originals are written when space returns",
+                row.id,
+                row.name,
+                code,
+                self.settings.outbox,
+                error,
+            )
+        self.failing[row.id] = (code, message, traceback)
+
+    def _retry_failures(self) -> None:
+        """Finish failures that waited for room in the outbox (`_fail_later`)."""
         assert self.ledger is not None
-        self.isolate.discard(row.id)
+        for job_id, (code, message, traceback) in list(self.failing.items()):
+            row = self.ledger.get(job_id)
+            if row.state != "running":
+                self.failing.pop(job_id, None)
+                continue
+            if row.error_code and row.output_json and row.originals:
+                self._finish_failure(row, traceback=traceback)
+            else:
+                self._fail(row, code, message, traceback)
+
+    def _finish_failure(self, row: JobRow, traceback: str | None = None) -> None:
+        try:
+            self._write_failure(row)
+        except OSError as e:
+            self._fail_later(row, str(row.error_code), str(row.error_message), traceback, e)
+            return
+        self._record_failure(row, traceback)
+
+    def _write_failure(self, row: JobRow) -> None:
+        """The files of a failure: the originals under failed/<name>/, then the error JSON."""
         kept = Path(str(row.originals))
         job_dir = Path(row.job_dir or self.settings.jobs_dir / row.id)
         if (job_dir / "input").is_dir():
@@ -697,8 +978,14 @@ class Supervisor:
                     field=None,
                     originals=kept,
                     attempts=row.attempts,
+                    failure=failures.decode(row.failure_detail),
                 ),
             )
+
+    def _record_failure(self, row: JobRow, traceback: str | None) -> None:
+        assert self.ledger is not None
+        self.isolate.discard(row.id)
+        self.failing.pop(row.id, None)
         self.ledger.transition(
             row.id,
             "running",
@@ -710,9 +997,11 @@ class Supervisor:
         logger.error("job %s (%s) failed: %s: %s", row.id, row.name, row.error_code, row.error_message)
 
     def _check_worker(self) -> bool:
-        """Notice dead workers: their jobs retry (or fail after max_attempts); start new ones."""
+        """Notice dead workers, and workers that stopped sending heartbeats (SIGSTOP, a hang):
+        those are killed. Their jobs retry (or fail after max_attempts); start new ones."""
         for index, worker in self._live_workers():
-            if worker.alive():
+            stall = self._stall(index, worker) if worker.alive() else None
+            if worker.alive() and stall is None:
                 continue
             for message in worker.poll():  # whatever it said before dying
                 self._handle_message(index, message)
@@ -722,10 +1011,13 @@ class Supervisor:
             mine = [job_id for job_id, run in self.running.items() if run.worker == index]
             if len(mine) > 1:
                 self.isolate |= set(mine)
+            code, why = (
+                ("worker_stall", stall)
+                if stall
+                else ("worker_crash", "the render worker process died during this job")
+            )
             for job_id in mine:
-                self._failed(
-                    job_id, "worker_crash", "the render worker process died during this job", transient=True
-                )
+                self._failed(job_id, code, why, transient=True)
             if fatal and not was_ready:
                 logger.error("giving up: the model cannot be loaded on %s", self.devices[index])
                 return False
@@ -738,6 +1030,26 @@ class Supervisor:
             logger.warning("render worker on %s died; starting a new one", self.devices[index])
             self._start_worker(index)
         return True
+
+    def _stall(self, index: int, worker: WorkerHandle) -> str | None:
+        """Why a live worker counts as stalled (no message, heartbeats included, for
+        `worker_stall_s`), or None. Messages already waiting are read first: a main loop that
+        was busy itself does not make a worker look stalled."""
+        for message in worker.poll():
+            self._handle_message(index, message)
+        silent_s = time.monotonic() - worker.last_seen
+        limit_s = self.settings.worker_stall_s
+        if worker.conn is None or silent_s < limit_s:
+            return None
+        logger.error(
+            "render worker on %s (pid %s) sent no heartbeat for %.0f s (worker_stall_s = %g): it is "
+            "stopped or hung; killing it",
+            self.devices[index],
+            worker.pid,
+            silent_s,
+            limit_s,
+        )
+        return f"the render worker stopped responding for {silent_s:.0f} s (stopped or hung) and was killed"
 
     # ------------------------------------------------------------------ requests, reload, status
 
@@ -764,7 +1076,7 @@ class Supervisor:
         try:
             new = load_settings(self.config_path)
         except ConfigError as e:
-            logger.error("SIGHUP: config not reloaded: %s", e)
+            logger.error("SIGHUP: config not reloaded, the config in effect stays: %s", e)
             self.notifier.ready(self._status_text())
             return
         restart_keys = [
@@ -811,14 +1123,23 @@ class Supervisor:
             now = time.monotonic()
             if now - self.intake_paused_logged >= 60:
                 self.intake_paused_logged = now
-                logger.error(
-                    "state dir %s is full (%s): intake paused until space returns", self.settings.state_dir, e
-                )
-            self.notifier.status(f"intake paused: state dir {self.settings.state_dir} is full")
+                logger.error("%s is full (%s): intake paused until space returns", self._full_folder(e), e)
+            self.notifier.status(f"intake paused: {self._full_folder(e)} is full")
             return
         if self.intake_paused_logged:
             self.intake_paused_logged = 0.0
             logger.info("state dir has room again: intake resumed")
+
+    def _full_folder(self, error: BaseException) -> str:
+        """Which of the daemon's folders a disk-full error is about (for the log), by its text."""
+        text = str(error)
+        s = self.settings
+        for what, folder in (("outbox", s.outbox), ("state dir", s.state_dir), ("inbox", s.inbox)):
+            if str(folder) in text:
+                return f"{what} {folder}"
+        if isinstance(error, sqlite3.Error):
+            return f"state dir {s.state_dir}"
+        return f"state dir {s.state_dir} or outbox {s.outbox}"
 
     def _wait_for_space(self, error: BaseException, attempt: int) -> None:
         """`Ledger.on_full`: a state change (job started, done, failed, requeued...) cannot be
@@ -901,6 +1222,7 @@ class Supervisor:
             self._wait_workers(0.2)
             self._handle_messages()
             self.notifier.ping_if_due()
+            self.heartbeat.beat_if_due(self)
         self._force_stop()
         return 0
 
@@ -914,6 +1236,7 @@ class Supervisor:
                 self._requeue(self.ledger.get(job_id), "stopped (daemon shutting down)")
             except LedgerConflict:
                 pass
+        self.heartbeat.beat(self, state="stopped")
         self.ledger.daemon_event("stopped", pid=os.getpid())
         logger.info("daemon stopped")
 

@@ -1,6 +1,7 @@
 """`infinitetalk weights tiny|check|download DIR`: write, check or fetch a weights folder.
 
-Exit codes: 0 on success; 1 when `check` finds problems or a download fails; 2 on bad usage.
+Exit codes: 0 on success; 1 when `check` finds something a render needs missing or wrong (optional
+files absent are notes), or a download fails; 2 on bad usage or a bad config file.
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     check = sub.add_parser("check", help="report present, missing and wrong files, keys, shapes and dtypes")
     check.add_argument("dir", type=Path, help="weights folder to check")
+    check.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="config TOML whose `lora` files must be present (default: $INFINITETALK_CONFIG, "
+        "./infinitetalk.toml)",
+    )
     download = sub.add_parser("download", help="fetch the released weights from the Hugging Face Hub")
     download.add_argument("dir", type=Path, help="weights folder to fill (resumes partial downloads)")
     download.add_argument(
@@ -47,9 +55,15 @@ def run(args: argparse.Namespace) -> int:
         if not args.dir.is_dir():
             print(f"infinitetalk weights check: {args.dir} is not a folder", file=sys.stderr)
             return 1
+        from daemon.config import ConfigError, load_settings
         from pipeline.weights_check import check_weights
 
-        report = check_weights(args.dir)
+        try:
+            loras = load_settings(args.config).lora  # what a configured render merges
+        except ConfigError as e:
+            print(f"infinitetalk weights check: {e}", file=sys.stderr)
+            return 2
+        report = check_weights(args.dir, loras=loras)
         print(report.format())
         return 0 if report.ok else 1
     if action == "download":

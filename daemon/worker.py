@@ -2,7 +2,9 @@
 
 The worker is started with the `spawn` method (CUDA cannot be re-initialised in a forked child)
 and talks over one duplex pipe. `poll()` never blocks; `alive()` tells a crash apart from a quiet
-worker, and `kill()` ends it for good.
+worker, `last_seen` (monotonic) is when it last said anything (it sends a heartbeat every
+`heartbeat_s` whatever it is doing, so a stopped or hung worker falls silent), and `kill()` ends
+it for good (SIGKILL also ends a process stopped with SIGSTOP).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ class WorkerHandle:
         self.ready = False
         self.info: dict[str, Any] = {}
         self.started_at = 0.0
+        #: monotonic time of the last message (heartbeats included), or of the start
+        self.last_seen = 0.0
         self.jobs: set[str] = set()
 
     def start(self) -> None:
@@ -41,7 +45,7 @@ class WorkerHandle:
         self.ready = False
         self.info = {}
         self.jobs = set()
-        self.started_at = time.monotonic()
+        self.started_at = self.last_seen = time.monotonic()
         logger.info("render worker started (pid %d), loading %s", self.process.pid, self.config.weights_dir)
 
     @property
@@ -59,6 +63,9 @@ class WorkerHandle:
         try:
             while self.conn.poll(0):
                 message = self.conn.recv()
+                self.last_seen = time.monotonic()
+                if message[0] == "heartbeat":
+                    continue
                 if message[0] == "ready":
                     self.ready = True
                     self.info = message[1]

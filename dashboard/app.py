@@ -2,13 +2,19 @@
 
 Routes (GET and HEAD only):
 
-    /                     the live page (static/index.html)
-    /jobs/{id}            one job's page with its whole event history (static/job.html)
-    /api/jobs             JSON: counts, active jobs, newest finished ones (?state=a,b&limit=N filters)
-    /api/jobs/{id}        JSON: one job and all its events
+    /                     the live page (static/index.html); ?state=&q=&before= browse all jobs
+    /jobs/{id}            one job's page: summary, progress chart, attempts, failure detail
+                          (static/job.html); ?events=1&after=N pages its raw events
+    /api/jobs             JSON: counts, active jobs, newest finished ones; with ?state=a,b, ?q=text,
+                          ?before=SEQ or ?limit=N one page of all jobs, newest first (`page.next`)
+    /api/jobs/{id}        JSON: one job, its summary (timeline, progress series, attempts) and
+                          the first page of its events
+    /api/jobs/{id}/events JSON: one page of a job's events (?after=ID&limit=N)
+    /api/daemon           JSON: the daemon's liveness from its heartbeat
     /events               server-sent events, resumable with Last-Event-ID (dashboard/sse.py)
     /jobs/{id}/video      the job's MP4 (HTTP Range; ?download=1 for an attachment)
     /jobs/{id}/poster     the job's poster JPEG
+    /jobs/{id}/json       the job's sidecar JSON (or error JSON) from the outbox
     /healthz              liveness, with whether the ledger is readable
     /metrics              Prometheus text (dashboard/metrics.py)
     /static/...           the page's JS, CSS and icon
@@ -27,6 +33,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import anyio
 from sse_starlette import EventSourceResponse
@@ -38,13 +45,16 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from dashboard import metrics, reader, sse, views
+from dashboard import metrics, reader, sidecars, sse, views
 from dashboard.config import DashboardConfig, from_settings
 from dashboard.security import ReadOnlyMiddleware, SecurityHeadersMiddleware, TokenMiddleware
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_LIMIT = 1000
+PAGE_LIMIT = 50  #: jobs per page of /api/jobs when paging
+EVENT_PAGE = 100  #: events per page of a job's raw events
+MAX_QUERY = 200  #: characters of a search
 NO_STORE = {"Cache-Control": "no-store"}
 
 
@@ -94,15 +104,34 @@ def _limit(raw: str | None, default: int) -> int:
     return int(raw)
 
 
+def _int(raw: str | None, name: str) -> int | None:
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit() or len(raw) > 18:
+        raise _Problem(400, f"{name} must be a non-negative integer, got {raw!r}")
+    return int(raw)
+
+
+def _query(raw: str | None) -> str:
+    text = (raw or "").strip()
+    if len(text) > MAX_QUERY:
+        raise _Problem(400, f"a search is at most {MAX_QUERY} characters, got {len(text)}")
+    return text
+
+
 def _output_file(cfg: DashboardConfig, job_id: str, column: str) -> Path:
-    """The job's output file from the ledger, checked to be a regular file inside the outbox."""
+    """The job's output file from the ledger, checked to be a regular file inside the outbox.
+    The sidecar (`output_json`) is served in any final state (a failure's is its error JSON)."""
     with _ledger(cfg) as conn:
         row = reader.get_job(conn, job_id)
     if row is None:
         raise _Problem(404, f"no job {job_id!r} in the ledger")
     if row.get("deleted_at"):
         raise _Problem(410, f"the outputs of job {job_id!r} were deleted")
-    if row.get("state") != "done" or not row.get(column):
+    ready = row.get("state") == "done" or (
+        column == "output_json" and row.get("state") in reader.PROBLEM_STATES
+    )
+    if not ready or not row.get(column):
         raise _Problem(
             404, f"job {job_id!r} has no {column.removeprefix('output_')} (state {row.get('state')})"
         )
@@ -119,6 +148,7 @@ def create_app(cfg: DashboardConfig | Any) -> Starlette:
     the daemon's `Settings` (daemon/config.py), whose [dashboard] table then applies."""
     if not isinstance(cfg, DashboardConfig):
         cfg = from_settings(cfg)
+    side = sidecars.Sidecars(cfg.outbox)
 
     def index(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
@@ -128,39 +158,102 @@ def create_app(cfg: DashboardConfig | Any) -> Starlette:
         return FileResponse(STATIC_DIR / "job.html", headers={"Cache-Control": "no-cache"})
 
     def api_jobs(request: Request) -> Response:
-        states = _states(request.query_params.get("state"))
-        limit = request.query_params.get("limit")
+        params = request.query_params
+        states = _states(params.get("state"))
+        limit = params.get("limit")
+        query = _query(params.get("q"))
+        before = _int(params.get("before"), "before")
+        paged = bool(states or query or limit is not None or before is not None)
+        size = _limit(limit, PAGE_LIMIT)
         now = time.time()
-        with _ledger(cfg) as conn:
-            if not states and limit is None:
-                snap = reader.snapshot(conn, done_limit=cfg.done_limit, problem_limit=cfg.problem_limit)
+        with _ledger(cfg) as conn, reader.read_transaction(conn):
+            if not paged:
+                snap = reader.read_snapshot(conn, done_limit=cfg.done_limit, problem_limit=cfg.problem_limit)
             else:
-                with reader.read_transaction(conn):
-                    snap = reader.Snapshot(
-                        counts=reader.counts(conn),
-                        jobs=reader.list_jobs(conn, states, _limit(limit, 100)),
-                        last_event_id=reader.last_event_id(conn),
-                        daemon=reader.last_daemon_event(conn),
-                    )
-        return _json(views.snapshot_view(snap, now))
+                rows = reader.list_jobs(conn, states, size + 1, query=query, before=before)
+                snap = reader.Snapshot(
+                    counts=reader.counts(conn),
+                    jobs=rows[:size],
+                    last_event_id=reader.last_event_id(conn),
+                    daemon=reader.last_daemon_event(conn),
+                )
+            beat = reader.heartbeat(conn, now)
+        body = views.snapshot_view(snap, now, heartbeat=beat, facts=side.facts)
+        if paged:
+            more = len(rows) > size
+            next_before = snap.jobs[-1]["seq"] if more and snap.jobs else None
+            link = {"state": ",".join(states), "q": query, "limit": str(size), "before": str(next_before)}
+            body["page"] = {
+                "state": list(states),
+                "q": query,
+                "limit": size,
+                "before": before,
+                "next_before": next_before,
+                "next": "/api/jobs?" + urlencode({k: v for k, v in link.items() if v}) if more else None,
+            }
+        return _json(body)
 
     def api_job(request: Request) -> Response:
         job_id = _job_id(request)
+        now = time.time()
         with _ledger(cfg) as conn, reader.read_transaction(conn):
             row = reader.get_job(conn, job_id)
-            events = reader.job_events(conn, job_id) if row else []
+            if row is None:
+                raise _Problem(404, f"no job {job_id!r} in the ledger")
+            events = reader.job_events(conn, job_id, limit=EVENT_PAGE + 1)
+            summary = reader.job_summary(conn, job_id)
+            attempts = reader.job_attempts(conn, job_id)
             last_id = reader.last_event_id(conn)
-        if row is None:
-            raise _Problem(404, f"no job {job_id!r} in the ledger")
-        now = time.time()
+            beat = reader.heartbeat(conn, now)
+        more = len(events) > EVENT_PAGE
+        events = events[:EVENT_PAGE]
+        sidecar = side.read(row) if row.get("state") in ("done", *reader.PROBLEM_STATES) else None
+        timings = sidecar.get("timings_s") if isinstance(sidecar, dict) else None
         return _json(
             {
                 "now": now,
                 "last_event_id": last_id,
-                "job": views.job_view(row, now),
+                "heartbeat": beat,
+                "job": views.job_view(row, now, facts=side.facts(row), detail=True),
+                "summary": {
+                    "events_total": summary["events_total"],
+                    "progress_events": summary["progress_events"],
+                    "timeline": [views.event_view(e) for e in summary["timeline"]],
+                    "series": summary["series"],
+                    "attempts": attempts,
+                    "timings_s": timings if isinstance(timings, dict) else None,
+                },
                 "events": [views.event_view(e) for e in events],
+                "events_next": f"/api/jobs/{job_id}/events?after={events[-1]['id']}" if more else None,
             }
         )
+
+    def api_job_events(request: Request) -> Response:
+        job_id = _job_id(request)
+        after = _int(request.query_params.get("after"), "after") or 0
+        size = _limit(request.query_params.get("limit"), EVENT_PAGE)
+        with _ledger(cfg) as conn, reader.read_transaction(conn):
+            if reader.get_job(conn, job_id) is None:
+                raise _Problem(404, f"no job {job_id!r} in the ledger")
+            events = reader.job_events(conn, job_id, after=after, limit=size + 1)
+            total = int(conn.execute("SELECT COUNT(*) FROM events WHERE job_id = ?", (job_id,)).fetchone()[0])
+        more = len(events) > size
+        events = events[:size]
+        return _json(
+            {
+                "now": time.time(),
+                "job_id": job_id,
+                "events_total": total,
+                "after": after,
+                "events": [views.event_view(e) for e in events],
+                "next": f"/api/jobs/{job_id}/events?after={events[-1]['id']}&limit={size}" if more else None,
+            }
+        )
+
+    def api_daemon(request: Request) -> Response:
+        now = time.time()
+        with _ledger(cfg) as conn:
+            return _json({"now": now, "heartbeat": reader.heartbeat(conn, now)})
 
     async def events(request: Request) -> Response:
         last = sse.parse_last_event_id(request.headers.get("last-event-id"))
@@ -186,6 +279,10 @@ def create_app(cfg: DashboardConfig | Any) -> Starlette:
     def poster(request: Request) -> Response:
         path = _output_file(cfg, _job_id(request), "output_poster")
         return FileResponse(path, media_type="image/jpeg")
+
+    def sidecar(request: Request) -> Response:
+        path = _output_file(cfg, _job_id(request), "output_json")
+        return FileResponse(path, media_type="application/json", headers=NO_STORE)
 
     def healthz(request: Request) -> Response:
         ledger: dict[str, Any] = {"path": str(cfg.ledger_path)}
@@ -223,10 +320,13 @@ def create_app(cfg: DashboardConfig | Any) -> Starlette:
         Route("/", index, methods=get),
         Route("/api/jobs", api_jobs, methods=get),
         Route("/api/jobs/{job_id}", api_job, methods=get),
+        Route("/api/jobs/{job_id}/events", api_job_events, methods=get),
+        Route("/api/daemon", api_daemon, methods=get),
         Route("/events", events, methods=get),
         Route("/jobs/{job_id}", job_page, methods=get),
         Route("/jobs/{job_id}/video", video, methods=get),
         Route("/jobs/{job_id}/poster", poster, methods=get),
+        Route("/jobs/{job_id}/json", sidecar, methods=get),
         Route("/healthz", healthz, methods=get),
         Route("/metrics", metrics_page, methods=get),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),

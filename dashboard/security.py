@@ -4,7 +4,8 @@
   routing, so no path accepts a write.
 - `TokenMiddleware`: when a token is configured, every path but `/healthz` needs it, given as
   `Authorization: Bearer <token>`, as the `infinitetalk_token` cookie, or once as `?token=` (the
-  page then sets the cookie and redirects to the same URL without it).
+  page then sets the cookie and redirects to the same URL without it). That redirect never leaves
+  this origin: its Location is built from the request's path alone (`same_origin_location`).
 - `SecurityHeadersMiddleware`: a strict Content-Security-Policy (scripts and styles only from
   /static, no inline code), nosniff, no referrer, same-origin resources, no framing.
 
@@ -98,6 +99,28 @@ def _presented_token(scope: Scope) -> str | None:
     return morsel.value if morsel else None
 
 
+#: path characters kept as they are in a Location; everything else (backslash, controls, spaces,
+#: `%`, `?`, `#`, non-ASCII) is percent-encoded, so a browser cannot read a host out of it
+_PATH_SAFE = "/!$&'()*+,;=:@-._~"
+
+
+def same_origin_location(path: str, query: str = "") -> str:
+    """A Location header for `path` (decoded, as in the ASGI scope) that stays on this origin.
+
+    It is always an absolute path: it starts with exactly one `/` followed by something other
+    than `/` or `\\`, so no browser takes it for `//host/...` (protocol-relative) or `/\\host`
+    (which browsers read as `//host`); a tab or newline (which browsers drop from URLs) and a
+    scheme (`http:`) cannot come first either. The path means the same to this server: a second
+    leading slash becomes `%2F`, which decodes back to it.
+    """
+    quoted = urllib.parse.quote(path, safe=_PATH_SAFE)
+    if not quoted.startswith("/"):
+        quoted = "/" + quoted
+    if quoted.startswith("//"):
+        quoted = "/%2F" + quoted[2:]
+    return quoted + (f"?{query}" if query else "")
+
+
 class TokenMiddleware:
     def __init__(self, app: ASGIApp, token: str) -> None:
         if not token:
@@ -118,7 +141,7 @@ class TokenMiddleware:
         query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
         if self._matches((query.get("token") or [None])[0]):
             rest = urllib.parse.urlencode([(k, v) for k, vs in query.items() if k != "token" for v in vs])
-            redirect = RedirectResponse(scope["path"] + (f"?{rest}" if rest else ""), status_code=303)
+            redirect = RedirectResponse(same_origin_location(scope["path"], rest), status_code=303)
             redirect.set_cookie(TOKEN_COOKIE, self.token.decode(), httponly=True, samesite="strict", path="/")
             await redirect(scope, receive, send)
             return

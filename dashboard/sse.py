@@ -31,7 +31,7 @@ from typing import Any
 import anyio
 from sse_starlette import ServerSentEvent
 
-from dashboard import reader, views
+from dashboard import reader, sidecars, views
 from dashboard.config import DashboardConfig
 
 BATCH = 500  #: events per read; a long replay is sent in batches
@@ -127,7 +127,9 @@ class _Cursor:
             conn, done_limit=self.cfg.done_limit, problem_limit=self.cfg.problem_limit
         )
         self.last_id = snap.last_event_id
-        body = views.snapshot_view(snap, time.time())
+        now = time.time()
+        facts = sidecars.Sidecars(self.cfg.outbox).facts
+        body = views.snapshot_view(snap, now, heartbeat=reader.heartbeat(conn, now), facts=facts)
         return ServerSentEvent(_dumps(body), event="snapshot", id=str(snap.last_event_id))
 
     def _frames(self, conn: sqlite3.Connection, batch: list[reader.Row]) -> list[ServerSentEvent]:
@@ -136,7 +138,8 @@ class _Cursor:
         now = time.time()
         rows = reader.get_jobs(conn, {r["job_id"] for r in batch if r.get("job_id")})
         # each job and the counts are encoded once per batch, then spliced into every frame
-        jobs = {job_id: _dumps(views.job_view(row, now)) for job_id, row in rows.items()}
+        facts = sidecars.Sidecars(self.cfg.outbox).facts
+        jobs = {job_id: _dumps(views.job_view(row, now, facts=facts(row))) for job_id, row in rows.items()}
         tail = f',"counts":{_dumps(reader.counts(conn))},"now":{_dumps(now)}}}'
         frames = []
         for row in batch:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 from dashboard.reader import Row, Snapshot
 
 _OUTPUTS = {"output_video": "video", "output_poster": "poster", "output_json": "json"}
-#: server-side paths that are not shown (the daemon's claimed-inputs folder)
-_HIDDEN = ("job_dir",)
+#: server-side paths that are not shown (the daemon's claimed-inputs folder); the failure detail
+#: (up to tens of KB) is only in the one-job view, so lists stay small
+_HIDDEN = ("job_dir", "failure_detail")
 
 
 def _decode(text: Any) -> Any:
@@ -36,7 +38,11 @@ def eta_s(row: Row, now: float) -> float | None:
     return max(0.0, elapsed * (1.0 - min(progress, 1.0)) / progress)
 
 
-def job_view(row: Row, now: float) -> dict[str, Any]:
+def job_view(
+    row: Row, now: float, *, facts: dict[str, Any] | None = None, detail: bool = False
+) -> dict[str, Any]:
+    """A job as JSON. `facts`: what its sidecar says about the output (dashboard/sidecars.py);
+    `detail`: add the stored failure detail (`failure`: traceback and worker log lines)."""
     view: dict[str, Any] = {}
     for key, value in row.items():
         if key in _OUTPUTS or key in _HIDDEN:
@@ -56,7 +62,11 @@ def job_view(row: Row, now: float) -> dict[str, Any]:
         "video": f"/jobs/{job_id}/video" if available and "video" in outputs else None,
         "download": f"/jobs/{job_id}/video?download=1" if available and "video" in outputs else None,
         "poster": f"/jobs/{job_id}/poster" if available and "poster" in outputs else None,
+        "json": f"/jobs/{job_id}/json" if "json" in outputs and not row.get("deleted_at") else None,
     }
+    view["output"] = facts
+    if detail:
+        view["failure"] = _decode(row.get("failure_detail"))
     started, queued, finished = row.get("started_at"), row.get("queued_at"), row.get("finished_at")
     view["queue_wait_s"] = started - queued if started and queued else None
     if row.get("state") == "running" and started:
@@ -86,14 +96,21 @@ def event_view(row: Row) -> dict[str, Any]:
     }
 
 
-def snapshot_view(snap: Snapshot, now: float) -> dict[str, Any]:
+def snapshot_view(
+    snap: Snapshot,
+    now: float,
+    *,
+    heartbeat: dict[str, Any] | None = None,
+    facts: Callable[[Row], dict[str, Any] | None] | None = None,
+) -> dict[str, Any]:
     return {
         "now": now,
         "ledger": {"available": True},
         "counts": snap.counts,
         "last_event_id": snap.last_event_id,
         "daemon": event_view(snap.daemon) if snap.daemon else None,
-        "jobs": [job_view(r, now) for r in snap.jobs],
+        "heartbeat": heartbeat,
+        "jobs": [job_view(r, now, facts=facts(r) if facts else None) for r in snap.jobs],
     }
 
 
@@ -104,5 +121,6 @@ def unavailable_view(path: str, reason: str, now: float) -> dict[str, Any]:
         "counts": {},
         "last_event_id": 0,
         "daemon": None,
+        "heartbeat": None,
         "jobs": [],
     }

@@ -55,6 +55,8 @@ FPS = 25
 SIZES: dict[str, tuple[int, int]] = {"480": (480, 832), "720": (720, 1280)}
 SHIFTS = {"480": 7.0, "720": 11.0}
 GiB = 1024**3
+#: chinese-wav2vec2-base in float32 (not built by the bench; the plan reserves it like the daemon's)
+WAV2VEC_BYTES = 380_000_000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,6 +84,10 @@ class BenchOptions:
     motion_frame: int = 9
     device: str = "cuda"
     seed: int = 0
+    #: GPU memory budgets (GiB) whose placement plan the chunk loop also runs under (enforced with
+    #: torch.cuda.set_per_process_memory_fraction); empty: only the unconstrained loop
+    gpu_memory_gib: tuple[float, ...] = ()
+    unconstrained: bool = True  # with budgets: also run the chunk loop with everything resident
     dit: DiTConfig = field(default_factory=DiTConfig)
     vae: Any = None  # VAEConfig (default full size)
     clip: Any = None  # ClipConfig
@@ -101,6 +107,8 @@ class BenchOptions:
             raise ValueError(f"fp8_attention must be auto, on or off, got {self.fp8_attention!r}")
         if self.num_chunks < 1 or self.steps < 1 or self.repeats < 1 or self.warmup < 0:
             raise ValueError("num_chunks, steps and repeats must be >= 1 and warmup >= 0")
+        if any(not g > 0 for g in self.gpu_memory_gib):
+            raise ValueError(f"gpu_memory_gib budgets must be > 0, got {self.gpu_memory_gib}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,6 +413,9 @@ class Bench:
         self.clip: Any = None
         self.t5: Any = None
         self.plain_out: dict[str, Tensor] = {}
+        #: pinned host buffers of streamed blocks and the device slots, reused across budgets
+        self.pool: dict[Any, Any] = {}
+        self.shuttles: dict[str, Any] = {}
         self.checkpoint = checkpoint  # called with the report after every section (partial results)
 
     # -- sections -------------------------------------------------------------------------------
@@ -464,10 +475,13 @@ class Bench:
                         self.vae_phase(self.shape(size))
             for size in opts.chunk_sizes:
                 for n_pass in opts.passes:
-                    with self.section(f"chunks {size} {dtype_name} {n_pass}-pass"):
-                        self.chunks(
-                            self.shape(size), dtype_name, n_pass, replace(fast, fp8=fp8, fp8_attention=attn8)
-                        )
+                    perf = replace(fast, fp8=fp8, fp8_attention=attn8)
+                    if opts.unconstrained or not opts.gpu_memory_gib:
+                        with self.section(f"chunks {size} {dtype_name} {n_pass}-pass"):
+                            self.chunks(self.shape(size), dtype_name, n_pass, perf)
+                    for budget in opts.gpu_memory_gib:
+                        with self.section(f"chunks {size} {dtype_name} {n_pass}-pass {budget:g} GiB"):
+                            self.budget_chunks(self.shape(size), dtype_name, n_pass, perf, budget)
         self.report["summary"] = summarise(self.report)
         self.report["environment_after"] = nvidia_smi() if self.device.type == "cuda" else {}
         return self.report
@@ -693,8 +707,134 @@ class Bench:
 
     # -- chunk loop --------------------------------------------------------------------------------
 
+    # -- a memory budget -------------------------------------------------------------------------
+
+    def plan_for(self, shape: Shape, n_pass: int, budget_gib: float) -> Any:
+        """The placement plan (pipeline.placement) of this stack for `shape` under the budget."""
+        from pipeline.offload import module_bytes as nbytes
+        from pipeline.placement import GiB as GIB
+        from pipeline.placement import MemoryBudget, ModelSizes, estimate_working_set, host_memory_bytes, plan
+
+        blocks = [nbytes(b) for b in self.dit.blocks]
+        sizes = ModelSizes(
+            num_blocks=len(blocks),
+            block_bytes=max(blocks),
+            dit_other_bytes=nbytes(self.dit) - sum(blocks),
+            t5_bytes=nbytes(self.t5) if self.t5 is not None else 0,
+            clip_bytes=nbytes(self.clip.model),
+            # not built here (a CPU-stage model): reserved as the daemon does (full size only)
+            wav2vec_bytes=WAV2VEC_BYTES if self.cfg.dim >= 1024 else 0,
+            vae_bytes=nbytes(self.vae),
+        )
+        from pipeline.pipeline import vae_peak_estimate
+
+        work = estimate_working_set(
+            dim=self.cfg.dim,
+            height=shape.height,
+            width=shape.width,
+            frame_num=shape.frame_num,
+            passes=n_pass,
+            vae_estimate=vae_peak_estimate(self.vae_cfg, self.device.type),
+            text_dim=self.cfg.text_dim,
+            text_len=self.cfg.text_len,
+        )
+        gpu = int(budget_gib * GIB)
+        margin = max(int(0.5 * GIB), int(0.03 * gpu)) if self.device.type == "cuda" else 0
+        budget = MemoryBudget(
+            gpu_bytes=gpu,
+            host_bytes=host_memory_bytes() + self.pinned_bytes(),
+            margin_bytes=margin,
+            source=f"--gpu-memory-gib {budget_gib:g}",
+            device_type=self.device.type,
+        )
+        return plan(sizes, work, budget)
+
+    def pinned_bytes(self) -> int:
+        return sum(t.numel() for k, t in self.pool.items() if k != "slots")
+
+    def place(self, placement: Any) -> None:
+        """Move the models where `placement` puts them (the pipeline's `place`, for the bench)."""
+        from pipeline.models.vae import VaeTiling
+        from pipeline.offload import BlockSwap, OnDemand
+
+        dev = self.device
+        if placement.swapped_blocks:
+            self.dit.block_swap = BlockSwap(
+                self.dit.blocks,
+                resident=placement.resident_blocks,
+                device=dev,
+                slots=placement.swap_slots,
+                pool=self.pool,
+            )
+        self.shuttles = {}
+        if self.t5 is not None and placement.t5 == "cpu":
+            self.t5.to("cpu")
+        elif self.t5 is not None and placement.t5 == "inout":
+            self.shuttles["t5"] = OnDemand(self.t5, dev)
+        if placement.clip == "inout":
+            self.shuttles["clip"] = OnDemand(self.clip.model, dev)
+        rows, cols = placement.vae_tiles
+        self.vae.tiling = VaeTiling(rows=rows, cols=cols) if rows * cols > 1 else None
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+    def unplace(self) -> None:
+        """Everything resident again."""
+        swap = getattr(self.dit, "block_swap", None)
+        if swap is not None:
+            swap.detach()
+            self.dit.block_swap = None
+        if self.t5 is not None:
+            self.t5.to(self.device)
+        self.clip.model.to(self.device)
+        self.vae.tiling = None
+        self.shuttles = {}
+
+    def use(self, name: str) -> Any:
+        """The context in which component `name` is on the device (in/out components)."""
+        import contextlib
+
+        shuttle = getattr(self, "shuttles", {}).get(name)
+        return shuttle.use() if shuttle is not None else contextlib.nullcontext()
+
     @torch.no_grad()
-    def chunks(self, shape: Shape, dtype_name: str, n_pass: int, fast: PerfConfig) -> dict[str, Any]:
+    def budget_chunks(
+        self, shape: Shape, dtype_name: str, n_pass: int, fast: PerfConfig, budget_gib: float
+    ) -> dict[str, Any]:
+        """The chunk loop under the plan for `budget_gib`, the budget enforced on the allocator."""
+        placement = self.plan_for(shape, n_pass, budget_gib)
+        self.log(f"[bench] plan: {placement.summary()}")
+        self.place(placement)
+        fraction = 1.0
+        index = self.device.index if self.device.index is not None else 0
+        try:
+            if self.device.type == "cuda":
+                index = torch.cuda.current_device() if self.device.index is None else index
+                total = torch.cuda.get_device_properties(index).total_memory
+                fraction = min(1.0, budget_gib * GiB / total)
+                torch.cuda.set_per_process_memory_fraction(fraction, index)
+            entry = self.chunks(shape, dtype_name, n_pass, fast, label=f"{n_pass}-pass@{budget_gib:g}GiB")
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.set_per_process_memory_fraction(1.0, index)
+            self.unplace()
+        entry["placement"] = placement.as_dict()
+        entry["memory_fraction"] = round(fraction, 4)
+        entry["budget_gib"] = budget_gib
+        within = entry["memory"].get("peak_reserved_gib", 0) <= budget_gib
+        entry["peak_within_budget"] = within
+        self.log(
+            f"[bench] {budget_gib:g} GiB: {entry['steady_chunk_s']} s per chunk, "
+            f"{entry['gpu_s_per_video_s']} GPU-s per video-s, peak {entry['memory']}, "
+            f"h2d {entry.get('h2d_gb_per_forward')} GB per forward"
+        )
+        return entry
+
+    @torch.no_grad()
+    def chunks(
+        self, shape: Shape, dtype_name: str, n_pass: int, fast: PerfConfig, label: str | None = None
+    ) -> dict[str, Any]:
         from pipeline.perf import apply_perf
 
         applied = apply_perf(fast, dit=self.dit, vae=self.vae)
@@ -721,9 +861,15 @@ class Bench:
             "memory": memory(self.device),
             "frames_shape": list(runner.last_video_shape),
             "finite": runner.finite,
+            "dit_forwards_per_chunk": runner.forwards,
         }
+        if runner.h2d_bytes:  # host-to-device weight traffic of the steady chunk's denoising
+            per_step = runner.h2d_bytes * n_pass // runner.forwards
+            entry["h2d_bytes_per_step"] = per_step
+            entry["h2d_gb_per_forward"] = round(runner.h2d_bytes / runner.forwards / 1e9, 2)
+            entry["h2d_gb_per_step"] = round(per_step / 1e9, 2)
         self.report.setdefault("chunks", {}).setdefault(shape.name, {}).setdefault(dtype_name, {})[
-            f"{n_pass}-pass"
+            label or f"{n_pass}-pass"
         ] = entry
         return entry
 
@@ -756,6 +902,8 @@ class ChunkRunner:
         self.motion_frames: Tensor | None = None
         self.last_video_shape: tuple[int, ...] = ()
         self.finite = True
+        self.forwards = 0  # DiT passes of the last chunk
+        self.h2d_bytes = 0  # streamed-block bytes copied in the last chunk's denoising
 
     def chunk(self, k: int) -> dict[str, float]:
         from pipeline import guidance, sampler
@@ -766,10 +914,24 @@ class ChunkRunner:
         times: dict[str, float] = {}
         wall0 = time.perf_counter()
         if b.t5 is not None and k == 0:
-            ids = torch.randint(0, b.t5_cfg.vocab_size, (2, b.cfg.text_len), generator=self.gen).to(b.device)
-            times["t5_s"], _ = clock.time(lambda: b.t5(input_ids=ids).last_hidden_state)
+            t5_device = next(b.t5.parameters()).device
+            # on the CPU a prompt pair of 128 tokens (a long prompt), not the 512 padded slots
+            n_tok = b.cfg.text_len if t5_device.type == "cuda" or "t5" in b.shuttles else 128
+            ids = torch.randint(0, b.t5_cfg.vocab_size, (2, n_tok), generator=self.gen)
+
+            def text() -> Tensor:
+                with b.use("t5"):
+                    dev = next(b.t5.parameters()).device
+                    return b.t5(input_ids=ids.to(dev)).last_hidden_state.to(b.device)
+
+            times["t5_s"], _ = clock.time(text)
         if self.cache is None:
-            times["clip_s"], clip_fea = clock.time(lambda: b.clip.encode_image_clip(self.cond[:, 0][None]))
+
+            def clip() -> Tensor:
+                with b.use("clip"):
+                    return b.clip.encode_image_clip(self.cond[:, 0][None])
+
+            times["clip_s"], clip_fea = clock.time(clip)
 
             def encode_y() -> Tensor:
                 pixels = torch.cat(
@@ -797,21 +959,26 @@ class ChunkRunner:
         audio_scale = 1.0 if self.n_pass == 1 else 2.0
         conditions = {guidance.COND: self.audio, guidance.DROP_AUDIO: self.null_audio}
 
+        swap = getattr(b.dit, "block_swap", None)
+        copied0 = swap.bytes_copied if swap is not None else 0
+        self.forwards = 0
+
         def denoise() -> Tensor:
             lat = latent
             for i in range(len(self.steps) - 1):
                 lat[:, :n_motion] = motion
                 t = self.steps[i : i + 1]
-                preds = {
-                    name: b.dit(lat[None], t, self.context, clip_fea, y, conditions[name])[0]
-                    for name in passes
-                }
+                inputs = [(lat[None], t, self.context, clip_fea, y, conditions[name]) for name in passes]
+                outs = b.dit.forward_passes(inputs)  # the passes share each streamed block's copy
+                self.forwards += len(passes)
+                preds = {name: out[0] for name, out in zip(passes, outs, strict=True)}
                 velocity = guidance.combine(preds, 1.0, audio_scale)
                 lat = sampler.euler_step(lat, velocity, self.steps[i], self.steps[i + 1])
                 lat[:, :n_motion] = motion
             return lat
 
         times["denoise_s"], latent = clock.time(denoise)
+        self.h2d_bytes = (swap.bytes_copied - copied0) if swap is not None else 0
         times["vae_decode_s"], video = clock.time(lambda: b.vae.decode(latent))
         self.finite = self.finite and bool(torch.isfinite(video).all())
         self.motion_frames = video[:, -b.opts.motion_frame :].clone()
@@ -954,6 +1121,12 @@ def format_report(report: dict[str, Any]) -> str:
                 if len(e["chunks"]) > 1:
                     first = ", ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in e["chunks"][0].items())
                     lines.append(f"    first chunk: [{first}]")
+                if "placement" in e:
+                    lines.append(
+                        f"    plan: {e['placement']['summary']}; host-to-device "
+                        f"{e.get('h2d_gb_per_forward', 0)} GB per DiT forward; peak reserved "
+                        f"{e['memory'].get('peak_reserved_gib')} GiB"
+                    )
     if report.get("errors"):
         lines.append("")
         for name, err in report["errors"].items():

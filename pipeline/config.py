@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from pipeline.models.t5 import T5Config
     from pipeline.models.vae import VAEConfig
     from pipeline.models.wav2vec import Wav2VecConfig
+
+logger = logging.getLogger(__name__)
 
 #: sub-folder of the weights dir holding the Wan base model, and the files read from it
 WAN_DIR = "Wan2.1-I2V-14B-480P"
@@ -85,14 +88,45 @@ class DiTConfig:
 
     @classmethod
     def from_wan_json(cls, data: dict[str, Any]) -> DiTConfig:
-        """Build from the official `config.json` (keys starting with `_` are metadata)."""
+        """Build from the official `config.json` (keys starting with `_` are metadata).
+
+        Keys this config does not know are ignored with a warning (`ignored_wan_keys`), as the
+        reference ignores what its model does not use; a hub revision may add one. Model options
+        that our DiT implements with one value only must have that value (`FIXED_WAN_OPTIONS`).
+        """
         values = {k: v for k, v in data.items() if not k.startswith("_")}
         model_type = values.pop("model_type", "i2v")
         if model_type != "i2v":
             raise ValueError(
                 f"InfiniteTalk needs the i2v Wan model, config.json says model_type={model_type!r}"
             )
-        return _from_dict(cls, values, "config.json")
+        for key, fixed in FIXED_WAN_OPTIONS.items():
+            if key in values and _tuplify(values.pop(key)) != fixed:
+                raise ValueError(
+                    f"config.json: {key}={data[key]!r} is not supported (InfiniteTalk's DiT has {key}={fixed!r})"
+                )
+        ignored = ignored_wan_keys(data)
+        if ignored:
+            logger.warning(
+                "config.json: ignoring keys InfiniteTalk's DiT does not use: %s", ", ".join(ignored)
+            )
+        return _from_dict(cls, {k: v for k, v in values.items() if k not in ignored}, "config.json")
+
+
+#: WanModel options of the reference that our DiT implements with this value only
+FIXED_WAN_OPTIONS: dict[str, Any] = {
+    "window_size": (-1, -1),
+    "qk_norm": True,
+    "cross_attn_norm": True,
+    "norm_input_visual": True,
+    "norm_output_audio": True,
+}
+
+
+def ignored_wan_keys(data: dict[str, Any]) -> list[str]:
+    """Keys of a Wan `config.json` that `DiTConfig.from_wan_json` ignores (with a warning)."""
+    known = {f.name for f in dataclasses.fields(DiTConfig)} | set(FIXED_WAN_OPTIONS) | {"model_type"}
+    return sorted(k for k in data if not k.startswith("_") and k not in known)
 
 
 # Resolution buckets of the released model, [H, W] in pixels, in the reference's table order

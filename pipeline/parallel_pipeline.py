@@ -96,6 +96,8 @@ def load_rank_pipeline(spec: GroupSpec, rank: int) -> Any:
         attention=spec.attention,
         lora=list(spec.lora) or "auto",
         lora_scale=spec.lora_scale,
+        quant=None,  # fp8 is not supported across GPUs yet (GroupSpec refuses it)
+        gpu_memory_gib=None,  # each rank keeps its whole stack resident (no memory plan)
     )
     parallel.check_degree(pipe.dit.cfg.num_heads, len(spec.devices))
     pipe.dit.sequence_parallel = parallel.SequenceParallel()
@@ -274,7 +276,7 @@ def from_worker_config(config: Any) -> GroupPipeline:
         weights_dir=str(config.weights_dir),
         devices=tuple(d.strip() for d in config.device.split(",")),
         dtype=config.dtype,
-        quant=config.quant,
+        quant="none" if config.quant == "auto" else config.quant,  # auto: none across GPUs
         lora=tuple(config.lora),
         lora_scale=config.lora_scale,
         attention=config.attention,

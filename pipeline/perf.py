@@ -16,8 +16,9 @@ be checked against the plain one on the same weights (`infinitetalk bench`, test
 | vae_dtype   | "bf16"          | "fp32"           | VAE weights/activations in bf16 (CUDA only; the reference runs fp32) |
 | channels_last | True          | False            | VAE 3-D convolutions in channels-last-3d layout (cuDNN's fastest on Hopper) |
 
-The reference's one-speaker attention map is never computed (pipeline.models.dit), and the
-model is never offloaded to the CPU between chunks (the pipeline keeps it resident).
+The reference's one-speaker attention map is never computed (pipeline.models.dit). Where the
+weights live (resident, streamed blocks, encoders on the CPU or in and out) is the memory plan's
+business (pipeline.placement, pipeline.offload), decided once at load, not per chunk.
 """
 
 from __future__ import annotations

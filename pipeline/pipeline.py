@@ -28,11 +28,13 @@ starts fresh from its shot's first frame), joined in one output.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,6 +48,9 @@ from torch import Tensor
 
 from pipeline import buckets, checkpoint, color, guidance, media, sampler, windows
 from pipeline.config import ModelConfig, load_model_config
+from pipeline.noise import noise_generator
+from pipeline.placement import Placement
+from pipeline.text_cache import TextEmbeddingCache
 from pipeline.types import GenerationRequest, Progress, ProgressCallback, RenderResult, StopRequested
 
 logger = logging.getLogger(__name__)
@@ -125,6 +130,13 @@ class InfiniteTalkPipeline:
         self.dit_calls = 0  # DiT forward passes run (all renders), for tests and stats
         self.perf: Any = None  # pipeline.perf.PerfConfig applied to the models (None: as loaded)
         self.perf_settings: dict[str, Any] = {}
+        self.text_cache = TextEmbeddingCache()  # umT5 runs once per distinct prompt
+        self.quant_requested = quant if quant is not None else "none"
+        self.quant_reason = ""
+        #: where each model lives (pipeline.placement); None: everything resident on `device`
+        self.placement: Placement | None = None
+        #: renders holding GPU working memory at once (the plan counts this many working sets)
+        self.memory_slots = threading.BoundedSemaphore(1)
 
     # -----------------------------------------------------------------------------------------
     # loading
@@ -138,10 +150,13 @@ class InfiniteTalkPipeline:
         dtype: torch.dtype = torch.bfloat16,
         lora: Path | str | Sequence[Path | str] | None = "auto",
         lora_scale: float = 1.0,
-        quant: str | None = None,
+        quant: str | None = "auto",
         attention: str = "auto",
         rope: str = "exact",
         perf: Any = None,
+        gpu_memory_gib: float | str | None = "auto",
+        max_running: int = 1,
+        placement: Placement | None = None,
     ) -> InfiniteTalkPipeline:
         """Load DiT, VAE, T5, CLIP and wav2vec2 from a weights folder (released layout or tiny).
 
@@ -149,55 +164,136 @@ class InfiniteTalkPipeline:
         or a list of paths (relative ones under `weights_dir`) merges those, in order.
         dtype is the DiT and T5 compute dtype; the VAE and wav2vec2 run in float32, CLIP in
         float16 on CUDA (float32 on the CPU), as the reference.
+        quant: "auto" (fp8 where the GPU has fp8 tensor cores, weight-only fp8 where it has not
+        but the bf16 DiT does not fit the budget, none on the CPU), None/"none" or "fp8".
+        gpu_memory_gib: the memory budget of the placement plan (pipeline.placement): "auto" is
+        the free memory now minus a headroom; None keeps everything resident (no plan); on the
+        CPU a number plans as if the CPU were a device of that size (tests). `placement` forces
+        a plan. `max_running`: jobs whose CPU stage may run beside a render (counted in the plan).
         """
         from pipeline.models.clip import load_clip
         from pipeline.models.t5 import load_t5
         from pipeline.models.vae import load_vae
         from pipeline.models.wav2vec import load_wav2vec
+        from pipeline.placement import dit_sizes, resolve_budget, resolve_quant
 
         weights_dir = Path(weights_dir)
         device = torch.device(device)
         cfg = load_model_config(weights_dir)
         loras = resolve_loras(weights_dir, lora)
         t0 = time.perf_counter()
+        budget = resolve_budget(device, gpu_memory_gib, max_running=max_running)
+        planned = budget is not None or placement is not None
+        # with a plan the encoders load on the CPU first and move where the plan puts them
+        host = torch.device("cpu") if planned else device
+        clip_dtype = torch.float16 if device.type == "cuda" else torch.float32
+        vae = load_vae(weights_dir, cfg.vae, device=device, dtype=torch.float32)
+        text_encoder = load_t5(weights_dir, cfg.t5, device=host, dtype=dtype)
+        image_encoder = load_clip(weights_dir, cfg.clip, device=host, dtype=clip_dtype)
+        audio_encoder = load_wav2vec(weights_dir, cfg.wav2vec2, device=host, dtype=torch.float32)
+        encoders = (vae, text_encoder.model, image_encoder.model, audio_encoder.model)
+
+        def plan_for(q: str | None) -> Placement | None:
+            if placement is not None or budget is None:
+                return placement
+            block, other = dit_sizes(cfg.dit, dtype, q)
+            return plan_memory(cfg, budget, (block, other), encoders)
+
+        quant_used, quant_reason = resolve_quant(
+            quant,
+            device_type=device.type,
+            capability=torch.cuda.get_device_capability(device) if device.type == "cuda" else None,
+            bf16_all_resident=lambda: (p := plan_for(None)) is None or p.swapped_blocks == 0,
+        )
+        if perf is not None and quant == "auto" and perf.fp8 != (quant_used == "fp8"):
+            fp8 = quant_used == "fp8"  # the caller's speed settings follow what auto picked
+            perf = dataclasses.replace(perf, fp8=fp8, fp8_attention=perf.fp8_attention and fp8)
+        pre = plan_for(quant_used)
+        streamed = pre is not None and pre.swapped_blocks > 0
         dit = load_dit_variant(
             weights_dir,
             cfg,
             "single",
-            device=device,
+            device=torch.device("cpu") if streamed else device,
             dtype=dtype,
-            quant=quant,
+            quant=quant_used,
             loras=loras,
             lora_scale=lora_scale,
             attention=attention,
             rope=rope,
         )
-        clip_dtype = torch.float16 if device.type == "cuda" else torch.float32
         pipe = cls(
             config=cfg,
             weights_dir=weights_dir,
             dit=dit,
-            vae=load_vae(weights_dir, cfg.vae, device=device, dtype=torch.float32),
-            text_encoder=load_t5(weights_dir, cfg.t5, device=device, dtype=dtype),
-            image_encoder=load_clip(weights_dir, cfg.clip, device=device, dtype=clip_dtype),
-            audio_encoder=load_wav2vec(weights_dir, cfg.wav2vec2, device=device, dtype=torch.float32),
+            vae=vae,
+            text_encoder=text_encoder,
+            image_encoder=image_encoder,
+            audio_encoder=audio_encoder,
             device=device,
             dtype=dtype,
             loras=loras,
             lora_scale=lora_scale,
-            quant=quant,
+            quant=quant_used,
             attention=attention,
             rope=rope,
         )
+        pipe.quant_requested = quant if quant is not None else "none"
+        pipe.quant_reason = quant_reason
+        if planned:
+            final = placement
+            if final is None and budget is not None:  # again, from the loaded sizes
+                final = plan_memory(cfg, budget, measured_dit_sizes(dit), encoders)
+            assert final is not None
+            pipe.place(dataclasses.replace(final, quant=quant_used or "bf16"))
         logger.info(
-            "loaded InfiniteTalk from %s in %.1f s (lora=%s, quant=%s)",
+            "loaded InfiniteTalk from %s in %.1f s (lora=%s, quant=%s: %s)",
             weights_dir,
             time.perf_counter() - t0,
             [p.name for p in loras],
-            quant,
+            quant_used,
+            quant_reason,
         )
         pipe.apply_perf(perf)
         return pipe
+
+    def place(self, placement: Placement) -> None:
+        """Put every model where `placement` says (pipeline.placement) and log the plan."""
+        from pipeline.models.vae import VaeTiling
+        from pipeline.offload import OnDemand
+
+        dev = self.device
+        self.placement = placement
+        self.memory_slots = threading.BoundedSemaphore(placement.job_slots)
+        self._place_dit()
+        for attr, where in (("text_encoder", placement.t5), ("image_encoder", placement.clip)):
+            encoder = getattr(self, attr)
+            inner = encoder.inner if isinstance(encoder, _Placed) else encoder
+            if where == "gpu":
+                inner.model.to(dev)
+                setattr(self, attr, inner)
+            else:
+                shuttle = OnDemand(inner.model, dev) if where == "inout" else None
+                setattr(self, attr, _Placed(inner, dev, shuttle))
+        if placement.wav2vec == "gpu":
+            self.audio_encoder.model.to(dev)
+        rows, cols = placement.vae_tiles
+        self.vae.tiling = VaeTiling(rows=rows, cols=cols) if rows * cols > 1 else None
+        logger.info("memory plan (%s): %s", placement.source or "given", placement.summary())
+
+    def _place_dit(self) -> None:
+        from pipeline.offload import BlockSwap
+
+        plan = self.placement
+        if plan is None or plan.swapped_blocks == 0:
+            self.dit.to(self.device)
+            return
+        for name, child in self.dit.named_children():
+            if name != "blocks":
+                child.to(self.device)
+        self.dit.block_swap = BlockSwap(
+            self.dit.blocks, resident=plan.resident_blocks, device=self.device, slots=plan.swap_slots
+        )
 
     def apply_perf(self, perf: Any = None) -> dict[str, Any]:
         """Speed settings (pipeline.perf.PerfConfig; docs/benchmarks.md). None: the fast defaults
@@ -220,8 +316,10 @@ class InfiniteTalkPipeline:
             "lora": [p.name for p in self.loras],
             "lora_scale": self.lora_scale,
             "quant": self.quant,
+            "quant_requested": self.quant_requested,
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
+            "placement": None if self.placement is None else self.placement.as_dict(),
         }
 
     @torch.inference_mode()
@@ -262,11 +360,12 @@ class InfiniteTalkPipeline:
             self.dit = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+            streamed = self.placement is not None and self.placement.swapped_blocks > 0
             self.dit = load_dit_variant(
                 self.weights_dir,
                 self.config,
                 variant,
-                device=self.device,
+                device=torch.device("cpu") if streamed else self.device,
                 dtype=self.dtype,
                 quant=self.quant,
                 loras=self.loras,
@@ -274,6 +373,7 @@ class InfiniteTalkPipeline:
                 attention=self.attention,
                 rope=self.rope,
             )
+            self._place_dit()
             if self.perf is not None:
                 from pipeline.perf import apply_perf
 
@@ -306,6 +406,14 @@ class InfiniteTalkPipeline:
             raise ValueError(f"audio: one or two speech files are supported, got {len(request.audio)}")
         if request.size not in self.config.buckets:
             raise ValueError(f"size: {request.size!r} is not one of {sorted(self.config.buckets)}")
+        plan = self.placement
+        covered = dict(plan.extra).get("sizes") if plan is not None else None
+        if plan is not None and covered is not None and request.size not in covered.split(","):
+            raise ValueError(
+                f"size: {request.size!r} needs more GPU memory than the memory plan's budget of "
+                f"{plan.budget_bytes / 2**30:.1f} GiB gives ([performance] gpu_memory_gib); "
+                f"this plan renders {covered}"
+            )
         if request.sample_steps < 1:
             raise ValueError(f"sample_steps must be at least 1, got {request.sample_steps}")
         if request.bbox is not None and len(request.bbox) != len(request.audio):
@@ -432,11 +540,15 @@ class InfiniteTalkPipeline:
         doc = {
             "request": {k: str(getattr(req, k)) for k in req.__dataclass_fields__},
             "files": [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in map(Path, files)],
-            "model": {k: v for k, v in self.describe().items() if k != "device"},
+            # where the weights live changes no number: a plan change keeps the checkpoints
+            "model": {
+                k: v
+                for k, v in self.describe().items()
+                if k not in ("device", "placement", "quant_requested")
+            },
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
-    @torch.inference_mode()
     def render(
         self,
         prepared: Prepared,
@@ -447,13 +559,36 @@ class InfiniteTalkPipeline:
         should_stop: Callable[[], bool] | None = None,
         resume: bool = True,
     ) -> RenderResult:
-        """The GPU stage: chunk loop, decode, colour match, encode, then the MP4."""
+        """The GPU stage: chunk loop, decode, colour match, encode, then the MP4. A render waits
+        for one of the plan's memory slots (`memory_slots`) first: a job waits for GPU memory
+        rather than running out of it."""
+        with self.memory_slots:
+            return self._render(
+                prepared,
+                out_path,
+                poster_path=poster_path,
+                on_progress=on_progress,
+                should_stop=should_stop,
+                resume=resume,
+            )
+
+    @torch.inference_mode()
+    def _render(
+        self,
+        prepared: Prepared,
+        out_path: Path,
+        *,
+        poster_path: Path | None = None,
+        on_progress: ProgressCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        resume: bool = True,
+    ) -> RenderResult:
         req = prepared.request
         t_start = time.perf_counter()
         timings = dict(prepared.timings_s)
         work = prepared.work_dir
         fingerprint = self.fingerprint(prepared)
-        gen = torch.Generator(device="cpu").manual_seed(req.seed)
+        gen = noise_generator(req.noise, req.seed, self.device)  # pipeline/noise.py
         start_chunk, frames_written, seg_files, motion_frames, poster = 0, 0, [], None, None
         saved = checkpoint.load(work, fingerprint) if resume else None
         if saved is not None:
@@ -475,11 +610,11 @@ class InfiniteTalkPipeline:
             checkpoint.clear(work)
         self._use_variant("multi" if prepared.num_speakers == 2 else "single")
 
-        # 1. text: prompt and negative prompt, one batch
+        # 1. text: prompt and negative prompt, encoded once per distinct prompt (pipeline.text_cache)
         t0 = time.perf_counter()
-        context, context_null = (
-            c[None] for c in self.text_encoder.encode_text([req.prompt, req.negative_prompt])
-        )
+        prompts = [req.prompt, req.negative_prompt]
+        embeddings = self.text_cache.encode(self.text_encoder, prompts, device=self.device)
+        context, context_null = (c[None] for c in embeddings)
         timings["text_s"] = time.perf_counter() - t0
 
         steps = sampler.timesteps(req.sample_steps, _shift(req)).to(self.device)
@@ -650,7 +785,9 @@ class InfiniteTalkPipeline:
         ]
         audio = audio.to(self.device, dtype)
         null_audio = torch.zeros_like(audio[:, :1])
-        noise = torch.randn(self.config.vae.z_dim, lat_f, lat_h, lat_w, generator=gen, dtype=torch.float32)
+        noise = torch.randn(
+            self.config.vae.z_dim, lat_f, lat_h, lat_w, generator=gen, dtype=torch.float32, device=gen.device
+        )
         latent = noise.to(self.device)
         if motion_frames is not None:
             # The reference noises the motion latents before the loop and after every step, then
@@ -660,7 +797,13 @@ class InfiniteTalkPipeline:
             n_lat_motion = (motion_frames.shape[1] - 1) // self.config.vae.temporal_stride + 1
             for _ in range(len(steps)):
                 torch.randn(
-                    self.config.vae.z_dim, n_lat_motion, lat_h, lat_w, generator=gen, dtype=torch.float32
+                    self.config.vae.z_dim,
+                    n_lat_motion,
+                    lat_h,
+                    lat_w,
+                    generator=gen,
+                    dtype=torch.float32,
+                    device=gen.device,
                 )
 
         # conditioning: CLIP, y = mask | VAE(reference + grey) (computed once for a still image),
@@ -693,11 +836,16 @@ class InfiniteTalkPipeline:
                 raise StopRequested(f"stop requested before step {i + 1} of chunk {chunk_index + 1}")
             latent[:, :n_motion] = motion
             t = steps[i : i + 1]
-            preds = {}
-            for name in passes:
-                ctx, aud = conditions[name]
-                preds[name] = self.dit(latent[None], t, ctx, clip_fea, y, aud, masks)[0]
-                self.dit_calls += 1
+            inputs = [
+                (latent[None], t, conditions[n][0], clip_fea, y, conditions[n][1], masks) for n in passes
+            ]
+            forward_passes = getattr(self.dit, "forward_passes", None)
+            if forward_passes is not None and len(inputs) > 1:  # streamed blocks: one copy per step
+                outs = forward_passes(inputs)
+            else:
+                outs = [self.dit(*args) for args in inputs]
+            preds = {name: out[0] for name, out in zip(passes, outs, strict=True)}
+            self.dit_calls += len(passes)
             velocity = guidance.combine(preds, req.sample_text_guide_scale, req.sample_audio_guide_scale, apg)
             latent = sampler.euler_step(latent, velocity, steps[i], steps[i + 1])
             latent[:, :n_motion] = motion
@@ -888,6 +1036,125 @@ def chunks_for(
         if rows > frame_num
         else 0
     )
+
+
+class _Placed:
+    """An encoder kept off the GPU: run on the CPU, or moved in for the call (`shuttle`); its
+    outputs are handed back on the pipeline's device. Other attributes are the encoder's."""
+
+    def __init__(self, inner: Any, device: torch.device, shuttle: Any) -> None:
+        self.inner = inner
+        self.target = device
+        self.shuttle = shuttle
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        with self.shuttle.use() if self.shuttle is not None else contextlib.nullcontext():
+            out = getattr(self.inner, method)(*args, **kwargs)
+        if isinstance(out, Tensor):
+            return out.to(self.target)
+        return [o.to(self.target) for o in out]
+
+    def encode_text(self, prompts: Sequence[str]) -> list[Tensor]:
+        return self._call("encode_text", prompts)
+
+    def encode_image_clip(self, frames: Tensor) -> Tensor:
+        return self._call("encode_image_clip", frames)
+
+
+def measured_dit_sizes(dit: Any) -> tuple[int, int]:
+    """(bytes of the largest block, bytes of the rest) of a loaded DiT."""
+    from pipeline.offload import module_bytes
+
+    blocks = [module_bytes(b) for b in dit.blocks]
+    return max(blocks), module_bytes(dit) - sum(blocks)
+
+
+def plan_memory(
+    cfg: ModelConfig, budget: Any, dit: tuple[int, int], encoders: tuple[Any, Any, Any, Any]
+) -> Placement:
+    """The placement plan for this model under `budget`: measured encoder sizes, the DiT's
+    (block, rest) bytes and the working set of the largest size bucket; when no plan covers the
+    largest, the largest that fits (the plan's `sizes`; `check_request` refuses the others)."""
+    from pipeline.placement import PlacementError
+
+    def pixels(size: str) -> int:
+        return max(h * w for h, w in cfg.buckets[size])
+
+    names = sorted(cfg.buckets, key=pixels, reverse=True)
+    errors: list[PlacementError] = []
+    for name in names:
+        h, w = max(cfg.buckets[name], key=lambda hw: hw[0] * hw[1])
+        try:
+            placement = _plan_memory(cfg, budget, dit, encoders, (h, w))
+        except PlacementError as e:
+            errors.append(e)
+            continue
+        if errors:
+            logger.warning(
+                "%s: jobs of size %s are refused (the plan for them needs %.1f GiB)",
+                errors[0],
+                names[0],
+                (errors[0].min_gpu_bytes or 0) / 2**30,
+            )
+        covered = [n for n in names if pixels(n) <= pixels(name)]
+        return dataclasses.replace(placement, extra=(("sizes", ",".join(covered)),))
+    raise errors[-1]
+
+
+def _plan_memory(
+    cfg: ModelConfig,
+    budget: Any,
+    dit: tuple[int, int],
+    encoders: tuple[Any, Any, Any, Any],
+    hw: tuple[int, int],
+) -> Placement:
+    from pipeline.offload import module_bytes
+    from pipeline.placement import ModelSizes, estimate_working_set, plan
+
+    vae, t5, clip, wav2vec = encoders
+    sizes = ModelSizes(
+        num_blocks=cfg.dit.num_layers,
+        block_bytes=dit[0],
+        dit_other_bytes=dit[1],
+        t5_bytes=module_bytes(t5),
+        clip_bytes=module_bytes(clip),
+        wav2vec_bytes=module_bytes(wav2vec),
+        vae_bytes=module_bytes(vae),
+    )
+    h, w = hw
+    work = estimate_working_set(
+        dim=cfg.dit.dim,
+        height=h,
+        width=w,
+        frame_num=cfg.generation.frame_num,
+        vae_estimate=vae_peak_estimate(cfg.vae, budget.device_type),
+        text_dim=cfg.dit.text_dim,
+        text_len=cfg.dit.text_len,
+    )
+    return plan(sizes, work, budget)
+
+
+def vae_peak_estimate(cfg: Any = None, device_type: str = "cuda") -> Callable[..., int]:
+    """`(height, width, frame_num, (rows, cols)) -> bytes`: the larger of the VAE's decode and
+    encode peaks of one chunk (`pipeline.models.vae.vae_peak_bytes`; bf16 on CUDA, fp32 else)."""
+    from pipeline.models.vae import VAEConfig, VaeTiling, vae_peak_bytes
+
+    vae_cfg = cfg if cfg is not None else VAEConfig()
+    dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
+    t, s = vae_cfg.temporal_stride, vae_cfg.spatial_stride
+
+    def estimate(height: int, width: int, frame_num: int, tiles: tuple[int, int]) -> int:
+        latent = ((frame_num - 1) // t + 1, height // s, width // s)
+        tiling = VaeTiling(rows=tiles[0], cols=tiles[1])
+        return max(
+            vae_peak_bytes(latent, op=op, tiling=tiling, dtype=dtype, cfg=vae_cfg, device_type=device_type)
+            for op in ("decode", "encode")
+        )
+
+    return estimate
 
 
 __all__ = ["InfiniteTalkPipeline", "Prepared", "Segment", "chunks_for"]

@@ -4,7 +4,8 @@
 
     Wan2.1-I2V-14B-480P/Wan2.1_VAE.pth                                      float32
     Wan2.1-I2V-14B-480P/models_t5_umt5-xxl-enc-bf16.pth                     bfloat16
-    Wan2.1-I2V-14B-480P/google/umt5-xxl/                                    tokenizer (Unigram, made here)
+    Wan2.1-I2V-14B-480P/google/umt5-xxl/                                    tokenizer (Unigram, made here;
+                                                                            nmt_nfkc normaliser as released)
     Wan2.1-I2V-14B-480P/models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth   float32, visual + textual
     Wan2.1-I2V-14B-480P/xlm-roberta-large/                                  tokenizer (Unigram, made here)
     chinese-wav2vec2-base/  config.json, preprocessor_config.json, pytorch_model.bin, model.safetensors
@@ -98,6 +99,65 @@ def xlmr_vocab_size() -> int:
     return len(_xlmr_specials()) + len(_pieces()) + 1  # + <mask>
 
 
+def nmt_nfkc_charsmap() -> bytes:
+    """SentencePiece's built-in `nmt_nfkc` normalisation table (the `precompiled_charsmap` of the
+    released umT5 and XLM-R tokenizers), taken from a throw-away model trained in memory."""
+    import io
+
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(["a b c d e f g h"] * 8),
+        model_writer=model,
+        model_type="char",
+        vocab_size=12,
+        normalization_rule_name="nmt_nfkc",
+        character_coverage=1.0,
+        minloglevel=2,
+    )
+    # ModelProto field 3 = NormalizerSpec; its field 2 = precompiled_charsmap (bytes)
+    spec = next(v for n, v in _proto_fields(model.getvalue()) if n == 3)
+    charsmap = next(v for n, v in _proto_fields(bytes(spec)) if n == 2)
+    if not isinstance(charsmap, bytes) or not charsmap:
+        raise RuntimeError("sentencepiece wrote no precompiled_charsmap for nmt_nfkc")
+    return charsmap
+
+
+def _proto_fields(data: bytes) -> list[tuple[int, int | bytes]]:
+    """Top-level (field number, value) pairs of a protobuf message (varint and length-delimited
+    values as int / bytes; fixed-width values as bytes)."""
+
+    def varint(i: int) -> tuple[int, int]:
+        value, shift = 0, 0
+        while True:
+            byte = data[i]
+            value |= (byte & 0x7F) << shift
+            i, shift = i + 1, shift + 7
+            if byte < 0x80:
+                return value, i
+
+    out: list[tuple[int, int | bytes]] = []
+    i = 0
+    while i < len(data):
+        key, i = varint(i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = varint(i)
+            out.append((number, value))
+        elif wire == 2:
+            size, i = varint(i)
+            out.append((number, data[i : i + size]))
+            i += size
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            out.append((number, data[i : i + size]))
+            i += size
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire} (field {number})")
+    return out
+
+
 def write_unigram_tokenizer(folder: Path, *, kind: str) -> None:
     """A small Unigram tokenizer built in code and saved like the released folder (`t5` or `xlmr`)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -138,7 +198,11 @@ def write_unigram_tokenizer(folder: Path, *, kind: str) -> None:
     else:
         raise ValueError(f"unknown tokenizer kind {kind!r} (expected 't5' or 'xlmr')")
     tok = Tokenizer(models.Unigram(vocab, unk_id=unk, byte_fallback=False))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
+    # the released umT5 and XLM-R files' normaliser: SentencePiece's nmt_nfkc charsmap, then runs
+    # of spaces collapsed (what transformers' SentencePiece converter writes)
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.Precompiled(nmt_nfkc_charsmap()), normalizers.Replace(Regex(" {2,}"), " ")]
+    )
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tok.post_processor = processors.TemplateProcessing(
         single=template[0], pair=template[1], special_tokens=post

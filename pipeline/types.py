@@ -14,6 +14,9 @@ from typing import Literal
 SizeBucket = Literal["infinitetalk-480", "infinitetalk-720"]
 AudioType = Literal["para", "add"]
 Mode = Literal["streaming", "clip"]
+#: where the noise is drawn (pipeline/noise.py): a CPU generator, or the render device's
+NoiseMode = Literal["portable", "reference"]
+NOISE_MODES: tuple[NoiseMode, ...] = ("portable", "reference")
 
 
 class StopRequested(Exception):
@@ -50,6 +53,7 @@ class GenerationRequest:
     apg_momentum: float = -0.75
     apg_norm_threshold: float = 55.0
     negative_prompt: str = ""
+    noise: NoiseMode = "portable"  # portable: CPU generator; reference: the render device's (noise.py)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -2,7 +2,8 @@
 
 Layout (CONTRACT.md section 9, as the model hub ships it):
     <weights>/Wan2.1-I2V-14B-480P/config.json
-    <weights>/Wan2.1-I2V-14B-480P/diffusion_pytorch_model-0000{1..7}-of-00007.safetensors (+ .index.json)
+    <weights>/Wan2.1-I2V-14B-480P/diffusion_pytorch_model-0000{1..7}-of-00007.safetensors (by name;
+        the .index.json is not read, as the reference: MultiTalk's set-up replaces it)
     <weights>/InfiniteTalk/single/infinitetalk.safetensors          (audio modules, one speaker)
     <weights>/InfiniteTalk/multi/infinitetalk.safetensors           (audio modules, two speakers)
     <weights>/InfiniteTalk/quant_models/infinitetalk_{single,multi}_fp8.safetensors (+ same-name .json)
@@ -83,21 +84,69 @@ class DiTFiles:
 
 
 def wan_shard_files(weights_dir: Path) -> tuple[Path, ...]:
-    """The Wan DiT shards named by the index (or the seven released names when it is absent)."""
+    """The seven released Wan DiT shards, by name, as the reference reads them.
+
+    The index json is not consulted: MultiTalk's set-up replaces it with one that also names
+    `multitalk.safetensors` (its audio modules), and a folder prepared that way must load the
+    same weights as the released one. `foreign_wan_files` reports what is ignored.
+    """
     wan = Path(weights_dir) / WAN_DIR
-    index = wan / WAN_INDEX
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise WeightsError(f"{index}: no weight_map")
-        names = sorted(set(weight_map.values()))
-    else:
-        names = list(WAN_SHARDS)
-    files = tuple(wan / n for n in names)
+    files = tuple(wan / n for n in WAN_SHARDS)
     absent = [str(f) for f in files if not f.is_file()]
     if absent:
         raise WeightsError(f"DiT shard files are missing: {', '.join(absent)}")
     return files
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ForeignWanFiles:
+    """What a Wan folder holds beyond the released DiT shards (ignored by the loader)."""
+
+    #: file named by the index json that is not a released shard -> how many keys it is given
+    index_entries: dict[str, int]
+    #: `*.safetensors` files in the folder that are not released shards (e.g. multitalk.safetensors)
+    extra_files: tuple[str, ...]
+    #: why the index could not be read ("" when it could, or when there is none)
+    index_error: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.index_entries or self.extra_files or self.index_error)
+
+    def describe(self) -> str:
+        parts = []
+        if self.index_entries:
+            named = ", ".join(f"{name} ({n} keys)" for name, n in sorted(self.index_entries.items()))
+            parts.append(f"{WAN_INDEX} also names {named}")
+        if self.extra_files:
+            parts.append(f"extra files {', '.join(self.extra_files)}")
+        if self.index_error:
+            parts.append(f"{WAN_INDEX} unreadable ({self.index_error})")
+        hint = (
+            " (MultiTalk's set-up)"
+            if "multitalk.safetensors" in {*self.index_entries, *self.extra_files}
+            else ""
+        )
+        return "; ".join(parts) + f"{hint}: ignored, only the seven released shards are read"
+
+
+def foreign_wan_files(weights_dir: Path) -> ForeignWanFiles:
+    """Index entries and files of the Wan folder that are not the released DiT shards."""
+    wan = Path(weights_dir) / WAN_DIR
+    entries: dict[str, int] = {}
+    error = ""
+    index = wan / WAN_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError(f"weight_map is a {type(weight_map).__name__}, not an object")
+            for name in weight_map.values():
+                if name not in WAN_SHARDS:
+                    entries[str(name)] = entries.get(str(name), 0) + 1
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            error = f"{type(e).__name__}: {e}"
+    extra = tuple(sorted(p.name for p in wan.glob("*.safetensors") if p.name not in WAN_SHARDS))
+    return ForeignWanFiles(index_entries=entries, extra_files=extra, index_error=error)
 
 
 def audio_file(weights_dir: Path, variant: Variant) -> Path:
@@ -156,6 +205,9 @@ def load_dit(
         load_fp8_file(model, q_file, q_map, device=device, dtype=dtype)
     else:
         files = [*wan_shard_files(weights_dir), audio_file(weights_dir, variant)]
+        foreign = foreign_wan_files(weights_dir)
+        if foreign:
+            logger.warning("%s: %s", Path(weights_dir) / WAN_DIR, foreign.describe())
         load_files(model, files, device=device, dtype=dtype)
         if lora is not None:
             from pipeline.lora import merge_lora

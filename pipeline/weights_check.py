@@ -2,20 +2,22 @@
 
 Works for the released layout (full size, hyper-parameters from `config.json`) and for a folder
 written by `infinitetalk weights tiny` (hyper-parameters from `tiny.json`). Only file headers are
-read for safetensors; `.pth` files are memory-mapped where possible. Optional files (the fp8
-quantized models) are reported as notes when absent.
+read for safetensors; `.pth` files are memory-mapped where possible. Optional files (the
+two-speaker weights, the lightx2v LoRA unless the config names it, the fp8 models) are reported as
+notes when absent, and so are files that are not part of the released layout (MultiTalk's index and
+`multitalk.safetensors` in the Wan folder): the loader ignores them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pipeline.config import TINY_JSON, WAN_DIR, ModelConfig, load_model_config
+from pipeline.config import TINY_JSON, WAN_DIR, ModelConfig, ignored_wan_keys, load_model_config
 
 Status = Literal["ok", "missing", "wrong", "note"]
 
@@ -124,17 +126,13 @@ def _check_file(
     expected: dict[str, tuple[int, ...]],
     *,
     optional: bool = False,
+    why: str = "",
     dtype_ok: Callable[[str, str], bool] | None = None,
 ) -> list[Finding]:
     path = root / rel
     if not path.is_file():
-        return [
-            Finding(
-                path=rel,
-                status="note" if optional else "missing",
-                detail="file not present" + (" (optional)" if optional else ""),
-            )
-        ]
+        note = f" (optional: {why})" if optional and why else " (optional)" if optional else ""
+        return [Finding(path=rel, status="note" if optional else "missing", detail="file not present" + note)]
     try:
         found = read(path)
     except Exception as e:  # an unreadable file is a finding, not a crash of the check
@@ -142,9 +140,17 @@ def _check_file(
     return compare_keys(rel, found, expected, dtype_ok)
 
 
-def check_weights(weights_dir: Path) -> CheckReport:
-    """Inspect `weights_dir` and report every file of the released layout."""
+def check_weights(weights_dir: Path, *, loras: Sequence[str | Path] = ()) -> CheckReport:
+    """Inspect `weights_dir` and report every file of the released layout.
+
+    `MISSING`/`WRONG` (and `ok` False) only for what a render needs: the config, the Wan shards,
+    the one-speaker audio file, the encoders and tokenizers, and the LoRA files in `loras` (the
+    config's `lora` list, relative to the folder or absolute). Optional files absent are `NOTE`s:
+    the two-speaker file, the lightx2v LoRA when `loras` is empty (merged only when present), the
+    fp8 files. A file that is present is checked in full either way.
+    """
     root = Path(weights_dir)
+    lora_names = tuple(str(p) for p in loras)
     tiny = (root / TINY_JSON).is_file()
     findings: list[Finding] = []
     try:
@@ -164,50 +170,61 @@ def check_weights(weights_dir: Path) -> CheckReport:
             detail=f"DiT dim {cfg.dit.dim}, {cfg.dit.num_layers} blocks, {cfg.dit.num_heads} heads",
         )
     )
-    findings += _check_dit(root, cfg)
+    if not tiny:
+        ignored = ignored_wan_keys(json.loads((root / WAN_DIR / "config.json").read_text()))
+        if ignored:
+            findings.append(
+                Finding(
+                    path=f"{WAN_DIR}/config.json",
+                    status="note",
+                    detail=f"keys the DiT does not use, ignored (as the reference): {', '.join(ignored)}",
+                )
+            )
+    findings += _check_dit(root, cfg, lora_names)
     findings += _check_encoders(root, cfg)
     return CheckReport(weights_dir=root, tiny=tiny, findings=tuple(findings))
 
 
-def _check_dit(root: Path, cfg: ModelConfig) -> list[Finding]:
-    from pipeline.lora import plan_lora
+def _check_dit(root: Path, cfg: ModelConfig, loras: tuple[str, ...]) -> list[Finding]:
     from pipeline.models.dit import dit_param_shapes, is_audio_key
-    from pipeline.weights import LORA_FILE, WAN_INDEX, WAN_SHARDS
+    from pipeline.weights import LORA_FILE, WAN_INDEX, WAN_SHARDS, foreign_wan_files
 
     shapes = dit_param_shapes(cfg.dit)
     base = {k: v for k, v in shapes.items() if not is_audio_key(k)}
     audio = {k: v for k, v in shapes.items() if is_audio_key(k)}
     out: list[Finding] = []
     wan = root / WAN_DIR
-    index = wan / WAN_INDEX
-    names = list(WAN_SHARDS)
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            names = sorted(set(weight_map.values()))
-            out.append(
-                Finding(
-                    path=f"{WAN_DIR}/{WAN_INDEX}",
-                    status="ok",
-                    detail=f"{len(weight_map)} keys in {len(names)} shards",
-                )
-            )
-        except (ValueError, KeyError, TypeError) as e:
-            out.append(
-                Finding(path=f"{WAN_DIR}/{WAN_INDEX}", status="wrong", detail=f"unreadable index: {e}")
-            )
-            weight_map = {}
-    else:
-        weight_map = {}
+    index_rel = f"{WAN_DIR}/{WAN_INDEX}"
+    # the loader reads the seven shards by name (as the reference); the index is informational
+    foreign = foreign_wan_files(root)
+    weight_map: dict[str, str] = {}
+    if not (wan / WAN_INDEX).is_file():
+        out.append(Finding(path=index_rel, status="note", detail="no index; the 7 released shards are read"))
+    elif foreign.index_error:
         out.append(
             Finding(
-                path=f"{WAN_DIR}/{WAN_INDEX}",
+                path=index_rel,
                 status="note",
-                detail="no index; the 7 released shard names are read",
+                detail=f"unreadable ({foreign.index_error}); not needed: the 7 released shards are read",
             )
         )
+    else:
+        weight_map = {
+            k: v
+            for k, v in json.loads((wan / WAN_INDEX).read_text())["weight_map"].items()
+            if v in WAN_SHARDS
+        }
+        out.append(
+            Finding(
+                path=index_rel,
+                status="ok",
+                detail=f"{len(weight_map)} keys in {len(set(weight_map.values()))} shards",
+            )
+        )
+    if foreign:
+        out.append(Finding(path=f"{WAN_DIR}/", status="note", detail=foreign.describe()))
     union: Header = {}
-    for name in names:
+    for name in WAN_SHARDS:
         rel = f"{WAN_DIR}/{name}"
         path = root / rel
         if not path.is_file():
@@ -219,50 +236,70 @@ def _check_dit(root: Path, cfg: ModelConfig) -> list[Finding]:
             out.append(
                 Finding(
                     path=rel,
-                    status="wrong",
-                    detail=f"keys not mapped to this shard by the index: {', '.join(wrong_place[:12])}",
+                    status="note",
+                    detail="keys the index puts elsewhere (harmless: the index is not read): "
+                    + ", ".join(wrong_place[:12]),
                 )
             )
         out.append(Finding(path=rel, status="ok", detail=f"{len(header)} tensors"))
         union.update(header)
     out += compare_keys(f"{WAN_DIR}/ (all shards)", union, base)
-    for variant in ("single", "multi"):
+    for variant, optional in (("single", False), ("multi", True)):
         out += _check_file(
-            root, f"InfiniteTalk/{variant}/infinitetalk.safetensors", safetensors_header, audio
+            root,
+            f"InfiniteTalk/{variant}/infinitetalk.safetensors",
+            safetensors_header,
+            audio,
+            optional=optional,
+            why="two-speaker jobs need it" if optional else "",
         )
     for variant in ("single", "multi"):
         out += _check_fp8(root, f"InfiniteTalk/quant_models/infinitetalk_{variant}_fp8", shapes)
-    lora_path = root / LORA_FILE
-    if not lora_path.is_file():
-        out.append(Finding(path=LORA_FILE, status="missing", detail="lightx2v LoRA not present"))
-    else:
-        header = safetensors_header(lora_path)
-        targets, ignored, bad = plan_lora(list(header))
-        for target, sources in targets.items():
-            if target not in shapes:
-                bad.append(f"{sources[0]} (no parameter {target})")
-            elif len(sources) == 2:
-                down, up = header[sources[0]][0], header[sources[1]][0]
-                if len(down) != 2 or len(up) != 2:
-                    bad.append(f"{sources[0]} (lora_down {list(down)} / lora_up {list(up)} are not 2-D)")
-                    continue
-                (r, n_in), (n_out, r2) = down, up
-                if r != r2 or (n_out, n_in) != shapes[target]:
-                    bad.append(f"{sources[0]} (delta [{n_out}, {n_in}] != {list(shapes[target])})")
-            elif header[sources[0]][0] != shapes[target]:
-                bad.append(f"{sources[0]} ({list(header[sources[0]][0])} != {list(shapes[target])})")
-        if bad:
-            out.append(Finding(path=LORA_FILE, status="wrong", detail="; ".join(bad[:12])))
-        else:
-            out.append(
-                Finding(
-                    path=LORA_FILE,
-                    status="ok",
-                    detail=f"{len(targets)} target tensors, {len(ignored)} keys ignored as the reference "
-                    "ignores them (alpha, diff_m, PEFT, unprefixed)",
-                )
-            )
+    if LORA_FILE not in loras:
+        out += _check_lora(root, LORA_FILE, shapes, optional=True)
+    for lora in loras:
+        out += _check_lora(root, lora, shapes, optional=False)
     return out
+
+
+def _check_lora(root: Path, rel: str, shapes: dict[str, tuple[int, ...]], *, optional: bool) -> list[Finding]:
+    """A LoRA file's targets against the DiT's parameters (relative to `root`, or absolute)."""
+    from pipeline.lora import plan_lora
+
+    lora_path = root / rel
+    if not lora_path.is_file():
+        if optional:
+            why = "optional: merged when present; the 4-step job defaults need it"
+            return [Finding(path=rel, status="note", detail=f"lightx2v LoRA not present ({why})")]
+        return [Finding(path=rel, status="missing", detail="LoRA named by the config (lora) not present")]
+    try:
+        header = safetensors_header(lora_path)
+    except (OSError, ValueError) as e:
+        return [Finding(path=rel, status="wrong", detail=f"cannot read: {type(e).__name__}: {e}")]
+    targets, ignored, bad = plan_lora(list(header))
+    for target, sources in targets.items():
+        if target not in shapes:
+            bad.append(f"{sources[0]} (no parameter {target})")
+        elif len(sources) == 2:
+            down, up = header[sources[0]][0], header[sources[1]][0]
+            if len(down) != 2 or len(up) != 2:
+                bad.append(f"{sources[0]} (lora_down {list(down)} / lora_up {list(up)} are not 2-D)")
+                continue
+            (r, n_in), (n_out, r2) = down, up
+            if r != r2 or (n_out, n_in) != shapes[target]:
+                bad.append(f"{sources[0]} (delta [{n_out}, {n_in}] != {list(shapes[target])})")
+        elif header[sources[0]][0] != shapes[target]:
+            bad.append(f"{sources[0]} ({list(header[sources[0]][0])} != {list(shapes[target])})")
+    if bad:
+        return [Finding(path=rel, status="wrong", detail="; ".join(bad[:12]))]
+    return [
+        Finding(
+            path=rel,
+            status="ok",
+            detail=f"{len(targets)} target tensors, {len(ignored)} keys ignored as the reference "
+            "ignores them (alpha, diff_m, PEFT, unprefixed)",
+        )
+    ]
 
 
 def _check_fp8(root: Path, stem: str, shapes: dict[str, tuple[int, ...]]) -> list[Finding]:
@@ -327,15 +364,20 @@ def _check_encoders(root: Path, cfg: ModelConfig) -> list[Finding]:
                 path=clip_rel, status="note", detail=f"present but not used by the visual features: {unused}"
             )
         )
-    for rel in (T5_TOKENIZER, CLIP_TOKENIZER):
+    # the T5 tokenizer is read from tokenizer.json (pipeline.models.t5.load_tokenizer); the XLM-R
+    # one is part of the layout but unused (CLIP's text tower is not run)
+    for rel, need in (
+        (T5_TOKENIZER, ("tokenizer.json",)),
+        (CLIP_TOKENIZER, ("tokenizer.json", "sentencepiece.bpe.model")),
+    ):
         folder = root / WAN_DIR / rel
         files = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-        has_vocab = any(n in files for n in ("tokenizer.json", "spiece.model", "sentencepiece.bpe.model"))
+        has_vocab = any(n in files for n in need)
         out.append(
             Finding(
                 path=f"{WAN_DIR}/{rel}/",
                 status="ok" if has_vocab else "missing",
-                detail=", ".join(files) if has_vocab else "tokenizer files not present",
+                detail=", ".join(files) if has_vocab else f"{' or '.join(need)} not present",
             )
         )
     w2v = root / WAV2VEC_DIR

@@ -40,8 +40,86 @@ const IT = (() => {
 
   function ago(unix) {
     if (!unix) return "–";
-    return `${duration(serverNow() - unix)} ago`;
+    return relative(unix);
   }
+
+  // "just now", "42 s ago", "5 min ago", "3 h ago", "2 days ago", "in 5 min" (server clock).
+  function relative(unix) {
+    if (!unix) return "–";
+    const delta = serverNow() - unix, s = Math.abs(delta);
+    let text;
+    if (s < 5) return "just now";
+    if (s < 60) text = `${Math.round(s)} s`;
+    else if (s < 3600) text = `${Math.round(s / 60)} min`;
+    else if (s < 86400) text = `${Math.round(s / 360) / 10} h`;
+    else text = `${Math.round(s / 8640) / 10} days`;
+    return delta >= 0 ? `${text} ago` : `in ${text}`;
+  }
+
+  // The full local date and time with the time zone, for titles and absolute displays.
+  function absolute(unix) {
+    if (!unix) return "–";
+    return new Date(unix * 1000).toLocaleString(undefined, {
+      year: "numeric", month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit",
+      timeZoneName: "short" });
+  }
+
+  // "5 min ago (14:03:22)": relative and absolute in the browser's time zone.
+  const when = (unix) => (unix ? `${relative(unix)} (${clock(unix)})` : "–");
+
+  // A <time> element showing `when`, with the full date, time and zone as its title.
+  function timeEl(unix) {
+    if (!unix) return el("span", {}, "–");
+    return el("time", { dateTime: new Date(unix * 1000).toISOString(), title: absolute(unix) }, when(unix));
+  }
+
+  function resolution(output) {
+    return output && output.width && output.height ? `${output.width}×${output.height}` : "";
+  }
+
+  function tinyBadge(output) {
+    return output && output.tiny
+      ? el("span", { className: "badge tiny", title: "rendered with the tiny random-weight test model: not a real video" }, "tiny model")
+      : null;
+  }
+
+  // The daemon's heartbeat, polled every 5 s: the "daemon down since …" and tiny-model banners.
+  // onChange(heartbeat) is called after each poll; IT.daemonUp() says what the last one found.
+  let beat = null;
+  // No heartbeat row at all ("unknown": a ledger no daemon of this version has written) is not
+  // shown as down; a row that stopped being rewritten is.
+  const daemonUp = () => !beat || beat.up || beat.state === "unknown";
+  function renderBanners() {
+    const down = document.getElementById("daemon-banner");
+    if (down) {
+      const gone = !daemonUp();
+      down.hidden = !gone;
+      if (gone) {
+        down.textContent = beat.state === "stopped"
+          ? `The daemon stopped ${when(beat.at)}. Nothing renders until it is started again.`
+          : `Daemon down since ${when(beat.at)} (no heartbeat for ${duration(serverNow() - beat.at)}): jobs shown as rendering are not progressing.`;
+      }
+    }
+    const tiny = document.getElementById("tiny-banner");
+    if (tiny) tiny.hidden = !(beat && beat.up && beat.tiny);
+  }
+  function watchDaemon(onChange) {
+    const poll = async () => {
+      try {
+        const response = await fetch("/api/daemon", { headers: { Accept: "application/json" } });
+        if (response.ok) {
+          const body = await response.json();
+          setServerNow(body.now);
+          beat = body.heartbeat;
+        }
+      } catch (e) { /* the dashboard itself is unreachable: the connection pill says so */ }
+      renderBanners();
+      if (onChange) onChange(beat);
+    };
+    poll();
+    setInterval(poll, 5000);
+  }
+  function setHeartbeat(value) { if (value !== undefined) { beat = value; renderBanners(); } }
 
   const percent = (p) => `${Math.round(Math.max(0, Math.min(1, p || 0)) * 100)}%`;
 
@@ -74,10 +152,13 @@ const IT = (() => {
     ["max_frame_num", (v) => `max ${v} frames`],
   ];
 
-  function settingsSummary(settings) {
+  // `output` (the sidecar's facts): its real resolution replaces the requested size bucket.
+  function settingsSummary(settings, output) {
     if (!settings || typeof settings !== "object") return "";
-    const parts = SUMMARY_KEYS.filter(([k]) => settings[k] !== undefined && settings[k] !== null)
+    const real = resolution(output);
+    const parts = SUMMARY_KEYS.filter(([k]) => settings[k] !== undefined && settings[k] !== null && !(real && k === "size"))
       .map(([k, f]) => f(settings[k]));
+    if (real) parts.unshift(real);
     const speakers = settings.cond_audio && typeof settings.cond_audio === "object" ? Object.keys(settings.cond_audio).length : 0;
     if (speakers > 1) parts.push(`${speakers} speakers (${settings.audio_type || "?"})`);
     return parts.join(" · ");
@@ -147,5 +228,6 @@ const IT = (() => {
   }
 
   return { el, duration, clock, ago, percent, progressText, eta, settingsSummary, sync, listen,
-    serverNow, setServerNow, showLedgerNote };
+    serverNow, setServerNow, showLedgerNote, relative, absolute, when, timeEl, resolution, tinyBadge,
+    watchDaemon, setHeartbeat, daemonUp };
 })();

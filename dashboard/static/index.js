@@ -2,7 +2,7 @@
 "use strict";
 
 (() => {
-  const { el, duration, clock, ago, progressText, eta, settingsSummary, sync } = IT;
+  const { el, duration, clock, ago, when, timeEl, progressText, eta, settingsSummary, sync, resolution, tinyBadge } = IT;
   const STATES = ["waiting", "queued", "running", "retry_wait", "done", "failed", "rejected", "cancelled"];
   const LABELS = { retry_wait: "retry wait" };
   const DONE_SHOWN = 48, PROBLEMS_SHOWN = 50;
@@ -20,12 +20,15 @@
 
   const byState = (...states) => [...jobs.values()].filter((j) => states.includes(j.state));
   const jobLink = (job) => el("a", { href: job.urls.page, className: "job-name" }, job.name || job.id);
+  // Cells carry their column's name, shown before the value when a narrow screen stacks them.
+  const td = (label, props, ...children) => el("td", { ...(props || {}), dataset: { label } }, ...children);
 
   function renderCounts() {
     const list = document.getElementById("counts");
     const items = STATES.map((s) => ({ state: s, n: counts[s] || 0 }));
     sync(list, items, (i) => i.state,
-      (i) => el("li", { dataset: { state: i.state } }, el("span", { className: "n" }), el("span", { className: "label" }, LABELS[i.state] || i.state)),
+      (i) => el("li", { dataset: { state: i.state } }, el("a", { href: `/?state=${i.state}#browse`, title: `list the ${LABELS[i.state] || i.state} jobs` },
+        el("span", { className: "n" }), el("span", { className: "label" }, LABELS[i.state] || i.state))),
       (node, i) => { node.querySelector(".n").textContent = i.n; node.classList.toggle("zero", i.n === 0); });
   }
 
@@ -44,13 +47,16 @@
         el("h3", {}), el("progress", { max: 1, value: 0 }),
         el("p", { className: "progress-text" }), el("p", { className: "times meta" })),
       (node, job) => {
+        const live = IT.daemonUp();
+        node.classList.toggle("stale", !live);
         node.querySelector("h3").replaceChildren(jobLink(job));
         node.querySelector("progress").value = Math.max(0, Math.min(1, job.progress || 0));
         node.querySelector(".progress-text").textContent = progressText(job);
         const left = eta(job);
         const attempt = job.attempts > 1 ? ` · attempt ${job.attempts}` : "";
-        node.querySelector(".times").textContent =
-          `elapsed ${duration(IT.serverNow() - job.started_at)} · ETA ${left === null ? "–" : duration(left)}${attempt}`;
+        node.querySelector(".times").textContent = live
+          ? `elapsed ${duration(IT.serverNow() - job.started_at)} · ETA ${left === null ? "–" : duration(left)}${attempt}`
+          : `not progressing: the daemon is down · started ${when(job.started_at)}${attempt}`;
       });
   }
 
@@ -60,14 +66,14 @@
     toggleEmpty("queue", items.length === 0);
     let position = 0;
     sync(document.getElementById("queue-list"), items, (j) => j.id,
-      () => el("tr", {}, el("td", { className: "pos" }), el("td"), el("td"), el("td"), el("td", { className: "meta" })),
+      () => el("tr", {}, td("#", { className: "pos" }), td("job"), td("priority"), td("queued"), td("settings", { className: "meta" })),
       (row, job) => {
         const cells = row.children;
         cells[0].textContent = job.state === "retry_wait" ? "retry" : String(++position);
         cells[1].replaceChildren(jobLink(job));
         cells[2].textContent = job.priority || 0;
         cells[3].textContent = job.state === "retry_wait"
-          ? `retry ${job.attempts || 0} at ${clock(job.next_attempt_at)}` : ago(job.queued_at || job.created_at);
+          ? `retry ${job.attempts || 0} at ${clock(job.next_attempt_at)}` : when(job.queued_at || job.created_at);
         cells[4].textContent = settingsSummary(job.settings);
       });
   }
@@ -76,11 +82,11 @@
     const items = byState("waiting").sort((a, b) => (a.seq || 0) - (b.seq || 0));
     toggleEmpty("waiting", items.length === 0);
     sync(document.getElementById("waiting-list"), items, (j) => j.id,
-      () => el("tr", {}, el("td"), el("td", { className: "reason" }), el("td", { className: "meta" })),
+      () => el("tr", {}, td("job"), td("why", { className: "reason" }), td("seen", { className: "meta" })),
       (row, job) => {
         row.children[0].replaceChildren(jobLink(job));
         row.children[1].textContent = job.waiting_reason || "waiting";
-        row.children[2].textContent = ago(job.created_at);
+        row.children[2].textContent = when(job.created_at);
       });
   }
 
@@ -90,20 +96,38 @@
       el("p", { className: "meta facts" }), el("p", { className: "meta settings" }), el("p", { className: "actions" }));
   }
 
-  function updateVideoCard(node, job) {
+  // Videos never preload (preload=none); the posters of tiles below the first screenful are
+  // fetched only when the tile comes near the viewport.
+  const EAGER_POSTERS = 12;
+  const posterObserver = "IntersectionObserver" in window ? new IntersectionObserver((entries) => {
+    for (const entry of entries) {
+      if (!entry.isIntersecting) continue;
+      const video = entry.target;
+      if (video.dataset.poster) { video.poster = video.dataset.poster; delete video.dataset.poster; }
+      posterObserver.unobserve(video);
+    }
+  }, { rootMargin: "400px" }) : null;
+
+  function updateVideoCard(node, job, index) {
     const media = node.querySelector(".media");
     const src = job.urls.video;
     const current = media.querySelector("video");
     if (src && (!current || current.dataset.src !== src)) {
-      media.replaceChildren(el("video", { controls: true, preload: "none", playsInline: true, src,
-        poster: job.urls.poster || "", dataset: { src, job: job.id } }));
+      const lazy = posterObserver && index >= EAGER_POSTERS && job.urls.poster;
+      const video = el("video", { controls: true, preload: "none", playsInline: true, src,
+        poster: lazy ? null : (job.urls.poster || ""),
+        dataset: { src, job: job.id, ...(lazy ? { poster: job.urls.poster } : {}) },
+        ariaLabel: `video of ${job.name || job.id}` });
+      media.replaceChildren(video);
+      if (lazy) posterObserver.observe(video);
     } else if (!src) {
       media.replaceChildren(el("div", { className: "gone" }, job.deleted_at ? "outputs deleted" : "no video"));
     }
-    node.querySelector("h3").replaceChildren(jobLink(job));
+    node.querySelector("h3").replaceChildren(jobLink(job), tinyBadge(job.output) ? " " : "", tinyBadge(job.output) || "");
+    const res = resolution(job.output);
     node.querySelector(".facts").textContent =
-      `${duration(job.duration_s)} video · rendered in ${duration(job.render_s)} · ${clock(job.finished_at)}`;
-    node.querySelector(".settings").textContent = settingsSummary(job.settings);
+      `${duration(job.duration_s)} video${res ? ` · ${res}` : ""} · rendered in ${duration(job.render_s)} · ${when(job.finished_at)}`;
+    node.querySelector(".settings").textContent = settingsSummary(job.settings, job.output);
     node.querySelector(".actions").replaceChildren(
       job.urls.download ? el("a", { href: job.urls.download, download: job.outputs.video || "" }, "Download MP4") : "",
       job.urls.download ? " · " : "", el("a", { href: job.urls.page }, "details"));
@@ -112,7 +136,9 @@
   function renderFinished() {
     const items = byState("done").sort((a, b) => (b.finished_at || 0) - (a.finished_at || 0)).slice(0, DONE_SHOWN);
     toggleEmpty("finished", items.length === 0);
-    sync(document.getElementById("finished-list"), items, (j) => j.id, videoCard, updateVideoCard);
+    const index = new Map(items.map((j, i) => [j.id, i]));
+    sync(document.getElementById("finished-list"), items, (j) => j.id, videoCard,
+      (node, job) => updateVideoCard(node, job, index.get(job.id)));
   }
 
   function renderProblems() {
@@ -120,21 +146,21 @@
       .sort((a, b) => (b.finished_at || b.created_at || 0) - (a.finished_at || a.created_at || 0)).slice(0, PROBLEMS_SHOWN);
     toggleEmpty("problems", items.length === 0);
     sync(document.getElementById("problems-list"), items, (j) => j.id,
-      () => el("tr", {}, el("td"), el("td"), el("td", { className: "code" }), el("td", { className: "message" }), el("td", { className: "meta" })),
+      () => el("tr", {}, td("job"), td("state"), td("error", { className: "code" }), td("message", { className: "message" }), td("when", { className: "meta" })),
       (row, job) => {
         const c = row.children;
         c[0].replaceChildren(jobLink(job));
         c[1].replaceChildren(el("span", { className: `badge ${job.state}` }, job.state));
         c[2].textContent = job.error_code || "";
         c[3].textContent = (job.error_message || "") + (job.error_field ? ` (${job.error_field})` : "");
-        c[4].textContent = clock(job.finished_at || job.created_at);
+        c[4].replaceChildren(timeEl(job.finished_at || job.created_at));
       });
   }
 
   function renderDaemon() {
     const node = document.getElementById("daemon");
     const message = daemon && daemon.data && daemon.data.message;
-    node.textContent = message ? `daemon ${message} · ${clock(daemon.at)}` : "";
+    node.textContent = message ? `daemon ${message} · ${when(daemon.at)}` : "";
     node.dataset.state = message === "stopped" ? "stopped" : "up";
   }
 
@@ -162,8 +188,86 @@
     document.body.dataset.ready = "1";
   }
 
+  // ---------------------------------------------------------------- all jobs: search, filter, pages
+  // The view is in the URL (?q=&state=&before=), so it can be linked and the back button works.
+  const params = new URLSearchParams(location.search);
+  const view = { q: params.get("q") || "", state: params.get("state") || "", before: params.get("before") || "" };
+  document.getElementById("q").value = view.q;
+  document.getElementById("state").value = view.state;
+  let browseDirty = true, browseBusy = false;
+  // The CSP allows no form submission (form-action 'none'): the form becomes a plain navigation.
+  document.getElementById("search").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const p = new URLSearchParams();
+    const q = document.getElementById("q").value.trim(), state = document.getElementById("state").value;
+    if (q) p.set("q", q);
+    if (state) p.set("state", state);
+    location.assign(p.toString() ? `/?${p}#browse` : "/#browse");
+  });
+
+  const pageUrl = (extra) => {
+    const p = new URLSearchParams();
+    if (view.q) p.set("q", view.q);
+    if (view.state) p.set("state", view.state);
+    for (const [k, v] of Object.entries(extra || {})) if (v) p.set(k, v);
+    const text = p.toString();
+    return text ? `/?${text}#browse` : "/#browse";
+  };
+
+  function resultText(job) {
+    if (job.state === "done") return `${duration(job.duration_s)} video${resolution(job.output) ? ` · ${resolution(job.output)}` : ""}`;
+    if (job.error_code || job.error_message) return `${job.error_code || ""} ${job.error_message || ""}`.trim();
+    if (job.state === "running") return progressText(job);
+    if (job.state === "waiting") return job.waiting_reason || "waiting";
+    return settingsSummary(job.settings);
+  }
+
+  async function loadBrowse() {
+    if (browseBusy) return;
+    browseBusy = true; browseDirty = false;
+    try {
+      const p = new URLSearchParams({ limit: "50" });
+      if (view.q) p.set("q", view.q);
+      if (view.state) p.set("state", view.state);
+      if (view.before) p.set("before", view.before);
+      const response = await fetch(`/api/jobs?${p}`, { headers: { Accept: "application/json" } });
+      const body = await response.json().catch(() => ({}));
+      const section = document.getElementById("browse");
+      const summary = document.getElementById("browse-summary");
+      if (!response.ok) { summary.textContent = body.error || `HTTP ${response.status}`; return; }
+      const items = body.jobs || [];
+      section.querySelector(".empty").hidden = items.length !== 0;
+      section.querySelector("table").hidden = items.length === 0;
+      const total = view.state ? (body.counts || {})[view.state] : Object.values(body.counts || {}).reduce((a, b) => a + b, 0);
+      summary.textContent = `${items.length ? `${items.length} shown` : "none shown"}` +
+        (view.q ? ` matching “${view.q}”` : "") + (total !== undefined && !view.q ? ` of ${total}` : "") +
+        (view.state ? ` (${view.state})` : "") + (view.before ? " · older page" : " · newest first");
+      sync(document.getElementById("browse-list"), items, (j) => j.id,
+        () => el("tr", {}, td("job"), td("state"), td("created", { className: "meta" }), td("result", { className: "message" })),
+        (row, job) => {
+          const c = row.children;
+          c[0].replaceChildren(jobLink(job), tinyBadge(job.output) ? " " : "", tinyBadge(job.output) || "");
+          c[1].replaceChildren(el("span", { className: `badge ${job.state}` }, job.state));
+          c[2].replaceChildren(timeEl(job.created_at));
+          c[3].textContent = resultText(job);
+        });
+      const next = document.getElementById("browse-next");
+      const first = document.getElementById("browse-first");
+      next.hidden = !(body.page && body.page.next_before);
+      if (!next.hidden) next.href = pageUrl({ before: String(body.page.next_before) });
+      first.hidden = !view.before;
+      first.href = pageUrl();
+    } finally { browseBusy = false; }
+  }
+  // Refresh the first page when jobs change, at most every 3 s; older pages stay as they are.
+  setInterval(() => { if (browseDirty && !view.before) loadBrowse(); }, 3000);
+  IT.watchDaemon(() => renderRunning());
+
   IT.listen({
     snapshot(body) {
+      IT.setHeartbeat(body.heartbeat);
+      browseDirty = true;
+      if (!document.body.dataset.browsed) { document.body.dataset.browsed = "1"; loadBrowse(); }
       jobs.clear();
       for (const job of body.jobs) jobs.set(job.id, job);
       counts = body.counts || {};
@@ -171,6 +275,7 @@
       schedule();
     },
     event(frame) {
+      if (frame.event.kind !== "progress") browseDirty = true;
       if (frame.event.kind === "daemon") daemon = frame.event;
       if (frame.job) jobs.set(frame.job.id, frame.job);
       else if (frame.event.job_id) jobs.delete(frame.event.job_id);

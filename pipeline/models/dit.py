@@ -26,6 +26,8 @@ region masks (same quantity as the reference's softmax-then-mask sums).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, cast
 
 import torch
@@ -37,6 +39,7 @@ from pipeline.models.attention import Backend, attention
 from pipeline.models.attention_fp8 import attention_fp8
 
 if TYPE_CHECKING:
+    from pipeline.offload import BlockSwap
     from pipeline.parallel import SequenceParallel
 
 RopeMode = Literal["exact", "fast"]
@@ -477,6 +480,24 @@ def regroup_audio_windows(audio: Tensor, audio_window: int, vae_scale: int) -> t
 # the model
 
 
+@dataclass(slots=True, kw_only=True)
+class _PassState:
+    """One pass of a forward between the embeddings and the head (`forward_passes`)."""
+
+    tokens: Tensor  # [B, L, D] (this rank's L_r with sequence parallelism)
+    e: Tensor  # [B, D] fp32
+    e0: Tensor  # [B, 6, D] fp32
+    grid: tuple[int, int, int]  # the whole token grid
+    local_grid: tuple[int, int, int]  # this rank's (== grid without sequence parallelism)
+    rope: tuple[Tensor, ...]
+    context: Tensor  # [B, Li + text_len, D]
+    audio: Tensor  # [B, F, P·A, Da]
+    speakers: int
+    region_masks: Tensor | None
+    sp: SequenceParallel | None
+    shape: tuple[int, int, int, int]  # (B, F, H, W) of the latents
+
+
 class InfiniteTalkDiT(nn.Module):
     """Wan2.1 I2V DiT + InfiniteTalk audio adapter. Build on the meta device, then load weights.
 
@@ -505,6 +526,8 @@ class InfiniteTalkDiT(nn.Module):
         self._rope: Rope3D | None = None
         #: `pipeline.parallel.SequenceParallel` to split each forward over a process group, or None
         self.sequence_parallel: SequenceParallel | None = None
+        #: `pipeline.offload.BlockSwap` streaming some blocks from host memory, or None (all resident)
+        self.block_swap: BlockSwap | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -553,6 +576,56 @@ class InfiniteTalkDiT(nn.Module):
         Returns:
             velocity [B, 16, F, H, W], float32.
         """
+        return self.forward_passes([(x, t, context, clip_fea, y, audio, ref_target_masks)])[0]
+
+    def forward_passes(self, passes: Sequence[tuple[Tensor | None, ...]]) -> list[Tensor]:
+        """Several forwards (the guidance passes of one step), each a tuple of `forward`'s
+        arguments, run block by block: every block computes all passes before the next block
+        starts, so a block streamed from host memory (`block_swap`) is copied once per step, not
+        once per pass. Each pass gets exactly the numbers of its own `forward` call."""
+        states = [self._embed(*p) for p in passes]  # type: ignore[arg-type]
+        blocks: Iterable[nn.Module] = self.blocks if self.block_swap is None else self.block_swap.order()
+        for block in blocks:
+            for st in states:
+                if st.sp is None:
+                    st.tokens = block(
+                        st.tokens,
+                        st.e0,
+                        st.grid,
+                        st.rope,
+                        st.context,
+                        st.audio,
+                        st.speakers,
+                        st.region_masks,
+                        self.attention_backend,
+                    )
+                else:  # this rank's whole latent frames: [B, L_r, D]
+                    st.tokens = block(
+                        st.tokens,
+                        st.e0,
+                        st.local_grid,
+                        st.rope,
+                        st.context,
+                        st.audio,
+                        st.speakers,
+                        st.region_masks,
+                        self.attention_backend,
+                        st.sp,
+                        st.grid,
+                    )
+        return [self._unpatchify(st) for st in states]
+
+    def _embed(
+        self,
+        x: Tensor,
+        t: Tensor,
+        context: Tensor,
+        clip_fea: Tensor,
+        y: Tensor,
+        audio: Tensor,
+        ref_target_masks: Tensor | None = None,
+    ) -> _PassState:
+        """Steps 1-5 of a forward: tokens, time, context, audio tokens, speaker regions, RoPE."""
         cfg = self.cfg
         b, _, n_f, n_h, n_w = x.shape
         pt, ph, pw = cfg.patch_size
@@ -589,45 +662,38 @@ class InfiniteTalkDiT(nn.Module):
         if speakers == 2:
             region_masks = self._region_masks(ref_target_masks, grid, device, dtype)
 
-        # 6. blocks
+        # 6. (the blocks run in forward_passes) RoPE tables; with sequence parallelism this
+        # rank's share of the tokens
         rope = self.rope().tables(grid, device)
         sp = self.sequence_parallel
-        if sp is None:
-            for block in self.blocks:
-                tokens = block(
-                    tokens,
-                    e0,
-                    grid,
-                    rope,
-                    context,
-                    audio_tokens,
-                    speakers,
-                    region_masks,
-                    self.attention_backend,
-                )
-        else:  # this rank's whole latent frames: [B, L_r, D]
-            tokens, rope, local = sp.shard(tokens, rope, grid)
-            local_audio = audio_tokens[:, sp.local_frames(grid)]  # [B, F_r, P·A, Da]
-            for block in self.blocks:
-                tokens = block(
-                    tokens,
-                    e0,
-                    local,
-                    rope,
-                    context,
-                    local_audio,
-                    speakers,
-                    region_masks,
-                    self.attention_backend,
-                    sp,
-                    grid,
-                )
-
-        # 7. head and unpatchify: [B, L, p·C] -> [B, C, F, H, W]
-        out = self.head(tokens, e)
+        local_grid = grid
         if sp is not None:
-            out = sp.gather(out, grid)
-        f, h, w = grid
+            tokens, rope, local_grid = sp.shard(tokens, rope, grid)
+            audio_tokens = audio_tokens[:, sp.local_frames(grid)]  # [B, F_r, P·A, Da]
+        return _PassState(
+            tokens=tokens,
+            e=e,
+            e0=e0,
+            grid=grid,
+            local_grid=local_grid,
+            rope=rope,
+            context=context,
+            audio=audio_tokens,
+            speakers=speakers,
+            region_masks=region_masks,
+            sp=sp,
+            shape=(b, n_f, n_h, n_w),
+        )
+
+    def _unpatchify(self, st: _PassState) -> Tensor:
+        """Step 7: head and unpatchify: [B, L, p·C] -> velocity [B, C, F, H, W] float32."""
+        cfg = self.cfg
+        pt, ph, pw = cfg.patch_size
+        b, n_f, n_h, n_w = st.shape
+        out = self.head(st.tokens, st.e)
+        if st.sp is not None:
+            out = st.sp.gather(out, st.grid)
+        f, h, w = st.grid
         out = out.view(b, f, h, w, pt, ph, pw, cfg.out_dim)
         out = torch.einsum("bfhwpqrc->bcfphqwr", out)
         return out.reshape(b, cfg.out_dim, n_f, n_h, n_w).float()

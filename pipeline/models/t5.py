@@ -1,4 +1,4 @@
-"""umT5-XXL text encoder (`models_t5_umt5-xxl-enc-bf16.pth` + the `google/umt5-xxl/` tokenizer).
+"""umT5-XXL text encoder (`models_t5_umt5-xxl-enc-bf16.pth` + `google/umt5-xxl/tokenizer.json`).
 
 Shape legend
     B prompts · L tokens of one prompt (real length, EOS included, <= text_len = 512)
@@ -146,10 +146,47 @@ def _hf_config(cfg: T5Config) -> Any:  # a transformers.UMT5Config
     )
 
 
+@dataclass(frozen=True, slots=True)
+class TokenBatch:
+    """Token ids [B, L] (int64, padded to the longest) and their attention mask [B, L] (1 = real)."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+
+
+class PromptTokenizer:
+    """The folder's `tokenizer.json`, run by the `tokenizers` library exactly as written.
+
+    transformers 4 runs the file as written too (the reference's ids); transformers 5 rebuilds
+    a T5 tokenizer from its class template instead (another pre-tokenizer, only a `Precompiled`
+    normaliser kept), so characters NFKC folds (`①`, `²`, `H₂O`, `……`) would tokenize
+    differently there. Reading the file ourselves gives the reference's ids under any version.
+    Post-processing (EOS) and truncation to `max_length` (EOS kept) are the file's own.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tokenizer = tokenizer  # a tokenizers.Tokenizer
+        self.max_length = max_length
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(max_length=max_length)
+        pad = tokenizer.token_to_id("<pad>")
+        self.pad_id = 0 if pad is None else int(pad)
+
+    def __call__(self, texts: Sequence[str]) -> TokenBatch:
+        ids = [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=True)]
+        width = max(len(i) for i in ids)
+        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, seq in enumerate(ids):
+            input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = 1
+        return TokenBatch(input_ids=input_ids, attention_mask=mask)
+
+
 class TextEncoder:
     """Tokenizer + umT5 encoder, resident on one device. Call `encode_text(prompts)`."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, cfg: T5Config) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: PromptTokenizer, cfg: T5Config) -> None:
         self.model: Any = model  # a transformers UMT5EncoderModel
         self.tokenizer = tokenizer
         self.cfg = cfg
@@ -167,14 +204,7 @@ class TextEncoder:
         """
         if isinstance(prompts, str) or not prompts:
             raise ValueError(f"encode_text expects a non-empty list of strings, got {prompts!r}")
-        batch = self.tokenizer(
-            [clean_prompt(p) for p in prompts],
-            padding="longest",
-            truncation=True,
-            max_length=self.cfg.text_len,
-            add_special_tokens=True,
-            return_tensors="pt",
-        )
+        batch = self.tokenizer([clean_prompt(p) for p in prompts])
         ids = batch.input_ids.to(self.device)  # [B, L]
         mask = batch.attention_mask.to(self.device)  # [B, L]
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, L, D]
@@ -182,12 +212,14 @@ class TextEncoder:
         return [h[:n] for h, n in zip(hidden, lengths, strict=True)]
 
 
-def load_tokenizer(folder: Path) -> Any:  # a transformers tokenizer
-    from transformers import AutoTokenizer
+def load_tokenizer(folder: Path, max_length: int = 512) -> PromptTokenizer:
+    """`<folder>/tokenizer.json` as a `PromptTokenizer` truncating to `max_length` tokens."""
+    from tokenizers import Tokenizer
 
-    if not (folder / "tokenizer_config.json").is_file() and not (folder / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"T5 tokenizer folder not found or empty: {folder}")
-    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    file = Path(folder) / "tokenizer.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"T5 tokenizer not found: {file}")
+    return PromptTokenizer(Tokenizer.from_file(str(file)), max_length)
 
 
 def load_t5(
@@ -208,7 +240,7 @@ def load_t5(
     file = root / T5_FILE
     if not file.is_file():
         raise FileNotFoundError(f"T5 weights not found: {file}")
-    tokenizer = load_tokenizer(root / T5_TOKENIZER_DIR)
+    tokenizer = load_tokenizer(root / T5_TOKENIZER_DIR, cfg.text_len)
     with torch.device("meta"):
         model = UMT5EncoderModel(_hf_config(cfg))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -12,6 +12,11 @@ frames a convolution needs from the previous group come from a `FeatureCache` (o
 temporal convolution, at most `CACHE_T` frames each), so the result equals a single pass over the
 whole clip while the activations stay small.
 
+Spatial tiling (`VaeTiling`, for GPUs where one chunk's activations do not fit): overlapping
+tiles, each through the whole causal frame loop with its own cache, blended linearly in the
+overlaps; `vae_peak_bytes` estimates a call's peak memory and `fit_tiling` picks the fewest tiles
+that fit a budget (formula and calibration above `vae_peak_bytes`; docs/rendering.md).
+
 Module attribute names follow the released checkpoint exactly (`encoder.downsamples.3.residual.2`,
 `decoder.upsamples.7.time_conv`, `conv1`, `conv2`, ...), so the file loads with `strict=True` and
 no key conversion. transformers has no Wan VAE, hence our own implementation (docs/parity-encoders.md).
@@ -19,6 +24,7 @@ no key conversion. transformers has no Wan VAE, hence our own implementation (do
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -73,6 +79,80 @@ class VAEConfig:
     @property
     def spatial_stride(self) -> int:
         return 2 ** (len(self.dim_mult) - 1)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VaeTiling:
+    """Spatial tiling of encode/decode: a `rows` x `cols` grid of tiles that share `overlap`
+    latent pixels (x8 video pixels) with each neighbour, blended linearly there.
+
+    Time is never tiled: each tile runs through the whole causal frame loop with its own
+    feature cache. 1x1 is the single pass (bit-identical to no tiling). The attention of the
+    middle block and the convolutions' receptive field see one tile only, so a tiled result is an
+    approximation (tests/model/test_vae_tiling.py states the bound); a larger overlap is closer.
+    """
+
+    rows: int = 1
+    cols: int = 1
+    overlap: int = 8  # latent pixels shared by neighbouring tiles (diffusers' Wan tiling: 8)
+
+    def __post_init__(self) -> None:
+        if self.rows < 1 or self.cols < 1 or self.overlap < 0:
+            raise ValueError(
+                f"VaeTiling needs rows >= 1, cols >= 1 and overlap >= 0, "
+                f"got rows={self.rows}, cols={self.cols}, overlap={self.overlap}"
+            )
+
+    @property
+    def is_tiled(self) -> bool:
+        return self.rows * self.cols > 1
+
+    def tile_size(self, h: int, w: int) -> tuple[int, int]:
+        """The latent height and width of the largest tile for a latent grid h x w."""
+        return _span_length(h, self.rows, self.overlap), _span_length(w, self.cols, self.overlap)
+
+    def __str__(self) -> str:
+        return f"{self.rows}x{self.cols}" + (f" (overlap {self.overlap})" if self.is_tiled else "")
+
+
+def _span_length(size: int, n: int, overlap: int) -> int:
+    if n > size:
+        raise ValueError(f"cannot cut {size} latent pixels into {n} tiles (at most one tile per pixel)")
+    return min(size, -(-(size + (n - 1) * overlap) // n))  # ceil((size + (n-1)·overlap) / n)
+
+
+def tile_spans(size: int, n: int, overlap: int) -> list[tuple[int, int]]:
+    """`n` spans [start, end) of equal length covering 0..size, neighbours sharing >= overlap."""
+    length = _span_length(size, n, overlap)
+    if n == 1:
+        return [(0, size)]
+    starts = [round(i * (size - length) / (n - 1)) for i in range(n)]
+    return [(s, s + length) for s in starts]
+
+
+def _ramp(spans: list[tuple[int, int]], i: int, scale: int) -> Tensor:
+    """Blend weights of span i in output units (x scale): rising over the overlap with the
+    previous span, falling over the overlap with the next, 1 elsewhere; the weights of two
+    neighbours sum to 1 in their overlap."""
+    start, end = spans[i]
+    x = torch.arange((end - start) * scale, dtype=torch.float32) + 0.5
+    w = torch.ones_like(x)
+    if i > 0 and (left := (spans[i - 1][1] - start) * scale) > 0:
+        w = torch.minimum(w, x / left)
+    if i + 1 < len(spans) and (right := (end - spans[i + 1][0]) * scale) > 0:
+        w = torch.minimum(w, (x.numel() - x) / right)
+    return w
+
+
+def _tiles(
+    h: int, w: int, tiling: VaeTiling, *, scale: int, device: torch.device
+) -> Iterator[tuple[tuple[int, int], tuple[int, int], Tensor]]:
+    """Row span, column span (latent units) and the 2-D blend weights [th*scale, tw*scale] of each tile."""
+    rows, cols = tile_spans(h, tiling.rows, tiling.overlap), tile_spans(w, tiling.cols, tiling.overlap)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            ramp = _ramp(rows, i, scale)[:, None] * _ramp(cols, j, scale)[None, :]
+            yield r, c, ramp.to(device)
 
 
 class FeatureCache:
@@ -320,6 +400,7 @@ class WanVAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.channels_last = False
+        self.tiling: VaeTiling | None = None  # encode/decode default (the memory plan sets it)
         self.encoder = Encoder3d(cfg)
         self.conv1 = CausalConv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)
         self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
@@ -350,10 +431,12 @@ class WanVAE(nn.Module):
         return x.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else x
 
     @torch.no_grad()
-    def encode(self, video: Tensor) -> Tensor:
+    def encode(self, video: Tensor, tiling: VaeTiling | None = None) -> Tensor:
         """video: [3, F, H, W] in [-1, 1], F = 4n+1, H and W multiples of 8 -> latents [Z, n+1, H/8, W/8].
 
-        Returns the normalised mean (no sampling), in float32.
+        Returns the normalised mean (no sampling), in float32. `tiling` (default `self.tiling`)
+        encodes overlapping spatial tiles one after the other, each through the whole causal time
+        loop, and blends their latents linearly in the overlaps; None or 1x1 is the single pass.
         """
         if video.ndim != 4 or video.shape[0] != 3:
             raise ValueError(f"VAE.encode expects a video [3, F, H, W], got shape {tuple(video.shape)}")
@@ -365,16 +448,40 @@ class WanVAE(nn.Module):
                 f"got F={frames}, H={height}, W={width}"
             )
         x = self._prepare(video.unsqueeze(0))  # [1, 3, F, H, W]
-        cache = FeatureCache()
-        groups = [x[:, :, :1]] + list(x[:, :, 1:].split(stride_t, dim=2))
-        out = torch.cat([self.encoder(g, cache) for g in groups], dim=2)  # [1, 2Z, f, h, w]
-        mu = self.conv1(out).chunk(2, dim=1)[0].float()
+        tiling = tiling if tiling is not None else self.tiling
+        mu = self._encode_tiled(x, tiling) if tiling is not None and tiling.is_tiled else self._encode_mu(x)
         mean, std = self._stats(mu)
         return ((mu - mean) / std)[0].contiguous()
 
+    def _encode_mu(self, x: Tensor) -> Tensor:
+        """x: [1, 3, F, H, W] prepared -> the posterior mean [1, Z, f, H/8, W/8] in float32."""
+        cache = FeatureCache()
+        groups = [x[:, :, :1]] + list(x[:, :, 1:].split(self.cfg.temporal_stride, dim=2))
+        groups = [g for g in groups if g.shape[2]]  # F = 1: no later group
+        out = torch.cat([self.encoder(g, cache) for g in groups], dim=2)  # [1, 2Z, f, h, w]
+        return self.conv1(out).chunk(2, dim=1)[0].float()
+
+    def _encode_tiled(self, x: Tensor, tiling: VaeTiling) -> Tensor:
+        """x: [1, 3, F, H, W] -> [1, Z, f, h, w] float32, tile by tile, blended in latent space."""
+        _, _, frames, height, width = x.shape
+        s = self.cfg.spatial_stride
+        h, w, f = height // s, width // s, (frames - 1) // self.cfg.temporal_stride + 1
+        mu = torch.zeros(1, self.cfg.z_dim, f, h, w, dtype=torch.float32, device=x.device)
+        weight = torch.zeros(h, w, dtype=torch.float32, device=x.device)
+        for (r0, r1), (c0, c1), ramp in _tiles(h, w, tiling, scale=1, device=x.device):
+            tile = self._tile(x[:, :, :, r0 * s : r1 * s, c0 * s : c1 * s])  # [1, 3, F, th*8, tw*8]
+            mu[:, :, :, r0:r1, c0:c1] += self._encode_mu(tile) * ramp
+            weight[r0:r1, c0:c1] += ramp
+        return mu.div_(weight)
+
     @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
-        """latents: [Z, f, h, w] (normalised) -> video [3, 4(f-1)+1, 8h, 8w] in [-1, 1], float32."""
+    def decode(self, latents: Tensor, tiling: VaeTiling | None = None) -> Tensor:
+        """latents: [Z, f, h, w] (normalised) -> video [3, 4(f-1)+1, 8h, 8w] in [-1, 1], float32.
+
+        `tiling` (default `self.tiling`) decodes overlapping spatial tiles one after the other,
+        each through the whole causal time loop with its own feature cache, and blends the pixels
+        linearly in the overlaps; None or 1x1 is the single pass.
+        """
         if latents.ndim != 4 or latents.shape[0] != self.cfg.z_dim:
             raise ValueError(
                 f"VAE.decode expects latents [{self.cfg.z_dim}, f, h, w], got shape {tuple(latents.shape)}"
@@ -382,9 +489,161 @@ class WanVAE(nn.Module):
         z = latents.unsqueeze(0).to(device=self.conv1.weight.device, dtype=torch.float32)  # [1, Z, f, h, w]
         mean, std = self._stats(z)
         x = self.conv2(self._prepare(z * std + mean))
+        tiling = tiling if tiling is not None else self.tiling
+        if tiling is not None and tiling.is_tiled:
+            return self._decode_tiled(x, tiling)
         cache = FeatureCache()
         frames = [self.decoder(x[:, :, i : i + 1], cache) for i in range(x.shape[2])]
         return torch.cat(frames, dim=2).float().clamp_(-1, 1)[0].contiguous()
+
+    def _decode_tiled(self, x: Tensor, tiling: VaeTiling) -> Tensor:
+        """x: [1, Z, f, h, w] after conv2 -> video [3, F, 8h, 8w] float32, tile by tile.
+
+        Each decoded frame group is added (weighted) straight into one float32 output, so the
+        memory above the output is one tile's activations and feature cache.
+        """
+        _, _, f, h, w = x.shape
+        s = self.cfg.spatial_stride
+        frames = self.cfg.temporal_stride * (f - 1) + 1
+        video = torch.zeros(1, 3, frames, h * s, w * s, dtype=torch.float32, device=x.device)
+        weight = torch.zeros(h * s, w * s, dtype=torch.float32, device=x.device)
+        for (r0, r1), (c0, c1), ramp in _tiles(h, w, tiling, scale=s, device=x.device):
+            tile = self._tile(x[:, :, :, r0:r1, c0:c1])  # [1, Z, f, th, tw]
+            region = video[:, :, :, r0 * s : r1 * s, c0 * s : c1 * s]  # a view: written in place
+            cache, t = FeatureCache(), 0
+            for i in range(f):
+                y = self.decoder(tile[:, :, i : i + 1], cache)  # [1, 3, T, th*8, tw*8]
+                region[:, :, t : t + y.shape[2]] += y.float() * ramp
+                t += y.shape[2]
+            weight[r0 * s : r1 * s, c0 * s : c1 * s] += ramp
+        return video.div_(weight).clamp_(-1, 1)[0]
+
+    def _tile(self, x: Tensor) -> Tensor:
+        fmt = torch.channels_last_3d if self.channels_last else torch.contiguous_format
+        return x.contiguous(memory_format=fmt)
+
+
+# Peak memory of one encode/decode call, for the memory plan: the bytes the call allocates
+# above what is live before it (inputs and weights not counted, the returned tensor counted).
+#
+#   c = base_dim, e = bytes per element of the VAE dtype, P = video pixels of the largest tile
+#   (8·th x 8·tw, the whole frame untiled), V = values of the whole video (3·F·H·W),
+#   L = values of the latents (Z·f·h·w), A(op, e) = _ACTIVATION_BYTES below
+#
+#   decode, untiled: max(A·c·P + V·e, 2·V·e + 4·V·[e != 4])
+#       the activations of one frame group (with every causal conv's feature cache) while the
+#       decoded frames pile up in a list; at the end the list, its concatenation and the float32
+#       copy (none when the VAE runs in float32)
+#   decode, tiled:   4·V + 4·H·W + A·c·P + 3·T·P·(e + 8)
+#       one float32 output the tiles are added into, the blend weights, one tile's activations,
+#       and one tile's frame group (T = temporal stride) in the VAE dtype, in float32 and weighted
+#   encode, untiled: V·e + A·c·P + 3·L·e
+#       the video in the VAE dtype (a copy when the input's dtype or device differ), one frame
+#       group's activations, the posterior (2Z channels) and its concatenation
+#   encode, tiled:   V·e + 3·F·P·e + A·c·P + 3·L·e + 2·4·L
+#       plus one tile's pixels (a contiguous copy) and the float32 blend of the means
+#
+# A is the peak of one steady-state frame group (4 video frames) per base channel and tile pixel,
+# measured by counting every tensor storage the ops allocate (a TorchDispatchMode with weakref
+# finalizers, op granularity) on the CPU for the released config (base_dim 96) at 32x32 to 64x64
+# pixels and 2-5 latent frames (it scales with c·P; base_dim 16 gives the same per channel; the
+# 2-frame case reads lowest): decode 178.7-180.2 B fp32, 89.3-102.1 B bf16 (the nearest-exact
+# upsampling runs in float32); encode 125.8-138.6 B fp32, 63.2-70.4 B bf16. The table takes the
+# maxima.
+# The CPU check of the whole formula (same counter, base_dim 16, 5-11 latent frames, 1x1, 1x2 and
+# 2x2 tiles) measured 0.97-0.98 of it for decode and 0.77-0.90 for encode (an fp32 input is not
+# copied). On CUDA, torch.cuda.max_memory_allocated on an H200 with the full-size VAE (random
+# weights, cudnn.benchmark on, 21 latent frames at 60x104 and 90x160, tiles 1x1 to 3x3):
+# bf16 channels-last (the default) 0.975-0.996 of the formula (encode of 2 frames 0.89); fp32
+# 1.16-1.20 (cuDNN's fp32 convolution workspace), hence `CUDA_FP32_MARGIN` on CUDA in fp32.
+_ACTIVATION_BYTES = {("decode", 4): 180.5, ("decode", 2): 102.5, ("encode", 4): 139.0, ("encode", 2): 70.5}
+CUDA_FP32_MARGIN = 1.25
+
+
+def vae_peak_bytes(
+    latent_shape: tuple[int, int, int],
+    *,
+    op: str = "decode",
+    tiling: VaeTiling | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    cfg: VAEConfig = VAEConfig(),
+    device_type: str = "cuda",
+) -> int:
+    """Estimated peak bytes one `decode` (or `encode`) of latents [Z, f, h, w] allocates.
+
+    `latent_shape` is (f, h, w): latent frames, height and width (an 81-frame 480p chunk is
+    (21, 60, 104)); for `encode`, the latents the video encodes to. On "cuda" in float32 the
+    estimate includes `CUDA_FP32_MARGIN` (formula and calibration above).
+    480p, 81 frames, bf16 on CUDA: 3.84 GiB untiled, 1.49 GiB 2x2, 0.98 GiB 3x3.
+    """
+    if op not in ("decode", "encode"):
+        raise ValueError(f"op must be 'decode' or 'encode', got {op!r}")
+    f, h, w = latent_shape
+    if min(f, h, w) < 1:
+        raise ValueError(f"latent_shape needs f, h, w >= 1, got {latent_shape}")
+    e = torch.empty((), dtype=dtype).element_size()
+    act_key = (op, 4 if e >= 4 else 2)
+    s, t = cfg.spatial_stride, cfg.temporal_stride
+    frames = t * (f - 1) + 1
+    tiled = tiling is not None and tiling.is_tiled
+    th, tw = tiling.tile_size(h, w) if tiling is not None and tiled else (h, w)
+    pixels = th * s * tw * s  # P
+    video = 3 * frames * h * s * w * s  # V
+    latents = cfg.z_dim * f * h * w  # L
+    act = _ACTIVATION_BYTES[act_key] * cfg.base_dim * pixels
+    if op == "decode" and not tiled:
+        peak = max(act + video * e, 2 * video * e + (4 * video if e != 4 else 0))
+    elif op == "decode":
+        peak = 4 * video + 4 * h * s * w * s + act + 3 * t * pixels * (e + 8)
+    else:
+        peak = video * e + act + 3 * latents * e + (3 * frames * pixels * e + 8 * latents if tiled else 0)
+    if device_type == "cuda" and e >= 4:
+        peak *= CUDA_FP32_MARGIN
+    return int(peak)
+
+
+def fit_tiling(
+    latent_shape: tuple[int, int, int],
+    budget_bytes: int,
+    *,
+    ops: tuple[str, ...] = ("decode", "encode"),
+    dtype: torch.dtype = torch.bfloat16,
+    cfg: VAEConfig = VAEConfig(),
+    device_type: str = "cuda",
+    overlap: int = 8,
+    max_tiles: int = 8,
+) -> VaeTiling:
+    """The tiling with the fewest tiles whose `vae_peak_bytes` fits `budget_bytes` for every op
+    in `ops` (1x1 when the whole chunk fits; of equal counts the lower peak).
+
+    Raises ValueError naming the budget and the smallest peak any tiling up to
+    `max_tiles` x `max_tiles` reaches when none fits.
+    """
+    _, h, w = latent_shape
+    grids = sorted(
+        (r * c, r, c) for r in range(1, min(max_tiles, h) + 1) for c in range(1, min(max_tiles, w) + 1)
+    )
+    chosen: tuple[int, VaeTiling] | None = None  # (peak, tiling): fewest tiles that fit, then lowest peak
+    lowest: tuple[int, VaeTiling] | None = None
+    for count, rows, cols in grids:
+        if chosen is not None and count > chosen[1].rows * chosen[1].cols:
+            break
+        tiling = VaeTiling(rows=rows, cols=cols, overlap=overlap)
+        peak = max(
+            vae_peak_bytes(latent_shape, op=op, tiling=tiling, dtype=dtype, cfg=cfg, device_type=device_type)
+            for op in ops
+        )
+        if lowest is None or peak < lowest[0]:
+            lowest = (peak, tiling)
+        if peak <= budget_bytes and (chosen is None or peak < chosen[0]):
+            chosen = (peak, tiling)
+    if chosen is None:
+        assert lowest is not None
+        raise ValueError(
+            f"the VAE needs {lowest[0] / 2**30:.2f} GiB for latents {tuple(latent_shape)} even tiled "
+            f"{lowest[1]}, more than the {budget_bytes / 2**30:.2f} GiB the budget leaves it"
+        )
+    return chosen[1]
 
 
 def load_vae(

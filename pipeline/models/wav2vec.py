@@ -124,8 +124,10 @@ def load_wav2vec(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report lists the pre-training heads as "unexpected"
     try:
+        # no dtype argument: transformers names it `torch_dtype` before 4.56 and `dtype` after;
+        # the file's float32 tensors are converted below instead, the same under every version
         model, info = Wav2Vec2Model.from_pretrained(
-            str(folder), local_files_only=True, output_loading_info=True, dtype=dtype
+            str(folder), local_files_only=True, output_loading_info=True
         )
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -146,4 +148,4 @@ def load_wav2vec(
             f"expected {cfg.hidden_size} and {cfg.num_layers}"
         )
     extractor = Wav2Vec2FeatureExtractor.from_pretrained(str(folder), local_files_only=True)
-    return AudioEncoder(model.to(device).eval().requires_grad_(False), extractor, cfg)
+    return AudioEncoder(model.to(device=device, dtype=dtype).eval().requires_grad_(False), extractor, cfg)

@@ -128,6 +128,8 @@ def test_ledger_appearing_later_is_picked_up(client: TestClient, cfg) -> None:  
 
 
 def test_metrics_in_prometheus_text(client: TestClient, ledger: Ledger, outbox: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
     done = queue_job(ledger, "a")
     run_job(ledger, done.id)
     finish_job(ledger, outbox, done.id, "a")
@@ -135,22 +137,22 @@ def test_metrics_in_prometheus_text(client: TestClient, ledger: Ledger, outbox: 
     run_job(ledger, running.id)
     response = client.get("/metrics")
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
-    lines = response.text.splitlines()
-    assert "infinitetalk_ledger_up 1" in lines
-    assert 'infinitetalk_jobs{state="done"} 1' in lines
-    assert 'infinitetalk_jobs{state="running"} 1' in lines
-    assert "# TYPE infinitetalk_render_seconds histogram" in lines
-    assert 'infinitetalk_render_seconds_bucket{le="10"} 0' in lines
-    assert 'infinitetalk_render_seconds_bucket{le="30"} 1' in lines
-    assert "infinitetalk_render_seconds_sum 12.5" in lines and "infinitetalk_render_seconds_count 1" in lines
-    assert "infinitetalk_queue_wait_seconds_count 2" in lines
-    assert f'infinitetalk_job_progress{{id="{running.id}",name="quote\\"d"}} 0.25' in lines
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples
+    }
+    assert samples[("infinitetalk_ledger_up", ())] == 1
+    assert samples[("infinitetalk_jobs", (("state", "done"),))] == 1
+    assert samples[("infinitetalk_jobs", (("state", "running"),))] == 1
+    assert families["infinitetalk_render_seconds"].type == "histogram"
+    assert samples[("infinitetalk_render_seconds_bucket", (("le", "10.0"),))] == 0
+    assert samples[("infinitetalk_render_seconds_bucket", (("le", "30.0"),))] == 1
+    assert samples[("infinitetalk_render_seconds_sum", ())] == 12.5
+    assert samples[("infinitetalk_render_seconds_count", ())] == 1
+    assert samples[("infinitetalk_queue_wait_seconds_count", ())] == 2
+    assert samples[("infinitetalk_job_progress", (("id", running.id), ("name", 'quote"d')))] == 0.25
     last = ledger.conn.execute("SELECT MAX(id) FROM events").fetchone()[0]
-    assert f"infinitetalk_last_event_id {last}" in lines
-    # every sample line is NAME{labels} VALUE with a numeric value
-    for line in lines:
-        if line and not line.startswith("#"):
-            float(line.rsplit(" ", 1)[1])
+    assert samples[("infinitetalk_last_event_id", ())] == last
 
 
 def test_snapshot_has_the_daemons_last_word(client: TestClient, ledger: Ledger) -> None:

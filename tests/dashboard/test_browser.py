@@ -143,16 +143,23 @@ def test_page_follows_a_job_from_queue_to_video(
         page.wait_for(f"!{video}.seeking && {video}.readyState >= 2")
         _shot(page, tmp_path, "dashboard-finished.png")
 
-        # the job's own page: every event of its history, in order
+        # the job's own page: a timeline of its state events (progress is the chart), and every
+        # raw event, in order, behind a link
         page.goto(f"{url}/jobs/{alice.id}")
+        page.wait_for("document.body.dataset.ready === '1'")
+        kinds = page.evaluate(
+            "[...document.querySelectorAll('#timeline tr')].map(r => r.children[2].textContent)"
+        )
+        assert kinds == ["created", "queued", "started", "done"]
+        assert "alice-studio" in page.evaluate(_text("#job-name"))
+        assert page.evaluate("!!document.querySelector('#job-video video')")
+        _shot(page, tmp_path, "dashboard-job.png")
+        page.goto(f"{url}/jobs/{alice.id}?events=1")
         page.wait_for("document.body.dataset.ready === '1'")
         kinds = page.evaluate(
             "[...document.querySelectorAll('#history tr')].map(r => r.children[2].textContent)"
         )
         assert kinds == ["created", "queued", "started", "progress", "progress", "done"]
-        assert "alice-studio" in page.evaluate(_text("#job-name"))
-        assert page.evaluate("!!document.querySelector('#job-video video')")
-        _shot(page, tmp_path, "dashboard-job.png")
 
         # the daemon's ledger goes away (a new state dir, say): a clear note; when it returns, live again
         page.goto(url + "/")

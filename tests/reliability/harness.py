@@ -124,6 +124,8 @@ class DaemonProc:
     starts: int = 0
     #: a command prefix for the next start, e.g. strace with a fault-injection rule
     wrapper: list[str] = field(default_factory=list)
+    #: extra environment of the next start (PYTHONPATH entries go before the repository's)
+    env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -175,6 +177,10 @@ class DaemonProc:
             "TQDM_DISABLE": "1",
         }
         env.pop("NOTIFY_SOCKET", None)
+        extra = dict(self.env)
+        if "PYTHONPATH" in extra:
+            extra["PYTHONPATH"] += os.pathsep + str(REPO)
+        env.update(extra)
         self.starts += 1
         with open(self.log, "ab") as log:
             log.write(f"\n===== start {self.starts} at {time.time():.3f}\n".encode())

@@ -14,6 +14,7 @@ job resumes. Words in the prompt steer it:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from fractions import Fraction
@@ -59,6 +60,7 @@ class FakePipeline:
             start_chunk = json.loads(marker.read_text())["done"] + 1
         log = Path(checkpoint_dir) / "log.txt" if checkpoint_dir else None
         for chunk in range(start_chunk, CHUNKS + 1):
+            logging.getLogger(__name__).info("fake render: chunk %d of %d", chunk, CHUNKS)
             if log is not None:
                 with open(log, "a") as f:
                     f.write(f"chunk {chunk} pid {os.getpid()}\n")

@@ -110,7 +110,8 @@ def test_a_videos_sound_as_the_speech(daemon: Daemon) -> None:
 
 
 def test_caps_hold_with_thirty_jobs(tmp_path: Path) -> None:
-    d = Daemon(tmp_path, env={"FAKE_PIPELINE_STEP_S": "0.01"})
+    # renders slow enough that claiming (a copy of each job's files, fsynced) outpaces them
+    d = Daemon(tmp_path, env={"FAKE_PIPELINE_STEP_S": "0.04"})
     staging = tmp_path / "staging"
     make_job_bundle(staging / "proto", duration_s=1.0, seed=0)
     for i in range(30):  # distinct prompts: no duplicates
@@ -342,7 +343,7 @@ def test_kill9_mid_render_resumes_from_the_last_chunk(tmp_path: Path) -> None:
     assert not log.exists()  # checkpoints are removed once the job is published
     sidecar = json.loads((d.outbox / "long.json").read_text())
     assert sidecar["resumed_from_chunk"] >= 1
-    assert done["attempts"] == 2
+    assert done["attempts"] == 1  # a kill of the daemon is not the job's fault: not counted
     kinds = [e["kind"] for e in d.events(done["id"])]
     assert kinds.count("done") == 1 and kinds.count("started") == 2
     assert len(list(d.outbox.glob("long*.mp4"))) == 1
@@ -604,31 +605,36 @@ def _example_layout(inbox: Path, name: str, folder: str) -> Path:
     return media
 
 
-def test_loose_job_with_media_in_subfolders_is_the_only_job(tmp_path: Path) -> None:
-    """`inbox/single_example_image.json` naming `examples/single/...`: the folder `examples/` is
-    the loose job's media, not a bundle; once claimed, the emptied folders are gone, so no
-    phantom job "examples" waits and is rejected later. A folder without job.json that no loose
-    job names is still an upload in progress, rejected after incomplete_timeout_s."""
-    d = Daemon(tmp_path, config={"incomplete_timeout_s": 3})
+def test_loose_jobs_with_media_in_a_subfolder_render_and_leave_it_in_place(tmp_path: Path) -> None:
+    """`inbox/single_example_image.json` naming `examples/single/...` (the reference's layout):
+    `examples/` is the loose jobs' media folder, not a bundle, while they name it; its files are
+    copied at the claim, never moved, so a second job naming the same files renders too and the
+    folder stays. Once no loose job names it, it is a bundle candidate like any folder: without a
+    job.json it is rejected `incomplete` after incomplete_timeout_s, its files kept."""
+    d = Daemon(tmp_path, config={"incomplete_timeout_s": 8})
     try:
-        _example_layout(d.inbox, "single_example_image", "examples/single")
-        pending = d.inbox / "pending"
-        pending.mkdir()
-        (pending / "face.png").write_bytes(b"not yet")
+        media = _example_layout(d.inbox, "single_example_image", "examples/single")
+        doc = json.loads((d.inbox / "single_example_image.json").read_text())
+        (d.inbox / "second.json").write_text(json.dumps({**doc, "seed": 12345}))
+        before = {p.name: _sha256(p) for p in media.iterdir()}
         d.start()
-        job = d.wait_state("single_example_image", "done")
-        assert set(json.loads(job["input_hashes_json"])) == {
-            "examples/single/ref_image.png",
-            "examples/single/1.wav",
-        }
-        rejected = d.wait_state("pending", "rejected", timeout=30)
-        assert rejected["error_code"] == "incomplete"
-        time.sleep(4.0)  # past incomplete_timeout_s: a phantom "examples" would be rejected by now
-        assert sorted(j["name"] for j in d.jobs()) == ["pending", "single_example_image"]
-        assert list(d.inbox.iterdir()) == []
-        assert not (d.outbox / "failed" / "examples").exists()
+        for name in ("single_example_image", "second"):
+            job = d.wait_state(name, "done")
+            assert json.loads(job["input_hashes_json"]) == {
+                "examples/single/ref_image.png": before["ref_image.png"],
+                "examples/single/1.wav": before["1.wav"],
+            }
+        assert {p.name: _sha256(p) for p in media.iterdir()} == before  # left in place, intact
+        folder = d.wait_state("examples", "rejected", timeout=60)
+        assert folder["error_code"] == "incomplete"
+        assert (d.outbox / "failed" / "examples" / "single" / "1.wav").is_file()
+        assert sorted(j["name"] for j in d.jobs()) == ["examples", "second", "single_example_image"]
     finally:
         d.stop()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_litter_in_a_bundle_named_failed_does_not_hold_it(daemon: Daemon) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -19,7 +20,8 @@ def _done_job(ledger: Ledger, outbox: Path, name: str, finished_at: float, jobs_
     ledger.claim_next(max_running=3)
     video, sidecar = outbox / f"{name}.mp4", outbox / f"{name}.json"
     video.write_bytes(b"v")
-    sidecar.write_text("{}")
+    # as a sidecar written before identities were recorded: it names its job and its video
+    sidecar.write_text(json.dumps({"job_id": row.id, "outputs": {"video": str(video), "poster": None}}))
     (jobs_dir / row.id / "input").mkdir(parents=True)
     ledger.transition(
         row.id,

@@ -179,3 +179,41 @@ def test_default_perf_is_fast_on_cuda_only():
     assert default_perf("cuda", attention="flash3").attention == "flash"
     with pytest.raises(ValueError, match="'xformers'"):
         default_perf("cuda", attention="xformers")
+
+
+def test_bench_under_a_memory_budget_on_cpu(tiny_opts):
+    """`--gpu-memory-gib`: the chunk loop runs under the plan (blocks streamed, in/out encoders),
+    reports the plan and the host-to-device traffic, and leaves the models resident again."""
+    import dataclasses
+
+    from pipeline.bench import Bench, format_report, run_bench
+    from pipeline.placement import GiB, PlacementError
+
+    opts = dataclasses.replace(
+        tiny_opts,
+        sizes=(),
+        dtypes=("bf16",),
+        passes=(2,),
+        load_probe_blocks=0,
+        dit=dataclasses.replace(tiny_opts.dit, num_layers=6),
+    )
+    probe = Bench(opts, log=lambda m: None)
+    probe.build()
+    with pytest.raises(PlacementError) as info:
+        probe.plan_for(probe.shape("480"), 2, 1e-6)
+    smallest = info.value.min_gpu_bytes / GiB  # the smallest budget: every block streams
+    report = run_bench(dataclasses.replace(opts, gpu_memory_gib=(smallest,)), log=lambda m: None)
+    assert report["errors"] == {}
+    by_pass = report["chunks"]["480"]["bf16"]
+    plain, budgeted = by_pass["2-pass"], by_pass[f"2-pass@{smallest:g}GiB"]
+    plan = budgeted["placement"]
+    assert plan["swapped_blocks"] == 6 and plan["resident_blocks"] == 0 and plan["t5"] != "gpu"
+    # both guidance passes of a step share one copy of each streamed block
+    from pipeline.offload import module_bytes
+
+    block = module_bytes(probe.dit.blocks[0])
+    assert 6 * block <= budgeted["h2d_bytes_per_step"] <= 6 * block * 1.1
+    assert "h2d_bytes_per_step" not in plain
+    assert budgeted["dit_forwards_per_chunk"] == plain["dit_forwards_per_chunk"] == 2 * opts.steps
+    assert budgeted["frames_shape"] == plain["frames_shape"] and budgeted["finite"]
+    assert f"plan: budget {smallest:.4f}"[:18] in format_report(report)

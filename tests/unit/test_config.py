@@ -52,7 +52,7 @@ def test_environment_variable_then_local_file(tmp_path: Path, monkeypatch: pytes
         ("[dashboard]\nprot = 1\n", "dashboard.prot: unknown key"),
         ('max_queued = "many"\n', "max_queued must be an integer, got 'many'"),
         ("max_running = 0\n", "max_running must be > 0"),
-        ('quant = "int4"\n', "quant must be one of none, fp8, got 'int4'"),
+        ('quant = "int4"\n', "quant must be one of auto, none, fp8, got 'int4'"),
         ("settle_s = -1\n", "settle_s must be >= 0"),
         ("max_queued = \n", "not valid TOML"),
         ('[defaults]\nsize = "1080p"\n', "defaults.size must be one of"),

@@ -17,7 +17,7 @@ from daemon.inbox import (
     is_litter,
     is_temporary,
     loose_media_names,
-    prune_emptied,
+    loose_path_problem,
     scan,
     signature,
 )
@@ -186,6 +186,8 @@ def test_a_folder_no_loose_job_names_is_still_a_bundle_upload(tmp_path: Path) ->
 
 
 def test_a_named_folder_with_job_json_or_a_symlink_stays_an_entry(tmp_path: Path) -> None:
+    """A folder with job.json is a bundle, never a media folder (a loose job naming its files is
+    rejected: `loose_path_problem`); a symlinked folder is an entry, rejected as a symlink."""
     _example_media(tmp_path)
     (tmp_path / "examples" / "job.json").write_text("{}")
     (tmp_path / "linked").symlink_to(tmp_path / "examples")
@@ -200,18 +202,41 @@ def test_a_named_folder_with_job_json_or_a_symlink_stays_an_entry(tmp_path: Path
     ]
 
 
+def test_loose_path_problem_refuses_bundles_and_hidden_or_staging_names(tmp_path: Path) -> None:
+    _example_media(tmp_path)
+    (tmp_path / "victim").mkdir()
+    (tmp_path / "victim" / "job.json").write_text("{}")
+    assert loose_path_problem(tmp_path, "face.png") is None
+    assert loose_path_problem(tmp_path, "examples/single/1.wav") is None
+    assert "bundle 'victim'" in str(loose_path_problem(tmp_path, "victim/voice.wav"))
+    for rel in (
+        ".face.png",
+        "face.png.part",
+        ".staging/voice.wav",
+        "examples/.~tmp~/1.wav",
+        "examples/.rsync-partial/1.wav",
+        "examples/single/.1.wav.Xy12Ab",
+    ):
+        assert "hidden or temporary" in str(loose_path_problem(tmp_path, rel)), rel
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
+        ("1.wav", {"1.wav"}),
+        ("./1.wav", {"1.wav"}),
         ("examples/single/1.wav", {"examples/single/1.wav"}),
         ("./examples//single/1.wav", {"examples/single/1.wav"}),
         ("examples\\single\\1.wav", {"examples/single/1.wav"}),
+        (".staging/1.wav", set()),
+        ("examples/.~tmp~/1.wav", set()),
+        (".1.wav", set()),
         ("../outside.wav", set()),
         ("/etc/passwd.wav", set()),
         ("None", set()),
     ],
 )
-def test_loose_media_names_normalises_and_drops_escapes(
+def test_loose_media_names_normalises_and_drops_escapes_and_hidden_names(
     tmp_path: Path, value: str, expected: set[str]
 ) -> None:
     job = tmp_path / "x.json"
@@ -219,37 +244,6 @@ def test_loose_media_names_normalises_and_drops_escapes(
     assert loose_media_names(job) == expected
     job.write_text("{not json")
     assert loose_media_names(job) == set()
-
-
-def test_prune_emptied_removes_only_the_folders_a_move_emptied(tmp_path: Path) -> None:
-    media = _example_media(tmp_path)
-    (tmp_path / "examples" / "multi").mkdir()
-    (tmp_path / "examples" / "multi" / "1-man.wav").write_bytes(b"wav")
-    for f in media.iterdir():
-        f.unlink()
-    (media / ".DS_Store").write_bytes(b"x")  # OS litter does not keep a folder
-    prune_emptied(tmp_path, ["examples/single/1.wav", "examples/single/ref_image.png"])
-    assert not media.exists()
-    assert (tmp_path / "examples" / "multi" / "1-man.wav").exists()  # not emptied: kept
-    (tmp_path / "examples" / "multi" / "1-man.wav").unlink()
-    (tmp_path / "examples" / "multi" / "notes.txt~").write_text("x")  # a backup copy is kept
-    prune_emptied(tmp_path, ["examples/multi/1-man.wav"])
-    assert (tmp_path / "examples" / "multi").exists()
-    (tmp_path / "examples" / "multi" / "notes.txt~").unlink()
-    prune_emptied(tmp_path, ["examples/multi/1-man.wav", "face.png", "gone/x.png"])
-    assert list(tmp_path.iterdir()) == []
-    assert tmp_path.is_dir()  # never the inbox itself
-
-
-def test_prune_emptied_never_follows_a_symlink(tmp_path: Path) -> None:
-    outside = tmp_path / "outside" / "sub"
-    outside.mkdir(parents=True)
-    (outside / ".DS_Store").write_bytes(b"x")
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    (inbox / "link").symlink_to(tmp_path / "outside")
-    prune_emptied(inbox, ["link/sub/x.png", "link/x.png"])
-    assert (outside / ".DS_Store").exists() and (inbox / "link").is_symlink()
 
 
 @pytest.fixture()
@@ -297,22 +291,45 @@ def test_a_media_folder_that_arrived_before_its_json_is_dropped_as_no_job(intake
     assert (inbox / "examples" / "single" / "1.wav").exists()
 
 
-def test_a_rejected_loose_job_leaves_no_media_folder_behind(intake: Intake) -> None:
+def test_a_rejected_loose_job_leaves_its_media_folder_in_place(intake: Intake) -> None:
+    """The files of a media folder are never moved (the folder may be another client's bundle
+    still being uploaded): a rejected loose job keeps only its JSON (and its loose files) as
+    originals; once no loose job names the folder, it is a bundle candidate again."""
     inbox = intake.settings.inbox
-    _example_media(inbox)
+    media = _example_media(inbox)
     _example_json(inbox, colour="red")  # an unknown key: rejected
     intake.scan_once()
     rows = _rows(intake)
     assert list(rows) == ["single_example_image"] and rows["single_example_image"][0] == "rejected"
     kept = intake.settings.outbox / "failed" / "single_example_image"
-    assert sorted(str(p.relative_to(kept)) for p in kept.rglob("*") if p.is_file()) == [
-        "examples/single/1.wav",
-        "examples/single/ref_image.png",
-        "single_example_image.json",
-    ]
-    assert list(inbox.iterdir()) == []
+    assert sorted(str(p.relative_to(kept)) for p in kept.rglob("*")) == ["single_example_image.json"]
+    assert sorted(p.name for p in media.iterdir()) == ["1.wav", "ref_image.png"]
     intake.scan_once()
-    assert list(_rows(intake)) == ["single_example_image"]
+    assert _rows(intake)["examples"] == ("waiting", "incomplete upload: no job.json yet")
+
+
+@pytest.mark.parametrize("folder", ["victim", ".staging-victim"])
+def test_a_loose_job_naming_files_of_a_bundle_or_a_staged_folder_is_rejected(
+    intake: Intake, folder: str
+) -> None:
+    inbox = intake.settings.inbox
+    (inbox / folder).mkdir()
+    for name in ("face.png", "voice.wav"):
+        (inbox / folder / name).write_bytes(b"x")
+    if folder == "victim":
+        (inbox / folder / "job.json").write_text("{}")
+    (inbox / "thief.json").write_text(
+        json.dumps({"prompt": "p", "cond_video": f"{folder}/face.png", "cond_audio": {"person1": "x.wav"}})
+    )
+    intake.scan_once()
+    thief = next(r for r in intake.ledger.jobs(["rejected"]) if r.name == "thief")
+    assert thief.error_code == "path_escape" and f"{folder}/face.png" in str(thief.error_message)
+    # nothing was taken: the staged folder as it was; the victim's files all went to its own job
+    # (rejected here for its empty job.json, so they are kept as its originals)
+    left = inbox / folder if folder != "victim" else intake.settings.outbox / "failed" / "victim"
+    assert sorted(p.name for p in left.iterdir()) == sorted(
+        ["face.png", "voice.wav", *(["job.json"] if folder == "victim" else [])]
+    )
 
 
 def test_signature_changes_with_size_and_mtime(tmp_path: Path) -> None:
@@ -375,7 +392,7 @@ def test_a_rejected_loose_job_never_moves_a_file_from_outside_the_inbox(
     intake: Intake, tmp_path: Path
 ) -> None:
     """`ex/link` is a symlink to a folder outside the inbox: the job is rejected (symlink) and the
-    outside file stays where it is; only the inbox's own files are kept as originals."""
+    outside file stays where it is; only its JSON is kept (a media folder's files never move)."""
     inbox = intake.settings.inbox
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -391,4 +408,6 @@ def test_a_rejected_loose_job_never_moves_a_file_from_outside_the_inbox(
     assert (outside / "secret.png").read_bytes() == b"secret"
     kept = intake.settings.outbox / "failed" / "evil"
     assert not list(kept.rglob("secret.png"))
-    assert (kept / "evil.json").is_file() and (kept / "ex" / "1.wav").is_file()
+    # a media folder's files are never moved: only the JSON is kept, the folder stays put
+    assert (kept / "evil.json").is_file() and not (kept / "ex").exists()
+    assert (inbox / "ex" / "1.wav").is_file()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from daemon.errors import LedgerConflict
-from daemon.ledger import Ledger, connect, events_after, status_snapshot
+from daemon.ledger import MIGRATIONS, Ledger, connect, events_after, status_snapshot
 
 
 @pytest.fixture()
@@ -27,7 +27,7 @@ def _queued(ledger: Ledger, name: str, priority: int = 0) -> str:
 
 def test_schema_wal_and_version(ledger: Ledger) -> None:
     assert ledger.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert ledger.conn.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert ledger.conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     cols = {r[1] for r in ledger.conn.execute("PRAGMA table_info(jobs)")}
     agreed = {
         "id",

@@ -47,6 +47,8 @@ PROMPTS = (
     "A woman is talking to the camera in a bright studio.",
     "  two   people &amp;amp; a man  singing\n\tin a dark room ",
     "Ünïcode “quotes” — and a very long prompt: " + "the man is talking " * 12,
+    # characters the tokenizer's nmt_nfkc normaliser folds (transformers 5 tokenized these apart)
+    "H₂O ① x² …… ｔｈｅ ﬁne man is talking",
 )
 
 
@@ -314,6 +316,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ref", type=Path, default=Path("/work/ref"), help="InfiniteTalk checkout")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--only", nargs="+", choices=("vae", "t5", "clip", "audio"), help="write only these fixtures"
+    )
     args = parser.parse_args()
     from safetensors.torch import save_file
 
@@ -338,6 +343,8 @@ def main() -> None:
             ("clip", lambda m: make_clip(mods, weights, m)),
             ("audio", lambda m: make_audio(args.ref, weights, m)),
         ):
+            if args.only and name not in args.only:
+                continue
             meta = {"seed": str(SEED), "reference_commit": commit, "transformers": transformers.__version__}
             tensors = {k: v.contiguous() for k, v in make(meta).items()}
             path = args.out / f"encoders_{name}.safetensors"
