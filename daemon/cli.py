@@ -23,10 +23,26 @@ COMMAND_MODULES = (
 )
 
 
+class _Version(argparse.Action):
+    """`--version`, computed only when asked (the git lookup is a subprocess)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        from daemon.version import version_line
+
+        print(version_line())
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="infinitetalk",
         description="InfiniteTalk render service: hot-folder daemon, dashboard and tools.",
+    )
+    parser.add_argument(
+        "--version",
+        action=_Version,
+        nargs=0,
+        help="print the service version (and git commit in a checkout) and exit",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:

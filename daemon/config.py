@@ -36,7 +36,37 @@ def _f(default: Any, doc: str, **kw: Any) -> Any:
 class DashboardSettings:
     host: str = _f("127.0.0.1", "address the dashboard binds; keep 127.0.0.1 and use an SSH tunnel")
     port: int = _f(8000, "TCP port of the dashboard", lo=1, hi=65535)
-    token: str = _f("", "if set, the dashboard asks for this bearer token (empty: no auth)")
+    token: str = _f(
+        "",
+        "if set, the dashboard asks for this bearer token (empty: no auth); hidden by --print-config",
+        secret=True,
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NotifySettings:
+    """Webhooks when a job ends (daemon/webhooks.py, docs/daemon.md "Webhooks")."""
+
+    webhook_urls: tuple[str, ...] = _f(
+        (),
+        "http(s) URLs POSTed a JSON body when a job ends (done, failed, rejected, cancelled); "
+        "empty: no webhooks; changes need a restart",
+    )
+    webhook_secret: str = _f(
+        "",
+        "key of the X-InfiniteTalk-Signature header (sha256=<hex HMAC-SHA256 of the body>); empty: "
+        "the header is left out; hidden by --print-config",
+        secret=True,
+    )
+    webhook_timeout_s: float = _f(
+        5.0, "seconds one POST may take before it counts as failed", lo=0.1, hi=300.0
+    )
+    webhook_retry_s: float = _f(
+        600.0,
+        "a delivery that fails (no answer, timeout, a status other than 2xx) is retried with backoff "
+        "(1 s, doubling, at most 60 s apart) for this long after the job ended, then given up",
+        hi=7 * 86400.0,
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -138,7 +168,13 @@ class Settings:
     state_dir: Path = _f(Path("var"), "daemon state: ledger.sqlite3, claimed inputs, checkpoints, lock")
     weights_dir: Path = _f(
         Path("weights"),
-        "released weights; if it holds none, a tiny model is written under state_dir and used",
+        "released weights (or a folder written by `infinitetalk weights tiny`); if it holds none the "
+        "daemon exits 78 naming what is missing, unless allow_tiny_model",
+    )
+    allow_tiny_model: bool = _f(
+        False,
+        "when weights_dir holds no weights, render with a tiny random-weight model written under "
+        "state_dir instead of refusing to start (its videos are noise: for the demo and tests only)",
     )
     device: str = _f(
         "auto",
@@ -201,8 +237,17 @@ class Settings:
     retry_backoff_max_s: float = _f(600.0, "longest retry delay", hi=86400.0)
     max_file_mb: float = _f(2048.0, "largest accepted media file, in MiB", hi=1024.0 * 1024)
     max_json_kb: float = _f(256.0, "largest accepted job JSON, in KiB", hi=1024.0 * 1024)
+    inbox_cancel_requests: bool = _f(
+        True,
+        "honour cancel requests that users of the upload group drop into <inbox>/.control/ "
+        "(`infinitetalk cancel --inbox`): cancel only, of waiting or queued jobs (docs/daemon.md)",
+    )
     min_audio_s: float = _f(
-        0.5, "shortest accepted speech track, in seconds (shorter: audio_too_short)", hi=3600.0
+        0.5,
+        "shortest accepted speech, in seconds (shorter: audio_too_short); speech shorter than one "
+        "chunk (81 frames, 3.24 s) renders as one chunk cut to the speech",
+        lo=0.04,
+        hi=3600.0,
     )
     max_audio_s: float = _f(
         3600.0,
@@ -241,6 +286,7 @@ class Settings:
     performance: PerformanceSettings = field(
         default_factory=PerformanceSettings, metadata={"doc": "the [performance] table"}
     )
+    notify: NotifySettings = field(default_factory=NotifySettings, metadata={"doc": "the [notify] table"})
     config_file: Path | None = field(default=None, metadata={"doc": "", "internal": True})
 
     @property
@@ -263,6 +309,11 @@ class Settings:
     def requests_dir(self) -> Path:
         """Where `cancel`/`retry`/`delete` drop requests for the daemon to apply."""
         return self.state_dir / "requests"
+
+    @property
+    def control_dir(self) -> Path:
+        """Where users of the upload group drop cancel requests (`inbox_cancel_requests`)."""
+        return self.inbox / ".control"
 
     def job_defaults(self) -> Any:
         """The `daemon.jobs.JobDefaults` that `parse_job` fills missing job settings from."""
@@ -297,6 +348,7 @@ _TABLES = {
     "retention": RetentionSettings,
     "defaults": JobDefaultsSettings,
     "performance": PerformanceSettings,
+    "notify": NotifySettings,
 }
 _PATH_KEYS = ("inbox", "outbox", "state_dir", "weights_dir")
 _CHOICES = {
@@ -353,30 +405,69 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
 
 
 def settings_from_mapping(raw: Mapping[str, Any], *, base: Path, source: Path | None = None) -> Settings:
+    """Build the settings; every problem of the file is collected and reported in one
+    `ConfigError` (one line each), not just the first."""
     where = str(source) if source else "config"
+    errors: list[str] = []
     top: dict[str, Any] = {}
     for key, value in raw.items():
         if key in _TABLES:
             if not isinstance(value, Mapping):
-                raise ConfigError(f"{where}: [{key}] must be a table, got {value!r}")
-            top[key] = _build(_TABLES[key], value, f"{where}: {key}.")
+                errors.append(f"{where}: [{key}] must be a table, got {value!r}")
+                continue
+            table = _build(_TABLES[key], value, f"{where}: {key}.", errors)
+            if table is not None:
+                top[key] = table
         else:
             top[key] = value
-    settings = _build(Settings, top, f"{where}: ", skip=set(_TABLES))
+    settings = _build(Settings, top, f"{where}: ", errors, skip=set(_TABLES))
+    if settings is not None:
+        errors += _cross_checks(settings, where)
+    if errors:
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
+        raise ConfigError(f"{len(errors)} problems:\n  " + "\n  ".join(errors))
+    assert settings is not None
     return _resolve(settings, base, source)
 
 
-def _build(cls: type, raw: Mapping[str, Any], prefix: str, skip: set[str] = frozenset()) -> Any:  # type: ignore[assignment]
+def _cross_checks(s: Settings, where: str) -> list[str]:
+    """Problems no single key shows: keys that must agree with each other."""
+    out: list[str] = []
+    if s.min_audio_s > s.max_audio_s:
+        out.append(
+            f"{where}: min_audio_s ({s.min_audio_s:g}) must not exceed max_audio_s ({s.max_audio_s:g})"
+        )
+    if not s.dashboard.host.strip():
+        out.append(f"{where}: dashboard.host must not be empty")
+    return out
+
+
+def _build(
+    cls: type,
+    raw: Mapping[str, Any],
+    prefix: str,
+    errors: list[str],
+    skip: set[str] = frozenset(),  # type: ignore[assignment]
+) -> Any:
+    """An instance of `cls` from `raw`, or None when a key was bad (each problem appended to `errors`)."""
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     out: dict[str, Any] = {}
+    before = len(errors)
     for key, value in raw.items():
         if key not in fields:
             known = ", ".join(sorted(fields))
-            raise ConfigError(f"{prefix}{key}: unknown key (known keys: {known})")
+            errors.append(f"{prefix}{key}: unknown key (known keys: {known})")
+            continue
         if key in skip:
             out[key] = value
             continue
-        out[key] = _coerce(fields[key], value, f"{prefix}{key}")
+        try:
+            out[key] = _coerce(fields[key], value, f"{prefix}{key}")
+        except ConfigError as e:
+            errors.append(str(e))
+    if len(errors) > before:
+        return None
     return cls(**out)
 
 
@@ -395,6 +486,11 @@ def _coerce(f: dataclasses.Field[Any], value: Any, name: str) -> Any:
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{name} must be a list of strings, got {value!r}")
+        if f.name == "webhook_urls":
+            for url in value:
+                scheme, _, rest = url.partition("://")
+                if scheme not in ("http", "https") or not rest.split("/", 1)[0]:
+                    raise ConfigError(f"{name}: {url!r} is not an http:// or https:// URL with a host")
         return tuple(value)
     if isinstance(default, bool):
         if not isinstance(value, bool):
@@ -505,16 +601,24 @@ def _toml_value(value: Any) -> str:
     return repr(value)
 
 
-def render_toml(settings: Settings | None = None) -> str:
-    """A complete TOML file with every key, its value (default or `settings`) and its doc."""
+#: what `--print-config` shows instead of a secret that is set (dashboard token, webhook secret)
+HIDDEN = "<hidden>"
+
+
+def render_toml(settings: Settings | None = None, *, mask_secrets: bool = False) -> str:
+    """A complete TOML file with every key, its value (default or `settings`) and its doc;
+    `mask_secrets` (what `--print-config` does) shows a secret that is set as "<hidden>"."""
     lines = ["# infinitetalk.toml: every key with its doc; relative paths are relative to this file", ""]
 
     def emit(obj: Any, cls: type) -> None:
         for f in dataclasses.fields(cls):
             if f.metadata.get("internal") or f.name in _TABLES:
                 continue
+            value = getattr(obj, f.name)
+            if mask_secrets and f.metadata.get("secret") and value:
+                value = HIDDEN
             lines.append(f"# {f.metadata['doc']}")
-            lines.append(f"{f.name} = {_toml_value(getattr(obj, f.name))}")
+            lines.append(f"{f.name} = {_toml_value(value)}")
 
     current = settings or Settings()
     emit(current, Settings)
@@ -549,8 +653,11 @@ def render_markdown() -> str:
         "`$INFINITETALK_CONFIG` environment variable, then `./infinitetalk.toml`; with none of them",
         "every default below applies. Relative paths are relative to the config file's folder (or",
         "the current directory without a file). An unknown key is an error that names it, and a",
-        "bad config makes `infinitetalk daemon` exit with status 78 (EX_CONFIG).",
-        "`infinitetalk daemon --print-config` prints the complete file with the values in effect.",
+        "bad config makes `infinitetalk daemon` exit with status 78 (EX_CONFIG), listing every",
+        "problem of the file at once, one line each (unknown keys, types, ranges, choices, and",
+        "`min_audio_s` above `max_audio_s`).",
+        "`infinitetalk daemon --print-config` prints the complete file with the values in effect;",
+        'the secrets (`[dashboard] token`, `[notify] webhook_secret`) are shown as `"<hidden>"` when set.',
         "SIGHUP makes a running daemon re-read the caps (`max_queued`, `max_running`), timings,",
         "retention and `[defaults]`; paths and model settings need a restart.",
         "Every number must be finite (no `inf`, no `nan`) and inside the range in the `allowed`",

@@ -92,3 +92,48 @@ def is_disk_full(e: BaseException | None) -> bool:
 
 #: error codes of failed renders (the worker classifies exceptions into these)
 TRANSIENT_CODES = frozenset({"cuda_oom", "worker_crash", "disk_full"})
+
+#: every `code` a rejected or failed job can carry (error.json, the ledger's `error_code`,
+#: webhooks), each documented in docs/daemon.md "Error codes" or docs/job-format.md "Errors";
+#: tests/unit/test_docs_match_code.py checks both ways, and that the code uses no other
+ERROR_CODES = frozenset(
+    {
+        # the job JSON (daemon/jobs.py)
+        "bad_json",
+        "unknown_key",
+        "missing_field",
+        "bad_type",
+        "bad_value",
+        "bad_extension",
+        "path_escape",
+        "symlink",
+        "missing_file",
+        "not_a_file",
+        "empty_file",
+        "too_large",
+        "too_deep",
+        # intake (daemon/intake.py)
+        "bad_media",
+        "bad_sample_rate",
+        "audio_too_short",
+        "audio_too_long",
+        "incomplete",
+        "checksum_mismatch",
+        "duplicate",
+        "removed",
+        # renders (daemon/runner.py classify, daemon/supervisor.py)
+        "input_changed",
+        "cuda_oom",
+        "cuda_error",
+        "worker_crash",
+        "worker_stall",
+        "worker_group_broken",
+        "disk_full",
+        "publish_error",
+        "attempts_exhausted",
+        "bad_input",
+        "render_error",
+        # commands (daemon/control.py)
+        "cancelled",
+    }
+)

@@ -9,6 +9,8 @@ What it does, in order (each step is skipped when already done, so running it ag
    - `/srv/infinitetalk`            root:root 0755 (an SFTP `ChrootDirectory` may point here)
    - `/srv/infinitetalk/inbox`      infinitetalk:infinitetalk-upload 2775 (uploaders write; setgid
      keeps every upload in the upload group, which the daemon reads)
+   - `/srv/infinitetalk/inbox/.control` infinitetalk:infinitetalk-upload 2770 (uploaders' cancel
+     requests: `infinitetalk cancel --inbox`; the daemon answers there)
    - `/srv/infinitetalk/outbox`     infinitetalk:infinitetalk-upload 2750 (uploaders and the
      dashboard read results)
    - `/srv/infinitetalk/weights`    root:infinitetalk 2750 (the released weights, read-only to the
@@ -257,6 +259,8 @@ def plan(opts: InstallOptions, unit_texts: dict[str, str]) -> list[Action]:
         ),
         EnsureDir(path=opts.data_dir, owner="root", group="root", mode=0o755),
         EnsureDir(path=opts.inbox, owner=user, group=upload, mode=0o2775),
+        # cancel requests of upload-group users (daemon/control.py, `infinitetalk cancel --inbox`)
+        EnsureDir(path=opts.inbox / ".control", owner=user, group=upload, mode=0o2770),
         EnsureDir(path=opts.outbox, owner=user, group=upload, mode=0o2750),
         EnsureDir(path=opts.weights, owner="root", group=group, mode=0o2750),
         EnsureDir(path=STATE_DIR, owner=user, group=group, mode=0o750),
@@ -482,8 +486,8 @@ def next_steps(opts: InstallOptions) -> str:
         [
             "",
             "Next:",
-            f"  1. put the released weights in {opts.weights} (until then the daemon renders with a tiny test",
-            "     model), e.g.:",
+            f"  1. put the released weights in {opts.weights} (until then the daemon does not start: it",
+            "     exits 78 naming what is missing), e.g.:",
             f"       sudo {exe} weights download {opts.weights}",
             f"       sudo {exe} weights check {opts.weights}",
             "  2. start both services, now and at every boot:",

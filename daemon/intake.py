@@ -60,8 +60,6 @@ logger = logging.getLogger(__name__)
 
 #: errors of parse_job that mean "the upload is not finished yet" rather than "the job is bad"
 INCOMPLETE_CODES = frozenset({"missing_file", "empty_file"})
-FPS = 25
-FULL_FRAME_NUM = 81  # frames per chunk of the released model
 
 
 @dataclass(slots=True)
@@ -108,8 +106,6 @@ class Intake:
         self._probes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="probe")
         #: set by the daemon: called when a background probe finishes (wakes the main loop)
         self.wake_later: Callable[[], None] = lambda: None
-        #: the shortest speech the loaded model can render (None: not known until the model is loaded)
-        self.model_min_audio_s: float | None = None
         self._loose_media: dict[str, set[str]] = {}
 
     def close(self) -> None:
@@ -297,9 +293,6 @@ class Intake:
                     fld=streamed[0],
                 )
                 return None
-        if self.model_min_audio_s is None:
-            self.ledger.set_waiting_reason(row.id, "waiting for the model to load")
-            return None
         if track.probed_sig != sig:
             # Decoding a long video takes a while: probes run in a background thread so the main
             # loop keeps serving (progress, dispatch, watchdog); the result is picked up by a
@@ -310,11 +303,7 @@ class Intake:
                 self.ledger.set_waiting_reason(row.id, "checking media")
                 track.probe_sig = sig
                 track.probe = self._probes.submit(
-                    _probe_all,
-                    entry.base_dir,
-                    spec,
-                    max(s.min_audio_s, self.model_min_audio_s),
-                    s.max_audio_s,
+                    probe_job, entry.base_dir, spec, s.min_audio_s, s.max_audio_s
                 )
                 track.probe.add_done_callback(lambda _: self.wake_later())
                 return None
@@ -456,7 +445,10 @@ class Intake:
                 )
         key = dedupe_key(spec, hashes)
         original = self.ledger.find_duplicate(key)
-        if original is not None and original.id != row.id:
+        rerender_of = None
+        if original is not None and original.id != row.id and spec.rerender:
+            rerender_of = original.id  # asked for: rendered again, linked to the first
+        elif original is not None and original.id != row.id:
             raise JobRejected(
                 "duplicate",
                 f"same inputs and settings as job {original.id} ({original.name}, {original.state})",
@@ -469,6 +461,7 @@ class Intake:
             input_hashes_json=json.dumps(hashes, sort_keys=True),
             dedupe_key=key,
             priority=spec.priority,
+            rerender_of=rerender_of,
         )
         admitted = self.ledger.admit(row.id, max_queued=self.settings.max_queued)
         if admitted is None:
@@ -880,21 +873,6 @@ def wav_size_unknown(path: Path) -> bool:
     return False
 
 
-def model_min_audio_s(weights_dir: Path) -> float | None:
-    """The shortest speech (s) the model in `weights_dir` renders: one chunk of frames plus one,
-    at 25 fps (the reference needs more audio frames than one chunk has). None if unknown yet."""
-    tiny = weights_dir / "tiny.json"
-    if tiny.is_file():
-        try:
-            frame_num = int(json.loads(tiny.read_text())["generation"]["frame_num"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        return (frame_num + 1) / FPS
-    if (weights_dir / "Wan2.1-I2V-14B-480P" / "config.json").is_file():
-        return (FULL_FRAME_NUM + 1) / FPS
-    return None
-
-
 def _move_into(src: Path, dest: Path) -> Path:
     move(src, dest)
     return dest
@@ -932,7 +910,7 @@ def error_payload(
 def dedupe_key(spec: JobSpec, hashes: dict[str, str]) -> str:
     """Same media content (by role) and same settings give the same key; a drawn seed is ignored."""
     settings = spec.to_dict()
-    for key in ("cond_video", "cond_audio", "checksums", "priority", "seed_drawn"):
+    for key in ("cond_video", "cond_audio", "checksums", "priority", "seed_drawn", "rerender"):
         settings.pop(key, None)
     if spec.seed_drawn:
         settings.pop("seed", None)
@@ -967,8 +945,9 @@ def _is_wav(rel: str) -> bool:
     return rel.lower().endswith(".wav")
 
 
-def _probe_all(base_dir: Path, spec: JobSpec, min_audio_s: float, max_audio_s: float = math.inf) -> None:
-    """Each file in its role: the reference's picture (image or video stream), then each speaker's
+def probe_job(base_dir: Path, spec: JobSpec, min_audio_s: float, max_audio_s: float = math.inf) -> None:
+    """The intake's media probe of a parsed job (`infinitetalk render` runs it too, before the
+    model loads). Each file in its role: the reference's picture (image or video stream), then each speaker's
     sound (an audio file's, or a video's audio stream: the same MP4 may be both). The job's
     length (the longest speech; for `audio_type = "add"` the sum) must be <= `max_audio_s`."""
     probe_media(

@@ -178,6 +178,7 @@ KNOWN_KEYS = frozenset(
         "noise",
         "priority",
         "checksums",
+        "rerender",
     }
 )
 
@@ -246,7 +247,7 @@ class InvalidJob(ValueError):
 
 
 #: JobSpec fields added after the first release: absent from older stored specs, then defaulted
-_OPTIONAL_SPEC_FIELDS = frozenset({"use_apg", "apg_momentum", "apg_norm_threshold", "noise"})
+_OPTIONAL_SPEC_FIELDS = frozenset({"use_apg", "apg_momentum", "apg_norm_threshold", "noise", "rerender"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -281,6 +282,8 @@ class JobSpec:
     apg_momentum: float = -0.75
     apg_norm_threshold: float = 55.0
     noise: str = "portable"
+    #: render again even when an identical job was done before (not part of the dedupe key)
+    rerender: bool = False
 
     @property
     def media_files(self) -> tuple[str, ...]:
@@ -785,6 +788,7 @@ def parse_job(
     apg_momentum = _get_float(doc, "apg_momentum", defaults.apg_momentum, -1.0, 1.0, c)
     apg_threshold = _get_float(doc, "apg_norm_threshold", defaults.apg_norm_threshold, 0.0, 1e6, c)
     noise = _get_choice(doc, "noise", defaults.noise, NOISE_MODES, c)
+    rerender = _get_bool(doc, "rerender", False, c)
     priority = _get_int(doc, "priority", defaults.priority, -(10**6), 10**6, c)
     if doc.get("seed") is not None:
         seed, seed_drawn = _get_int(doc, "seed", 0, 0, SEED_LIMIT - 1, c), False
@@ -824,6 +828,7 @@ def parse_job(
         apg_momentum=float(apg_momentum if apg_momentum is not None else defaults.apg_momentum),
         apg_norm_threshold=float(apg_threshold if apg_threshold is not None else defaults.apg_norm_threshold),
         noise=noise,
+        rerender=rerender,
     )
 
 

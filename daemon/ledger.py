@@ -116,6 +116,8 @@ JOB_COLUMNS: dict[str, type] = {
     "outputs_identity": str,
     # migration 4: the last failure's traceback and worker log lines (JSON, bounded: daemon/failures.py)
     "failure_detail": str,
+    # migration 5: the job this one renders again ("rerender": true, or `retry` of a done job)
+    "rerender_of": str,
 }
 EVENT_COLUMNS: dict[str, type] = {"id": int, "job_id": str, "at": float, "kind": str, "data_json": str}
 
@@ -133,6 +135,7 @@ def _migration_0(db: sqlite_utils.Database) -> None:
                 "cancel_requested",
                 "originals",
                 "outputs_identity",
+                "rerender_of",
             )
         },
         pk="id",
@@ -198,6 +201,23 @@ def _migration_4(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migration_5(db: sqlite_utils.Database) -> None:
+    """Re-renders on request: the job a new job renders again (docs/job-format.md)."""
+    if "rerender_of" not in db["jobs"].columns_dict:
+        db["jobs"].add_column("rerender_of", str)  # type: ignore[union-attr]
+
+
+def _migration_6(db: sqlite_utils.Database) -> None:
+    """Webhooks (daemon/webhooks.py): one row per delivery attempt, written by the main loop."""
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS webhook_deliveries (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " event_id INTEGER NOT NULL, job_id TEXT, url TEXT NOT NULL, attempt INTEGER NOT NULL,"
+        " at REAL NOT NULL, outcome TEXT NOT NULL, status INTEGER, error TEXT, duration_s REAL,"
+        " next_retry_s REAL)"
+    )
+    db.execute("CREATE INDEX IF NOT EXISTS webhook_deliveries_by_job ON webhook_deliveries(job_id, id)")
+
+
 #: applied in order; PRAGMA user_version counts how many ran (each with its bump in one transaction)
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _migration_0,
@@ -205,6 +225,8 @@ MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _migration_2,
     _migration_3,
     _migration_4,
+    _migration_5,
+    _migration_6,
 )
 
 
@@ -251,6 +273,7 @@ class JobRow:
     originals: str | None = None
     outputs_identity: str | None = None
     failure_detail: str | None = None
+    rerender_of: str | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> JobRow:
@@ -298,6 +321,7 @@ class JobRow:
             "error_message",
             "error_field",
             "duplicate_of",
+            "rerender_of",
             "deleted_at",
         )
         out = {k: getattr(self, k) for k in keys}
@@ -629,6 +653,16 @@ class Ledger:
                 event_data={"attempt": row["attempts"] + 1},
             )
 
+    def record_webhook_attempt(self, attempt: Mapping[str, Any]) -> None:
+        """One webhook delivery attempt (daemon/webhooks.py), in its own short transaction."""
+        cols = ("event_id", "job_id", "url", "attempt", "at", "outcome", "status", "error", "duration_s")
+        with self.tx():
+            self.conn.execute(
+                f"INSERT INTO webhook_deliveries ({', '.join(cols)}, next_retry_s) VALUES"
+                f" ({', '.join('?' * (len(cols) + 1))})",
+                (*(attempt[c] for c in cols), attempt.get("next_retry_s")),
+            )
+
     @_waits_when_full
     def set_waiting_reason(self, job_id: str, reason: str) -> None:
         """Update why a waiting job waits; writes a `waiting` event only when the reason changes."""
@@ -768,6 +802,7 @@ class Ledger:
             ]
             for job_id in ids:
                 self.conn.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
+                self.conn.execute("DELETE FROM webhook_deliveries WHERE job_id = ?", (job_id,))
                 self.conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         return len(ids)
 

@@ -1,11 +1,15 @@
 """`infinitetalk render JOB.json [-o OUT.mp4]`: render one job without the daemon, with a progress bar.
 
-The job is validated exactly as the daemon validates it (`daemon.jobs`), with the defaults of
-the config file when there is one (`--config`, `$INFINITETALK_CONFIG`, `./infinitetalk.toml`),
-else the built-in ones (the lightx2v 4-step recipe). Weights: `--weights`, else the config's
-`weights_dir`, else `./weights`; when that folder holds no model, a tiny random-weight model is
-written to `<state_dir>/tiny-weights` (`var/tiny-weights` without a config) and used, and the
-command says so on stderr.
+The job is checked exactly as the daemon checks it, before the model loads: parsed and
+validated (`daemon.jobs`, with the defaults of the config file when there is one: `--config`,
+`$INFINITETALK_CONFIG`, `./infinitetalk.toml`; else the built-in ones, the lightx2v 4-step
+recipe), then every media file decoded in its role by the intake's probe (`daemon.intake.probe_job`:
+`bad_media`, `audio_too_short` below `min_audio_s`, `audio_too_long`, ...). A bad job exits 2 with
+the daemon's error code, in about a second. Weights: `--weights`, else the config's `weights_dir`,
+else `./weights`; a folder without weights exits 78 with the `weights check` report
+(daemon/weights_guard.py), unless `--allow-tiny` or `allow_tiny_model = true`: then a tiny
+random-weight model is written to `<state_dir>/tiny-weights` (`var/tiny-weights` without a
+config) and used, and the command says so on stderr.
 
 Only the standard library is imported at module level; torch loads when the command runs.
 """
@@ -40,6 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--resume-dir", type=Path, help="keep chunk checkpoints here; rerunning resumes")
     parser.add_argument("--no-poster", action="store_true", help="do not write <output>.jpg")
+    parser.add_argument(
+        "--allow-tiny",
+        action="store_true",
+        help="without weights, render with a tiny random-weight test model (noise; as allow_tiny_model)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
         "--gpus",
@@ -53,10 +62,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _job_name(job: Path) -> str:
     return job.parent.name if job.name == "job.json" else job.stem
-
-
-def _has_model(folder: Path) -> bool:
-    return (folder / "tiny.json").is_file() or (folder / "Wan2.1-I2V-14B-480P" / "config.json").is_file()
 
 
 def _settings(config: Path | None) -> Any:
@@ -74,21 +79,24 @@ def _settings(config: Path | None) -> Any:
 
 
 def _weights(args: argparse.Namespace, settings: Any) -> tuple[Path, bool]:
-    """(weights folder, is_tiny_fallback); writes the tiny model when it falls back."""
+    """(weights folder, is_tiny_fallback); writes the tiny model when it falls back (allowed only
+    by --allow-tiny or allow_tiny_model); raises WeightsMissing otherwise."""
+    from daemon.weights_guard import choose_weights, has_weights
+
     folder = args.weights or (settings.weights_dir if settings is not None else Path("weights"))
-    if _has_model(folder):
-        return folder, False
-    if args.weights is not None:
-        raise SystemExit(
-            f"infinitetalk render: {folder} holds no weights (no tiny.json, no Wan2.1-I2V-14B-480P/)"
-        )
     tiny = settings.tiny_weights_dir if settings is not None else Path("var") / "tiny-weights"
+    allow = args.allow_tiny or (settings is not None and settings.allow_tiny_model)
+    chosen, _ = choose_weights(
+        folder, allow_tiny=allow, tiny_dir=tiny, loras=settings.lora if settings is not None else ()
+    )
+    if chosen == folder:
+        return folder, False
     print(
         f"infinitetalk render: no weights in {folder}; using the tiny random-weight model in {tiny} "
         "(the video will be noise; put the released weights there for real renders)",
         file=sys.stderr,
     )
-    if not _has_model(tiny):
+    if not has_weights(tiny):
         from pipeline.tiny import write_tiny_weights
 
         print(f"infinitetalk render: writing tiny weights to {tiny} ...", file=sys.stderr)
@@ -134,8 +142,31 @@ def _rank(args: argparse.Namespace) -> None:
         raise SystemExit(code)
 
 
+def _check_media(job: Path, spec: Any, settings: Any) -> int:
+    """The daemon intake's media probe of the job (0: fine; 2: rejected, the error printed)."""
+    from daemon.config import Settings
+    from daemon.errors import JobRejected
+    from daemon.intake import probe_job
+    from daemon.jobs import checksum_mismatches
+
+    s = settings if settings is not None else Settings()
+    try:
+        bad = checksum_mismatches(spec, job.parent)
+        if bad:
+            raise JobRejected(
+                "checksum_mismatch", f"{', '.join(bad)}: sha256 differs from checksums", field=bad[0]
+            )
+        probe_job(job.parent, spec, s.min_audio_s, s.max_audio_s)
+    except JobRejected as e:
+        print(f"infinitetalk render: {job} is not a valid job:", file=sys.stderr)
+        print(f"  [{e.code}] {e.field or '(file)'}: {e.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from daemon.jobs import InvalidJob, JobDefaults, load_job
+    from daemon.weights_guard import WeightsMissing
 
     settings = _settings(args.config)
     defaults = settings.job_defaults() if settings is not None else JobDefaults()
@@ -147,8 +178,14 @@ def run(args: argparse.Namespace) -> int:
         for err in e.errors:
             print(f"  [{err.code}] {err.field or '(file)'}: {err.message}", file=sys.stderr)
         return 2
+    if _check_media(job, spec, settings):  # before the model loads: a bad file is told at once
+        return 2
     out = args.output or Path(f"{_job_name(job)}.mp4")
-    weights, _ = _weights(args, settings)
+    try:
+        weights, _ = _weights(args, settings)
+    except WeightsMissing as e:
+        print(f"infinitetalk render: {e}", file=sys.stderr)
+        return 78  # EX_CONFIG, as `infinitetalk daemon`
     if args.gpus > 1 and "RANK" not in os.environ:  # start N ranks, each runs this command
         from pipeline.parallel import check_launch, spawn_ranks
 

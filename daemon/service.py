@@ -1,6 +1,7 @@
 """`infinitetalk daemon`: the hot-folder render service in the foreground (systemd Type=notify).
 
-Exit codes: 0 after a clean stop (SIGTERM/SIGINT), 78 (EX_CONFIG) on a bad config file,
+Exit codes: 0 after a clean stop (SIGTERM/SIGINT), 78 (EX_CONFIG) on a bad config file or a
+`weights_dir` holding no weights (unless `allow_tiny_model` / `--allow-tiny`; daemon/weights_guard.py),
 75 (EX_TEMPFAIL) when another daemon already holds the state dir, 73 (EX_CANTCREAT) when the
 state dir or the outbox cannot be written (read-only, permissions), 65 (EX_DATAERR) when the
 ledger was deleted or replaced while the daemon ran (or is missing while claimed jobs exist),
@@ -42,6 +43,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="exit once every job found has finished (at least one); "
         "exit status 1 if one of them failed or was rejected",
     )
+    parser.add_argument(
+        "--allow-tiny",
+        action="store_true",
+        help="as allow_tiny_model = true: without weights in weights_dir, render with a tiny "
+        "random-weight test model (noise; what scripts/demo passes)",
+    )
     parser.add_argument("--pipeline-factory", default="", help=argparse.SUPPRESS)
     parser.set_defaults(func=run)
 
@@ -54,13 +61,18 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"infinitetalk daemon: bad config: {e}", file=sys.stderr)
         return EX_CONFIG
+    if args.allow_tiny:
+        import dataclasses
+
+        settings = dataclasses.replace(settings, allow_tiny_model=True)
     if args.print_config:
-        sys.stdout.write(render_toml(settings))
+        sys.stdout.write(render_toml(settings, mask_secrets=True))
         return 0
 
     from daemon.errors import DaemonLocked, FolderUnusable, LedgerLost
     from daemon.logs import configure_logging
     from daemon.supervisor import Supervisor
+    from daemon.weights_guard import WeightsMissing
 
     configure_logging(settings.log_level)
     supervisor = Supervisor(
@@ -81,3 +93,6 @@ def run(args: argparse.Namespace) -> int:
     except LedgerLost as e:
         print(f"infinitetalk daemon: {e}", file=sys.stderr)
         return EX_DATAERR
+    except WeightsMissing as e:
+        print(f"infinitetalk daemon: cannot start: {e}", file=sys.stderr)
+        return EX_CONFIG

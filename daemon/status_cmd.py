@@ -93,7 +93,7 @@ def _states(raw: str) -> tuple[str, ...]:
 
 
 def read(path: Path, *, states: tuple[str, ...], name: str, limit: int, now: float) -> dict[str, Any]:
-    from daemon import heartbeat
+    from daemon import heartbeat, webhooks
     from daemon.ledger import JobRow, connect, state_counts
 
     conn = connect(path, readonly=True, timeout_s=5.0)
@@ -114,6 +114,7 @@ def read(path: Path, *, states: tuple[str, ...], name: str, limit: int, now: flo
             f"SELECT * FROM jobs{clause} ORDER BY seq DESC LIMIT ?", (*args, limit)
         ).fetchall()
         beat = heartbeat.liveness(conn, now).to_dict()
+        hooks = webhooks.summary(conn)
         conn.execute("COMMIT")
     finally:
         conn.close()
@@ -123,6 +124,7 @@ def read(path: Path, *, states: tuple[str, ...], name: str, limit: int, now: flo
         "matching": matching,
         "limit": limit,
         "jobs": [JobRow.from_row(r).summary() for r in rows],
+        "webhooks": hooks,
     }
 
 

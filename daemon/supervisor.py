@@ -28,31 +28,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon import control, failures, heartbeat, retention
+from daemon import control, failures, heartbeat, retention, version, webhooks
 from daemon.config import ConfigError, Settings, load_settings
 from daemon.errors import DaemonLocked, FolderUnusable, LedgerConflict, LedgerLost, StateDirFull
 from daemon.inbox import Watcher
-from daemon.intake import Intake, claimed_inputs, error_payload, model_min_audio_s
+from daemon.intake import Intake, claimed_inputs, error_payload
 from daemon.jobs import JobSpec
 from daemon.ledger import JobRow, Ledger
 from daemon.ledger import is_disk_full as _is_disk_full
 from daemon.outbox import Outbox, Published, remove_if_same, restore_loose_job_name
 from daemon.runner import RunOrder, WorkerConfig
 from daemon.sdnotify import Notifier
+from daemon.weights_guard import choose_weights, has_weights
 from daemon.worker import WorkerHandle
 
 logger = logging.getLogger(__name__)
 
-TINY_MARKER = "tiny.json"
-FULL_MARKER = Path("Wan2.1-I2V-14B-480P") / "config.json"
 #: a worker that dies this many times in a row before it is ready makes the daemon give up
 MAX_START_FAILURES = 3
 #: how often the main loop checks that the ledger's path still names the open ledger file
 LEDGER_CHECK_S = 1.0
-
-
-def has_weights(folder: Path) -> bool:
-    return (folder / TINY_MARKER).is_file() or (folder / FULL_MARKER).is_file()
 
 
 #: the state dir's lock: an flock on the directory itself; this file only says who holds it
@@ -241,6 +236,8 @@ class Supervisor:
         self.failing: dict[str, tuple[str, str, str | None]] = {}
         #: the ledger's `heartbeat` row, rewritten every couple of seconds (daemon/heartbeat.py)
         self.heartbeat = heartbeat.Heartbeat()
+        #: POSTs to [notify] webhook_urls when a job ends, from threads of its own (daemon/webhooks.py)
+        self.webhooks: webhooks.Webhooks | None = None
 
     # ------------------------------------------------------------------ signals
 
@@ -263,6 +260,8 @@ class Supervisor:
 
     def start(self) -> None:
         s = self.settings
+        # no weights and no allow_tiny_model: WeightsMissing (exit 78) before anything is touched
+        self.weights_dir, self.tiny = self._choose_weights()
         self.lock_fd = acquire_lock(s.state_dir)
         check_writable("state dir", s.state_dir)
         check_writable("state dir", s.jobs_dir)
@@ -280,6 +279,7 @@ class Supervisor:
                 raise
             raise FolderUnusable("ledger", s.ledger_path, str(e)) from e
         self.ledger.on_full = self._wait_for_space
+        self.webhooks = webhooks.Webhooks(s.notify, self.ledger)  # before anything can end a job
         self.outbox.ensure()
         self._recover_interrupted_endings()
         self.outbox.clean_staging()
@@ -301,8 +301,6 @@ class Supervisor:
         self.intake.wake_later = self.wake.set
         self.watcher = Watcher(s.inbox, self.wake)
         self.watcher.start()
-        self.weights_dir, self.tiny = self._choose_weights()
-        self.intake.model_min_audio_s = model_min_audio_s(self.weights_dir)
         self._start_worker(0)  # the others start once weights exist (the first may write tiny ones)
         self._start_more_workers()
 
@@ -351,8 +349,11 @@ class Supervisor:
 
     def _choose_weights(self) -> tuple[Path, bool]:
         s = self.settings
-        if has_weights(s.weights_dir):
-            return s.weights_dir, (s.weights_dir / TINY_MARKER).is_file()
+        folder, tiny = choose_weights(
+            s.weights_dir, allow_tiny=s.allow_tiny_model, tiny_dir=s.tiny_weights_dir, loras=s.lora
+        )
+        if folder == s.weights_dir:
+            return folder, tiny
         logger.warning(
             "weights_dir %s holds no weights: using a TINY RANDOM-WEIGHT model in %s (its videos are "
             "noise; put the released weights in %s for real renders)",
@@ -459,11 +460,6 @@ class Supervisor:
                     if not ready_sent:
                         ready_sent = True
                         info = first_ready[1].info
-                        frame_num = info.get("frame_num")
-                        if frame_num:
-                            self.intake.model_min_audio_s = (int(frame_num) + 1) / 25
-                        else:
-                            self.intake.model_min_audio_s = model_min_audio_s(self.weights_dir) or 0.0
                         self.wake.set()
                         logger.info(
                             "model ready (%s, load %.1f s); rendering",
@@ -478,6 +474,7 @@ class Supervisor:
                     retention.apply_retention(self.settings, self.ledger)
                 self._status()
                 self.heartbeat.beat_if_due(self)
+                self.webhooks.tick()  # type: ignore[union-attr]
                 self.notifier.ping_if_due()
                 if self.once and self._once_done():
                     self.stop.set()
@@ -653,6 +650,7 @@ class Supervisor:
                 "weights_dir": str(self.weights_dir),
             },
             "gpu": worker_info.get("gpu"),
+            "service": version.describe(),
             "frames": result.get("num_frames"),
             "fps": result.get("fps"),
             "duration_s": result.get("duration_s"),
@@ -1092,6 +1090,7 @@ class Supervisor:
                 "lora",
                 "lora_scale",
                 "attention",
+                "notify",  # the webhook senders start with the daemon
             )
             if getattr(new, k) != getattr(self.settings, k)
         ]
@@ -1223,6 +1222,7 @@ class Supervisor:
             self._handle_messages()
             self.notifier.ping_if_due()
             self.heartbeat.beat_if_due(self)
+            self.webhooks.tick()  # type: ignore[union-attr]
         self._force_stop()
         return 0
 
@@ -1247,6 +1247,12 @@ class Supervisor:
             self.intake.close()
         for _, worker in self._live_workers():
             worker.kill()
+        if self.webhooks is not None and self.ledger is not None:
+            try:
+                self.webhooks.tick()  # the endings of the drain, and attempts that came back
+                self.webhooks.close()
+            except sqlite3.Error as e:
+                logger.warning("webhooks: %s", e)
         if self.ledger is not None:
             self.ledger.close()
         if self.lock_fd is not None:

@@ -457,12 +457,11 @@ class InfiniteTalkPipeline:
         t0 = time.perf_counter()
         speech = load_speech(request.audio, request.audio_type)
         num_rows = speech.num_frames(FPS)
-        if num_rows <= frame_num:
+        if num_rows < 1:  # shorter than a chunk is fine: one chunk, cut to the speech (windows.py)
             names = ", ".join(Path(p).name for p in request.audio if p is not None)
             raise ValueError(
-                f"cond_audio: {names} gives {speech.duration_s:.2f} s of speech "
-                f"({num_rows} frames at {FPS} fps); "
-                f"the model needs more than {frame_num} frames ({(frame_num + 1) / FPS:.2f} s)"
+                f"cond_audio: {names} gives {speech.duration_s:.3f} s of speech "
+                f"({num_rows} frames at {FPS} fps); at least one frame ({1 / FPS:.2f} s) is needed"
             )
         features = tuple(
             self.audio_encoder.audio_features(track, num_frames=num_rows) for track in speech.tracks
@@ -1033,7 +1032,7 @@ def chunks_for(
         windows.plan_chunks(
             rows, frame_num=frame_num, motion_frame=motion_frame, max_frame_num=max_frame_num, mode=mode
         ).num_chunks
-        if rows > frame_num
+        if rows >= 1
         else 0
     )
 

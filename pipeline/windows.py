@@ -10,6 +10,11 @@ may run past the audio, whose features are then extended by reflection (the refe
 
 Clip mode, or a cap at or below one chunk, renders chunk 0 only (at most `frame_num` frames).
 There is no other cap: a 10-minute audio plans 10 minutes of chunks.
+
+Speech shorter than one chunk (T <= `frame_num`, 3.28 s and less for the released model) is one
+chunk cut to T frames. Chunk 0 sees the speech's own rows, clamped to [0, T - 1]: the reference
+pads the features only after its first chunk, so its first chunk's windows are clamped, not
+mirrored (for T > `frame_num` + 1 the two read the same rows).
 """
 
 from __future__ import annotations
@@ -58,18 +63,14 @@ def plan_chunks(
         raise ValueError(f"frame_num must be 4n+1 and at least 5, got {frame_num}")
     if not 1 <= motion_frame < frame_num or (motion_frame - 1) % 4:
         raise ValueError(f"motion_frame must be 4n+1 and below frame_num {frame_num}, got {motion_frame}")
-    if audio_frames <= frame_num:
-        raise ValueError(
-            f"the audio gives {audio_frames} frames ({audio_frames / 25:.2f} s at 25 fps); "
-            "the model needs more "
-            f"than {frame_num} ({frame_num / 25:.2f} s)"
-        )
+    if audio_frames < 1:
+        raise ValueError(f"the audio gives {audio_frames} frames at 25 fps; at least one is needed")
     if mode not in ("streaming", "clip"):
         raise ValueError(f"mode must be 'streaming' or 'clip', got {mode!r}")
     if max_frame_num is not None and max_frame_num < 1:
         raise ValueError(f"max_frame_num must be positive, got {max_frame_num}")
     if mode == "clip" or (max_frame_num is not None and max_frame_num <= frame_num):
-        total = frame_num if max_frame_num is None else min(frame_num, max_frame_num)
+        total = min(frame_num, audio_frames, max_frame_num or frame_num)  # short speech: cut to it
         return ChunkPlan(
             starts=(0,),
             frame_num=frame_num,
@@ -119,9 +120,10 @@ def chunk_audio(features: Tensor, start: int, frame_num: int, end: int | None = 
 
     With `end` (the plan's end), rows past the audio come from the reflection `pad_features`
     would append, read in place: row T + j is row T - 1 - j. No padded copy is made, so the
-    features can stay memory-mapped."""
+    features can stay memory-mapped. Chunk 0 (`start` 0) is clamped to the speech whatever
+    `end` says: the reference pads only after its first chunk."""
     rows = features.shape[0]
-    total = rows if end is None else padded_rows(rows, end)
+    total = rows if end is None or start == 0 else padded_rows(rows, end)
     idx = window_indices(start, frame_num, total)  # [F, 5] into the padded rows
     idx = torch.where(idx >= rows, 2 * rows - 1 - idx, idx)  # reflected rows
     return features[idx]

@@ -48,6 +48,7 @@
     field(fields, "model", output.tiny ? "tiny random-weight test model" : null);
     field(fields, "GPU", output.gpu || output.device || null);
     field(fields, "duplicate of", job.duplicate_of ? el("a", { href: `/jobs/${job.duplicate_of}` }, job.duplicate_of) : null);
+    field(fields, "renders again", job.rerender_of ? el("a", { href: `/jobs/${job.rerender_of}` }, job.rerender_of) : null);
     field(fields, "outputs deleted", job.deleted_at ? timeEl(job.deleted_at) : null);
     for (const [kind, name] of Object.entries(job.outputs || {})) field(fields, `${kind} file`, name);
 

@@ -24,7 +24,7 @@ def test_follow_the_example_job_rendered_by_the_daemon(tmp_path: Path) -> None:
     config = tmp_path / "infinitetalk.toml"
     config.write_text(
         f'inbox = "inbox"\noutbox = "outbox"\nstate_dir = "var"\nweights_dir = "weights"\n'
-        f"settle_s = 1.0\n\n[dashboard]\nport = {port}\n"
+        f"allow_tiny_model = true\nsettle_s = 1.0\n\n[dashboard]\nport = {port}\n"
     )
     with dashboard_server(config, port, tmp_path / "dashboard.log") as (url, _):
         seen: list[Frame] = []

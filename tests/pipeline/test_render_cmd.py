@@ -32,7 +32,7 @@ def test_render_without_weights_uses_the_tiny_model(tmp_path: Path) -> None:
     bundle = make_job_bundle(
         tmp_path / "hello", kind="image", duration_s=1.5, sample_steps=1, mode="clip", seed=9
     )
-    proc = _cli(str(bundle / "job.json"), cwd=tmp_path)
+    proc = _cli(str(bundle / "job.json"), "--allow-tiny", cwd=tmp_path)  # else exit 78 (test_tiny_guard)
     assert proc.returncode == 0, proc.stderr
     assert "tiny random-weight model" in proc.stderr and "var/tiny-weights" in proc.stderr
     assert "chunk 1/1" in proc.stderr  # the tqdm bar

@@ -90,7 +90,8 @@ def test_kill9_mid_render_then_restart_completes_once_from_the_last_chunk(tiny_d
     d.start()
     job = d.wait_state("long", ("done", "failed"), timeout=240)
     assert job["state"] == "done", job
-    assert job["resumed_from_chunk"] >= 1 and job["attempts"] == 2
+    # a kill of the daemon is not the job's fault: the interrupted attempt is given back
+    assert job["resumed_from_chunk"] >= 1 and job["attempts"] == 1
     assert_playable(d.outbox / "long.mp4", 4.0)
     assert len(list(d.outbox.glob("long*.mp4"))) == 1
     kinds = [e["kind"] for e in d.events(job["id"])]

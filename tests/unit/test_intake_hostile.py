@@ -30,7 +30,6 @@ def intake(tmp_path: Path) -> Iterator[Intake]:
     settings.inbox.mkdir(parents=True)
     ledger = Ledger(settings.ledger_path)
     it = Intake(settings, ledger, Outbox(settings.outbox))
-    it.model_min_audio_s = 0.5
     yield it
     it.close()
     ledger.close()
