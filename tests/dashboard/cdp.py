@@ -40,6 +40,10 @@ class CDPError(RuntimeError):
     pass
 
 
+#: what Chromium answers an evaluation that races a navigation
+_NAVIGATING = ("navigated or closed", "Execution context was destroyed", "Cannot find context")
+
+
 @dataclass
 class Page:
     ws: websocket.WebSocket
@@ -94,7 +98,14 @@ class Page:
         deadline = time.monotonic() + timeout_s
         value: Any = None
         while time.monotonic() < deadline:
-            value = self.evaluate(expression)
+            try:
+                value = self.evaluate(expression)
+            except CDPError as e:
+                # a page in the middle of a navigation (a form submit, a link) has no context to
+                # evaluate in yet: that is "not yet", not a failure
+                if not any(m in str(e) for m in _NAVIGATING):
+                    raise
+                value = None
             if value:
                 return value
             self.pump(interval_s)
