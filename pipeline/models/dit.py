@@ -587,32 +587,21 @@ class InfiniteTalkDiT(nn.Module):
         blocks: Iterable[nn.Module] = self.blocks if self.block_swap is None else self.block_swap.order()
         for block in blocks:
             for st in states:
-                if st.sp is None:
-                    st.tokens = block(
-                        st.tokens,
-                        st.e0,
-                        st.grid,
-                        st.rope,
-                        st.context,
-                        st.audio,
-                        st.speakers,
-                        st.region_masks,
-                        self.attention_backend,
-                    )
-                else:  # this rank's whole latent frames: [B, L_r, D]
-                    st.tokens = block(
-                        st.tokens,
-                        st.e0,
-                        st.local_grid,
-                        st.rope,
-                        st.context,
-                        st.audio,
-                        st.speakers,
-                        st.region_masks,
-                        self.attention_backend,
-                        st.sp,
-                        st.grid,
-                    )
+                # under sequence parallelism: this rank's whole latent frames [B, L_r, D], its local
+                # grid for RoPE, then the group and the full grid
+                local = (st.grid, ()) if st.sp is None else (st.local_grid, (st.sp, st.grid))
+                st.tokens = block(
+                    st.tokens,
+                    st.e0,
+                    local[0],
+                    st.rope,
+                    st.context,
+                    st.audio,
+                    st.speakers,
+                    st.region_masks,
+                    self.attention_backend,
+                    *local[1],
+                )
         return [self._unpatchify(st) for st in states]
 
     def _embed(
