@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.choices import ATTENTION, FP8_ATTENTION
+
 if TYPE_CHECKING:  # the CLI imports torch only when a benchmark runs
     from pipeline.bench import BenchOptions
 
@@ -104,13 +106,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--attention",
-        choices=("auto", "sdpa", "cudnn", "flash"),
+        choices=ATTENTION,
         default="auto",
         help="attention kernel of the fast path (default auto: cuDNN on Hopper)",
     )
     p.add_argument(
         "--fp8-attention",
-        choices=("auto", "on", "off"),
+        choices=FP8_ATTENTION,
         default="auto",
         help="with --dtype fp8, also time the self-attention in fp8 (cuDNN, needs nvidia-cudnn-frontend; "
         "auto = where available)",

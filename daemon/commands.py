@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from daemon import states
+
 EX_CONFIG = 78
 
 
@@ -195,7 +197,7 @@ def run_submit(args: argparse.Namespace) -> int:
     return follow(settings.ledger_path, final, after=after, timeout_s=args.timeout)
 
 
-FINAL = ("done", "failed", "rejected", "cancelled")
+FINAL = tuple(s.value for s in states.FINAL)
 
 
 def _ledger_closed(ledger_path: Path) -> str | None:

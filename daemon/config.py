@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemon.jobs import JobDefaults
+from pipeline.choices import ATTENTION, FP8_ATTENTION
+
 ENV_VAR = "INFINITETALK_CONFIG"
 DEFAULT_FILE = "infinitetalk.toml"
 
@@ -114,48 +117,26 @@ class PerformanceSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class JobDefaultsSettings:
-    """Generation settings used when a job JSON leaves them out (the reference CLI's names).
+class ClusterSettings:
+    """Where the render workers run (daemon/cluster.py, docs/scaling.md); changes need a restart."""
 
-    The defaults are the lightx2v 4-step recipe of `daemon.jobs.JobDefaults`."""
-
-    size: str = _f("infinitetalk-480", "resolution bucket: infinitetalk-480 or infinitetalk-720")
-    sample_steps: int = _f(4, "denoising steps per chunk (4 with the lightx2v LoRA)", lo=1, hi=1000)
-    sample_shift: float | None = _f(
-        2.0,
-        'flow shift; unset (""): 7 for 480, 11 for 720 (the reference\'s rule)',
-        optional=True,
-        lo=1e-3,
-        hi=1000.0,
+    executor: str = _f(
+        "local",
+        "local: one worker process per device of this host; ray: one Ray actor per GPU of a Ray "
+        "cluster (daemon/ray_pool.py; needs the `ray` extra), the daemon staying the only ledger writer",
     )
-    sample_text_guide_scale: float = _f(
-        1.0, "text classifier-free guidance (1: off, as with the LoRA)", hi=100.0
+    ray_address: str = _f(
+        "auto",
+        "the Ray cluster to join with executor = ray: auto (the one `ray start` runs on this host), "
+        "or host:port of the head's GCS (`ray start --head` prints it; the daemon must run on the head: "
+        "Ray Client ray:// addresses are not supported); one that cannot be reached stops the daemon (exit 69)",
     )
-    sample_audio_guide_scale: float = _f(2.0, "audio classifier-free guidance", hi=100.0)
-    mode: str = _f("streaming", "streaming (long audio in chunks) or clip (one chunk)")
-    motion_frame: int = _f(9, "frames carried over between chunks (4n+1)", lo=1, hi=77)
-    max_frame_num: int | None = _f(
-        None, "cap on rendered frames; unset: the whole audio", optional=True, lo=1, hi=10**8
-    )
-    color_correction_strength: float = _f(1.0, "colour drift correction between chunks (0..1)", hi=1.0)
-    use_apg: bool = _f(
-        False, "adaptive projected guidance (the reference's --use_apg): tames over-saturation at high CFG"
-    )
-    apg_momentum: float = _f(-0.75, "APG momentum of the guidance differences (-1..1)", lo=-1.0, hi=1.0)
-    apg_norm_threshold: float = _f(55.0, "APG cap on a guidance difference's L2 norm (0: no cap)", hi=1e6)
-    audio_type: str = _f("para", "two speakers: para (at once) or add (one after the other)")
-    negative_prompt: str | None = _f(None, "negative prompt; unset: the InfiniteTalk default", optional=True)
-    seed: int | None = _f(
-        None,
-        "seed for jobs that give none; unset: drawn at random and recorded",
-        optional=True,
-        lo=0,
-        hi=2**32 - 1,
-    )
-    noise: str = _f(
-        "portable",
-        "where the noise is drawn: portable (a CPU generator: one seed, one video on any machine) or "
-        "reference (on the GPU, as the reference: its video for the seed); docs/rendering.md",
+    ray_namespace: str = _f("infinitetalk", "Ray namespace of the daemon's actors")
+    num_gpus: float = _f(
+        1.0,
+        "GPUs each Ray actor reserves (one resident model each); 0: CPU actors of 1 CPU each (tests, "
+        "the tiny model); the number of actors follows the cluster's resources",
+        hi=64.0,
     )
 
 
@@ -280,13 +261,13 @@ class Settings:
     retention: RetentionSettings = field(
         default_factory=RetentionSettings, metadata={"doc": "the [retention] table"}
     )
-    defaults: JobDefaultsSettings = field(
-        default_factory=JobDefaultsSettings, metadata={"doc": "the [defaults] table"}
-    )
+    #: job settings a job leaves out: one key per row of daemon.jobs.SETTINGS that `config` allows
+    defaults: JobDefaults = field(default_factory=JobDefaults, metadata={"doc": "the [defaults] table"})
     performance: PerformanceSettings = field(
         default_factory=PerformanceSettings, metadata={"doc": "the [performance] table"}
     )
     notify: NotifySettings = field(default_factory=NotifySettings, metadata={"doc": "the [notify] table"})
+    cluster: ClusterSettings = field(default_factory=ClusterSettings, metadata={"doc": "the [cluster] table"})
     config_file: Path | None = field(default=None, metadata={"doc": "", "internal": True})
 
     @property
@@ -315,57 +296,31 @@ class Settings:
         """Where users of the upload group drop cancel requests (`inbox_cancel_requests`)."""
         return self.inbox / ".control"
 
-    def job_defaults(self) -> Any:
-        """The `daemon.jobs.JobDefaults` that `parse_job` fills missing job settings from."""
-        from daemon.jobs import JobDefaults
-
-        d = self.defaults
-        kwargs: dict[str, Any] = {
-            "size": d.size,
-            "sample_steps": d.sample_steps,
-            "sample_shift": d.sample_shift,
-            "sample_text_guide_scale": d.sample_text_guide_scale,
-            "sample_audio_guide_scale": d.sample_audio_guide_scale,
-            "mode": d.mode,
-            "motion_frame": d.motion_frame,
-            "max_frame_num": d.max_frame_num,
-            "color_correction_strength": d.color_correction_strength,
-            "use_apg": d.use_apg,
-            "apg_momentum": d.apg_momentum,
-            "apg_norm_threshold": d.apg_norm_threshold,
-            "audio_type": d.audio_type,
-            "seed": d.seed,
-            "noise": d.noise,
-            "max_media_bytes": int(self.max_file_mb * 1024 * 1024),
-        }
-        if d.negative_prompt is not None:
-            kwargs["negative_prompt"] = d.negative_prompt
-        return JobDefaults(**kwargs)
+    def job_defaults(self) -> JobDefaults:
+        """The `[defaults]` that `parse_job` fills missing job settings from, with the media limit."""
+        return dataclasses.replace(self.defaults, max_media_bytes=int(self.max_file_mb * 1024 * 1024))
 
 
 _TABLES = {
     "dashboard": DashboardSettings,
     "retention": RetentionSettings,
-    "defaults": JobDefaultsSettings,
+    "defaults": JobDefaults,
     "performance": PerformanceSettings,
     "notify": NotifySettings,
+    "cluster": ClusterSettings,
 }
 _PATH_KEYS = ("inbox", "outbox", "state_dir", "weights_dir")
 _CHOICES = {
     "device": None,
     "dtype": ("auto", "bf16", "fp16", "fp32"),
     "quant": ("auto", "none", "fp8"),
-    "attention": ("auto", "sdpa", "cudnn", "flash"),
+    "attention": ATTENTION,
     "rope": ("fast", "exact"),
     "vae_dtype": ("bf16", "fp32"),
-    "fp8_attention": ("auto", "on", "off"),
+    "fp8_attention": FP8_ATTENTION,
     "log_level": ("debug", "info", "warning", "error"),
-    "size": ("infinitetalk-480", "infinitetalk-720"),
-    "mode": ("streaming", "clip"),
-    "audio_type": ("para", "add"),
-    "noise": ("portable", "reference"),
+    "executor": ("local", "ray"),
 }
-_OPTIONAL_TYPES: dict[str, type] = {"seed": int, "max_frame_num": int, "negative_prompt": str}
 _POSITIVE = {
     "max_queued",
     "max_running",
@@ -496,7 +451,7 @@ def _coerce(f: dataclasses.Field[Any], value: Any, name: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{name} must be true or false, got {value!r}")
         return value
-    want: type = type(default) if default is not None else _OPTIONAL_TYPES.get(f.name, float)
+    want = kind_of(f)
     if want is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{name} must be an integer, got {value!r}")
@@ -514,7 +469,7 @@ def _coerce(f: dataclasses.Field[Any], value: Any, name: str) -> Any:
     elif want is str:
         if not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {value!r}")
-        choices = _CHOICES.get(f.name)
+        choices = f.metadata.get("choices") or _CHOICES.get(f.name)
         if choices and value not in choices:
             raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         if f.name == "device" and not _valid_device(value):
@@ -522,7 +477,17 @@ def _coerce(f: dataclasses.Field[Any], value: Any, name: str) -> Any:
                 f"{name} must be auto, cpu, cuda, cuda:N, or a comma list of these for one worker "
                 f"spanning several devices (cuda:0,cuda:1), got {value!r}"
             )
+    if (check := f.metadata.get("check")) and (why := check(value)):  # a job setting's own rule
+        raise ConfigError(f"{name}: {why}")
     return value
+
+
+def kind_of(f: dataclasses.Field[Any]) -> type:
+    """The type a key takes: its metadata's `kind` (the job settings' table gives one), else its
+    default's type (float for an unset default)."""
+    default = f.default if f.default is not dataclasses.MISSING else None
+    kind: type = f.metadata.get("kind") or (type(default) if default is not None else float)
+    return kind
 
 
 def _gpu_memory(value: Any, name: str) -> str | float:
@@ -631,14 +596,16 @@ def render_toml(settings: Settings | None = None, *, mask_secrets: bool = False)
 def _allowed_doc(f: dataclasses.Field[Any]) -> str:
     """The "allowed" column: the range of a number, the choices of a string, true/false."""
     default = f.default if f.default is not dataclasses.MISSING else None
-    kind = type(default) if default is not None else _OPTIONAL_TYPES.get(f.name, float)
+    kind = kind_of(f)
     if isinstance(default, bool):
         return "true, false"
     if f.name == "gpu_memory_gib":
         return "`auto`, or GiB > 0 and <= 4096"
     if kind in (int, float) and not isinstance(default, (Path, tuple)):
-        return ("integer " if kind is int else "finite, ") + allowed_range(f)
-    choices = _CHOICES.get(f.name)
+        rule = f.metadata.get("check")  # a job setting's own rule, named by its docstring
+        extra = f", {rule.__doc__}" if rule else ""
+        return ("integer " if kind is int else "finite, ") + allowed_range(f) + extra
+    choices = f.metadata.get("choices") or _CHOICES.get(f.name)
     return ", ".join(f"`{c}`" for c in choices) if choices else ""
 
 

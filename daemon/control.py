@@ -34,6 +34,7 @@ from daemon.errors import LedgerConflict
 from daemon.job_refs import JobRefError, describe_job, resolve
 from daemon.ledger import JobRow, Ledger, new_job_id
 from daemon.outbox import Outbox, is_same_file, names_job
+from daemon.states import ACTIVE, State
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ ACTIONS = ("cancel", "retry", "delete")
 #: the one action a request from the inbox's control folder may carry (upload-group users)
 INBOX_ACTION = "cancel"
 #: what a cancel from the inbox's control folder may act on (not running jobs)
-INBOX_CANCEL_STATES = ("waiting", "queued", "retry_wait")
+INBOX_CANCEL_STATES = tuple(s for s in ACTIVE if s != State.running)
 #: internal action name of an inbox cancel (restricted as above)
 _INBOX_CANCEL = "inbox-cancel"
 INBOX_REQUEST_MAX_BYTES = 1024
@@ -420,7 +421,7 @@ def _cancel(
             error_message="cancelled by the user" + (f"; files kept in {kept}" if kept else ""),
         )
         return Outcome(ok=True, message=f"job {job.id} cancelled", state=row.state)
-    if job.state in ("waiting", "queued", "retry_wait"):
+    if job.state in INBOX_CANCEL_STATES:  # no worker to stop
         row = ledger.transition(
             job.id,
             job.state,
@@ -552,7 +553,7 @@ def _link_inputs(src: Path, job_dir: Path) -> bool:
 
 
 def _delete(ledger: Ledger, job: JobRow) -> Outcome:
-    if job.state in ("waiting", "queued", "running", "retry_wait"):
+    if job.state in ACTIVE:
         return Outcome(
             ok=False, message=f"job {job.id} is {job.state}; cancel it before deleting", state=job.state
         )

@@ -39,6 +39,21 @@ class LedgerConflict(DaemonError):
         )
 
 
+class IllegalTransition(DaemonError):
+    """A transition that is no edge of the state table (`daemon/states.py` `EDGES`): a bug in the
+    caller, raised before anything is written."""
+
+    def __init__(self, job_id: str, old: str, new: str, allowed: Iterable[str]) -> None:
+        self.job_id = job_id
+        self.old = old
+        self.new = new
+        self.allowed = tuple(allowed)
+        super().__init__(
+            f"job {job_id}: {old} -> {new} is not a legal transition"
+            f" ({old} may go to {', '.join(self.allowed) or 'no other state'})"
+        )
+
+
 class StateDirFull(DaemonError):
     """A ledger write waited for space in the state dir and the daemon was told to stop meanwhile;
     the jobs left running are queued again at the next start."""
@@ -90,9 +105,6 @@ def is_disk_full(e: BaseException | None) -> bool:
     return False
 
 
-#: error codes of failed renders (the worker classifies exceptions into these)
-TRANSIENT_CODES = frozenset({"cuda_oom", "worker_crash", "disk_full"})
-
 #: every `code` a rejected or failed job can carry (error.json, the ledger's `error_code`,
 #: webhooks), each documented in docs/daemon.md "Error codes" or docs/job-format.md "Errors";
 #: tests/unit/test_docs_match_code.py checks both ways, and that the code uses no other
@@ -121,7 +133,7 @@ ERROR_CODES = frozenset(
         "checksum_mismatch",
         "duplicate",
         "removed",
-        # renders (daemon/runner.py classify, daemon/supervisor.py)
+        # renders (daemon/policy.py classify, daemon/pool.py, daemon/endings.py)
         "input_changed",
         "cuda_oom",
         "cuda_error",
@@ -133,6 +145,7 @@ ERROR_CODES = frozenset(
         "attempts_exhausted",
         "bad_input",
         "render_error",
+        "tts_unavailable",
         # commands (daemon/control.py)
         "cancelled",
     }

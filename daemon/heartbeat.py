@@ -198,28 +198,29 @@ class Heartbeat:
     def state_of(sup: Any) -> str:
         if sup.stop.is_set():
             return "draining"
-        ready = any(w is not None and w.ready and w.alive() for w in sup.workers)
-        return "ready" if ready else "loading"
+        pool = getattr(sup, "pool", None)
+        return "ready" if pool is not None and pool.any_ready() else "loading"
 
     @staticmethod
     def workers_of(sup: Any) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        for index, device in enumerate(sup.devices):
-            worker = sup.workers[index] if index < len(sup.workers) else None
-            alive = worker is not None and worker.alive()
-            info = dict(worker.info) if worker is not None else {}
-            jobs = sorted(r.job_id for r in sup.running.values() if r.worker == index)
+        pool = getattr(sup, "pool", None)
+        for worker in pool.describe() if pool is not None else []:
+            info = worker.info
             entry: dict[str, Any] = {
-                "index": index,
-                "device": str(info.get("device") or device),
-                "pid": worker.pid if worker is not None and alive else None,
-                "alive": alive,
-                "model_loaded": bool(alive and worker is not None and worker.ready),
-                "jobs": jobs,
+                "index": worker.index,
+                "device": str(info.get("device") or worker.device),
+                "pid": worker.pid,
+                "alive": worker.alive,
+                "model_loaded": worker.ready,
+                "jobs": list(worker.jobs),
                 "gpu": info.get("gpu"),
                 "quant": info.get("quant"),
                 "attention": info.get("attention"),
             }
-            entry.update(gpu_stats(str(entry["device"])))
+            if "node" in info:  # a Ray actor (daemon/ray_pool.py): its node, whose GPUs NVML here cannot see
+                entry["node"] = info["node"]
+            else:
+                entry.update(gpu_stats(str(entry["device"])))
             out.append(entry)
         return out

@@ -40,9 +40,11 @@ from typing import Any
 
 from daemon import inbox as inbox_mod
 from daemon.config import Settings
+from daemon.endings import Endings
 from daemon.errors import JobRejected, LedgerConflict, is_disk_full
 from daemon.jobs import (
     MAX_FOLDER_DEPTH,
+    SETTINGS,
     SILENT,
     InvalidJob,
     JobSpec,
@@ -54,7 +56,10 @@ from daemon.jobs import (
     sha256_file,
 )
 from daemon.ledger import JobRow, Ledger
-from daemon.outbox import Outbox, move, restore_loose_job_name
+from daemon.outbox import Outbox, restore_loose_job_name
+from daemon.states import Intent
+from pipeline.tts_text import KOKORO_DIR, VOICES_DIR, TtsRequest, unknown_voice
+from pipeline.weights_layout import has_weights
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +81,17 @@ class _Track:
     probe_sig: tuple[Any, ...] | None = None
     hashes: dict[tuple[str, int, int], str] = field(default_factory=dict)
 
+    def hash(self, path: Path) -> str | None:
+        """The sha256 of `path` (None: not there), remembered by its size and mtime."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in self.hashes:
+            self.hashes[key] = sha256_file(path)
+        return self.hashes[key]
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Ready:
@@ -84,6 +100,110 @@ class Ready:
     entry: inbox_mod.Entry
     row: JobRow
     spec: JobSpec
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Look:
+    """One check of one inbox entry at one scan: what the gates of `Intake._check` share."""
+
+    entry: inbox_mod.Entry
+    row: JobRow
+    track: _Track
+    tree: inbox_mod.BundleTree | None
+    sig: tuple[Any, ...]
+    now: float
+    #: the files unchanged for `settle_s`
+    quiet: bool
+    #: waiting for `incomplete_timeout_s` already: a gate that would wait rejects instead
+    timed_out: bool
+    settings: Settings
+    ledger: Ledger
+
+    def wait(self, reason: str, code: str = "incomplete", fld: str = "") -> None:
+        """Keep the entry waiting with `reason` (None: the check stops here), or reject it with
+        `code` once it has waited `incomplete_timeout_s`."""
+        if self.timed_out:
+            raise JobRejected(
+                code, f"still incomplete after {self.settings.incomplete_timeout_s:g} s: {reason}", field=fld
+            )
+        self.ledger.set_waiting_reason(self.row.id, reason)
+
+
+def _bundle_tree(entry: inbox_mod.Entry) -> inbox_mod.BundleTree | None:
+    """Gate 1: a loose job file or a bundle that is a symbolic link is rejected; a bundle's tree
+    is walked (a bad tree is rejected); a loose job has none."""
+    if entry.kind == "loose" and entry.job_file.is_symlink():
+        raise JobRejected(
+            "symlink",
+            f"{entry.name}.json is a symbolic link, which is not allowed",
+            field=entry.job_file.name,
+        )
+    if entry.kind == "bundle" and entry.path.is_symlink():
+        raise JobRejected(
+            "symlink", f"bundle {entry.name} is a symbolic link, which is not allowed", field=entry.name
+        )
+    try:
+        return inbox_mod.walk_bundle(entry.path) if entry.kind == "bundle" else None
+    except inbox_mod.BadBundle as e:
+        raise JobRejected(e.code, f"bundle {entry.name}: {e.message}", field=entry.name) from e
+
+
+def _job_file_ready(look: _Look) -> bool:
+    """Gate 2: the job file is there, a regular file within `max_json_kb`, and the bundle has no
+    temporary upload files left."""
+    job_file, max_kb = look.entry.job_file, look.settings.max_json_kb
+    try:
+        st = os.lstat(job_file)
+    except FileNotFoundError:
+        look.wait(f"incomplete upload: no {inbox_mod.BUNDLE_JOB_FILE} yet", fld=inbox_mod.BUNDLE_JOB_FILE)
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        raise JobRejected(
+            "not_a_file",
+            f"{job_file.name} is {describe_mode(st.st_mode)}, not a regular file",
+            field=job_file.name,
+        )
+    if st.st_size > max_kb * 1024:
+        raise JobRejected(
+            "too_large",
+            f"{job_file.name} is {st.st_size} bytes, over max_json_kb ({max_kb:g} KiB)",
+            field=job_file.name,
+        )
+    if look.tree is not None and look.tree.uploading:
+        look.wait("upload in progress (temporary files in the bundle)")
+        return False
+    return True
+
+
+def _complete(look: _Look, spec: JobSpec) -> bool:
+    """Gate 4: complete when every `checksums` hash matches; without checksums, once quiet for
+    `settle_s` (and for `stream_settle_s` when a WAV gives no size in its header)."""
+    s, track, base = look.settings, look.track, look.entry.base_dir
+    if spec.checksums:
+        bad = [name for name, digest in spec.checksums if track.hash(base / name) != digest]
+        if bad:
+            look.wait(
+                f"incomplete upload: checksum mismatch for {', '.join(bad)}", "checksum_mismatch", bad[0]
+            )
+            return False
+        return True
+    if not look.quiet:
+        look.wait(
+            f"settling: files changed {look.now - track.sig_since:.0f} s ago (settle_s = {s.settle_s:g})"
+        )
+        return False
+    if look.now - track.sig_since < s.stream_settle_s:
+        streamed = [rel for rel in spec.media_files if _is_wav(rel) and wav_size_unknown(base / rel)]
+        if streamed:
+            # no size in the header: only a longer quiet can say the writer is done
+            look.wait(
+                f"settling: {', '.join(streamed)} gives no size in its WAV header (streamed); "
+                f"complete once quiet for stream_settle_s = {s.stream_settle_s:g} s "
+                "(give checksums, or stage the upload, to skip this wait)",
+                fld=streamed[0],
+            )
+            return False
+    return True
 
 
 class Intake:
@@ -95,10 +215,15 @@ class Intake:
         *,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        endings: Endings | None = None,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
         self.outbox = outbox
+        #: rejections and the recovery of claims and rejections (the daemon's, or one of its own)
+        self.endings = endings or Endings(settings, ledger, outbox)
+        #: the inbox sources of the current scan (a claim whose upload is back is redone by it)
+        self._present: set[str] = set()
         #: timeouts and settling run on `clock` (monotonic); `wall_clock` only dates rows
         self.clock = clock
         self.wall_clock = wall_clock
@@ -122,10 +247,8 @@ class Intake:
         s.inbox.mkdir(parents=True, exist_ok=True)
         entries = inbox_mod.scan(s.inbox)
         self._loose_media = {e.source: set(e.media) for e in entries if e.kind == "loose"}
-        waiting = self.ledger.active_by_source()
-        present = {e.source for e in entries}
-        self.finish_rejections(waiting)
-        self.resume_claims(waiting, present)
+        present = self._present = {e.source for e in entries}
+        self.endings.recover(self)  # rejections and claims a killed daemon left halfway
         # what the finished rejections and claims just moved or pruned is no new job
         entries = [e for e in entries if os.path.lexists(e.path)]
         waiting = self.ledger.active_by_source()
@@ -136,7 +259,6 @@ class Intake:
                 row = self.ledger.insert_job(
                     name=entry.name, source=entry.source, state="waiting", waiting_reason="checking upload"
                 )
-                logger.info("job %s: %s seen in the inbox", row.id, entry.name)
             try:
                 result = self._check(entry, row)
             except JobRejected as rejected:
@@ -161,6 +283,11 @@ class Intake:
                 continue
             if result is not None:
                 ready.append(result)
+        self._cancel_removed(waiting, present)
+        self._admit(sorted(ready, key=lambda r: r.row.seq))
+
+    def _cancel_removed(self, waiting: dict[str, JobRow], present: set[str]) -> None:
+        """A waiting entry gone from the inbox before it was claimed is cancelled (`removed`)."""
         for source, row in waiting.items():
             claimed = row.job_dir and any(
                 os.path.lexists(Path(row.job_dir) / part) for part in ("input", UPLOAD_DIR)
@@ -179,7 +306,6 @@ class Intake:
                     )
                 except LedgerConflict:
                     pass
-        self._admit(sorted(ready, key=lambda r: r.row.seq))
 
     # ------------------------------------------------------------------ completeness
 
@@ -192,6 +318,21 @@ class Intake:
         return min(max(0.0, age_s), self.settings.incomplete_timeout_s / 2)
 
     def _check(self, entry: inbox_mod.Entry, row: JobRow) -> Ready | None:
+        """The gates an entry passes, in order, to be `Ready`: its links and bundle tree, its job
+        file (there, regular, small), its parse, its completeness (checksums or quiet), its media
+        decoded. A gate that waits records the reason and stops the check (None); one that
+        rejects raises `JobRejected`."""
+        look = self._look(entry, row)
+        if not _job_file_ready(look):
+            return None
+        spec = self._read_spec(look)
+        if spec is None or not _complete(look, spec) or not self._probed(look, spec):
+            return None
+        return Ready(entry=entry, row=row, spec=spec)
+
+    def _look(self, entry: inbox_mod.Entry, row: JobRow) -> _Look:
+        """Gate 1: links refused and the bundle walked; then the entry's signature, how long it
+        has been quiet and whether it has waited too long."""
         s = self.settings
         now = self.clock()
         track = self._tracks.get(entry.source)
@@ -199,139 +340,83 @@ class Intake:
             track = self._tracks[entry.source] = _Track(
                 job_id=row.id, sig_since=now, waiting_since=now - self._waited_before(row)
             )
-        job_file = entry.job_file
-        if entry.kind == "loose" and job_file.is_symlink():
-            raise JobRejected(
-                "symlink", f"{entry.name}.json is a symbolic link, which is not allowed", field=job_file.name
-            )
-        if entry.kind == "bundle" and entry.path.is_symlink():
-            raise JobRejected(
-                "symlink", f"bundle {entry.name} is a symbolic link, which is not allowed", field=entry.name
-            )
-        try:
-            tree = inbox_mod.walk_bundle(entry.path) if entry.kind == "bundle" else None
-        except inbox_mod.BadBundle as e:
-            raise JobRejected(e.code, f"bundle {entry.name}: {e.message}", field=entry.name) from e
-        files = self._entry_files(entry, tree)
-        sig = inbox_mod.signature(files)
+        tree = _bundle_tree(entry)
+        sig = inbox_mod.signature(self._entry_files(entry, tree))
         if sig != track.sig:
             track.sig, track.sig_since = sig, now
-        quiet = now - track.sig_since >= s.settle_s
-        timed_out = now - track.waiting_since >= s.incomplete_timeout_s
+        return _Look(
+            entry=entry,
+            row=row,
+            track=track,
+            tree=tree,
+            sig=sig,
+            now=now,
+            quiet=now - track.sig_since >= s.settle_s,
+            timed_out=now - track.waiting_since >= s.incomplete_timeout_s,
+            settings=s,
+            ledger=self.ledger,
+        )
 
-        def wait(reason: str, code: str = "incomplete", fld: str = "") -> None:
-            if timed_out:
-                raise JobRejected(
-                    code, f"still incomplete after {s.incomplete_timeout_s:g} s: {reason}", field=fld
-                )
-            self.ledger.set_waiting_reason(row.id, reason)
-
+    def _read_spec(self, look: _Look) -> JobSpec | None:
+        """Gate 3: the job file read and parsed; None while a media file is still to come or the
+        job file is still changing."""
+        entry = look.entry
         try:
-            st = os.lstat(job_file)
-        except FileNotFoundError:
-            wait(f"incomplete upload: no {inbox_mod.BUNDLE_JOB_FILE} yet", fld=inbox_mod.BUNDLE_JOB_FILE)
-            return None
-        if not stat.S_ISREG(st.st_mode):
-            raise JobRejected(
-                "not_a_file",
-                f"{job_file.name} is {describe_mode(st.st_mode)}, not a regular file",
-                field=job_file.name,
-            )
-        if st.st_size > s.max_json_kb * 1024:
-            raise JobRejected(
-                "too_large",
-                f"{job_file.name} is {st.st_size} bytes, over max_json_kb ({s.max_json_kb:g} KiB)",
-                field=job_file.name,
-            )
-        if tree is not None and tree.uploading:
-            wait("upload in progress (temporary files in the bundle)")
-            return None
-        try:
-            raw = read_regular(job_file, max_bytes=self._max_json_bytes())  # never blocks on a FIFO
+            raw = read_regular(entry.job_file, max_bytes=self._max_json_bytes())  # never blocks on a FIFO
         except NotRegularFile as e:
-            raise JobRejected("not_a_file", str(e), field=job_file.name) from e
+            raise JobRejected("not_a_file", str(e), field=entry.job_file.name) from e
         try:
-            spec = self._parse(raw, entry.base_dir, loose=entry.kind == "loose")
+            return self._parse(raw, entry.base_dir, loose=entry.kind == "loose")
         except InvalidJob as e:
             incomplete = [err for err in e.errors if err.code in INCOMPLETE_CODES]
             # (a checksum of a file not there yet is no error of its own; a checksum naming no
             # file of the job, e.g. "../face.png", is, and rejects the job at once)
             if incomplete and len(incomplete) == len(e.errors):
                 names = ", ".join(err.field for err in incomplete)
-                wait(f"incomplete upload: waiting for {names}", code="incomplete", fld=incomplete[0].field)
+                look.wait(f"incomplete upload: waiting for {names}", fld=incomplete[0].field)
                 return None
-            if not quiet:
-                wait("upload in progress (job file changing)")
+            if not look.quiet:
+                look.wait("upload in progress (job file changing)")
                 return None
             # named by the first error that waiting cannot cure (not a file still to come)
             first = next((err for err in e.errors if err.code not in INCOMPLETE_CODES), e.errors[0])
             raise JobRejected(first.code, str(e), field=first.field) from e
-        if spec.checksums:
-            bad = [
-                name for name, digest in spec.checksums if self._hash(track, entry.base_dir / name) != digest
-            ]
-            if bad:
-                wait(
-                    f"incomplete upload: checksum mismatch for {', '.join(bad)}",
-                    code="checksum_mismatch",
-                    fld=bad[0],
-                )
-                return None
-        elif not quiet:
-            wait(f"settling: files changed {now - track.sig_since:.0f} s ago (settle_s = {s.settle_s:g})")
-            return None
-        elif now - track.sig_since < s.stream_settle_s:
-            streamed = [
-                rel for rel in spec.media_files if _is_wav(rel) and wav_size_unknown(entry.base_dir / rel)
-            ]
-            if streamed:
-                # no size in the header: only a longer quiet can say the writer is done
-                wait(
-                    f"settling: {', '.join(streamed)} gives no size in its WAV header (streamed); "
-                    f"complete once quiet for stream_settle_s = {s.stream_settle_s:g} s "
-                    "(give checksums, or stage the upload, to skip this wait)",
-                    fld=streamed[0],
-                )
-                return None
-        if track.probed_sig != sig:
-            # Decoding a long video takes a while: probes run in a background thread so the main
-            # loop keeps serving (progress, dispatch, watchdog); the result is picked up by a
-            # later scan, and only if the files are still the ones probed.
-            if track.probe is None or track.probe_sig != sig:
-                if track.probe is not None:
-                    track.probe.cancel()
-                self.ledger.set_waiting_reason(row.id, "checking media")
-                track.probe_sig = sig
-                track.probe = self._probes.submit(
-                    probe_job, entry.base_dir, spec, s.min_audio_s, s.max_audio_s
-                )
-                track.probe.add_done_callback(lambda _: self.wake_later())
-                return None
-            if not track.probe.done():
-                return None
-            probe, track.probe = track.probe, None
-            probe.result()  # raises JobRejected for bad media
-            track.probed_sig = sig
-        return Ready(entry=entry, row=row, spec=spec)
+
+    def _probed(self, look: _Look, spec: JobSpec) -> bool:
+        """Gate 5: every media file decoded to the end (`probe_job`, raising `JobRejected` for bad
+        media), once per signature. Decoding a long video takes a while: probes run in a
+        background thread so the main loop keeps serving (progress, dispatch, watchdog); the
+        result is picked up by a later scan, and only if the files are still the ones probed."""
+        track, sig, s = look.track, look.sig, self.settings
+        if track.probed_sig == sig:
+            return True
+        if track.probe is None or track.probe_sig != sig:
+            if track.probe is not None:
+                track.probe.cancel()
+            self.ledger.set_waiting_reason(look.row.id, "checking media")
+            track.probe_sig = sig
+            track.probe = self._probes.submit(
+                probe_job, look.entry.base_dir, spec, s.min_audio_s, s.max_audio_s
+            )
+            track.probe.add_done_callback(lambda _: self.wake_later())
+            return False
+        if not track.probe.done():
+            return False
+        probe, track.probe = track.probe, None
+        probe.result()  # raises JobRejected for bad media
+        track.probed_sig = sig
+        return True
 
     def _parse(self, raw: bytes, base_dir: Path, *, loose: bool = False) -> JobSpec:
         """`loose`: a loose job of the inbox (`base_dir`), whose media paths must be loose files
         or files of a media folder (`inbox.loose_path_problem`)."""
         rule = functools.partial(inbox_mod.loose_path_problem, base_dir) if loose else None
         spec = parse_job(raw, base_dir=base_dir, defaults=self.settings.job_defaults(), loose_paths=rule)
+        if spec.tts is not None and (why := tts_voice_problem(self.settings, spec.tts)):
+            raise InvalidJob.single("bad_value", why, field=why.split(":", 1)[0])
         if spec.seed_drawn and self.settings.defaults.seed is not None:
             spec = spec.with_seed(self.settings.defaults.seed)
         return spec
-
-    def _hash(self, track: _Track, path: Path) -> str | None:
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return None
-        key = (str(path), st.st_size, st.st_mtime_ns)
-        if key not in track.hashes:
-            track.hashes[key] = sha256_file(path)
-        return track.hashes[key]
 
     def _entry_files(self, entry: inbox_mod.Entry, tree: inbox_mod.BundleTree | None) -> list[Path]:
         if tree is not None:
@@ -362,16 +447,17 @@ class Intake:
     def claim(self, item: Ready) -> JobRow | None:
         """Take the inputs into the state dir, hash them, check for a duplicate, queue the job.
 
-        The job dir is recorded in the ledger before anything moves (the intent), so a daemon
-        killed halfway finishes the claim at its next scan (`resume_claims`). The entry is
-        renamed into `jobs/<id>/upload/` (across filesystems: copied), then copied into the
+        The job dir is recorded in the ledger before anything moves (intent `claim`), so a
+        daemon killed halfway finishes the claim at its next scan (`Endings.recover` calls
+        `resume_claim`). The entry is renamed into `jobs/<id>/upload/` (across filesystems:
+        copied), then copied into the
         daemon's own `jobs/<id>/input/` (`copy_inputs`), which is what is hashed and rendered.
         """
         row, entry = item.row, item.entry
         job_dir = self.settings.jobs_dir / row.id
         input_dir = job_dir / "input"
         upload = job_dir / UPLOAD_DIR
-        self.ledger.set_columns(row.id, job_dir=str(job_dir))
+        self.ledger.set_columns(row.id, job_dir=str(job_dir), intent=Intent.claim.value)
         private_dir(self.settings.jobs_dir)
         private_dir(job_dir)
         # a bundle copied straight from the inbox (another filesystem) is removed from it after
@@ -388,45 +474,13 @@ class Intake:
                     copied_bundle = True
             elif entry.kind == "loose":
                 upload.mkdir(exist_ok=True)
-                self._take_loose_files(entry.source, entry.job_file, upload, item.spec.media_files)
+                shared = self._shared_loose_media(entry.source)
+                take_loose_files(self.settings.inbox, entry.job_file, upload, item.spec.media_files, shared)
             if not input_dir.is_dir():
                 copy_inputs(upload, job_dir)
         self._tracks.pop(entry.source, None)
-        self._remove_taken(upload, entry.path if copied_bundle else None)
+        remove_taken(upload, entry.path if copied_bundle else None)
         return self._complete_claim(row, input_dir)
-
-    def _take_loose_files(self, source: str, job_file: Path | None, upload: Path, media: Any) -> None:
-        """Move a loose job's JSON (unless already taken) and its media into `upload`: a loose
-        file of the inbox is moved (copied if another loose job of the inbox also names it); a
-        file of a media folder is always copied (`copy_media_file`), never moved, so a folder that
-        is really a bundle still being uploaded keeps all its files. A path the rule refuses now
-        (its folder got a job.json meanwhile) rejects the job."""
-        inbox = self.settings.inbox
-        if job_file is not None and not os.path.lexists(upload / inbox_mod.BUNDLE_JOB_FILE):
-            move_upload(job_file, upload / inbox_mod.BUNDLE_JOB_FILE)
-        for rel in sorted(media):
-            refused = inbox_mod.loose_path_problem(inbox, rel)
-            if refused is not None:  # the JSON is taken: a rejection keeps it as the original
-                raise JobRejected("path_escape", f"{rel!r} {refused}; not taken", field=rel)
-        shared = self._shared_loose_media(source)
-        for rel in sorted(media):
-            target = upload / rel
-            if os.path.lexists(target):
-                continue  # taken before a restart
-            if "/" in rel or rel in shared:
-                copy_media_file(inbox, rel, target)
-            elif inbox_mod.plain_file_in(inbox, rel):  # else gone, or not a regular file: not taken
-                move_upload(inbox / rel, target)
-
-    def _remove_taken(self, upload: Path, bundle: Path | None) -> None:
-        """After the copy: the upload as renamed (and a bundle copied across filesystems)."""
-        for path in (upload, bundle):
-            if path is None or not os.path.lexists(path):
-                continue
-            try:
-                remove_tree(path)
-            except OSError as e:  # e.g. a folder the daemon may not write: the copy is what counts
-                logger.warning("cannot remove %s after taking it: %s", path, e)
 
     def _complete_claim(self, row: JobRow, input_dir: Path) -> JobRow | None:
         try:
@@ -462,6 +516,7 @@ class Intake:
             dedupe_key=key,
             priority=spec.priority,
             rerender_of=rerender_of,
+            intent=None,  # the claim is complete: what is left is admission
         )
         admitted = self.ledger.admit(row.id, max_queued=self.settings.max_queued)
         if admitted is None:
@@ -473,31 +528,32 @@ class Intake:
     def _max_json_bytes(self) -> int:
         return int(self.settings.max_json_kb * 1024)
 
-    def resume_claims(self, waiting: dict[str, JobRow], present: set[str]) -> None:
-        """Finish claims a killed daemon left halfway (job dir recorded, spec not yet stored)."""
-        for source, row in waiting.items():
-            if not row.job_dir or row.spec_json or row.error_code or source in present:
-                continue
-            job_dir = Path(row.job_dir)
-            input_dir, upload = job_dir / "input", job_dir / UPLOAD_DIR
-            job_file = inbox_mod.BUNDLE_JOB_FILE
-            if not (input_dir / job_file).is_file() and not (upload / job_file).is_file():
-                continue
-            logger.info("job %s (%s): finishing a claim interrupted by a restart", row.id, row.name)
-            try:
-                if not input_dir.is_dir():
-                    if Path(source).suffix.lower() == ".json":  # loose: its media may still be in the inbox
-                        media = inbox_mod.loose_media_names(upload / job_file)
-                        self._take_loose_files(source, None, upload, media)
-                    copy_inputs(upload, job_dir)
-                self._remove_taken(upload, None)
-                self._complete_claim(row, input_dir)
-            except inbox_mod.BadBundle as e:
-                self._reject_claimed(row, JobRejected(e.code, e.message, field=""))
-            except JobRejected as rejected:
-                self._reject_claimed(row, rejected)
-            except OSError as e:
-                logger.warning("job %s (%s): cannot finish its claim yet: %s", row.id, row.name, e)
+    def resume_claim(self, row: JobRow) -> None:
+        """`Uploads.resume_claim`: finish a claim a killed daemon left halfway (job dir recorded,
+        spec not yet stored); one whose upload is back in the inbox is redone by the scan."""
+        if row.source in self._present or not row.job_dir:
+            return
+        job_dir = Path(row.job_dir)
+        input_dir, upload = job_dir / "input", job_dir / UPLOAD_DIR
+        job_file = inbox_mod.BUNDLE_JOB_FILE
+        if not (input_dir / job_file).is_file() and not (upload / job_file).is_file():
+            return
+        logger.info("job %s (%s): finishing a claim interrupted by a restart", row.id, row.name)
+        try:
+            if not input_dir.is_dir():
+                if Path(row.source).suffix.lower() == ".json":  # loose: its media may still be in the inbox
+                    media = inbox_mod.loose_media_names(upload / job_file)
+                    shared = self._shared_loose_media(row.source)
+                    take_loose_files(self.settings.inbox, None, upload, media, shared)
+                copy_inputs(upload, job_dir)
+            remove_taken(upload)
+            self._complete_claim(row, input_dir)
+        except inbox_mod.BadBundle as e:
+            self._reject_claimed(row, JobRejected(e.code, e.message, field=""))
+        except JobRejected as rejected:
+            self._reject_claimed(row, rejected)
+        except OSError as e:
+            logger.warning("job %s (%s): cannot finish its claim yet: %s", row.id, row.name, e)
 
     def admit_claimed(self) -> None:
         """Claimed jobs left waiting (queue was full, or a restart in between) get queued as room frees."""
@@ -519,99 +575,93 @@ class Intake:
     def reject(self, row: JobRow, entry: inbox_mod.Entry, rejected: JobRejected) -> None:
         """Reject an entry still in the inbox: keep its files under outbox/failed/, write error.json."""
         self._tracks.pop(entry.source, None)
-        self._record_rejection(row, rejected)
-        self._keep_inbox_originals(entry.path, row.source, Path(self._originals(row.id)))
-        self._finish_rejection(row.id)
+        shared = self._shared_loose_media(row.source)
+
+        def keep(r: JobRow) -> None:
+            keep_inbox_originals(self.settings.inbox, entry.path, Path(str(r.originals)), shared)
+
+        self.endings.reject(row, rejected, keep)
 
     def _reject_claimed(self, row: JobRow, rejected: JobRejected) -> None:
-        self._record_rejection(row, rejected)
-        self._keep_claimed_originals(row)
-        self._finish_rejection(row.id)
+        self.endings.reject(row, rejected, self._keep_claimed_originals)
+
+    def keep_rejected(self, row: JobRow) -> None:
+        """`Uploads.keep_rejected`: what a claim took, else the inbox entry, into the originals."""
+        if not (row.job_dir and self._keep_claimed_originals(row)):
+            shared = self._shared_loose_media(row.source)
+            keep_inbox_originals(self.settings.inbox, Path(row.source), Path(str(row.originals)), shared)
 
     def _keep_claimed_originals(self, row: JobRow) -> bool:
         """Move what a claim took (the daemon's copy, else the upload as renamed) to the originals
         folder; False if the claim had taken nothing yet."""
         job_dir = Path(row.job_dir) if row.job_dir else self.settings.jobs_dir / row.id
-        kept = Path(self._originals(row.id))
+        kept = Path(str(row.originals))
         for taken in (job_dir / "input", job_dir / UPLOAD_DIR):
             if not os.path.lexists(taken):
                 continue
             _clear_empty(kept)
             move_upload(taken, kept)
             restore_loose_job_name(kept, row.name, row.source)
-            self._remove_taken(job_dir / UPLOAD_DIR, None)
+            remove_taken(job_dir / UPLOAD_DIR)
             if taken.name == "input":
                 _adopt_group(kept, self.outbox.root)
             return True
         return False
 
-    def _originals(self, job_id: str) -> str:
-        return str(self.ledger.get(job_id).originals or "")
 
-    def _record_rejection(self, row: JobRow, rejected: JobRejected) -> None:
-        """The intent, before any file moves: error fields, the error JSON path, the originals dir."""
-        kept = self.outbox.keep_originals(row.name, [])  # reserves failed/<name>[-n]/
-        error_path = self.outbox.root / f"{self.outbox.reserve_base(row.name)}.error.json"
-        self.ledger.set_columns(
-            row.id,
-            error_code=rejected.code,
-            error_message=rejected.message,
-            error_field=rejected.field or None,
-            duplicate_of=rejected.duplicate_of,
-            output_json=str(error_path),
-            originals=str(kept),
-        )
+def take_loose_files(inbox: Path, job_file: Path | None, upload: Path, media: Any, shared: set[str]) -> None:
+    """Move a loose job's JSON (unless already taken) and its media into `upload`: a loose
+    file of the inbox is moved (copied if another loose job of the inbox also names it:
+    `shared`); a file of a media folder is always copied (`copy_media_file`), never moved, so a
+    folder that is really a bundle still being uploaded keeps all its files. A path the rule
+    refuses now (its folder got a job.json meanwhile) rejects the job."""
+    if job_file is not None and not os.path.lexists(upload / inbox_mod.BUNDLE_JOB_FILE):
+        move_upload(job_file, upload / inbox_mod.BUNDLE_JOB_FILE)
+    for rel in sorted(media):
+        refused = inbox_mod.loose_path_problem(inbox, rel)
+        if refused is not None:  # the JSON is taken: a rejection keeps it as the original
+            raise JobRejected("path_escape", f"{rel!r} {refused}; not taken", field=rel)
+    for rel in sorted(media):
+        target = upload / rel
+        if os.path.lexists(target):
+            continue  # taken before a restart
+        if "/" in rel or rel in shared:
+            copy_media_file(inbox, rel, target)
+        elif inbox_mod.plain_file_in(inbox, rel):  # else gone, or not a regular file: not taken
+            move_upload(inbox / rel, target)
 
-    def _keep_inbox_originals(self, src: Path, source: str, kept: Path) -> None:
-        """Move an inbox entry (`src`, ledger source `source`) and its loose media into `kept`
-        (`move_upload`: across filesystems too, FIFOs and deep trees included, never crashing)."""
-        if src.is_dir() and not src.is_symlink():
-            _clear_empty(kept)
-            move_upload(src, kept)
-            return
-        kept.mkdir(parents=True, exist_ok=True)
-        if os.path.lexists(src):
-            media = inbox_mod.loose_media_names(src)
-            shared = self._shared_loose_media(source)
-            move_upload(src, kept / src.name)
-            for rel in sorted(media):
-                path = self.settings.inbox / rel
-                if "/" in rel or not inbox_mod.plain_file_in(self.settings.inbox, rel):
-                    continue  # only loose files of the inbox: a media folder's files stay put
-                if rel in shared:
-                    copy_regular(path, kept / rel)
-                else:
-                    move_upload(path, kept / rel)
 
-    def _finish_rejection(self, job_id: str) -> None:
-        row = self.ledger.get(job_id)
-        error_path = Path(str(row.output_json))
-        if not error_path.exists():
-            self.outbox.write_error_at(
-                error_path,
-                error_payload(
-                    job_id=row.id,
-                    name=row.name,
-                    state="rejected",
-                    code=str(row.error_code),
-                    message=str(row.error_message),
-                    field=row.error_field,
-                    originals=Path(str(row.originals)),
-                    duplicate_of=row.duplicate_of,
-                ),
-            )
-        self.ledger.transition(row.id, "waiting", "rejected", finished_at=time.time(), waiting_reason=None)
-        logger.warning("job %s (%s) rejected: %s: %s", row.id, row.name, row.error_code, row.error_message)
+def remove_taken(upload: Path, bundle: Path | None = None) -> None:
+    """After the copy: the upload as renamed (and a bundle copied across filesystems)."""
+    for path in (upload, bundle):
+        if path is None or not os.path.lexists(path):
+            continue
+        try:
+            remove_tree(path)
+        except OSError as e:  # e.g. a folder the daemon may not write: the copy is what counts
+            logger.warning("cannot remove %s after taking it: %s", path, e)
 
-    def finish_rejections(self, waiting: dict[str, JobRow]) -> None:
-        """Finish rejections a killed daemon left halfway (intent recorded, job still waiting)."""
-        for row in waiting.values():
-            if not (row.error_code and row.output_json and row.originals):
-                continue
-            kept = Path(row.originals)
-            if not (row.job_dir and self._keep_claimed_originals(row)):
-                self._keep_inbox_originals(Path(row.source), row.source, kept)
-            self._finish_rejection(row.id)
+
+def keep_inbox_originals(inbox: Path, src: Path, kept: Path, shared: set[str]) -> None:
+    """Move an inbox entry `src` and its loose media into `kept` (`move_upload`: across
+    filesystems too, FIFOs and deep trees included, never crashing); a loose media file that
+    another loose job of the inbox (`shared`) also names is copied."""
+    if src.is_dir() and not src.is_symlink():
+        _clear_empty(kept)
+        move_upload(src, kept)
+        return
+    kept.mkdir(parents=True, exist_ok=True)
+    if os.path.lexists(src):
+        media = inbox_mod.loose_media_names(src)
+        move_upload(src, kept / src.name)
+        for rel in sorted(media):
+            path = inbox / rel
+            if "/" in rel or not inbox_mod.plain_file_in(inbox, rel):
+                continue  # only loose files of the inbox: a media folder's files stay put
+            if rel in shared:
+                copy_regular(path, kept / rel)
+            else:
+                move_upload(path, kept / rel)
 
 
 def _adopt_group(kept: Path, outbox: Path) -> None:
@@ -873,50 +923,27 @@ def wav_size_unknown(path: Path) -> bool:
     return False
 
 
-def _move_into(src: Path, dest: Path) -> Path:
-    move(src, dest)
-    return dest
-
-
-def error_payload(
-    *,
-    job_id: str,
-    name: str,
-    state: str,
-    code: str,
-    message: str,
-    field: str | None,
-    originals: Path | None,
-    duplicate_of: str | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    """The body of `<name>.error.json`."""
-    payload: dict[str, Any] = {
-        "job_id": job_id,
-        "name": name,
-        "state": state,
-        "code": code,
-        "message": message,
-        "field": field or None,
-        "originals": str(originals) if originals else None,
-        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    if duplicate_of:
-        payload["duplicate_of"] = duplicate_of
-    payload.update(extra)
-    return payload
+def tts_voice_problem(settings: Settings, request: TtsRequest) -> str | None:
+    """A text-to-speech job's unknown voice ('tts_audio.human1_voice: ...'), judged when the
+    weights folder the worker reads (the tiny one when it falls back) has a voices folder;
+    without one, the render names what to download (`tts_unavailable`)."""
+    folder = settings.weights_dir if has_weights(settings.weights_dir) else settings.tiny_weights_dir
+    if not (folder / KOKORO_DIR / VOICES_DIR).is_dir():
+        return None
+    return unknown_voice(folder, request)
 
 
 def dedupe_key(spec: JobSpec, hashes: dict[str, str]) -> str:
     """Same media content (by role) and same settings give the same key; a drawn seed is ignored."""
-    settings = spec.to_dict()
-    for key in ("cond_video", "cond_audio", "checksums", "priority", "seed_drawn", "rerender"):
+    values = spec.to_dict()
+    settings = dict(values)
+    for key in ("cond_video", "cond_audio", "checksums", "seed_drawn"):
         settings.pop(key, None)
+    for s in SETTINGS:  # each setting's `dedupe` rule (e.g. APG's only while on: older jobs' keys hold)
+        if not s.in_dedupe_key(values):
+            settings.pop(s.name, None)
     if spec.seed_drawn:
         settings.pop("seed", None)
-    if not spec.use_apg:  # APG off: the key a version without the APG settings gave the same job
-        for key in ("use_apg", "apg_momentum", "apg_norm_threshold"):
-            settings.pop(key, None)
     roles = {
         "cond_video": hashes[spec.cond_video],
         **{person: "silent" if path == SILENT else hashes[path] for person, path in spec.cond_audio},

@@ -5,12 +5,12 @@ example files work unchanged:
 
     {"prompt": "...", "cond_video": "face.png", "cond_audio": {"person1": "voice.wav"}}
 
-plus the generation settings under the reference CLI's names (`size`, `sample_steps`,
-`sample_shift`, `sample_text_guide_scale`, `sample_audio_guide_scale`, `seed`, `mode`,
-`motion_frame`, `max_frame_num`, `color_correction_strength`, `use_apg`, `apg_momentum`,
-`apg_norm_threshold`), and `noise`, `priority`, `checksums`,
-`negative_prompt`. Missing settings come from `JobDefaults` (filled by the daemon's config);
-a missing seed is drawn here and recorded in the spec, so every render can be repeated.
+plus `checksums` and the scalar settings under the reference CLI's names (`size`,
+`sample_steps`, `seed`, ...): one row each of `SETTINGS`, the table that drives their parsing,
+`JobDefaults` (filled by the daemon's `[defaults]`), `JobSpec`, the render request, the dedupe
+key and the docs (see "HOW TO ADD A SCALAR JOB KEY" below). A missing seed is drawn here and
+recorded in the spec, so every render can be repeated. Instead of speech files a job may give
+text, `tts_audio` (the reference's TTS format; its rules are in pipeline/tts_text.py).
 
 `parse_job` collects every problem it finds into one `InvalidJob`, each with an error code and
 the field (or file) at fault. Only the standard library is used: the daemon calls this at
@@ -28,10 +28,13 @@ import re
 import secrets
 import stat
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import KW_ONLY, asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from pipeline.presets import LIGHTX2V_4STEP, RECIPES, SHIFT_BY_SIZE
+from pipeline.tts_text import LANG_CODES, TTS_KEYS, VOICE_KEYS, TtsRequest, text_problem, voice_name
 from pipeline.types import NOISE_MODES, GenerationRequest
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -44,10 +47,11 @@ SIZES = ("infinitetalk-480", "infinitetalk-720")
 MODES = ("streaming", "clip")
 AUDIO_TYPES = ("para", "add")
 PERSONS = ("person1", "person2")
+#: where a text-to-speech job's voiced speech is kept, under the job's folder: `.tts/<key>/person1.wav`
+#: (24 kHz WAV per speaker; `TtsRequest.key` names what was voiced)
+TTS_FOLDER = ".tts"
 # the reference's marker for a silent speaker in a two-speaker job (zeros as long as the other's speech)
 SILENT = "None"
-#: the reference's shift rule when a job gives none and the defaults give none
-SHIFT_BY_SIZE = {"infinitetalk-480": 7.0, "infinitetalk-720": 11.0}
 SEED_LIMIT = 2**32  # seeds are 0 .. 2**32 - 1 (fits every RNG the pipeline seeds)
 MAX_STEPS = 1000
 #: deepest nesting of arrays/objects a job JSON may have (a job needs 3; 100,000 would crash the
@@ -153,69 +157,352 @@ DEFAULT_NEGATIVE_PROMPT = (
     "walking backwards"
 )
 
-#: every key a job may carry
-KNOWN_KEYS = frozenset(
-    {
-        "prompt",
-        "negative_prompt",
-        "cond_video",
-        "cond_audio",
-        "audio_type",
-        "bbox",
+# ---------------------------------------------------------------------------------------------
+# the settings table
+#
+# HOW TO ADD A SCALAR JOB KEY (a number, a bool or a string of choices): add ONE `Setting` row to
+# `SETTINGS` below (its `since` = SPEC_VERSION + 1, so specs stored before it load with the
+# default), then write the code that uses it (a `GenerationRequest` field named by `request=`,
+# read in the pipeline; or daemon code for a daemon-only key), then regenerate the two docs:
+#     .venv/bin/python -m daemon.config > docs/configuration.md
+#     .venv/bin/python -m daemon.jobs_doc          (the table in docs/job-format.md)
+# Everything else follows from the row: the job's parsing and its errors, `KNOWN_KEYS`,
+# `JobDefaults`, `JobSpec`'s field, `to_dict`/`from_dict`, `to_request`, the `[defaults]` TOML
+# key and its checks (daemon/config.py), the dedupe key (`dedupe="when_on"` keeps the keys of
+# older jobs unchanged) and both docs. A structured key (a path, an object) keeps a hand-written
+# parser in `parse_job` and a field of its own in `JobSpec`.
+
+Dedupe = Literal["always", "never", "when_on"]
+
+
+def _four_n_plus_one(value: Any) -> str | None:
+    """4n+1"""
+    return None if (value - 1) % 4 == 0 else f"motion_frame must be 4n+1 (1, 5, 9, 13, ...), got {value}"
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One scalar job setting: what a job may give, what it defaults to, and where it goes.
+
+    `kind` is int, float, bool or str; an int or float must lie in `lo..hi`, a str in `choices`
+    (no choices: any string). `optional`: null in a job means the default (as if left out) and ""
+    in the TOML leaves the default unset; `unset` says what an unset value becomes. `request`: the
+    `GenerationRequest` field it fills (None: daemon-only, e.g. priority). `dedupe`: how it
+    enters the dedupe key: always, never, or when_on (only while `switch`, a bool setting, is
+    true; without a switch, while the value is not `default`), so a key added later leaves the
+    keys of older jobs as they were. `since`: the spec version that added it (stored specs of
+    older versions lack it and load with `default`). `config`: the `[defaults]` table may set it.
+    `check`: a further rule on the value (its docstring names the rule in the docs). `unset`:
+    the spec's value for an unset one, from the other values (None: it stays None)."""
+
+    name: str
+    kind: type
+    default: Any
+    doc: str
+    _: KW_ONLY
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple[str, ...] = ()
+    optional: bool = False
+    request: str | None = None
+    dedupe: Dedupe = "always"
+    switch: str | None = None
+    since: int = 0
+    config: bool = True
+    check: Callable[[Any], str | None] | None = None
+    unset: Callable[[Mapping[str, Any]], Any] | None = None
+
+    def read(self, value: Any, c: _Collector) -> Any:
+        """`value` (a job's) checked and converted; on a problem, one error naming the value is
+        added to `c` and None is returned."""
+        key, problem = self.name, None
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                problem = "bad_type", f"{key} must be true or false, got {value!r}"
+        elif self.kind is int:
+            value = int(value) if isinstance(value, float) and value.is_integer() else value
+            if not _is_int(value):
+                problem = "bad_type", f"{key} must be an integer, got {value!r}"
+            elif not self.lo <= value <= self.hi:
+                problem = "bad_value", f"{key} must be between {self.lo} and {self.hi}, got {value}"
+        elif self.kind is float:
+            if not _is_number(value):
+                problem = "bad_type", f"{key} must be a number, got {value!r}"
+            elif not self.lo <= value <= self.hi:
+                problem = "bad_value", f"{key} must be between {self.lo:g} and {self.hi:g}, got {value!r}"
+            else:
+                value = float(value)
+        elif self.choices and value not in self.choices:
+            problem = "bad_value", f"{key} must be one of {', '.join(self.choices)}, got {value!r}"
+        elif not isinstance(value, str):
+            problem = "bad_type", f"{key} must be a string, got {value!r}"
+        if problem is None and self.check is not None and (why := self.check(value)):
+            problem = "bad_value", why
+        if problem is not None:
+            c.add(problem[0], key, problem[1])
+            return None
+        return value
+
+    def in_dedupe_key(self, values: Mapping[str, Any]) -> bool:
+        """Whether this setting, with the job's `values`, enters the job's dedupe key."""
+        if self.dedupe == "when_on":
+            return bool(values[self.switch]) if self.switch else values[self.name] != self.default
+        return self.dedupe == "always"
+
+    def metadata(self) -> dict[str, Any]:
+        """What daemon/config.py reads of a `[defaults]` key (`_f`'s metadata)."""
+        meta: dict[str, Any] = {"doc": self.doc, "kind": self.kind, "optional": self.optional}
+        meta |= {k: v for k, v in (("lo", self.lo), ("hi", self.hi)) if v is not None}
+        meta |= {k: v for k, v in (("choices", self.choices), ("check", self.check)) if v}
+        return meta | {"internal": not self.config}
+
+
+_4STEP = LIGHTX2V_4STEP
+#: every scalar job setting, in the order the docs list them
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
         "size",
+        str,
+        "infinitetalk-480",
+        "resolution bucket; the aspect ratio picks the size (e.g. 16:9 "
+        "→ 448×896 / 704×1280); a tiny model has its own small buckets under the same names",
+        choices=SIZES,
+        request="size",
+    ),
+    Setting(
         "sample_steps",
+        int,
+        _4STEP.sample_steps,
+        "denoising steps per chunk (4 with the lightx2v LoRA)",
+        lo=1,
+        hi=MAX_STEPS,
+        request="sample_steps",
+    ),
+    Setting(
         "sample_shift",
+        float,
+        _4STEP.sample_shift,
+        "flow shift; unset: 7 for 480, 11 for 720 (the reference's rule)",
+        lo=1e-3,
+        hi=1000.0,
+        optional=True,
+        request="sample_shift",
+        unset=lambda v: SHIFT_BY_SIZE[v["size"]],
+    ),
+    Setting(
         "sample_text_guide_scale",
+        float,
+        _4STEP.sample_text_guide_scale,
+        "text classifier-free guidance (1: off, one DiT pass fewer per step, as with the LoRA)",
+        lo=0.0,
+        hi=100.0,
+        request="sample_text_guide_scale",
+    ),
+    Setting(
         "sample_audio_guide_scale",
-        "seed",
+        float,
+        _4STEP.sample_audio_guide_scale,
+        "audio classifier-free guidance (1: off)",
+        lo=0.0,
+        hi=100.0,
+        request="sample_audio_guide_scale",
+    ),
+    Setting(
         "mode",
+        str,
+        "streaming",
+        "streaming: the whole audio, in chunks; clip: one chunk (81 frames, "
+        "3.24 s), as the reference's clip mode: a longer audio is cut to that chunk (the sidecar's "
+        "frames and duration_s say so)",
+        choices=MODES,
+        request="mode",
+    ),
+    Setting(
         "motion_frame",
+        int,
+        9,
+        "frames carried over from one chunk into the next",
+        lo=1,
+        hi=77,
+        check=_four_n_plus_one,
+        request="motion_frame",
+    ),
+    Setting(
         "max_frame_num",
+        int,
+        None,
+        "cap on rendered frames; unset: the whole audio, however long",
+        lo=1,
+        hi=10**8,
+        optional=True,
+        request="max_frame_num",
+    ),
+    Setting(
         "color_correction_strength",
+        float,
+        1.0,
+        "colour drift correction between chunks: Lab colour "
+        "matching of every chunk to the first reference frame (0: off)",
+        lo=0.0,
+        hi=1.0,
+        request="color_correction_strength",
+    ),
+    Setting(
         "use_apg",
+        bool,
+        False,
+        "adaptive projected guidance (the reference's --use_apg): tames "
+        "over-saturation at high guidance scales, same DiT passes",
+        request="use_apg",
+        dedupe="when_on",
+        since=1,
+    ),
+    Setting(
         "apg_momentum",
+        float,
+        -0.75,
+        "APG momentum of the guidance differences (the reference's --apg_momentum)",
+        lo=-1.0,
+        hi=1.0,
+        request="apg_momentum",
+        dedupe="when_on",
+        switch="use_apg",
+        since=1,
+    ),
+    Setting(
         "apg_norm_threshold",
+        float,
+        55.0,
+        "APG cap on a guidance difference's L2 norm (0: no cap; the reference's --apg_norm_threshold)",
+        lo=0.0,
+        hi=1e6,
+        request="apg_norm_threshold",
+        dedupe="when_on",
+        switch="use_apg",
+        since=1,
+    ),
+    Setting(
+        "audio_type",
+        str,
+        "para",
+        "two speakers: para (both tracks at once, the shorter padded with "
+        "silence) or add (person 1 speaks, then person 2)",
+        choices=AUDIO_TYPES,
+        request="audio_type",
+    ),
+    Setting(
+        "negative_prompt",
+        str,
+        None,
+        "what to steer away from (used when sample_text_guide_scale is not "
+        "1); unset: the InfiniteTalk default",
+        optional=True,
+        request="negative_prompt",
+        unset=lambda v: DEFAULT_NEGATIVE_PROMPT,
+    ),
+    Setting(
+        "seed",
+        int,
+        None,
+        "seed; unset: drawn at random and recorded in the job's result, so every render can be repeated",
+        lo=0,
+        hi=SEED_LIMIT - 1,
+        optional=True,
+        request="seed",
+        unset=lambda v: secrets.randbelow(SEED_LIMIT),
+    ),
+    Setting(
         "noise",
+        str,
+        "portable",
+        "where the noise is drawn: portable (a CPU generator: one seed, one "
+        "video on any machine) or reference (on the GPU, as the reference: its video for the seed); "
+        "docs/rendering.md",
+        choices=NOISE_MODES,
+        request="noise",
+        since=2,
+    ),
+    Setting(
         "priority",
-        "checksums",
+        int,
+        0,
+        "queue priority among waiting jobs (docs/daemon.md gives the ordering rules)",
+        lo=-(10**6),
+        hi=10**6,
+        dedupe="never",
+        config=False,
+    ),
+    Setting(
         "rerender",
-    }
+        bool,
+        False,
+        "render again even when an earlier job had the same media and settings "
+        "(then rendered as a new job linked to the first, `rerender_of`); without it such a job is "
+        "rejected as duplicate",
+        dedupe="never",
+        since=3,
+        config=False,
+    ),
+    Setting(
+        "lang_code",
+        str,
+        "a",
+        "text-to-speech jobs (`tts_audio`): Kokoro's language code, a (American English, the "
+        "reference's), b (British English), z (Mandarin), e/f/h/i/p (Spanish, French, Hindi, Italian, "
+        "Brazilian Portuguese, through espeak-ng)",
+        choices=LANG_CODES,
+        dedupe="when_on",
+        since=4,
+        config=False,
+    ),
+    Setting(
+        "speed",
+        float,
+        1.0,
+        "text-to-speech jobs (`tts_audio`): speaking speed (1: Kokoro's own, the reference's)",
+        lo=0.5,
+        hi=2.0,
+        dedupe="when_on",
+        since=4,
+        config=False,
+    ),
 )
+#: the newest spec version (a stored spec older than a setting's `since` lacks that setting)
+SPEC_VERSION = max(s.since for s in SETTINGS)
+SETTING_BY_NAME = {s.name: s for s in SETTINGS}
+#: the structured keys, each with a hand-written parser in `parse_job`
+STRUCTURED_KEYS = ("prompt", "cond_video", "cond_audio", "tts_audio", "bbox", "checksums")
+#: every key a job may carry
+KNOWN_KEYS = frozenset(STRUCTURED_KEYS) | frozenset(SETTING_BY_NAME)
+
+_T = TypeVar("_T")
+
+
+def _with_settings(cls: type[_T]) -> type[_T]:
+    """Give the class about to become a dataclass one field per row of `SETTINGS` (its default,
+    and `Setting.metadata()` for daemon/config.py)."""
+    for s in SETTINGS:
+        cls.__annotations__[s.name] = "Any"
+        setattr(cls, s.name, field(default=s.default, metadata=s.metadata()))
+    return cls
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+@_with_settings
 class JobDefaults:
-    """Settings a job may leave out. The daemon's config fills these; the values below are the
-    lightx2v 4-step recipe (LoRA merged at load): 4 steps, shift 2, text scale 1 (so 2 DiT passes
-    per step), audio scale 2. `PRESETS["base"]` is the reference's 40-step recipe without LoRA."""
+    """Settings a job may leave out: one field per row of `SETTINGS` (the daemon's `[defaults]`
+    fills them; the table's defaults are the lightx2v 4-step recipe) and the media size limit."""
 
-    size: str = "infinitetalk-480"
-    sample_steps: int = 4
-    sample_shift: float | None = 2.0  # None: the reference's rule, 7 for 480 and 11 for 720
-    sample_text_guide_scale: float = 1.0
-    sample_audio_guide_scale: float = 2.0
-    mode: str = "streaming"
-    motion_frame: int = 9
-    max_frame_num: int | None = None  # None: no cap, the whole audio is rendered
-    color_correction_strength: float = 1.0
-    use_apg: bool = False  # adaptive projected guidance (the reference's --use_apg)
-    apg_momentum: float = -0.75
-    apg_norm_threshold: float = 55.0
-    audio_type: str = "para"
-    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
-    priority: int = 0
-    seed: int | None = None  # seed for jobs that give none; None: drawn at random (and recorded)
-    noise: str = "portable"  # where the noise is drawn: portable (CPU) or reference (render device)
-    max_media_bytes: int = 4 * 1024**3  # a media file larger than this is rejected (too_large)
+    max_media_bytes: int = field(default=4 * 1024**3, metadata={"doc": "", "internal": True})
+
+    if TYPE_CHECKING:  # the fields made from SETTINGS, as mypy sees them
+
+        def __init__(self, *, max_media_bytes: int = ..., **settings: Any) -> None: ...
+        def __getattr__(self, name: str) -> Any: ...
 
 
 #: named sets of defaults: the lightx2v 4-step recipe and the reference's base recipe
-PRESETS: dict[str, JobDefaults] = {
-    "lightx2v-4step": JobDefaults(),
-    "base": JobDefaults(
-        sample_steps=40, sample_shift=None, sample_text_guide_scale=5.0, sample_audio_guide_scale=4.0
-    ),
-}
+PRESETS: dict[str, JobDefaults] = {name: JobDefaults(**r.as_dict()) for name, r in RECIPES.items()}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -247,43 +534,48 @@ class InvalidJob(ValueError):
 
 
 #: JobSpec fields added after the first release: absent from older stored specs, then defaulted
-_OPTIONAL_SPEC_FIELDS = frozenset({"use_apg", "apg_momentum", "apg_norm_threshold", "noise", "rerender"})
+_OPTIONAL_SPEC_FIELDS = frozenset(s.name for s in SETTINGS if s.since)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+@_with_settings
 class JobSpec:
-    """A validated job with every default resolved: exactly what will be rendered.
+    """A validated job with every default resolved: exactly what will be rendered. Its fields are
+    the structured keys below and one per row of `SETTINGS` (`spec.sample_steps`, ...).
 
     Media paths are POSIX paths relative to the job's base directory (the bundle directory or
     the inbox). `cond_audio` is one (person, path) pair per speaker, person1 first.
+    `tts_audio` (a text-to-speech job, whose `cond_audio` is empty) is its (key, value) pairs in
+    `TTS_KEYS` order, each voice as its name; its speech is voiced into `TTS_FOLDER`.
     """
 
     prompt: str
     cond_video: str
     cond_audio: tuple[tuple[str, str], ...]
-    audio_type: str
     bbox: tuple[tuple[float, float, float, float], ...] | None
-    size: str
-    sample_steps: int
-    sample_shift: float
-    sample_text_guide_scale: float
-    sample_audio_guide_scale: float
-    seed: int
     seed_drawn: bool  # True when the job gave no seed and parse_job drew one
-    mode: str
-    motion_frame: int
-    max_frame_num: int | None
-    color_correction_strength: float
-    negative_prompt: str
-    priority: int
     checksums: tuple[tuple[str, str], ...] = field(default=())
-    # later additions have defaults, so specs stored by an older version still load
-    use_apg: bool = False
-    apg_momentum: float = -0.75
-    apg_norm_threshold: float = 55.0
-    noise: str = "portable"
-    #: render again even when an identical job was done before (not part of the dedupe key)
-    rerender: bool = False
+    tts_audio: tuple[tuple[str, str], ...] = field(default=())
+
+    if TYPE_CHECKING:  # the fields made from SETTINGS, as mypy sees them
+
+        def __getattr__(self, name: str) -> Any: ...
+
+    @property
+    def persons(self) -> tuple[str, ...]:
+        """The speakers, person1 first: those of `cond_audio`, or those `tts_audio` voices."""
+        if self.tts_audio:
+            return PERSONS[: sum(1 for k, _ in self.tts_audio if k in VOICE_KEYS)]
+        return tuple(p for p, _ in self.cond_audio)
+
+    @property
+    def tts(self) -> TtsRequest | None:
+        """What a text-to-speech job voices (None for a job with speech files)."""
+        if not self.tts_audio:
+            return None
+        given = dict(self.tts_audio)
+        voices = tuple(given[k] for k in VOICE_KEYS if k in given)
+        return TtsRequest(text=given["text"], voices=voices, lang_code=self.lang_code, speed=self.speed)
 
     @property
     def media_files(self) -> tuple[str, ...]:
@@ -297,7 +589,7 @@ class JobSpec:
 
     @property
     def num_speakers(self) -> int:
-        return len(self.cond_audio)
+        return len(self.persons)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved settings as a JSON-able dict in the job format (seed included); what
@@ -305,11 +597,13 @@ class JobSpec:
         out = asdict(self)
         out["cond_audio"] = dict(self.cond_audio)
         out["bbox"] = (
-            None
-            if self.bbox is None
-            else {p: list(b) for (p, _), b in zip(self.cond_audio, self.bbox, strict=True)}
+            None if self.bbox is None else {p: list(b) for p, b in zip(self.persons, self.bbox, strict=True)}
         )
         out["checksums"] = dict(self.checksums)
+        if self.tts_audio:
+            out["tts_audio"] = dict(self.tts_audio)
+        else:  # a job with speech files: its spec as before text-to-speech jobs existed
+            del out["tts_audio"]
         return out
 
     def to_json(self) -> str:
@@ -319,48 +613,48 @@ class JobSpec:
     def from_dict(cls, data: Mapping[str, Any]) -> JobSpec:
         """Rebuild a spec from `to_dict()` output (e.g. the ledger's `spec_json`)."""
         audio = tuple((str(p), str(v)) for p, v in dict(data["cond_audio"]).items())
+        tts = dict(data.get("tts_audio") or {})
+        tts_audio = tuple((k, str(tts[k])) for k in TTS_KEYS if k in tts)
+        persons = (
+            PERSONS[: sum(1 for k, _ in tts_audio if k in VOICE_KEYS)] if tts_audio else [p for p, _ in audio]
+        )
         bbox_map = data.get("bbox")
-        bbox = None if bbox_map is None else tuple(_box4(bbox_map[p]) for p, _ in audio)
+        bbox = None if bbox_map is None else tuple(_box4(bbox_map[p]) for p in persons)
         kwargs = {
             k: data[k]
             for k in cls.__dataclass_fields__
-            if k not in ("cond_audio", "bbox", "checksums") and (k in data or k not in _OPTIONAL_SPEC_FIELDS)
+            if k not in ("cond_audio", "bbox", "checksums", "tts_audio")
+            and (k in data or k not in _OPTIONAL_SPEC_FIELDS)
         }
         return cls(
             **kwargs,
             cond_audio=audio,
             bbox=bbox,
             checksums=tuple(sorted(dict(data.get("checksums") or {}).items())),
+            tts_audio=tts_audio,
         )
 
     def to_request(self, base_dir: Path) -> GenerationRequest:
         """The pipeline's request for this job, media paths made absolute under `base_dir`."""
         base = Path(base_dir).absolute()
+        settings = {s.request: getattr(self, s.name) for s in SETTINGS if s.request}
+        audio = tuple(None if path == SILENT else base / path for _, path in self.cond_audio)
+        if self.tts is not None:  # voiced in the prepare stage into the job's own folder
+            folder = base / TTS_FOLDER / self.tts.key(self.seed)
+            audio = tuple(folder / f"{p}.wav" for p in self.persons)
+            settings["audio_type"] = "para"  # the voiced tracks already take turns, silent in between
         return GenerationRequest(
             prompt=self.prompt,
-            negative_prompt=self.negative_prompt,
             cond_media=base / self.cond_video,
-            audio=tuple(None if path == SILENT else base / path for _, path in self.cond_audio),
-            audio_type=self.audio_type,  # type: ignore[arg-type]
+            audio=audio,
             bbox=self.bbox,
-            size=self.size,  # type: ignore[arg-type]
-            sample_steps=self.sample_steps,
-            sample_shift=self.sample_shift,
-            sample_text_guide_scale=self.sample_text_guide_scale,
-            sample_audio_guide_scale=self.sample_audio_guide_scale,
-            seed=self.seed,
-            mode=self.mode,  # type: ignore[arg-type]
-            motion_frame=self.motion_frame,
-            max_frame_num=self.max_frame_num,
-            color_correction_strength=self.color_correction_strength,
-            use_apg=self.use_apg,
-            apg_momentum=self.apg_momentum,
-            apg_norm_threshold=self.apg_norm_threshold,
-            noise=self.noise,  # type: ignore[arg-type]
+            tts=self.tts,
+            **settings,
         )
 
     def with_seed(self, seed: int) -> JobSpec:
-        return replace(self, seed=seed, seed_drawn=False)
+        changes: dict[str, Any] = {"seed": seed, "seed_drawn": False}
+        return replace(self, **changes)
 
 
 def _box4(values: Any) -> tuple[float, float, float, float]:
@@ -387,59 +681,13 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
-
-
-def _get_int(
-    doc: dict[str, Any], key: str, default: int | None, lo: int, hi: int, c: _Collector
-) -> int | None:
-    if key not in doc:
-        return default
-    value = doc[key]
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not _is_int(value):
-        c.add("bad_type", key, f"{key} must be an integer, got {value!r}")
-        return default
-    if not lo <= value <= hi:
-        c.add("bad_value", key, f"{key} must be between {lo} and {hi}, got {value}")
-        return default
-    return int(value)
-
-
-def _get_float(
-    doc: dict[str, Any], key: str, default: float | None, lo: float, hi: float, c: _Collector
-) -> float | None:
-    if key not in doc:
-        return default
-    value = doc[key]
-    if not _is_number(value):
-        c.add("bad_type", key, f"{key} must be a number, got {value!r}")
-        return default
-    if not lo <= value <= hi:
-        c.add("bad_value", key, f"{key} must be between {lo:g} and {hi:g}, got {value!r}")
-        return default
-    return float(value)
-
-
-def _get_bool(doc: dict[str, Any], key: str, default: bool, c: _Collector) -> bool:
-    if key not in doc:
-        return default
-    value = doc[key]
-    if not isinstance(value, bool):
-        c.add("bad_type", key, f"{key} must be true or false, got {value!r}")
-        return default
-    return value
-
-
-def _get_choice(doc: dict[str, Any], key: str, default: str, choices: tuple[str, ...], c: _Collector) -> str:
-    if key not in doc:
-        return default
-    value = doc[key]
-    if value not in choices:
-        c.add("bad_value", key, f"{key} must be one of {', '.join(choices)}, got {value!r}")
-        return default
-    return str(value)
+    """A finite JSON number; an integer too large for a float (10**400) is none."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def normalise_media_path(raw: str) -> str | None:
@@ -481,6 +729,17 @@ def check_media_path(
     """Validate one media path of a job; returns it normalised (POSIX, relative) or None.
     `loose_paths` (a loose job in the inbox): says why a path may not be taken (a file inside
     another client's bundle, a hidden or temporary name: `path_escape`), or None."""
+    rel = _media_name(raw, field, extensions, c, loose_paths)
+    if rel is None or not _media_file_ok(Path(base_dir), rel, field, max_bytes, c):
+        return None
+    return rel
+
+
+def _media_name(
+    raw: Any, field: str, extensions: tuple[str, ...], c: _Collector, loose_paths: LoosePathRule | None
+) -> str | None:
+    """The path text's checks (no file system): a string, a nameable path inside the job's folder
+    that the loose-path rule takes, with one of `extensions`; normalised, or None."""
     if not isinstance(raw, str) or not raw.strip():
         c.add("bad_type", field, f"{field} must be a non-empty file path string, got {raw!r}")
         return None
@@ -497,7 +756,6 @@ def check_media_path(
             "name a file beside the job",
         )
         return None
-    parts = rel.split("/")
     refused = loose_paths(rel) if loose_paths is not None else None
     if refused is not None:
         c.add(
@@ -515,50 +773,52 @@ def check_media_path(
             f"{field}: {raw!r} has extension {suffix or '(none)'!r}; expected one of {', '.join(extensions)}",
         )
         return None
-    current = Path(base_dir)
-    for part in parts:
+    return rel
+
+
+def _media_file_ok(base_dir: Path, rel: str, field: str, max_bytes: int, c: _Collector) -> bool:
+    """The file's checks: every part of the path there and no symbolic link, and the file a
+    regular, non-empty one of at most `max_bytes`."""
+    current = base_dir
+    for part in rel.split("/"):
         current = current / part
         try:
             st = os.lstat(current)
         except FileNotFoundError:
             c.add("missing_file", field, f"{field}: file {rel!r} not found beside the job")
-            return None
+            return False
         except ValueError as e:  # e.g. a character the OS cannot take in a path
             c.add("bad_value", field, f"{field}: {rel!r} cannot name a file: {e}")
-            return None
+            return False
         except OSError as e:
             if e.errno in (errno.ENAMETOOLONG, errno.ELOOP):
                 c.add("bad_value", field, f"{field}: {rel!r} cannot name a file: {e.strerror}")
             else:
                 c.add("missing_file", field, f"{field}: cannot read {rel!r}: {e.strerror}")
-            return None
+            return False
         if stat.S_ISLNK(st.st_mode):
             c.add(
                 "symlink",
                 field,
                 f"{field}: {rel!r} is (or passes through) a symbolic link, which is not allowed",
             )
-            return None
+            return False
     if not stat.S_ISREG(st.st_mode):
         c.add("not_a_file", field, f"{field}: {rel!r} is {describe_mode(st.st_mode)}, not a regular file")
-        return None
-    if st.st_size == 0:
+    elif st.st_size == 0:
         c.add("empty_file", field, f"{field}: {rel!r} is empty")
-        return None
-    if st.st_size > max_bytes:
+    elif st.st_size > max_bytes:
         c.add("too_large", field, f"{field}: {rel!r} is {st.st_size} bytes, over the limit of {max_bytes}")
-        return None
-    return rel
+    else:
+        return True
+    return False
 
 
-def _parse_audio(
-    doc: dict[str, Any],
-    base_dir: Path,
-    defaults: JobDefaults,
-    c: _Collector,
-    *,
-    loose_paths: LoosePathRule | None = None,
-) -> tuple[tuple[str, str], ...]:
+#: `check_media_path` with the job's folder, size limit, collector and loose-path rule bound
+MediaCheck = Callable[..., "str | None"]
+
+
+def _parse_audio(doc: dict[str, Any], media: MediaCheck, c: _Collector) -> tuple[tuple[str, str], ...]:
     if "cond_audio" not in doc:
         c.add("missing_field", "cond_audio", 'cond_audio is required, e.g. {"person1": "voice.wav"}')
         return ()
@@ -591,17 +851,58 @@ def _parse_audio(
         if person in value and value[person] == SILENT:
             out.append((person, SILENT))
         elif person in value:
-            rel = check_media_path(
-                value[person],
-                base_dir=base_dir,
-                field=f"cond_audio.{person}",
-                extensions=SPEECH_EXTENSIONS,
-                max_bytes=defaults.max_media_bytes,
-                c=c,
-                loose_paths=loose_paths,
-            )
+            rel = media(value[person], field=f"cond_audio.{person}", extensions=SPEECH_EXTENSIONS)
             out.append((person, rel or ""))
     return tuple(out)
+
+
+def _parse_tts(doc: dict[str, Any], c: _Collector) -> tuple[tuple[str, str], ...]:
+    """`tts_audio`: the text and a voice per speaker (pipeline/tts_text.py has the rules); its
+    speech replaces `cond_audio`, which may be absent or empty ({}) but names no speech file."""
+    value = doc["tts_audio"]
+    example = '{"text": "Hello.", "human1_voice": "af_heart"}'
+    if not isinstance(value, dict):
+        c.add("bad_type", "tts_audio", f"tts_audio must be an object like {example}, got {value!r}")
+        return ()
+    if extra := sorted(set(value) - set(TTS_KEYS)):
+        c.add("bad_value", "tts_audio", f"tts_audio keys are {', '.join(TTS_KEYS)}, got {extra}")
+    cond = doc.get("cond_audio") or {}
+    for person in cond if isinstance(cond, dict) else ["person1"]:
+        c.add(
+            "bad_value",
+            f"cond_audio.{person}",
+            f"cond_audio.{person} gives a speech file and tts_audio voices the speech: give one of the "
+            "two (a text-to-speech job leaves cond_audio out or empty)",
+        )
+    out: list[tuple[str, str]] = []
+    for key in VOICE_KEYS:
+        raw = value.get(key)
+        name = voice_name(raw) if isinstance(raw, str) else None
+        if raw is None and key == "human1_voice":
+            c.add(
+                "missing_field",
+                "tts_audio.human1_voice",
+                f"tts_audio.human1_voice is required, e.g. {example}",
+            )
+        elif raw is not None and name is None:
+            c.add(
+                "bad_value",
+                f"tts_audio.{key}",
+                f"tts_audio.{key} must name a Kokoro voice, e.g. af_heart or "
+                f"weights/Kokoro-82M/voices/af_heart.pt, got {raw!r}",
+            )
+        elif name is not None:
+            out.append((key, name))
+    text = value.get("text")
+    if not isinstance(text, str):
+        c.add(
+            "missing_field" if text is None else "bad_type",
+            "tts_audio.text",
+            "tts_audio.text must be a string",
+        )
+    elif (why := text_problem(text, len(out))) is not None:
+        c.add("bad_value", "tts_audio.text", f"tts_audio.text: {why}")
+    return (("text", text), *out) if isinstance(text, str) and out else ()
 
 
 def _parse_bbox(doc: dict[str, Any], persons: tuple[str, ...], c: _Collector) -> tuple[Any, ...] | None:
@@ -736,100 +1037,65 @@ def parse_job(
     c = _Collector()
 
     for key in sorted(set(doc) - KNOWN_KEYS):
-        hint = " (text-to-speech jobs are not supported; give cond_audio files)" if key == "tts_audio" else ""
-        c.add("unknown_key", key, f"unknown key {key!r}{hint}; allowed keys: {', '.join(sorted(KNOWN_KEYS))}")
+        c.add("unknown_key", key, f"unknown key {key!r}; allowed keys: {', '.join(sorted(KNOWN_KEYS))}")
 
     prompt = doc.get("prompt")
     if "prompt" not in doc:
         c.add("missing_field", "prompt", "prompt is required (a sentence describing the video)")
     elif not isinstance(prompt, str):
         c.add("bad_type", "prompt", f"prompt must be a string, got {prompt!r}")
-    negative = doc.get("negative_prompt", defaults.negative_prompt)
-    if not isinstance(negative, str):
-        c.add("bad_type", "negative_prompt", f"negative_prompt must be a string, got {negative!r}")
 
+    media: MediaCheck = partial(
+        check_media_path, base_dir=base_dir, max_bytes=defaults.max_media_bytes, c=c, loose_paths=loose_paths
+    )
     cond_video = None
     if "cond_video" not in doc:
         c.add("missing_field", "cond_video", "cond_video is required (the reference image or video)")
     else:
-        cond_video = check_media_path(
-            doc["cond_video"],
-            base_dir=base_dir,
-            field="cond_video",
-            extensions=IMAGE_EXTENSIONS + VIDEO_EXTENSIONS,
-            max_bytes=defaults.max_media_bytes,
-            c=c,
-            loose_paths=loose_paths,
+        cond_video = media(
+            doc["cond_video"], field="cond_video", extensions=IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
         )
-    audio = _parse_audio(doc, base_dir, defaults, c, loose_paths=loose_paths)
-    persons = tuple(p for p, _ in audio)
-    audio_type = _get_choice(doc, "audio_type", defaults.audio_type, AUDIO_TYPES, c)
+    tts = _parse_tts(doc, c) if "tts_audio" in doc else ()
+    audio = () if "tts_audio" in doc else _parse_audio(doc, media, c)
+    persons = PERSONS[: sum(k in VOICE_KEYS for k, _ in tts)] if tts else tuple(p for p, _ in audio)
     # one speaker: the reference ignores bbox (its own example jobs carry one), and so do we
     bbox = _parse_bbox(doc, persons, c) if len(persons) == 2 else None
-
-    size = _get_choice(doc, "size", defaults.size, SIZES, c)
-    mode = _get_choice(doc, "mode", defaults.mode, MODES, c)
-    steps = _get_int(doc, "sample_steps", defaults.sample_steps, 1, MAX_STEPS, c)
-    shift = _get_float(doc, "sample_shift", defaults.sample_shift, 1e-3, 1000.0, c)
-    if doc.get("sample_shift", 0) is None:
-        shift = defaults.sample_shift
-    text_scale = _get_float(doc, "sample_text_guide_scale", defaults.sample_text_guide_scale, 0.0, 100.0, c)
-    audio_scale = _get_float(
-        doc, "sample_audio_guide_scale", defaults.sample_audio_guide_scale, 0.0, 100.0, c
-    )
-    motion = _get_int(doc, "motion_frame", defaults.motion_frame, 1, 77, c)
-    if motion is not None and (motion - 1) % 4:
-        c.add("bad_value", "motion_frame", f"motion_frame must be 4n+1 (1, 5, 9, 13, ...), got {motion}")
-    max_frames = defaults.max_frame_num
-    if doc.get("max_frame_num") is not None:
-        max_frames = _get_int(doc, "max_frame_num", defaults.max_frame_num, 1, 10**8, c)
-    strength = _get_float(doc, "color_correction_strength", defaults.color_correction_strength, 0.0, 1.0, c)
-    use_apg = _get_bool(doc, "use_apg", defaults.use_apg, c)
-    apg_momentum = _get_float(doc, "apg_momentum", defaults.apg_momentum, -1.0, 1.0, c)
-    apg_threshold = _get_float(doc, "apg_norm_threshold", defaults.apg_norm_threshold, 0.0, 1e6, c)
-    noise = _get_choice(doc, "noise", defaults.noise, NOISE_MODES, c)
-    rerender = _get_bool(doc, "rerender", False, c)
-    priority = _get_int(doc, "priority", defaults.priority, -(10**6), 10**6, c)
-    if doc.get("seed") is not None:
-        seed, seed_drawn = _get_int(doc, "seed", 0, 0, SEED_LIMIT - 1, c), False
-    elif defaults.seed is not None:
-        seed, seed_drawn = defaults.seed, False
-    else:
-        seed, seed_drawn = secrets.randbelow(SEED_LIMIT), True
+    values = _parse_settings(doc, defaults, c)
     checksums = _parse_checksums(
         doc, _declared_media(doc), tuple(p for p in (cond_video, *(p for _, p in audio)) if p), c
     )
 
     if c.errors:
         raise InvalidJob(c.errors)
-    if shift is None:
-        shift = SHIFT_BY_SIZE[size]
+    seed_drawn = values["seed"] is None
+    for s in SETTINGS:
+        if values[s.name] is None and s.unset is not None:
+            values[s.name] = s.unset(values)
     return JobSpec(
         prompt=str(prompt),
-        negative_prompt=str(negative),
         cond_video=str(cond_video),
         cond_audio=audio,
-        audio_type=audio_type,
         bbox=bbox,
-        size=size,
-        sample_steps=int(steps or 0),
-        sample_shift=float(shift),
-        sample_text_guide_scale=float(text_scale or 0.0),
-        sample_audio_guide_scale=float(audio_scale or 0.0),
-        seed=int(seed or 0),
         seed_drawn=seed_drawn,
-        mode=mode,
-        motion_frame=int(motion or 0),
-        max_frame_num=max_frames,
-        color_correction_strength=float(strength if strength is not None else 1.0),
-        priority=int(priority or 0),
         checksums=checksums,
-        use_apg=use_apg,
-        apg_momentum=float(apg_momentum if apg_momentum is not None else defaults.apg_momentum),
-        apg_norm_threshold=float(apg_threshold if apg_threshold is not None else defaults.apg_norm_threshold),
-        noise=noise,
-        rerender=rerender,
+        tts_audio=tts,
+        **values,
     )
+
+
+def _parse_settings(doc: dict[str, Any], defaults: JobDefaults, c: _Collector) -> dict[str, Any]:
+    """Every row of `SETTINGS`: the job's value (checked) or, when it gives none or null for an
+    optional one, the default; then the row's further `check`, whichever gave the value."""
+    values: dict[str, Any] = {}
+    for s in SETTINGS:
+        given = s.name in doc and not (s.optional and doc[s.name] is None)
+        value = s.read(doc[s.name], c) if given else getattr(defaults, s.name)
+        if value is not None and s.kind is float:
+            value = float(value)
+        if value is not None and s.check is not None and (why := s.check(value)):
+            c.add("bad_value", s.name, why)
+        values[s.name] = value
+    return values
 
 
 def load_job(path: Path, *, base_dir: Path | None = None, defaults: JobDefaults | None = None) -> JobSpec:

@@ -6,15 +6,9 @@ Two tables (the schema is shared with the dashboard, which reads it read-only):
 - `events`: append-only; every state change inserts its event in the same transaction, and the
   event ids are the dashboard's server-sent-event ids.
 
-States::
-
-    waiting ──▶ queued ──▶ running ──▶ done
-       │          │           ├──▶ retry_wait ──▶ queued        (transient failure, backoff)
-       │          │           ├──▶ queued                        (daemon stopped or died mid-render)
-       │          │           ├──▶ failed                        (permanent, or attempts used up)
-       ▼          ▼           ▼
-    rejected   cancelled   cancelled
-                                       failed / cancelled ──▶ retry_wait (the `retry` command)
+The states, their legal edges and the event each state change writes are data in
+`daemon/states.py`: `_transition` raises `IllegalTransition` on any edge not in `EDGES`, and logs
+one line per state change (`logs.log_state_change`, after the commit).
 
 Every write runs under `BEGIN IMMEDIATE` (a deferred read-then-write transaction can fail at once
 with "database is locked"; an immediate one waits for the lock). Transitions are compare-and-set:
@@ -27,10 +21,12 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import secrets
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -39,37 +35,15 @@ from typing import Any
 
 import sqlite_utils
 
-from daemon.errors import LedgerConflict, LedgerLost
+from daemon.errors import IllegalTransition, LedgerConflict, LedgerLost
 from daemon.errors import is_disk_full as is_disk_full
+from daemon.logs import log_state_change
+from daemon.states import EDGES, EVENT_KINDS, EVENT_OF, FINAL, INITIAL, STATES, State
 
-STATES = ("waiting", "queued", "running", "retry_wait", "done", "failed", "rejected", "cancelled")
-ACTIVE_STATES = ("waiting", "queued", "running", "retry_wait")
-FINAL_STATES = ("done", "failed", "rejected", "cancelled")
-EVENT_KINDS = (
-    "created",
-    "waiting",
-    "queued",
-    "started",
-    "progress",
-    "retry",
-    "done",
-    "failed",
-    "rejected",
-    "cancelled",
-    "deleted",
-    "daemon",
-)
-#: the event kind each state change writes
-STATE_EVENT = {
-    "waiting": "waiting",
-    "queued": "queued",
-    "running": "started",
-    "retry_wait": "retry",
-    "done": "done",
-    "failed": "failed",
-    "rejected": "rejected",
-    "cancelled": "cancelled",
-}
+logger = logging.getLogger(__name__)
+# the state-change lines go where the process's logging goes; a command that sets up none (the CLI
+# applying a `retry` itself while the daemon is stopped) prints none of them (no `lastResort`)
+logger.addHandler(logging.NullHandler())
 
 JOB_COLUMNS: dict[str, type] = {
     "id": str,
@@ -118,6 +92,8 @@ JOB_COLUMNS: dict[str, type] = {
     "failure_detail": str,
     # migration 5: the job this one renders again ("rerender": true, or `retry` of a done job)
     "rerender_of": str,
+    # migration 7: the crash-safe protocol under way (daemon.states.Intent), None when none is
+    "intent": str,
 }
 EVENT_COLUMNS: dict[str, type] = {"id": int, "job_id": str, "at": float, "kind": str, "data_json": str}
 
@@ -136,6 +112,7 @@ def _migration_0(db: sqlite_utils.Database) -> None:
                 "originals",
                 "outputs_identity",
                 "rerender_of",
+                "intent",
             )
         },
         pk="id",
@@ -218,6 +195,14 @@ def _migration_6(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX IF NOT EXISTS webhook_deliveries_by_job ON webhook_deliveries(job_id, id)")
 
 
+def _migration_7(db: sqlite_utils.Database) -> None:
+    """The crash intents (daemon/endings.py `Endings.recover`): set by the first write of a claim,
+    rejection, publication or failure, cleared by its last. Rows of older ledgers have none; the
+    recovery infers theirs from the columns set, as the previous version did."""
+    if "intent" not in db["jobs"].columns_dict:
+        db["jobs"].add_column("intent", str)  # type: ignore[union-attr]
+
+
 #: applied in order; PRAGMA user_version counts how many ran (each with its bump in one transaction)
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _migration_0,
@@ -227,6 +212,7 @@ MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _migration_4,
     _migration_5,
     _migration_6,
+    _migration_7,
 )
 
 
@@ -274,6 +260,7 @@ class JobRow:
     outputs_identity: str | None = None
     failure_detail: str | None = None
     rerender_of: str | None = None
+    intent: str | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> JobRow:
@@ -334,16 +321,29 @@ def new_job_id() -> str:
     return secrets.token_hex(6)
 
 
-def connect(path: Path, *, readonly: bool = False, timeout_s: float = 30.0) -> sqlite3.Connection:
-    """A connection in autocommit mode (transactions are explicit), WAL, with a busy timeout."""
+def connect(
+    path: Path,
+    *,
+    readonly: bool = False,
+    timeout_s: float = 30.0,
+    immutable: bool = False,
+    factory: type[sqlite3.Connection] = sqlite3.Connection,
+) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), WAL, with a busy timeout.
+    `readonly`: opened `mode=ro` with `query_only`; `immutable` too: SQLite assumes the file
+    never changes (no `-shm` needed; the dashboard's fallback for a read-only state dir)."""
     if readonly:
+        query = "mode=ro&immutable=1" if immutable else "mode=ro"
+        uri = f"file:{urllib.parse.quote(str(path.resolve()))}?{query}"
         conn = sqlite3.connect(
-            f"file:{path}?mode=ro", uri=True, timeout=timeout_s, isolation_level=None, check_same_thread=False
+            uri, uri=True, timeout=timeout_s, isolation_level=None, check_same_thread=False, factory=factory
         )
         conn.execute("PRAGMA query_only=1")
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(str(path), timeout=timeout_s, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(
+            str(path), timeout=timeout_s, isolation_level=None, check_same_thread=False, factory=factory
+        )
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
@@ -386,9 +386,10 @@ class Ledger:
         #: returns, to try again) or raises to give up. None: the error is raised at once.
         self.on_full: Callable[[BaseException, int], None] | None = None
         self._fail_fast = 0
+        self._changes: list[tuple[JobRow, str | None]] = []  #: state changes logged at COMMIT
         self.conn = connect(path)
         #: (st_dev, st_ino) of the file opened: the path must keep naming it (`check_file`)
-        self.file_id = _file_id(path)
+        self.file_id = file_id(path)
         self.db = sqlite_utils.Database(self.conn)
         self.migrate()
 
@@ -405,7 +406,7 @@ class Ledger:
         """Raise `LedgerLost` if the ledger's path no longer names the file this connection has
         open (deleted, or replaced by another file): every write would go to a file nobody else
         can see, and a restart would start from a ledger that does not know the claimed jobs."""
-        now = _file_id(self.path)
+        now = file_id(self.path)
         if now == self.file_id:
             return
         if now is None:
@@ -417,16 +418,7 @@ class Ledger:
 
     def rescue(self, dest: Path) -> Path:
         """Copy the open ledger (the file still open, even if its path is gone) to `dest`."""
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        tmp.unlink(missing_ok=True)
-        target = sqlite3.connect(str(tmp))
-        try:
-            self.conn.backup(target)
-        finally:
-            target.close()
-        os.replace(tmp, dest)
-        return dest
+        return backup(self.conn, dest)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -453,6 +445,7 @@ class Ledger:
             yield self.conn
             return
         self.conn.execute("BEGIN IMMEDIATE")
+        self._changes.clear()
         try:
             yield self.conn
         except BaseException:
@@ -469,6 +462,9 @@ class Ledger:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
             raise
+        changes, self._changes = self._changes, []
+        for row, old in changes:
+            _log_change(row, old)
 
     def _event(self, job_id: str | None, kind: str, data: Mapping[str, Any] | None = None) -> int:
         if kind not in EVENT_KINDS:
@@ -498,11 +494,9 @@ class Ledger:
         **columns: Any,
     ) -> JobRow:
         """A new job seen in the inbox; writes `created` and the event of its first state."""
-        if state not in ("waiting", "queued", "rejected"):
-            raise ValueError(f"a new job starts waiting, queued or rejected, not {state!r}")
-        bad = set(columns) - set(JOB_COLUMNS)
-        if bad:
-            raise ValueError(f"unknown job columns {sorted(bad)}")
+        if state not in INITIAL:
+            raise ValueError(f"a new job starts {', '.join(INITIAL)}, not {state!r}")
+        _check_columns(columns)
         now = self.clock()
         with self.tx():
             seq = self.conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
@@ -525,8 +519,9 @@ class Ledger:
                 row.setdefault("finished_at", now)
             self.db["jobs"].insert(row)  # type: ignore[union-attr]
             self._event(job_id, "created", {"name": name, "source": source, "state": state})
-            self._event(job_id, STATE_EVENT[state], _state_data(state, row, event_data))
-        return self.get(job_id)
+            self._event(job_id, EVENT_OF[State(state)], _state_data(state, row, event_data))
+            self._changes.append((new := self.get(job_id), None))
+        return new
 
     @_waits_when_full
     def transition(
@@ -551,25 +546,23 @@ class Ledger:
         event_data: Mapping[str, Any] | None = None,
         **columns: Any,
     ) -> JobRow:
-        if new not in STATES:
-            raise ValueError(f"unknown state {new!r}")
         allowed = (expected,) if isinstance(expected, str) else tuple(expected)
-        bad = set(columns) - set(JOB_COLUMNS)
-        if bad:
-            raise ValueError(f"unknown job columns {sorted(bad)}")
+        _check_edges(job_id, allowed, new)
+        _check_columns(columns)
+        old = allowed[0] if len(allowed) == 1 else self._state(job_id)
         sets = {"state": new, **columns}
         assignments = ", ".join(f"{k} = ?" for k in sets)
-        marks = ", ".join("?" for _ in allowed)
+        marks = _marks(allowed)
         cur = self.conn.execute(
             f"UPDATE jobs SET {assignments} WHERE id = ? AND state IN ({marks}) RETURNING *",
             (*sets.values(), job_id, *allowed),
         )
         row = cur.fetchone()
         if row is None:
-            actual = self.conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            raise LedgerConflict(job_id, allowed, actual[0] if actual else None)
-        self._event(job_id, STATE_EVENT[new], _state_data(new, dict(row), event_data))
-        return JobRow.from_row(row)
+            raise LedgerConflict(job_id, allowed, self._state(job_id))
+        self._event(job_id, EVENT_OF[State(new)], _state_data(new, dict(row), event_data))
+        self._changes.append((changed := JobRow.from_row(row), old))
+        return changed
 
     @_waits_when_full
     def admit(self, job_id: str, *, max_queued: int, **columns: Any) -> JobRow | None:
@@ -591,19 +584,12 @@ class Ledger:
             room = max_queued - self._count("queued")
             if room <= 0:
                 return moved
-            if job_ids is None:
-                due = self.conn.execute(
-                    "SELECT id FROM jobs WHERE state = 'retry_wait' AND COALESCE(next_attempt_at, 0) <= ?"
-                    " ORDER BY next_attempt_at, seq LIMIT ?",
-                    (self.clock(), room),
-                ).fetchall()
-            else:
-                ids = list(job_ids)
-                due = self.conn.execute(
-                    f"SELECT id FROM jobs WHERE state = 'retry_wait' AND id IN ({', '.join('?' * len(ids))})"
-                    " ORDER BY next_attempt_at, seq LIMIT ?",
-                    (*ids, room),
-                ).fetchall()
+            ids = None if job_ids is None else tuple(job_ids)
+            which = "COALESCE(next_attempt_at, 0) <= ?" if ids is None else f"id IN ({_marks(ids)})"
+            due = self.conn.execute(
+                f"SELECT id FROM jobs WHERE state = 'retry_wait' AND {which} ORDER BY next_attempt_at, seq LIMIT ?",
+                (*((self.clock(),) if ids is None else ids), room),
+            ).fetchall()
             for (job_id,) in due:
                 moved.append(
                     self._transition(
@@ -614,10 +600,7 @@ class Ledger:
 
     def next_queued(self) -> JobRow | None:
         """The job `claim_next` would take (priority, then arrival), without taking it."""
-        row = self.conn.execute(
-            "SELECT * FROM jobs WHERE state = 'queued' ORDER BY priority DESC, seq LIMIT 1"
-        ).fetchone()
-        return JobRow.from_row(row) if row else None
+        return next_queued(self.conn)
 
     @_waits_when_full
     def claim_next(self, *, max_running: int, job_id: str | None = None) -> JobRow | None:
@@ -626,22 +609,15 @@ class Ledger:
         with self.tx():
             if self._count("running") >= max_running:
                 return None
-            if job_id is None:
-                row = self.conn.execute(
-                    "SELECT id, attempts FROM jobs WHERE state = 'queued' ORDER BY priority DESC, seq LIMIT 1"
-                ).fetchone()
-            else:
-                row = self.conn.execute(
-                    "SELECT id, attempts FROM jobs WHERE state = 'queued' AND id = ?", (job_id,)
-                ).fetchone()
+            row = next_queued(self.conn, job_id)
             if row is None:
                 return None
             return self._transition(
-                row["id"],
+                row.id,
                 "queued",
                 "running",
                 started_at=self.clock(),
-                attempts=row["attempts"] + 1,
+                attempts=row.attempts + 1,
                 stage="starting",
                 error_code=None,
                 error_message=None,
@@ -650,7 +626,7 @@ class Ledger:
                 output_poster=None,
                 output_json=None,
                 outputs_identity=None,
-                event_data={"attempt": row["attempts"] + 1},
+                event_data={"attempt": row.attempts + 1},
             )
 
     def record_webhook_attempt(self, attempt: Mapping[str, Any]) -> None:
@@ -726,9 +702,7 @@ class Ledger:
     @_waits_when_full
     def set_columns(self, job_id: str, **columns: Any) -> None:
         """Columns that are no state change (e.g. the job dir after a claim)."""
-        bad = set(columns) - set(JOB_COLUMNS)
-        if bad:
-            raise ValueError(f"unknown job columns {sorted(bad)}")
+        _check_columns(columns)
         with self.tx():
             self.conn.execute(
                 f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in columns)} WHERE id = ?",
@@ -795,9 +769,9 @@ class Ledger:
             ids = [
                 r[0]
                 for r in self.conn.execute(
-                    f"SELECT id FROM jobs WHERE state IN ({', '.join('?' for _ in FINAL_STATES)})"
+                    f"SELECT id FROM jobs WHERE state IN ({_marks(FINAL)})"
                     " AND COALESCE(finished_at, created_at) < ?",
-                    (*FINAL_STATES, cutoff),
+                    (*FINAL, cutoff),
                 )
             ]
             for job_id in ids:
@@ -812,8 +786,8 @@ class Ledger:
         with self.tx():
             cur = self.conn.execute(
                 "DELETE FROM events WHERE kind = 'progress' AND job_id IN (SELECT id FROM jobs WHERE"
-                f" state IN ({', '.join('?' for _ in FINAL_STATES)}) AND COALESCE(finished_at, 0) < ?)",
-                (*FINAL_STATES, cutoff),
+                f" state IN ({_marks(FINAL)}) AND COALESCE(finished_at, 0) < ?)",
+                (*FINAL, cutoff),
             )
             return int(cur.rowcount)
 
@@ -821,6 +795,10 @@ class Ledger:
 
     def _count(self, state: str) -> int:
         return int(self.conn.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (state,)).fetchone()[0])
+
+    def _state(self, job_id: str) -> str | None:
+        row = self.conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row[0] if row else None
 
     def get(self, job_id: str) -> JobRow:
         return get_job(self.conn, job_id)
@@ -839,15 +817,60 @@ class Ledger:
         return {r.source: r for r in self.jobs(["waiting"])}
 
     def find_duplicate(self, dedupe_key: str) -> JobRow | None:
-        row = self.conn.execute(
-            "SELECT * FROM jobs WHERE dedupe_key = ? AND state IN ('queued', 'running', 'retry_wait', 'done')"
-            " AND deleted_at IS NULL ORDER BY seq LIMIT 1",
-            (dedupe_key,),
-        ).fetchone()
-        return JobRow.from_row(row) if row else None
+        return find_duplicate(self.conn, dedupe_key)
 
 
-def _file_id(path: Path) -> tuple[int, int] | None:
+def backup(conn: sqlite3.Connection, dest: Path) -> Path:
+    """Copy the database `conn` has open to `dest` (written beside it, then renamed over it)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    target = sqlite3.connect(str(tmp))
+    try:
+        conn.backup(target)
+    finally:
+        target.close()
+    os.replace(tmp, dest)
+    return dest
+
+
+def _marks(values: tuple[Any, ...]) -> str:
+    """The `?, ?, ?` of an `IN (...)` with one mark per value."""
+    return ", ".join("?" * len(values))
+
+
+def _check_columns(columns: Mapping[str, Any]) -> None:
+    bad = set(columns) - set(JOB_COLUMNS)
+    if bad:
+        raise ValueError(f"unknown job columns {sorted(bad)}")
+
+
+def _check_edges(job_id: str, expected: tuple[str, ...], new: str) -> None:
+    """Raise unless `new` is a state and every `expected -> new` an edge of `EDGES`."""
+    if new not in STATES:
+        raise ValueError(f"unknown state {new!r}; states are {', '.join(STATES)}")
+    for old in expected:
+        if old not in STATES:
+            raise ValueError(f"unknown state {old!r}; states are {', '.join(STATES)}")
+        if new not in EDGES[State(old)]:
+            raise IllegalTransition(job_id, old, new, sorted(EDGES[State(old)], key=STATES.index))
+
+
+def _log_change(row: JobRow, old: str | None) -> None:
+    """The one log line of a committed state change (`old` None: a new row), with what explains it."""
+    detail = ""
+    if row.state == State.running:
+        detail = f"attempt {row.attempts}"
+    elif row.state == State.done:
+        detail = row.output_video or ""
+    elif row.state == State.waiting:
+        detail = row.waiting_reason or ""
+    elif row.state in (State.failed, State.rejected, State.retry_wait, State.cancelled) and row.error_code:
+        detail = f"{row.error_code}: {row.error_message}"
+    log_state_change(logger, row.id, row.name, old, row.state, detail)
+
+
+def file_id(path: Path) -> tuple[int, int] | None:
     """(st_dev, st_ino) of `path` now; None when nothing is there."""
     try:
         st = os.stat(path)
@@ -903,10 +926,34 @@ def list_jobs(conn: sqlite3.Connection, states: Iterable[str] | None = None) -> 
 
 
 def state_counts(conn: sqlite3.Connection) -> dict[str, int]:
-    counts = {state: 0 for state in STATES}
+    counts = {state.value: 0 for state in STATES}
     for state, n in conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
         counts[state] = n
     return counts
+
+
+def next_queued(conn: sqlite3.Connection, job_id: str | None = None) -> JobRow | None:
+    """The queued job to run next (priority, then arrival), or `job_id` if it is queued."""
+    conn.row_factory = sqlite3.Row
+    row = conn.execute(
+        "SELECT * FROM jobs WHERE state = 'queued' AND (? IS NULL OR id = ?) ORDER BY priority DESC, seq LIMIT 1",
+        (job_id, job_id),
+    ).fetchone()
+    return JobRow.from_row(row) if row else None
+
+
+#: the states in which a job is the one its duplicates point at (unless its outputs were deleted)
+DUPLICATE_STATES = (State.queued, State.running, State.retry_wait, State.done)
+
+
+def find_duplicate(conn: sqlite3.Connection, dedupe_key: str) -> JobRow | None:
+    conn.row_factory = sqlite3.Row
+    row = conn.execute(
+        f"SELECT * FROM jobs WHERE dedupe_key = ? AND state IN ({_marks(DUPLICATE_STATES)})"
+        " AND deleted_at IS NULL ORDER BY seq LIMIT 1",
+        (dedupe_key, *DUPLICATE_STATES),
+    ).fetchone()
+    return JobRow.from_row(row) if row else None
 
 
 def events_after(conn: sqlite3.Connection, after_id: int = 0, limit: int = 1000) -> list[dict[str, Any]]:

@@ -14,7 +14,8 @@ The job a line belongs to comes from a context variable, set once where a job st
     with job_context(job.id):
         ...                                   # every log line here says [job <id>]
 
-`log_state_change(...)` writes the one line per job state change that the daemon logs.
+`log_state_change(...)` writes the one line per job state change that the daemon logs; the
+ledger calls it for every state change it commits (`daemon/ledger.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import os
 import sys
 from collections.abc import Iterator, Mapping
 from typing import TextIO
+
+from daemon.states import State
 
 #: the job id of the work being done in this context ("" outside any job)
 current_job_id: contextvars.ContextVar[str] = contextvars.ContextVar("job_id", default="")
@@ -40,10 +43,10 @@ SD_PRIORITY = {
 }
 
 #: job state -> level of the line announcing that a job entered it
-STATE_LEVELS = {
-    "failed": logging.ERROR,
-    "rejected": logging.WARNING,
-    "retry_wait": logging.WARNING,
+STATE_LEVELS: dict[str, int] = {
+    State.failed: logging.ERROR,
+    State.rejected: logging.WARNING,
+    State.retry_wait: logging.WARNING,
 }
 
 HUMAN_FORMAT = "%(asctime)s %(levelname)-7s {tag}%(name)s%(job_tag)s: %(message)s"

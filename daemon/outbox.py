@@ -1,9 +1,10 @@
 """The outbox: results appear all at once or not at all, and nothing there is ever overwritten.
 
-A render writes into `outbox/.partial/<job_id>/`; `publish` fsyncs each file and hard-links it
-to its final name (`os.link` fails if the name exists, so a taken name is never replaced and
-the next suffix is tried), then removes the staging copy. Order: `<name>.mp4`, `<name>.jpg`,
-then `<name>.json` last, so a client that waits for the JSON sees a complete result.
+A render writes into `outbox/.partial/<job_id>/`; `stage_publication` picks free final names and
+fsyncs each file, `commit_publication` hard-links them to their final names (`os.link` fails if
+the name exists, so a taken name is never replaced), `finish_publication` removes the staging
+copy. Order: `<name>.mp4`, `<name>.jpg`, then `<name>.json` last, so a client that waits for the
+JSON sees a complete result.
 
 All or nothing: if any link fails (ENOSPC, EDQUOT, EMLINK, EIO, any errno), the links already
 made are removed again before the error is raised, so a failed publication leaves no orphan
@@ -146,14 +147,20 @@ def _candidates(name: str) -> Iterable[str]:
         n += 1
 
 
-def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
-    """Write `path` via a temporary file in the same folder, fsync, rename (replaces)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+def _write_fsynced(path: Path, payload: Mapping[str, Any]) -> None:
+    """Write `payload` as indented JSON to `path` (created or truncated) and fsync the file; the
+    callers then link or rename it into place and fsync the folder."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(dict(payload), f, indent=2, sort_keys=True, default=str)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
+    """Write `path` via a temporary file in the same folder, fsync, rename (replaces)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    _write_fsynced(tmp, payload)
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -188,19 +195,6 @@ class Outbox:
 
     def _free(self, base: str) -> bool:
         return not any((self.root / f"{base}{suffix}").exists() for suffix in SUFFIXES)
-
-    def _link_new(self, src: Path, name: str, suffix: str) -> tuple[str, Path]:
-        """Hard-link `src` to the first free `<name>[-n]<suffix>`; never replaces a file."""
-        for base in _candidates(name):
-            if not self._free(base):
-                continue
-            dest = self.root / f"{base}{suffix}"
-            try:
-                os.link(src, dest)
-            except FileExistsError:
-                continue
-            return base, dest
-        raise AssertionError("unreachable")
 
     def reserve_base(self, name: str, taken: AbstractSet[str] = frozenset()) -> str:
         """The first `<name>[-n]` none of whose final names exist (nor are in `taken`)."""
@@ -241,11 +235,7 @@ class Outbox:
             },
         }
         staged = video.parent / STAGED_SIDECAR
-        with open(staged, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        _write_fsynced(staged, payload)
         fsync_path(video)
         identity = {"video": identify(video), "sidecar": identify(staged)}
         if published.poster is not None and poster is not None:
@@ -315,49 +305,17 @@ class Outbox:
         except (OSError, ValueError):
             return None
 
-    def publish(
-        self, *, job_id: str, name: str, video: Path, poster: Path | None, sidecar: Mapping[str, Any]
-    ) -> Published:
-        """Stage and commit in one go (no ledger in between); used where no crash window matters."""
-        published = self.stage_publication(
-            job_id=job_id, name=name, video=video, poster=poster, sidecar=sidecar
-        )
-        self.commit_publication(published, staging=video.parent, job_id=job_id)
-        self.finish_publication(job_id)
-        return published
-
     def write_error_at(self, path: Path, payload: Mapping[str, Any]) -> Path:
         """Write an error JSON at an exact, reserved path (atomically; never replaces a file)."""
         self.partial.mkdir(parents=True, exist_ok=True)
         tmp = self.partial / f"error-{os.getpid()}-{time.time_ns()}.json"
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(dict(payload), f, indent=2, sort_keys=True, default=str)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
+            _write_fsynced(tmp, payload)
             os.link(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
         fsync_dir(self.root)
         return path
-
-    def write_error(self, name: str, payload: Mapping[str, Any]) -> Path:
-        """`<name>.error.json` (suffixed if taken), written atomically."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.partial / f"error-{os.getpid()}-{id(payload)}.json"
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(dict(payload), f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            _, dest = self._link_new(tmp, name, ".error.json")
-        finally:
-            tmp.unlink(missing_ok=True)
-        fsync_dir(self.root)
-        return dest
 
     def keep_originals(self, name: str, items: Iterable[tuple[Path, str, bool]]) -> Path:
         """Put a failed job's original files under `failed/<name>[-n]/`.

@@ -9,7 +9,10 @@ the daemon's error code, in about a second. Weights: `--weights`, else the confi
 else `./weights`; a folder without weights exits 78 with the `weights check` report
 (daemon/weights_guard.py), unless `--allow-tiny` or `allow_tiny_model = true`: then a tiny
 random-weight model is written to `<state_dir>/tiny-weights` (`var/tiny-weights` without a
-config) and used, and the command says so on stderr.
+config) and used, and the command says so on stderr. The model loads as the daemon's render worker
+loads it (`pipeline.loading.LoadOptions`): the config's device, dtype, quant, lora, lora_scale,
+attention and `[performance]` table (the memory budget included) apply; `--device` and `--dtype`
+come first.
 
 Only the standard library is imported at module level; torch loads when the command runs.
 """
@@ -17,13 +20,19 @@ Only the standard library is imported at module level; torch loads when the comm
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.loading import LoadOptions
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -97,16 +106,10 @@ def _weights(args: argparse.Namespace, settings: Any) -> tuple[Path, bool]:
         file=sys.stderr,
     )
     if not has_weights(tiny):
-        from pipeline.tiny import write_tiny_weights
+        from pipeline.weights_layout import write_tiny_once
 
         print(f"infinitetalk render: writing tiny weights to {tiny} ...", file=sys.stderr)
-        tmp = tiny.with_name(f".{tiny.name}.writing")
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_tiny_weights(tmp, seed=0)
-        shutil.rmtree(tiny, ignore_errors=True)
-        tmp.replace(tiny)
+        write_tiny_once(tiny)
     return tiny, True
 
 
@@ -165,20 +168,12 @@ def _check_media(job: Path, spec: Any, settings: Any) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from daemon.jobs import InvalidJob, JobDefaults, load_job
     from daemon.weights_guard import WeightsMissing
 
     settings = _settings(args.config)
-    defaults = settings.job_defaults() if settings is not None else JobDefaults()
     job: Path = args.job
-    try:
-        spec = load_job(job, defaults=defaults)
-    except InvalidJob as e:
-        print(f"infinitetalk render: {job} is not a valid job:", file=sys.stderr)
-        for err in e.errors:
-            print(f"  [{err.code}] {err.field or '(file)'}: {err.message}", file=sys.stderr)
-        return 2
-    if _check_media(job, spec, settings):  # before the model loads: a bad file is told at once
+    spec = _checked_job(job, settings)
+    if spec is None:
         return 2
     out = args.output or Path(f"{_job_name(job)}.mp4")
     try:
@@ -187,71 +182,98 @@ def run(args: argparse.Namespace) -> int:
         print(f"infinitetalk render: {e}", file=sys.stderr)
         return 78  # EX_CONFIG, as `infinitetalk daemon`
     if args.gpus > 1 and "RANK" not in os.environ:  # start N ranks, each runs this command
-        from pipeline.parallel import check_launch, spawn_ranks
+        return _launch_ranks(args, weights, settings)
 
-        try:
-            check_launch(
-                weights, args.gpus, args.device or (settings.device if settings is not None else "auto")
-            )
-        except ValueError as e:
-            print(f"infinitetalk render: --gpus {args.gpus}: {e}", file=sys.stderr)
-            return 2
-        args.weights = weights
-        try:
-            spawn_ranks(_rank, args.gpus, (args,))
-        except Exception as e:  # a rank failed; its own error is on stderr
-            print(f"infinitetalk render: --gpus {args.gpus}: {e}".splitlines()[0], file=sys.stderr)
-            return 1
-        return 0
-
-    import torch
-
-    from pipeline.pipeline import InfiniteTalkPipeline
-    from pipeline.types import StopRequested
-
-    device = args.device or (settings.device if settings is not None else "auto")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype_name = args.dtype or (settings.dtype if settings is not None else "auto")
-    if dtype_name == "auto":
-        dtype_name = "bf16" if device.startswith("cuda") else "fp32"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    from pipeline.loading import load_pipeline
     from pipeline.parallel import join_from_env
 
-    group = join_from_env(device)  # --gpus N: this process is one rank; rank 0 writes the outputs
-    if group is not None:
-        device = str(group.device)
+    opts = load_options(args, settings)
+    group = join_from_env(opts.device)  # --gpus N: this process is one rank; rank 0 writes the outputs
+    if group is not None:  # each rank keeps its whole stack resident, in bf16 unless told fp8
+        quant = "none" if opts.quant == "auto" else opts.quant
+        opts = dataclasses.replace(opts, device=str(group.device), quant=quant, gpu_memory_gib=None)
         if not group.is_main:
-            import tempfile
-
             out = Path(tempfile.mkdtemp(prefix="infinitetalk-rank-")) / out.name  # removed at the end
             args.no_poster, args.quiet, args.resume_dir = True, True, None
-    kwargs: dict[str, Any] = {}
-    if settings is not None:
-        kwargs = {
-            # across GPUs (--gpus N) auto means none: fp8 is not supported there yet
-            "quant": None
-            if settings.quant == "none" or (group and settings.quant == "auto")
-            else settings.quant,
-            "lora_scale": settings.lora_scale,
-            "lora": list(settings.lora) or "auto",
-        }
-    if group is not None:  # each rank keeps its whole stack resident, in bf16 unless told fp8
-        kwargs.setdefault("quant", None)
-        kwargs["gpu_memory_gib"] = None
-    print(f"loading the model from {weights} on {device} ({dtype_name}) ...", file=sys.stderr)
+    print(f"loading the model from {weights} on {opts.device} ({opts.dtype}) ...", file=sys.stderr)
     t0 = time.perf_counter()
-    pipe = InfiniteTalkPipeline.from_weights(weights, device=device, dtype=dtype, **kwargs)
+    pipe = load_pipeline(weights, opts)
     if group is not None:
         if pipe.quant is not None:
             print("infinitetalk render: --gpus > 1 does not support quant = fp8 yet", file=sys.stderr)
             return 2
         group.attach(pipe.dit)
-    print(
-        f"loaded in {time.perf_counter() - t0:.1f} s; seed {spec.seed}"
-        f"{' (drawn)' if spec.seed_drawn else ''}",
-        file=sys.stderr,
-    )
+    drawn = " (drawn)" if spec.seed_drawn else ""
+    print(f"loaded in {time.perf_counter() - t0:.1f} s; seed {spec.seed}{drawn}", file=sys.stderr)
+    main = group is None or group.is_main
+    code = _render(args, pipe, spec.to_request(job.parent), out, announce=main)
+    if not main:
+        shutil.rmtree(out.parent, ignore_errors=True)
+    return code
+
+
+def load_options(args: argparse.Namespace, settings: Any) -> LoadOptions:
+    """How this command loads the model: as the render worker does (`pipeline.loading`), from
+    the config's device, dtype, quant, lora, lora_scale, attention and [performance] (the memory
+    budget included), `--device` and `--dtype` first; without a config file the built-in ones."""
+    from pipeline.loading import LoadOptions, dtype_name, resolve_device, resolve_dtype
+
+    if settings is None:
+        opts = LoadOptions()
+    else:
+        opts = LoadOptions.from_strings(
+            device=settings.device,
+            dtype=settings.dtype,
+            quant=settings.quant,
+            lora=settings.lora,
+            lora_scale=settings.lora_scale,
+            attention=settings.attention,
+            perf=dataclasses.asdict(settings.performance),
+        )
+    device = resolve_device(args.device or opts.device)
+    dtype = dtype_name(resolve_dtype(args.dtype or opts.dtype, device))
+    return dataclasses.replace(opts, device=device, dtype=dtype)
+
+
+def _checked_job(job: Path, settings: Any) -> Any:
+    """The job's JobSpec, checked as the daemon checks it (None: invalid, the errors printed)."""
+    from daemon.jobs import InvalidJob, JobDefaults, load_job
+
+    defaults = settings.job_defaults() if settings is not None else JobDefaults()
+    try:
+        spec = load_job(job, defaults=defaults)
+    except InvalidJob as e:
+        print(f"infinitetalk render: {job} is not a valid job:", file=sys.stderr)
+        for err in e.errors:
+            print(f"  [{err.code}] {err.field or '(file)'}: {err.message}", file=sys.stderr)
+        return None
+    if _check_media(job, spec, settings):  # before the model loads: a bad file is told at once
+        return None
+    return spec
+
+
+def _launch_ranks(args: argparse.Namespace, weights: Path, settings: Any) -> int:
+    """`--gpus N`: start N ranks of this command (pipeline.parallel), wait for them."""
+    from pipeline.parallel import check_launch, spawn_ranks
+
+    try:
+        check_launch(weights, args.gpus, args.device or (settings.device if settings is not None else "auto"))
+    except ValueError as e:
+        print(f"infinitetalk render: --gpus {args.gpus}: {e}", file=sys.stderr)
+        return 2
+    args.weights = weights
+    try:
+        spawn_ranks(_rank, args.gpus, (args,))
+    except Exception as e:  # a rank failed; its own error is on stderr
+        print(f"infinitetalk render: --gpus {args.gpus}: {e}".splitlines()[0], file=sys.stderr)
+        return 1
+    return 0
+
+
+def _render(args: argparse.Namespace, pipe: Any, request: Any, out: Path, *, announce: bool) -> int:
+    """Render with a progress bar; Ctrl-C stops at the next step (130). `announce`: print what
+    was written (rank 0 of a GPU group, or the only process)."""
+    from pipeline.types import StopRequested
 
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -260,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
     poster = None if args.no_poster else out.with_suffix(".jpg")
     try:
         result = pipe.generate(
-            spec.to_request(job.parent),
+            request,
             out,
             poster_path=poster,
             on_progress=bar,
@@ -279,14 +301,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGINT, previous)
     bar.close()
-    if group is not None and not group.is_main:
-        import shutil
-
-        shutil.rmtree(out.parent, ignore_errors=True)
-        return 0
-    print(
-        f"{result.video_path}: {result.num_frames} frames, {result.duration_s:.2f} s, "
-        f"{result.width}x{result.height}, seed {result.seed}, "
-        f"rendered in {result.timings_s.get('render_s', 0):.1f} s"
-    )
+    if announce:
+        print(
+            f"{result.video_path}: {result.num_frames} frames, {result.duration_s:.2f} s, "
+            f"{result.width}x{result.height}, seed {result.seed}, "
+            f"rendered in {result.timings_s.get('render_s', 0):.1f} s"
+        )
     return 0

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from daemon.config import RetentionSettings, Settings
 from daemon.control import output_replaced_or_gone, remove_outputs
-from daemon.ledger import FINAL_STATES, Ledger
+from daemon.ledger import Ledger
+from daemon.states import FINAL
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def apply_retention(settings: Settings, ledger: Ledger, *, now: float | None = N
     r: RetentionSettings = settings.retention
     now = time.time() if now is None else now
     counts = {"outputs": 0, "archives": 0, "rows": 0, "progress": 0}
-    final = ledger.jobs(FINAL_STATES)
+    final = ledger.jobs(FINAL)
     if r.outputs_days > 0:
         cutoff = now - r.outputs_days * DAY_S
         for job in final:

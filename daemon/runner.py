@@ -1,26 +1,22 @@
 """The render worker: a child process (started with `spawn`) that holds the model and runs jobs.
 
-The daemon starts it once; it loads the pipeline once, says `ready`, and then runs up to
-`max_running` jobs at a time, each in its own thread sharing the one resident model. The
-pipeline serialises the GPU-heavy denoising through a lock it is given (`gpu_lock`), so the CPU
-stages of one job (media decode, audio features, encoding, muxing) overlap another job's GPU
-work. A CUDA fault kills at most this process; the daemon notices and starts a fresh one.
+The daemon starts it once; it loads the pipeline once, sends `Ready`, and then runs up to
+`max_running` jobs at a time, each in its own thread sharing the one resident model (a
+`pipeline.types.Renderer`). Each job's `prepare` (media decode, speech, audio features) runs
+outside the worker's GPU lock and its `render` inside it, so the CPU stage of one job overlaps
+another job's GPU work. A CUDA fault kills at most this process; the daemon notices and starts a fresh one.
 
-Messages, over one duplex `multiprocessing` pipe (the daemon is the only ledger writer):
-
-    daemon -> worker   ("run", RunOrder) | ("stop", job_id, reason) | ("exit",)
-    worker -> daemon   ("ready", info) | ("progress", job_id, dict) | ("done", job_id, dict)
-                       | ("stopped", job_id, reason) | ("failed", job_id, dict) | ("fatal", message)
-                       | ("heartbeat",) every `heartbeat_s`, from its own thread, from start-up on
-                         (loading included), whatever the jobs do: a worker that falls silent is
-                         stopped (SIGSTOP) or hung, and the daemon kills it after `worker_stall_s`
+It talks to the daemon over one duplex `multiprocessing` pipe (the daemon is the only ledger
+writer) in the typed messages of `daemon.protocol`, whose docstring holds the message grammar;
+it sends a `Heartbeat` every `heartbeat_s` from a thread of its own, from start-up on.
+What a failure means (`classify`) is `daemon.policy`'s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
-import inspect
 import logging
 import os
 import signal
@@ -28,11 +24,30 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from daemon.errors import is_disk_full
+from daemon.policy import InputChanged, classify
+from daemon.protocol import (
+    Exit,
+    Failed,
+    Fatal,
+    Finished,
+    Heartbeat,
+    Progressed,
+    Ready,
+    RunOrder,
+    StopJob,
+    Stopped,
+    WorkerMessage,
+)
+from pipeline.types import Renderer, StopRequested
+from pipeline.weights_layout import write_tiny_once
+
+if TYPE_CHECKING:
+    from pipeline.loading import LoadOptions
 
 logger = logging.getLogger(__name__)
 
@@ -67,20 +82,6 @@ class WorkerConfig:
     heartbeat_s: float = 2.0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RunOrder:
-    """One job for the worker: the request plus where to write."""
-
-    job_id: str
-    request: Any  # pipeline.types.GenerationRequest
-    out_path: Path
-    poster_path: Path
-    checkpoint_dir: Path
-    attempt: int = 1
-    #: (path, sha256) of each claimed input: checked before every attempt (`verify_inputs`)
-    inputs: tuple[tuple[str, str], ...] = ()
-
-
 class _Channel:
     """The worker's end of the pipe; sends are locked because job threads share it."""
 
@@ -88,7 +89,7 @@ class _Channel:
         self.conn = conn
         self.lock = threading.Lock()
 
-    def send(self, *message: Any) -> None:
+    def send(self, message: WorkerMessage) -> None:
         with self.lock:
             try:
                 self.conn.send(message)
@@ -96,117 +97,42 @@ class _Channel:
                 os._exit(0)  # the daemon is gone: nothing left to report to
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def resolve_dtype(dtype: str, device: str) -> Any:
-    import torch
-
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-
-
-def load_pipeline(config: WorkerConfig) -> Any:
-    """Build the pipeline named by `config.factory` (default: InfiniteTalkPipeline.from_weights)."""
-    if config.write_tiny:
-        write_tiny_once(config.weights_dir)
+def load_pipeline(config: WorkerConfig) -> Renderer[Any]:
+    """Build the pipeline named by `config.factory` (default: InfiniteTalk, loaded as
+    `pipeline.loading` says); it must be a `pipeline.types.Renderer`."""
+    if config.write_tiny and write_tiny_once(config.weights_dir):
+        logger.warning("wrote a tiny random-weight model to %s", config.weights_dir)
     if config.factory:
         module_name, _, attr = config.factory.partition(":")
         target: Any = importlib.import_module(module_name)
         for part in attr.split("."):
             target = getattr(target, part)
-        return target(config)
-    from pipeline.pipeline import InfiniteTalkPipeline
+        pipe = target(config)
+    else:
+        from pipeline.loading import load_pipeline as load
 
-    device = resolve_device(config.device)
-    kwargs: dict[str, Any] = {"device": device, "dtype": resolve_dtype(config.dtype, device)}
-    params = inspect.signature(InfiniteTalkPipeline.from_weights).parameters
-    perf = dict(config.perf)
-    optional = {
-        "quant": None if config.quant == "none" else config.quant,
-        "attention": config.attention,
-        "lora_scale": config.lora_scale,
-        "lora": list(config.lora) or None,
-        "gpu_memory_gib": perf.pop("gpu_memory_gib", "auto"),
-        "max_running": config.max_running,
-    }
-    for key, value in optional.items():
-        if key in params and value is not None:
-            kwargs[key] = value
-    if device.startswith("cuda") and "perf" in params:
-        from pipeline.perf import PerfConfig
-
-        perf.pop("warmup", None)
-        fp8 = config.quant in ("fp8", "auto")  # auto: the pipeline turns fp8 off where it picks none
-        perf["fp8_attention"] = resolve_fp8_attention(str(perf.get("fp8_attention", "auto")), fp8, device)
-        kwargs["perf"] = PerfConfig(attention=config.attention, fp8=fp8, **perf)  # type: ignore[arg-type]
-    pipe = InfiniteTalkPipeline.from_weights(config.weights_dir, **kwargs)
-    if config.warmup and callable(getattr(pipe, "warmup", None)):
-        logging.getLogger(__name__).info("warm-up forward took %.1f s", pipe.warmup())
+        pipe = load(config.weights_dir, load_options(config))
+    if not isinstance(pipe, Renderer):
+        what = config.factory or "the pipeline"
+        raise TypeError(f"{what} gave {type(pipe).__name__}, not a pipeline.types.Renderer")
     return pipe
 
 
-def resolve_fp8_attention(setting: str, fp8: bool, device: str) -> bool:
-    """The `[performance] fp8_attention` setting for this worker: "auto" is on with fp8 weights
-    where cuDNN fp8 attention can run (logged either way), "on" is on (the load fails with the
-    reason when it cannot run), "off" is off."""
-    if setting not in ("auto", "on", "off"):
-        raise ValueError(f"fp8_attention must be auto, on or off, got {setting!r}")
-    if setting != "auto":
-        return setting == "on"
-    if not fp8:
-        return False
-    from pipeline.models.attention_fp8 import unavailable_reason
+def load_options(config: WorkerConfig) -> LoadOptions:
+    """The worker's settings as `pipeline.loading.LoadOptions` (as `infinitetalk render` makes them)."""
+    from pipeline.loading import LoadOptions
 
-    reason = unavailable_reason(device, test_run=True)
-    logging.getLogger(__name__).info("fp8 attention: %s", "on" if reason is None else f"off ({reason})")
-    return reason is None
-
-
-def write_tiny_once(folder: Path) -> None:
-    """Write tiny random weights into `folder` (via a temporary sibling, then rename)."""
-    if (folder / "tiny.json").is_file():
-        return
-    import shutil
-
-    from pipeline.tiny import write_tiny_weights
-
-    tmp = folder.with_name(f".{folder.name}.writing")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_tiny_weights(tmp, seed=0)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    logger.warning("wrote a tiny random-weight model to %s", folder)
-
-
-def classify(exc: BaseException) -> tuple[str, bool, bool]:
-    """(error code, transient?, worker must exit?) for an exception raised by a render."""
-    name = type(exc).__name__
-    text = str(exc)
-    if name == "OutOfMemoryError" or "CUDA out of memory" in text:
-        return "cuda_oom", True, False
-    if is_disk_full(exc):  # ENOSPC, EDQUOT, wrapped in shutil.Error, SQLITE_FULL, chained
-        return "disk_full", True, False
-    if "CUDA error" in text or name in ("AcceleratorError", "CudaError"):
-        return "cuda_error", True, True  # the CUDA context may be poisoned: start a fresh process
-    if name == "GroupBroken":  # pipeline.parallel_pipeline: a rank died; rebuild the whole group
-        return "worker_group_broken", True, True
-    if isinstance(exc, InputChanged):
-        return "input_changed", False, False
-    if isinstance(exc, (ValueError, FileNotFoundError, KeyError)):
-        return "bad_input", False, False
-    return "render_error", False, False
-
-
-class InputChanged(Exception):
-    """A claimed input no longer has the hash recorded when it was claimed: never rendered."""
+    return LoadOptions.from_strings(
+        device=config.device,
+        dtype=config.dtype,
+        quant=config.quant,
+        lora=config.lora,
+        lora_scale=config.lora_scale,
+        attention=config.attention,
+        perf=dict(config.perf),
+        max_running=config.max_running,
+        warmup=config.warmup,
+    )
 
 
 def verify_inputs(inputs: tuple[tuple[str, str], ...]) -> None:
@@ -234,7 +160,7 @@ def _watch_parent(parent_pid: int) -> None:
 
 def _send_heartbeats(channel: _Channel, interval_s: float) -> None:
     while True:
-        channel.send("heartbeat")
+        channel.send(Heartbeat())
         time.sleep(interval_s)
 
 
@@ -273,11 +199,11 @@ def worker_main(conn: Any, config: WorkerConfig) -> None:
     try:
         pipe = load_pipeline(config)
     except BaseException as e:  # noqa: BLE001 - reported to the daemon, which decides
-        channel.send("fatal", f"loading the model failed: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+        channel.send(Fatal(f"loading the model failed: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
         return
     info = describe(pipe, config)
     info["load_s"] = round(time.monotonic() - started, 3)
-    channel.send("ready", info)
+    channel.send(Ready(info))
     Worker(pipe, channel, config).serve(conn)
 
 
@@ -320,15 +246,13 @@ def on_progress_stage(on_progress: Any, stage: str) -> None:
 class Worker:
     """Runs orders in threads sharing one pipeline; GPU stages serialised by `gpu_lock`."""
 
-    def __init__(self, pipe: Any, channel: _Channel, config: WorkerConfig) -> None:
+    def __init__(self, pipe: Renderer[Any], channel: _Channel, config: WorkerConfig) -> None:
         self.pipe = pipe
         self.channel = channel
         self.config = config
         self.gpu_lock = threading.Lock()
         self.stops: dict[str, tuple[threading.Event, list[str]]] = {}
         self.threads: dict[str, threading.Thread] = {}
-        params = inspect.signature(pipe.generate).parameters
-        self.accepts = set(params)
 
     def serve(self, conn: Any) -> None:
         while True:
@@ -336,21 +260,21 @@ class Worker:
                 message = conn.recv()
             except (EOFError, OSError):
                 os._exit(0)
-            kind = message[0]
-            if kind == "run":
-                self.start(message[1])
-            elif kind == "stop":
-                entry = self.stops.get(message[1])
-                if entry is not None:
-                    entry[1].append(message[2])
-                    entry[0].set()
-            elif kind == "exit":
-                for event, reasons in self.stops.values():
-                    reasons.append("shutdown")
-                    event.set()
-                for thread in list(self.threads.values()):
-                    thread.join()
-                return
+            match message:
+                case RunOrder():
+                    self.start(message)
+                case StopJob(job_id, reason):
+                    entry = self.stops.get(job_id)
+                    if entry is not None:
+                        entry[1].append(reason)
+                        entry[0].set()
+                case Exit():
+                    for event, reasons in self.stops.values():
+                        reasons.append("shutdown")
+                        event.set()
+                    for thread in list(self.threads.values()):
+                        thread.join()
+                    return
 
     def start(self, order: RunOrder) -> None:
         stop = threading.Event()
@@ -362,8 +286,6 @@ class Worker:
         thread.start()
 
     def _run(self, order: RunOrder, stop: threading.Event) -> None:
-        from pipeline.types import StopRequested
-
         last = [0.0]
 
         def on_progress(progress: Any) -> None:
@@ -373,9 +295,7 @@ class Worker:
             )
             if now - last[0] >= 0.25 or final:
                 last[0] = now
-                self.channel.send(
-                    "progress", order.job_id, {**asdict(progress), "progress": progress.fraction}
-                )
+                self.channel.send(Progressed(order.job_id, progress))
             if stop.is_set():
                 raise StopRequested(self._reason(order.job_id))
 
@@ -386,75 +306,60 @@ class Worker:
             verify_inputs(order.inputs)
             result = self._render(order, on_progress, stop)
         except StopRequested:
-            self.channel.send("stopped", order.job_id, self._reason(order.job_id))
+            self.channel.send(Stopped(order.job_id, self._reason(order.job_id)))
         except BaseException as e:  # noqa: BLE001 - the worker's one broad handler: classify, report
-            code, transient, fatal = classify(e)
+            failure = classify(e)
             self.channel.send(
-                "failed",
-                order.job_id,
-                {
-                    "code": code,
-                    "transient": transient,
-                    "message": f"{type(e).__name__}: {e}",
-                    "traceback": traceback.format_exc(limit=20),
-                    "log_tail": _log_tail(order.job_id),
-                },
+                Failed(
+                    order.job_id,
+                    failure,
+                    f"{type(e).__name__}: {e}",
+                    traceback.format_exc(limit=20),
+                    tuple(_log_tail(order.job_id)),
+                )
             )
-            if fatal:
+            if failure.poisons_worker:
                 time.sleep(0.2)
                 os._exit(70)
         else:
-            info = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
-            info["render_s"] = round(time.monotonic() - started, 3)
-            self.channel.send("done", order.job_id, info)
+            self.channel.send(Finished(order.job_id, result, round(time.monotonic() - started, 3)))
         finally:
             self.stops.pop(order.job_id, None)
             self.threads.pop(order.job_id, None)
 
     def _render(self, order: RunOrder, on_progress: Any, stop: threading.Event) -> Any:
-        """CPU preparation outside the GPU lock, the model's chunk loop inside it.
-
-        With a pipeline that splits `prepare` (media decode, speech, audio features) from
-        `render` (the chunk loop), one job prepares while another holds the GPU. A pipeline
-        taking `gpu_lock` itself gets it; any other runs `generate` as is.
-        """
+        """The one call path of a `pipeline.types.Renderer`: `prepare` (media decode, speech,
+        audio features) outside the GPU lock, so one job prepares while another renders, then
+        `render` (the chunk loop) inside it, resuming from the job's chunk checkpoint."""
         pipe = self.pipe
-        if "gpu_lock" in self.accepts:
-            return pipe.generate(
-                order.request,
+        voice = getattr(pipe, "voice", None)  # a pipeline that voices a job's text (tts)
+        if getattr(order.request, "tts", None) is not None and callable(voice):
+            on_progress_stage(on_progress, "tts")  # voicing the text: its own stage, outside the GPU lock
+            voice(order.request)
+        on_progress_stage(on_progress, "prepare")
+        prepared = pipe.prepare(order.request, order.checkpoint_dir)
+        with self._gpu(order.job_id, stop):
+            return pipe.render(
+                prepared,
                 order.out_path,
+                poster_path=order.poster_path,
                 on_progress=on_progress,
                 should_stop=stop.is_set,
-                checkpoint_dir=order.checkpoint_dir,
-                poster_path=order.poster_path,
-                gpu_lock=self.gpu_lock,
+                resume=True,
             )
-        if callable(getattr(pipe, "prepare", None)) and callable(getattr(pipe, "render", None)):
-            on_progress_stage(on_progress, "prepare")
-            prepared = pipe.prepare(order.request, order.checkpoint_dir)
-            if stop.is_set():
-                from pipeline.types import StopRequested
 
-                raise StopRequested(self._reason(order.job_id))
-            with self.gpu_lock:
-                return pipe.render(
-                    prepared,
-                    order.out_path,
-                    poster_path=order.poster_path,
-                    on_progress=on_progress,
-                    should_stop=stop.is_set,
-                    resume=True,
-                )
-        kwargs = {
-            k: v
-            for k, v in {
-                "poster_path": order.poster_path,
-                "should_stop": stop.is_set,
-                "checkpoint_dir": order.checkpoint_dir,
-            }.items()
-            if k in self.accepts
-        }
-        return pipe.generate(order.request, order.out_path, on_progress=on_progress, **kwargs)
+    @contextlib.contextmanager
+    def _gpu(self, job_id: str, stop: threading.Event) -> Iterator[None]:
+        """Hold the GPU lock; a stop asked for before or while waiting for it stops the job."""
+        while not stop.is_set():
+            if self.gpu_lock.acquire(timeout=0.1):
+                break
+        else:
+            raise StopRequested(self._reason(job_id))
+        try:
+            yield
+        finally:
+            self.gpu_lock.release()
 
     def _reason(self, job_id: str) -> str:
         entry = self.stops.get(job_id)

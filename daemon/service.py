@@ -5,7 +5,8 @@ Exit codes: 0 after a clean stop (SIGTERM/SIGINT), 78 (EX_CONFIG) on a bad confi
 75 (EX_TEMPFAIL) when another daemon already holds the state dir, 73 (EX_CANTCREAT) when the
 state dir or the outbox cannot be written (read-only, permissions), 65 (EX_DATAERR) when the
 ledger was deleted or replaced while the daemon ran (or is missing while claimed jobs exist),
-1 when the model cannot be loaded.
+1 when the model cannot be loaded; with `[cluster] executor = "ray"`, 78 when the ray package
+is not installed and 69 (EX_UNAVAILABLE) when the Ray cluster cannot be reached.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(render_toml(settings, mask_secrets=True))
         return 0
 
+    from daemon.cluster import ClusterError
     from daemon.errors import DaemonLocked, FolderUnusable, LedgerLost
     from daemon.logs import configure_logging
     from daemon.supervisor import Supervisor
@@ -96,3 +98,6 @@ def run(args: argparse.Namespace) -> int:
     except WeightsMissing as e:
         print(f"infinitetalk daemon: cannot start: {e}", file=sys.stderr)
         return EX_CONFIG
+    except ClusterError as e:
+        print(f"infinitetalk daemon: cannot start: {e}", file=sys.stderr)
+        return e.exit_code

@@ -24,9 +24,11 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from daemon.states import State
+
 EXIT_DOWN = 3
 DEFAULT_LIMIT = 50
-STATES = ("waiting", "queued", "running", "retry_wait", "done", "failed", "rejected", "cancelled")
+STATES = tuple(s.value for s in State)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

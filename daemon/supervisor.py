@@ -1,4 +1,9 @@
-"""The daemon's main loop: intake, admission, dispatch to the worker, progress, results, recovery.
+"""The daemon's main loop: intake, admission, dispatch to the workers, and the events they send.
+
+The loop reads typed events from a `WorkerPool` (daemon/pool.py: the render workers; it starts,
+restarts and isolates them) and routes each to `Endings` (daemon/endings.py: every way a job
+ends) through the `RetryPolicy` (daemon/policy.py); it keeps signals, SIGHUP, the status text,
+disk-full waiting and `--once`.
 
 One thread owns the ledger's write connection. Signal handlers only set flags:
 
@@ -24,31 +29,52 @@ import signal
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon import control, failures, heartbeat, retention, version, webhooks
+from daemon import control, heartbeat, retention, webhooks
+from daemon.cluster import make_pool
 from daemon.config import ConfigError, Settings, load_settings
+from daemon.endings import Endings
 from daemon.errors import DaemonLocked, FolderUnusable, LedgerConflict, LedgerLost, StateDirFull
 from daemon.inbox import Watcher
-from daemon.intake import Intake, claimed_inputs, error_payload
+from daemon.intake import Intake, claimed_inputs
 from daemon.jobs import JobSpec
 from daemon.ledger import JobRow, Ledger
 from daemon.ledger import is_disk_full as _is_disk_full
-from daemon.outbox import Outbox, Published, remove_if_same, restore_loose_job_name
-from daemon.runner import RunOrder, WorkerConfig
+from daemon.outbox import Outbox
+from daemon.policy import Failure, GiveUp, Retry, RetryPolicy
+from daemon.pool import WorkerPool
+from daemon.protocol import Event, Failed, Finished, Progressed, Ready, RunOrder, Stopped, WorkerDied
+from daemon.runner import WorkerConfig
 from daemon.sdnotify import Notifier
-from daemon.weights_guard import choose_weights, has_weights
-from daemon.worker import WorkerHandle
+from daemon.space import SpaceWait
+from daemon.weights_guard import choose_weights
+from pipeline.types import Progress, RenderResult
 
 logger = logging.getLogger(__name__)
 
-#: a worker that dies this many times in a row before it is ready makes the daemon give up
-MAX_START_FAILURES = 3
 #: how often the main loop checks that the ledger's path still names the open ledger file
 LEDGER_CHECK_S = 1.0
 
+
+#: settings a SIGHUP cannot change: they take effect after a restart
+RESTART_KEYS = (
+    "inbox",
+    "outbox",
+    "state_dir",
+    "weights_dir",
+    "device",
+    "dtype",
+    "quant",
+    "lora",
+    "lora_scale",
+    "attention",
+    "notify",  # the webhook senders start with the daemon
+    "cluster",  # the executor and its actors start with the daemon
+)
 
 #: the state dir's lock: an flock on the directory itself; this file only says who holds it
 PID_FILE = "daemon.lock"
@@ -147,10 +173,6 @@ def check_writable(what: str, folder: Path) -> None:
             raise FolderUnusable(what, folder, e.strerror or str(e)) from e
 
 
-def backoff_s(settings: Settings, attempts: int) -> float:
-    return float(min(settings.retry_backoff_max_s, settings.retry_backoff_s * 2 ** max(0, attempts - 1)))
-
-
 def gpu_count(environ: dict[str, str] | None = None) -> int:
     """Visible NVIDIA GPUs, without importing torch: $CUDA_VISIBLE_DEVICES, else `nvidia-smi -L`."""
     env = os.environ if environ is None else environ
@@ -180,6 +202,131 @@ def worker_devices(settings: Settings) -> list[str]:
     return [settings.device]
 
 
+def open_ledger(settings: Settings, on_full: Callable[[BaseException, int], None]) -> Ledger:
+    """The ledger, migrated and proven writable; `on_full` is its disk-full hook."""
+    s = settings
+    check_ledger_present(s)
+    try:
+        ledger = Ledger(s.ledger_path)
+        ledger.probe_write()
+    except sqlite3.OperationalError as e:
+        if _is_disk_full(e) or "readonly" not in str(e) and "unable to open" not in str(e):
+            raise
+        raise FolderUnusable("ledger", s.ledger_path, str(e)) from e
+    ledger.on_full = on_full
+    return ledger
+
+
+def check_ledger_present(s: Settings) -> None:
+    """A missing ledger is created afresh, unless the state dir still holds claimed jobs: a new
+    ledger would not know them (their inputs and publications would be orphaned)."""
+    if s.ledger_path.exists() or not s.jobs_dir.is_dir():
+        return
+    claimed = sorted(p.name for p in s.jobs_dir.iterdir())
+    if not claimed:
+        return
+    rescued = sorted(s.state_dir.glob(f"{s.ledger_path.name}.rescued-*"))
+    fix = (
+        f"restore the copy the daemon saved when it lost the ledger: mv {rescued[-1]} {s.ledger_path}"
+        if rescued
+        else f"restore the ledger from a backup, or move {s.jobs_dir} aside to start with an empty one"
+    )
+    raise LedgerLost(
+        f"the ledger {s.ledger_path} is missing but {s.jobs_dir} holds {len(claimed)} claimed "
+        f"job(s) ({', '.join(claimed[:3])}{', ...' if len(claimed) > 3 else ''}); a new ledger would "
+        f"orphan them: {fix}"
+    )
+
+
+def check_ledger_file(s: Settings, ledger: Ledger) -> None:
+    """The ledger's path must keep naming the file the daemon has open (`Ledger.check_file`);
+    deleted or replaced, the daemon saves what it has and stops (`LedgerLost`)."""
+    try:
+        ledger.check_file()
+    except LedgerLost as e:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        try:
+            saved = ledger.rescue(s.state_dir / f"{s.ledger_path.name}.rescued-{stamp}")
+        except (OSError, sqlite3.Error) as err:
+            raise LedgerLost(f"{e}; could not save a copy of it ({err}); stopping") from None
+        raise LedgerLost(
+            f"{e}; stopped without writing more. Its content is saved as {saved}; to go on from "
+            f"there: mv {saved} {s.ledger_path}, then start the daemon again"
+        ) from None
+
+
+def choose_model(s: Settings) -> tuple[Path, bool]:
+    """The weights folder the workers load, and whether it is the tiny random-weight model."""
+    folder, tiny = choose_weights(
+        s.weights_dir, allow_tiny=s.allow_tiny_model, tiny_dir=s.tiny_weights_dir, loras=s.lora
+    )
+    if folder == s.weights_dir:
+        return folder, tiny
+    logger.warning(
+        "weights_dir %s holds no weights: using a TINY RANDOM-WEIGHT model in %s (its videos are "
+        "noise; put the released weights in %s for real renders)",
+        s.weights_dir,
+        s.tiny_weights_dir,
+        s.weights_dir,
+    )
+    return s.tiny_weights_dir, True
+
+
+def worker_config(s: Settings, weights_dir: Path, *, tiny: bool, factory: str) -> WorkerConfig:
+    """The render workers' config (`LocalPool` sets each one's device)."""
+    return WorkerConfig(
+        weights_dir=weights_dir,
+        device=s.device,
+        dtype=s.dtype,
+        quant=s.quant,
+        lora=s.lora,
+        lora_scale=s.lora_scale,
+        attention=s.attention,
+        perf=tuple(dataclasses.asdict(s.performance).items()),
+        warmup=s.performance.warmup,
+        max_running=s.max_running,
+        factory=factory,
+        log_level=s.log_level,
+        write_tiny=tiny,
+        heartbeat_s=min(2.0, s.worker_stall_s / 4),
+    )
+
+
+class RetryTimer:
+    """When each `retry_wait` job is due, on the monotonic clock (a wall clock set back a day must
+    not make a retry wait a day). A retry this daemon did not time itself (set before a restart,
+    by the `retry` command, or by a requeue into a full queue) is due at its ledger time
+    `next_attempt_at`, but never later than one backoff from now."""
+
+    def __init__(self) -> None:
+        #: retry_wait job id -> monotonic time its retry is due
+        self.due: dict[str, float] = {}
+
+    def start(self, job_id: str, delay_s: float) -> None:
+        self.due[job_id] = time.monotonic() + delay_s
+
+    def requeue_due(self, ledger: Ledger, policy: RetryPolicy, max_queued: int) -> None:
+        """`retry_wait -> queued` for the jobs whose backoff has run out."""
+        waiting = ledger.jobs(["retry_wait"])
+        if not waiting and not self.due:
+            return
+        now, wall = time.monotonic(), time.time()
+        known = {row.id for row in waiting}
+        for job_id in [j for j in self.due if j not in known]:
+            del self.due[job_id]
+        due: list[str] = []
+        for row in waiting:
+            at = self.due.get(row.id)
+            if at is None:
+                left = (row.next_attempt_at or 0.0) - wall
+                at = self.due[row.id] = now + min(max(0.0, left), policy.delay_s(row.attempts))
+            if at <= now:
+                due.append(row.id)
+        if due:
+            for row in ledger.requeue_due_retries(max_queued=max_queued, job_ids=due):
+                self.due.pop(row.id, None)
+
+
 @dataclass(slots=True)
 class Running:
     job_id: str
@@ -187,7 +334,38 @@ class Running:
     order: RunOrder
     worker: int = 0
     last_write: float = 0.0
-    progress: dict[str, Any] = field(default_factory=dict)
+    progress: Progress | None = None
+
+
+def run_order(settings: Settings, outbox: Outbox, row: JobRow) -> RunOrder:
+    """What the worker needs to render a claimed job: its request and where to write."""
+    job_dir = Path(row.job_dir or settings.jobs_dir / row.id)
+    spec = JobSpec.from_dict(row.spec)
+    staging = outbox.staging_dir(row.id)
+    return RunOrder(
+        job_id=row.id,
+        request=spec.to_request(job_dir / "input"),
+        out_path=staging / f"{row.id}.mp4",
+        poster_path=staging / f"{row.id}.jpg",
+        checkpoint_dir=job_dir / "checkpoint",
+        attempt=row.attempts,
+        inputs=claimed_inputs(row.input_hashes_json, job_dir / "input"),
+    )
+
+
+def status_text(c: dict[str, int], s: Settings, running: list[Running], *, loading: bool) -> str:
+    """The daemon's one-line status (systemd STATUS=): counts, caps, the first renders' places."""
+    text = (
+        f"{c['running']} running, {c['queued']} queued, {c['waiting']} waiting, {c['done']} done, "
+        f"{c['failed']} failed (caps {s.max_queued} queued / {s.max_running} running)"
+    )
+    if loading:
+        text = "loading the model; " + text
+    for run in running[:3]:
+        p = run.progress
+        if p is not None:
+            text += f"; {run.name} chunk {p.chunk}/{p.num_chunks} step {p.step}/{p.num_steps}"
+    return text
 
 
 class Supervisor:
@@ -199,6 +377,7 @@ class Supervisor:
         config_path: Path | None = None,
         once: bool = False,
         pipeline_factory: str = "",
+        pool: WorkerPool | None = None,
     ) -> None:
         self.settings = settings
         self.config_path = config_path
@@ -210,34 +389,31 @@ class Supervisor:
         self.reload = threading.Event()
         self.wake = threading.Event()
         self.running: dict[str, Running] = {}
-        #: jobs that were running together when the worker died: each runs alone until it ends
-        self.isolate: set[str] = set()
-        #: retry_wait job id -> monotonic time its retry is due (backoff never follows the wall clock)
-        self.retry_due: dict[str, float] = {}
+        self.retries = RetryTimer()
+        self.policy = RetryPolicy.from_settings(settings)
         self.lock_fd: int | None = None
         self.ledger: Ledger | None = None
         self.outbox = Outbox(settings.outbox)
-        self.devices: list[str] = worker_devices(settings)
-        self.workers: list[WorkerHandle | None] = [None] * len(self.devices)
-        self.fatal: dict[int, str] = {}
-        self.start_failures = 0
+        #: the render workers; None: a `LocalPool` over `worker_devices`, made at start
+        self.pool: WorkerPool | None = pool
+        self.endings: Endings | None = None
         self.last_status = ""
-        #: monotonic time intake was last reported paused because the state dir is full (0: not paused)
-        self.intake_paused_logged = 0.0
-        #: monotonic time a ledger write started waiting for space in the state dir (0: not waiting)
-        self.full_since = 0.0
+        self.space = SpaceWait(settings, self.notifier, self.stop, self.force)
         self.weights_dir = settings.weights_dir
         self.tiny = False
         self.intake: Intake | None = None
         self.watcher: Watcher | None = None
         #: monotonic time of the last `_check_ledger_file`
         self.ledger_checked = 0.0
-        #: failures waiting for room in the outbox: job id -> (code, message, traceback)
-        self.failing: dict[str, tuple[str, str, str | None]] = {}
         #: the ledger's `heartbeat` row, rewritten every couple of seconds (daemon/heartbeat.py)
         self.heartbeat = heartbeat.Heartbeat()
         #: POSTs to [notify] webhook_urls when a job ends, from threads of its own (daemon/webhooks.py)
         self.webhooks: webhooks.Webhooks | None = None
+        #: the first READY=1 was sent
+        self.ready_sent = False
+        #: monotonic times of the last inbox scan and the last retention pass
+        self.last_scan = 0.0
+        self.last_housekeeping = 0.0
 
     # ------------------------------------------------------------------ signals
 
@@ -261,7 +437,7 @@ class Supervisor:
     def start(self) -> None:
         s = self.settings
         # no weights and no allow_tiny_model: WeightsMissing (exit 78) before anything is touched
-        self.weights_dir, self.tiny = self._choose_weights()
+        self.weights_dir, self.tiny = choose_model(s)
         self.lock_fd = acquire_lock(s.state_dir)
         check_writable("state dir", s.state_dir)
         check_writable("state dir", s.jobs_dir)
@@ -270,24 +446,17 @@ class Supervisor:
             s.inbox.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise FolderUnusable("inbox", s.inbox, e.strerror or str(e)) from e
-        self._check_ledger_present()
-        try:
-            self.ledger = Ledger(s.ledger_path)
-            self.ledger.probe_write()
-        except sqlite3.OperationalError as e:
-            if _is_disk_full(e) or "readonly" not in str(e) and "unable to open" not in str(e):
-                raise
-            raise FolderUnusable("ledger", s.ledger_path, str(e)) from e
-        self.ledger.on_full = self._wait_for_space
+        self.ledger = open_ledger(s, self.space.wait_for_space)
         self.webhooks = webhooks.Webhooks(s.notify, self.ledger)  # before anything can end a job
         self.outbox.ensure()
-        self._recover_interrupted_endings()
+        self.endings = Endings(s, self.ledger, self.outbox, weights_dir=self.weights_dir, tiny=self.tiny)
+        self.endings.recover()
         self.outbox.clean_staging()
-        self._fail_exhausted_running()
+        self.endings.fail_exhausted()
         # a kill of the daemon (kill -9, power cut, watchdog) is not the job's fault: the attempt
         # it interrupted is given back; only a render worker dying under the job counts
         recovered = self.ledger.recover_running(
-            max_queued=s.max_queued, give_back_attempt=True, exclude=self.failing
+            max_queued=s.max_queued, give_back_attempt=True, exclude=self.endings.failing
         )
         for row in recovered:
             logger.info(
@@ -297,195 +466,127 @@ class Supervisor:
                 row.name,
             )
         self.ledger.daemon_event("started", pid=os.getpid(), recovered=[r.id for r in recovered])
-        self.intake = Intake(s, self.ledger, self.outbox)
+        self.intake = Intake(s, self.ledger, self.outbox, endings=self.endings)
         self.intake.wake_later = self.wake.set
         self.watcher = Watcher(s.inbox, self.wake)
         self.watcher.start()
-        self._start_worker(0)  # the others start once weights exist (the first may write tiny ones)
-        self._start_more_workers()
-
-    def _check_ledger_present(self) -> None:
-        """A missing ledger is created afresh, unless the state dir still holds claimed jobs: a new
-        ledger would not know them (their inputs and publications would be orphaned)."""
-        s = self.settings
-        if s.ledger_path.exists() or not s.jobs_dir.is_dir():
-            return
-        claimed = sorted(p.name for p in s.jobs_dir.iterdir())
-        if not claimed:
-            return
-        rescued = sorted(s.state_dir.glob(f"{s.ledger_path.name}.rescued-*"))
-        fix = (
-            f"restore the copy the daemon saved when it lost the ledger: mv {rescued[-1]} {s.ledger_path}"
-            if rescued
-            else f"restore the ledger from a backup, or move {s.jobs_dir} aside to start with an empty one"
-        )
-        raise LedgerLost(
-            f"the ledger {s.ledger_path} is missing but {s.jobs_dir} holds {len(claimed)} claimed "
-            f"job(s) ({', '.join(claimed[:3])}{', ...' if len(claimed) > 3 else ''}); a new ledger would "
-            f"orphan them: {fix}"
-        )
-
-    def _check_ledger_file(self) -> None:
-        """The ledger's path must keep naming the file the daemon has open (`Ledger.check_file`);
-        deleted or replaced, the daemon saves what it has and stops (`LedgerLost`)."""
-        assert self.ledger is not None
-        now = time.monotonic()
-        if now - self.ledger_checked < LEDGER_CHECK_S:
-            return
-        self.ledger_checked = now
-        try:
-            self.ledger.check_file()
-        except LedgerLost as e:
-            s = self.settings
-            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-            try:
-                saved = self.ledger.rescue(s.state_dir / f"{s.ledger_path.name}.rescued-{stamp}")
-            except (OSError, sqlite3.Error) as err:
-                raise LedgerLost(f"{e}; could not save a copy of it ({err}); stopping") from None
-            raise LedgerLost(
-                f"{e}; stopped without writing more. Its content is saved as {saved}; to go on from "
-                f"there: mv {saved} {s.ledger_path}, then start the daemon again"
-            ) from None
-
-    def _choose_weights(self) -> tuple[Path, bool]:
-        s = self.settings
-        folder, tiny = choose_weights(
-            s.weights_dir, allow_tiny=s.allow_tiny_model, tiny_dir=s.tiny_weights_dir, loras=s.lora
-        )
-        if folder == s.weights_dir:
-            return folder, tiny
-        logger.warning(
-            "weights_dir %s holds no weights: using a TINY RANDOM-WEIGHT model in %s (its videos are "
-            "noise; put the released weights in %s for real renders)",
-            s.weights_dir,
-            s.tiny_weights_dir,
-            s.weights_dir,
-        )
-        return s.tiny_weights_dir, True
-
-    def _start_more_workers(self) -> None:
-        if not has_weights(self.weights_dir):
-            return
-        for index, worker in enumerate(self.workers):
-            if worker is None:
-                self._start_worker(index)
-
-    def _start_worker(self, index: int) -> None:
-        s = self.settings
-        config = WorkerConfig(
-            weights_dir=self.weights_dir,
-            device=self.devices[index],
-            dtype=s.dtype,
-            quant=s.quant,
-            lora=s.lora,
-            lora_scale=s.lora_scale,
-            attention=s.attention,
-            perf=tuple(dataclasses.asdict(s.performance).items()),
-            warmup=s.performance.warmup,
-            max_running=s.max_running,
-            factory=self.pipeline_factory,
-            log_level=s.log_level,
-            write_tiny=self.tiny and not has_weights(self.weights_dir),
-            heartbeat_s=min(2.0, s.worker_stall_s / 4),
-        )
-        worker = WorkerHandle(config)
-        worker.start()
-        self.workers[index] = worker
-
-    def _live_workers(self) -> list[tuple[int, WorkerHandle]]:
-        return [(i, w) for i, w in enumerate(self.workers) if w is not None]
-
-    def _ready_worker(self) -> tuple[int, WorkerHandle] | None:
-        """The ready worker with the fewest jobs (jobs spread across GPUs)."""
-        ready = [(len(w.jobs), i, w) for i, w in self._live_workers() if w.ready and w.alive()]
-        if not ready:
-            return None
-        _, index, worker = min(ready, key=lambda t: (t[0], t[1]))
-        return index, worker
-
-    def _wait_workers(self, timeout_s: float) -> None:
-        from multiprocessing.connection import wait
-
-        conns = [w.conn for _, w in self._live_workers() if w.conn is not None]
-        if conns:
-            try:
-                wait(conns, timeout_s)
-            except OSError:
-                time.sleep(timeout_s)
-        else:
-            self.wake.wait(timeout_s)
+        if self.pool is None:
+            config = worker_config(s, self.weights_dir, tiny=self.tiny, factory=self.pipeline_factory)
+            self.pool = make_pool(s, worker_devices(s), config, self.wake)
+        self.pool.start()
 
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> int:
         self.started_wall = time.time()
         self.start()
-        assert self.ledger is not None and self.intake is not None and self.watcher is not None
-        last_scan = 0.0
-        last_housekeeping = 0.0
-        ready_sent = False
         self.wake.set()
         try:
-            while True:
-                self._space_returned()
-                self._check_ledger_file()
-                if self.force.is_set():
-                    self._force_stop()
-                    return 0
-                if self.stop.is_set():
-                    code = self._drain()
-                    return self._once_status() if self.once else code
-                if self.reload.is_set():
-                    self.reload.clear()
-                    self._reload()
-                now = time.monotonic()
-                if self.watcher.overflowed.is_set():
-                    self.watcher.overflowed.clear()
-                    logger.warning("inotify queue overflowed: rescanning the inbox")
-                if not self.watcher.alive() and self.settings.inbox.is_dir():
-                    self.watcher.restart()
-                if self.wake.is_set() or now - last_scan >= self._scan_period():
-                    self.wake.clear()
-                    last_scan = now
-                    self._scan_inbox()
-                    self._retry_failures()
-                control.consume_requests(self.settings, self._apply_request)
-                self._requeue_due_retries()
-                self.intake.admit_claimed()
-                if not self._check_worker():
-                    return 1
-                self._start_more_workers()
-                first_ready = self._ready_worker()
-                if first_ready is not None:
-                    if not ready_sent:
-                        ready_sent = True
-                        info = first_ready[1].info
-                        self.wake.set()
-                        logger.info(
-                            "model ready (%s, load %.1f s); rendering",
-                            info.get("device"),
-                            info.get("load_s", 0.0),
-                        )
-                        self.notifier.ready(self._status_text())
-                    self._dispatch()
-                if now - last_housekeeping >= self.settings.rescan_s:
-                    last_housekeeping = now
-                    retention.notice_removed_outputs(self.ledger)
-                    retention.apply_retention(self.settings, self.ledger)
-                self._status()
-                self.heartbeat.beat_if_due(self)
-                self.webhooks.tick()  # type: ignore[union-attr]
-                self.notifier.ping_if_due()
-                if self.once and self._once_done():
-                    self.stop.set()
-                    continue
-                self._wait_workers(self.settings.tick_s)
-                self._handle_messages()
+            while (code := self._turn()) is None:
+                pass
+            return code
         except StateDirFull as e:
             logger.error("%s; jobs still running are queued again at the next start", e)
             return 0
         finally:
             self._close()
+
+    def _turn(self) -> int | None:
+        """One pass of the main loop; the exit status once the daemon stops, else None."""
+        assert self.ledger is not None and self.intake is not None and self.pool is not None
+        self.space.returned()
+        if (now := time.monotonic()) - self.ledger_checked >= LEDGER_CHECK_S:
+            self.ledger_checked = now
+            check_ledger_file(self.settings, self.ledger)
+        if self.force.is_set():
+            self._force_stop()
+            return 0
+        if self.stop.is_set():
+            code = self._drain()
+            return self._once_status() if self.once else code
+        if self.reload.is_set():
+            self.reload.clear()
+            self._reload()
+        self._scan_if_due()
+        control.consume_requests(self.settings, self._apply_request)
+        self.retries.requeue_due(self.ledger, self.policy, self.settings.max_queued)
+        self.intake.admit_claimed()
+        if self.pool.any_ready():
+            self._announce_ready()
+            self._dispatch()
+        self._housekeeping()
+        if self.once and self._once_done():
+            self.stop.set()
+            return None
+        for event in self.pool.wait(self.settings.tick_s):
+            if (status := self._route(event)) is not None:
+                return status
+        return None
+
+    def _scan_if_due(self) -> None:
+        assert self.watcher is not None and self.endings is not None
+        if self.watcher.overflowed.is_set():
+            self.watcher.overflowed.clear()
+            logger.warning("inotify queue overflowed: rescanning the inbox")
+        if not self.watcher.alive() and self.settings.inbox.is_dir():
+            self.watcher.restart()
+        now = time.monotonic()
+        if self.wake.is_set() or now - self.last_scan >= self._scan_period():
+            self.wake.clear()
+            self.last_scan = now
+            assert self.intake is not None and self.ledger is not None
+            self.space.scan(self.intake, self.ledger)
+            self.endings.retry_failures()
+
+    def _announce_ready(self) -> None:
+        """The first time a worker is ready: log it and tell systemd (READY=1)."""
+        assert self.pool is not None
+        if self.ready_sent:
+            return
+        self.ready_sent = True
+        index = self.pool.free_worker()
+        info = self.pool.info(index) if index is not None else {}
+        self.wake.set()
+        logger.info("model ready (%s, load %.1f s); rendering", info.get("device"), info.get("load_s", 0.0))
+        self.notifier.ready(self.status_text())
+
+    def _housekeeping(self) -> None:
+        assert self.ledger is not None and self.webhooks is not None
+        now = time.monotonic()
+        if now - self.last_housekeeping >= self.settings.rescan_s:
+            self.last_housekeeping = now
+            retention.notice_removed_outputs(self.ledger)
+            retention.apply_retention(self.settings, self.ledger)
+        self._status()
+        self.heartbeat.beat_if_due(self)
+        self.webhooks.tick()
+        self.notifier.ping_if_due()
+
+    def _route(self, event: Event) -> int | None:
+        """One event of the pool; an exit status when the daemon must give up."""
+        assert self.ledger is not None and self.endings is not None and self.pool is not None
+        match event:
+            case Progressed(job_id, progress):
+                self._progress(job_id, progress)
+            case Finished(job_id, result, render_s):
+                self._finished(job_id, result, render_s)
+            case Stopped(job_id, reason):
+                self.running.pop(job_id, None)
+                self.endings.stopped(self.ledger.get(job_id), reason)
+            case Failed(job_id):
+                run = self.running.get(job_id)
+                info = self.pool.info(run.worker) if run is not None else None
+                self.endings.keep_failure_detail(event, info)
+                self._failed(event)
+            case WorkerDied(worker, job_ids, _, fatal, code, why):
+                for job_id in job_ids:
+                    self._failed(Failed(job_id, Failure(code=code, transient=True), why))
+                if fatal:
+                    logger.error("giving up: %s (%s)", fatal, self.pool.device(worker))
+                    return 1
+            case Ready():
+                self.wake.set()
+        return None
 
     def _scan_period(self) -> float:
         assert self.ledger is not None
@@ -515,107 +616,60 @@ class Supervisor:
     def _dispatch(self) -> None:
         """Start queued jobs while there is room. A job that was running when the worker died
         alongside others runs alone next time, so an innocent job is not failed by a poison one."""
-        assert self.ledger is not None
-        while True:
-            target = self._ready_worker()
-            if target is None:
-                return
-            if self.isolate & set(self.running):
+        assert self.ledger is not None and self.pool is not None and self.endings is not None
+        isolated = self._isolated()
+        while (index := self.pool.free_worker()) is not None:
+            if isolated & set(self.running):
                 return
             upcoming = self.ledger.next_queued()
-            if upcoming is None or (upcoming.id in self.isolate and self.running):
+            if upcoming is None or (upcoming.id in isolated and self.running):
                 return
             row = self.ledger.claim_next(max_running=self.settings.max_running, job_id=upcoming.id)
             if row is None:
                 return
             try:
-                order = self._order(row)
+                order = run_order(self.settings, self.outbox, row)
             except Exception as e:  # noqa: BLE001 - a stored job that cannot be rebuilt fails, the daemon goes on
-                self._fail(row, "bad_input", f"cannot prepare the job: {type(e).__name__}: {e}")
+                self.endings.fail(row, "bad_input", f"cannot prepare the job: {type(e).__name__}: {e}")
                 continue
-            index, worker = target
             self.running[row.id] = Running(job_id=row.id, name=row.name, order=order, worker=index)
-            worker.run(order)
+            self.pool.run(index, order)
             logger.info(
-                "job %s (%s) started on %s, attempt %d", row.id, row.name, self.devices[index], row.attempts
+                "job %s (%s) started on %s, attempt %d",
+                row.id,
+                row.name,
+                self.pool.device(index),
+                row.attempts,
             )
 
-    def _order(self, row: JobRow) -> RunOrder:
-        job_dir = Path(row.job_dir or self.settings.jobs_dir / row.id)
-        spec = JobSpec.from_dict(row.spec)
-        staging = self.outbox.staging_dir(row.id)
-        return RunOrder(
-            job_id=row.id,
-            request=spec.to_request(job_dir / "input"),
-            out_path=staging / f"{row.id}.mp4",
-            poster_path=staging / f"{row.id}.jpg",
-            checkpoint_dir=job_dir / "checkpoint",
-            attempt=row.attempts,
-            inputs=claimed_inputs(row.input_hashes_json, job_dir / "input"),
-        )
+    def _isolated(self) -> set[str]:
+        """The pool's isolation set, less the jobs that ended meanwhile."""
+        assert self.ledger is not None and self.pool is not None
+        for job_id in list(self.pool.isolated):
+            row = self.ledger.find(job_id)
+            if row is None or row.state in ("done", "failed", "rejected", "cancelled"):
+                self.pool.isolated.discard(job_id)
+        return self.pool.isolated
 
-    def _handle_messages(self) -> None:
-        for index, worker in self._live_workers():
-            for message in worker.poll():
-                self._handle_message(index, message)
-
-    def _handle_message(self, index: int, message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        if kind == "progress":
-            self._progress(message[1], message[2])
-        elif kind == "done":
-            self._done(message[1], message[2])
-        elif kind == "stopped":
-            self._stopped(message[1], message[2])
-        elif kind == "failed":
-            info = message[2]
-            self._keep_failure_detail(message[1], info, index)
-            self._failed(
-                message[1],
-                info["code"],
-                info["message"],
-                transient=info["transient"],
-                traceback=info.get("traceback"),
-            )
-        elif kind == "fatal":
-            logger.error("render worker on %s could not start: %s", self.devices[index], message[1])
-            self.fatal[index] = str(message[1])
-
-    def _keep_failure_detail(self, job_id: str, info: dict[str, Any], index: int) -> None:
-        """The traceback and the worker's last log lines of a failed attempt, bounded, on the
-        job's row (daemon/failures.py): shown by the dashboard, copied into the error JSON."""
-        assert self.ledger is not None
-        row = self.ledger.find(job_id)
-        if row is None or row.state != "running":
-            return
-        found = failures.detail(
-            traceback=info.get("traceback"),
-            log_lines=info.get("log_tail"),
-            attempt=row.attempts,
-            at=time.time(),
-            worker=self.workers[index].info if self.workers[index] is not None else None,  # type: ignore[union-attr]
-        )
-        self.ledger.set_columns(job_id, failure_detail=failures.encode(found))
-
-    def _progress(self, job_id: str, data: dict[str, Any]) -> None:
+    def _progress(self, job_id: str, p: Progress) -> None:
         assert self.ledger is not None
         run = self.running.get(job_id)
         if run is None:
             return
-        run.progress = data
+        run.progress = p
         now = time.monotonic()
-        if now - run.last_write < 1.0 and data.get("stage") != "done":
+        if now - run.last_write < 1.0 and p.stage != "done":
             return
         run.last_write = now
         try:
             self.ledger.update_progress(
                 job_id,
-                progress=float(data.get("progress", 0.0)),
-                chunk=data["chunk"],
-                num_chunks=data["num_chunks"],
-                step=data["step"],
-                num_steps=data["num_steps"],
-                stage=data["stage"],
+                progress=p.fraction,
+                chunk=p.chunk,
+                num_chunks=p.num_chunks,
+                step=p.step,
+                num_steps=p.num_steps,
+                stage=p.stage,
             )
         except (sqlite3.OperationalError, OSError) as e:
             if not _is_disk_full(e):
@@ -625,443 +679,41 @@ class Supervisor:
                 "job %s: progress not recorded, state dir %s is full", job_id, self.settings.state_dir
             )
 
-    def _done(self, job_id: str, result: dict[str, Any]) -> None:
-        assert self.ledger is not None
+    def _finished(self, job_id: str, result: RenderResult, render_s: float) -> None:
+        assert self.ledger is not None and self.endings is not None and self.pool is not None
         run = self.running.pop(job_id, None)
         row = self.ledger.get(job_id)
-        worker = self.workers[run.worker] if run is not None else None
-        worker_info = worker.info if worker is not None else {}
-        order = run.order if run else self._order(row)
-        poster = order.poster_path if order.poster_path.exists() else None
-        if poster is None:
-            poster = make_poster(order.out_path, order.poster_path)
-        finished = time.time()
-        sidecar = {
-            "job_id": row.id,
-            "name": row.name,
-            "state": "done",
-            "source": row.source,
-            "input_hashes": row.input_hashes,
-            "settings": row.spec,
-            "model": {
-                **{k: v for k, v in worker_info.items() if k not in ("pid", "load_s")},
-                "worker_pid": worker_info.get("pid"),
-                "tiny": self.tiny,
-                "weights_dir": str(self.weights_dir),
-            },
-            "gpu": worker_info.get("gpu"),
-            "service": version.describe(),
-            "frames": result.get("num_frames"),
-            "fps": result.get("fps"),
-            "duration_s": result.get("duration_s"),
-            "width": result.get("width"),
-            "height": result.get("height"),
-            "seed": result.get("seed"),
-            "attempts": row.attempts,
-            "resumed_from_chunk": result.get("resumed_from_chunk", 0),
-            "timings_s": {
-                **(result.get("timings_s") or {}),
-                "render": result.get("render_s"),
-                "queue_wait": round((row.started_at or finished) - (row.queued_at or row.created_at), 3),
-                "total": round(finished - row.created_at, 3),
-            },
-            "created_at": row.created_at,
-            "finished_at": finished,
-        }
-        try:
-            published = self._publish(row, order, poster, sidecar)
-        except OSError as e:  # nothing of it is in the outbox (`commit_publication` undid it)
-            self.ledger.set_columns(
-                row.id, output_video=None, output_poster=None, output_json=None, outputs_identity=None
-            )
-            full = _is_disk_full(e)
-            self._failed(
-                job_id,
-                "disk_full" if full else "publish_error",
-                f"publishing failed: {e}",
-                transient=full,
-                row=self.ledger.get(job_id),
-            )
-            return
-        self._mark_done(row.id, sidecar)
-        shutil.rmtree(order.checkpoint_dir, ignore_errors=True)
-        logger.info("job %s (%s) done: %s", row.id, row.name, published.video)
-        self.wake.set()
-
-    def _publish(
-        self, row: JobRow, order: RunOrder, poster: Path | None, sidecar: dict[str, Any]
-    ) -> Published:
-        """Stage, record the intent (names and identities), commit: all of it or none of it.
-
-        A name taken meanwhile by a file that is not ours (FileExistsError) moves on to the next
-        free name; any other error propagates with nothing of the job left in the outbox."""
-        assert self.ledger is not None
-        taken: set[str] = set()
-        while True:
-            published = self.outbox.stage_publication(
-                job_id=row.id,
-                name=row.name,
-                video=order.out_path,
-                poster=poster,
-                sidecar=sidecar,
-                taken=taken,
-            )
-            # the intent: a daemon killed from here on completes (or undoes) this at start-up
-            self.ledger.set_columns(
-                row.id,
-                output_video=str(published.video),
-                output_json=str(published.sidecar),
-                output_poster=str(published.poster) if published.poster else None,
-                outputs_identity=published.identity_json(),
-            )
-            try:
-                self.outbox.commit_publication(published, staging=order.out_path.parent, job_id=row.id)
-            except FileExistsError:
-                if len(taken) >= 100:
-                    raise
-                taken.add(published.base)
-                continue
-            return published
-
-    def _mark_done(self, job_id: str, sidecar: dict[str, Any]) -> None:
-        assert self.ledger is not None
-        self.isolate.discard(job_id)
-        self.ledger.transition(
-            job_id,
-            "running",
-            "done",
-            finished_at=sidecar.get("finished_at") or time.time(),
-            progress=1.0,
-            stage="done",
-            frames=sidecar.get("frames"),
-            duration_s=sidecar.get("duration_s"),
-            render_s=(sidecar.get("timings_s") or {}).get("render"),
-            resumed_from_chunk=sidecar.get("resumed_from_chunk", 0),
-        )
-        self.outbox.finish_publication(job_id)
-
-    def _recover_interrupted_endings(self) -> None:
-        """Start-up: finish publications and failures a killed daemon left between file and ledger."""
-        assert self.ledger is not None
-        for row in self.ledger.jobs(["running"]):
-            if row.error_code and row.output_json:  # failing was under way
-                self._finish_failure(row)
-                continue
-            if not row.output_json:
-                continue
-            sidecar = self.outbox.staged_sidecar(row.id)
-            staging = self.outbox.partial / row.id
-            if sidecar is not None and (staging / f"{row.id}.mp4").exists():
-                published = Published(
-                    base=Path(row.output_json).stem,
-                    video=Path(str(row.output_video)),
-                    poster=Path(row.output_poster) if row.output_poster else None,
-                    sidecar=Path(row.output_json),
-                )
-                try:
-                    self.outbox.commit_publication(published, staging=staging, job_id=row.id)
-                except OSError as e:  # undone by commit_publication: the job renders again
-                    logger.error("job %s: cannot finish its publication (%s); rendering it again", row.id, e)
-                    self._forget_publication(row)
-                    continue
-                self._mark_done(row.id, sidecar)
-                logger.info("job %s (%s): finished a publication interrupted by a restart", row.id, row.name)
-            else:
-                self._forget_publication(row)
-
-    def _forget_publication(self, row: JobRow) -> None:
-        """Undo a publication that cannot be finished: unlink whatever of it reached the outbox
-        (only files proven to be its own, by the identity recorded with the intent), then clear
-        the intent; the job renders again."""
-        assert self.ledger is not None
-        paths = {"video": row.output_video, "poster": row.output_poster, "sidecar": row.output_json}
-        for role, identity in row.identities.items():
-            path = paths.get(role)
-            if path and remove_if_same(Path(path), identity):
-                logger.info("job %s: took back %s of a publication that was not finished", row.id, path)
-        self.ledger.set_columns(
-            row.id, output_video=None, output_poster=None, output_json=None, outputs_identity=None
-        )
-
-    def _stopped(self, job_id: str, reason: str) -> None:
-        assert self.ledger is not None
-        self.running.pop(job_id, None)
-        row = self.ledger.get(job_id)
-        if reason == "cancel" or row.cancel_requested:
-            self.ledger.transition(
-                job_id,
-                "running",
-                "cancelled",
-                finished_at=time.time(),
-                error_code="cancelled",
-                error_message="cancelled by the user",
-            )
-            logger.info("job %s (%s) cancelled", job_id, row.name)
+        info = self.pool.info(run.worker) if run is not None else {}
+        order = run.order if run else run_order(self.settings, self.outbox, row)
+        failed = self.endings.publish(row, order, result, render_s, info)
+        if failed is not None:
+            self._failed(failed)
         else:
-            self._requeue(row, f"stopped ({reason})")
+            self.wake.set()
 
-    def _requeue(self, row: JobRow, why: str) -> None:
-        """Running -> queued without counting the attempt (shutdown, not the job's fault)."""
-        assert self.ledger is not None
-        new = self.ledger.requeue(
-            row.id,
-            max_queued=self.settings.max_queued,
-            reason=why,
-            stage="interrupted",
-            attempts=max(0, row.attempts - 1),
-        )
-        logger.info(
-            "job %s (%s) %s; %s",
-            row.id,
-            row.name,
-            why,
-            "queued again" if new.state == "queued" else "the queue is full: queued again when there is room",
-        )
-
-    def _requeue_due_retries(self) -> None:
-        """`retry_wait -> queued` for jobs whose backoff has run out, timed on the monotonic clock
-        (a wall clock set back a day must not make a retry wait a day). A retry this daemon did
-        not time itself (set before a restart, by the `retry` command, or by a requeue into a
-        full queue) is due at its ledger time `next_attempt_at`, but never later than one
-        backoff from now."""
-        assert self.ledger is not None
-        waiting = self.ledger.jobs(["retry_wait"])
-        if not waiting and not self.retry_due:
-            return
-        now, wall = time.monotonic(), time.time()
-        known = {row.id for row in waiting}
-        for job_id in [j for j in self.retry_due if j not in known]:
-            del self.retry_due[job_id]
-        due: list[str] = []
-        for row in waiting:
-            at = self.retry_due.get(row.id)
-            if at is None:
-                left = (row.next_attempt_at or 0.0) - wall
-                at = self.retry_due[row.id] = now + min(
-                    max(0.0, left), backoff_s(self.settings, row.attempts)
-                )
-            if at <= now:
-                due.append(row.id)
-        if due:
-            for row in self.ledger.requeue_due_retries(max_queued=self.settings.max_queued, job_ids=due):
-                self.retry_due.pop(row.id, None)
-
-    def _fail_exhausted_running(self) -> None:
-        """Start-up, before the requeue: a job left running whose counted attempts (those before
-        the interrupted one) already reach `max_attempts` (the cap was lowered meanwhile) fails
-        instead of running once more."""
-        assert self.ledger is not None
-        cap = self.settings.max_attempts
-        for row in self.ledger.jobs(["running"]):
-            if row.attempts - 1 >= cap and row.id not in self.failing:
-                self._fail(
-                    row,
-                    "attempts_exhausted",
-                    f"gave up after {row.attempts - 1} failed attempts (max_attempts = {cap})",
-                )
-
-    def _failed(
-        self,
-        job_id: str,
-        code: str,
-        message: str,
-        *,
-        transient: bool,
-        traceback: str | None = None,
-        row: JobRow | None = None,
-    ) -> None:
-        assert self.ledger is not None
-        self.running.pop(job_id, None)
-        row = row or self.ledger.get(job_id)
+    def _failed(self, failed: Failed) -> None:
+        """A failed attempt: retried after a backoff, or failed for good (`RetryPolicy`)."""
+        assert self.ledger is not None and self.endings is not None
+        self.running.pop(failed.job_id, None)
+        row = self.ledger.get(failed.job_id)
         if row.state != "running":
             return
-        if transient and row.attempts < self.settings.max_attempts:
-            delay = backoff_s(self.settings, row.attempts)
-            self.ledger.transition(
-                job_id,
-                "running",
-                "retry_wait",
-                next_attempt_at=time.time() + delay,  # shown to users; the daemon times it below
-                error_code=code,
-                error_message=message,
-                event_data={"delay_s": delay, "traceback": traceback},
-            )
-            self.retry_due[job_id] = time.monotonic() + delay
-            logger.warning(
-                "job %s (%s) attempt %d failed (%s: %s); retry in %.0f s",
-                job_id,
-                row.name,
-                row.attempts,
-                code,
-                message,
-                delay,
-            )
-            return
-        if transient:
-            message = f"{message} (gave up after {row.attempts} attempts)"
-        self._fail(row, code, message, traceback=traceback)
-
-    def _fail(self, row: JobRow, code: str, message: str, traceback: str | None = None) -> None:
-        """A permanent failure: error JSON, a copy of the inputs under failed/, state failed."""
-        assert self.ledger is not None
-        try:
-            kept = self.outbox.keep_originals(row.name, [])  # reserves failed/<name>[-n]/
-        except OSError as e:
-            self._fail_later(row, code, message, traceback, e)
-            return
-        error_path = self.outbox.root / f"{self.outbox.reserve_base(row.name)}.error.json"
-        self.ledger.set_columns(
-            row.id, error_code=code, error_message=message, output_json=str(error_path), originals=str(kept)
-        )
-        self._finish_failure(self.ledger.get(row.id), traceback=traceback)
-
-    def _fail_later(
-        self, row: JobRow, code: str, message: str, traceback: str | None, error: OSError
-    ) -> None:
-        """The outbox is full (or over quota) while a failure is written: the job stays `running`
-        with its intent, and `_retry_failures` finishes it once there is room again."""
-        if not _is_disk_full(error):
-            raise error
-        if row.id not in self.failing:
-            logger.error(
-                "job %s (%s) failed (%s), but the outbox %s is full (%s): its error JSON and "
-                "originals are written when space returns",
-                row.id,
-                row.name,
-                code,
-                self.settings.outbox,
-                error,
-            )
-        self.failing[row.id] = (code, message, traceback)
-
-    def _retry_failures(self) -> None:
-        """Finish failures that waited for room in the outbox (`_fail_later`)."""
-        assert self.ledger is not None
-        for job_id, (code, message, traceback) in list(self.failing.items()):
-            row = self.ledger.get(job_id)
-            if row.state != "running":
-                self.failing.pop(job_id, None)
-                continue
-            if row.error_code and row.output_json and row.originals:
-                self._finish_failure(row, traceback=traceback)
-            else:
-                self._fail(row, code, message, traceback)
-
-    def _finish_failure(self, row: JobRow, traceback: str | None = None) -> None:
-        try:
-            self._write_failure(row)
-        except OSError as e:
-            self._fail_later(row, str(row.error_code), str(row.error_message), traceback, e)
-            return
-        self._record_failure(row, traceback)
-
-    def _write_failure(self, row: JobRow) -> None:
-        """The files of a failure: the originals under failed/<name>/, then the error JSON."""
-        kept = Path(str(row.originals))
-        job_dir = Path(row.job_dir or self.settings.jobs_dir / row.id)
-        if (job_dir / "input").is_dir():
-            kept.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(job_dir / "input", kept, symlinks=True, dirs_exist_ok=True)
-            restore_loose_job_name(kept, row.name, row.source)
-        error_path = Path(str(row.output_json))
-        if not error_path.exists():
-            self.outbox.write_error_at(
-                error_path,
-                error_payload(
-                    job_id=row.id,
-                    name=row.name,
-                    state="failed",
-                    code=str(row.error_code),
-                    message=str(row.error_message),
-                    field=None,
-                    originals=kept,
-                    attempts=row.attempts,
-                    failure=failures.decode(row.failure_detail),
-                ),
-            )
-
-    def _record_failure(self, row: JobRow, traceback: str | None) -> None:
-        assert self.ledger is not None
-        self.isolate.discard(row.id)
-        self.failing.pop(row.id, None)
-        self.ledger.transition(
-            row.id,
-            "running",
-            "failed",
-            finished_at=time.time(),
-            event_data={"traceback": traceback} if traceback else None,
-        )
-        shutil.rmtree(self.outbox.partial / row.id, ignore_errors=True)
-        logger.error("job %s (%s) failed: %s: %s", row.id, row.name, row.error_code, row.error_message)
-
-    def _check_worker(self) -> bool:
-        """Notice dead workers, and workers that stopped sending heartbeats (SIGSTOP, a hang):
-        those are killed. Their jobs retry (or fail after max_attempts); start new ones."""
-        for index, worker in self._live_workers():
-            stall = self._stall(index, worker) if worker.alive() else None
-            if worker.alive() and stall is None:
-                continue
-            for message in worker.poll():  # whatever it said before dying
-                self._handle_message(index, message)
-            fatal = self.fatal.pop(index, None)
-            was_ready = worker.ready
-            worker.kill()
-            mine = [job_id for job_id, run in self.running.items() if run.worker == index]
-            if len(mine) > 1:
-                self.isolate |= set(mine)
-            code, why = (
-                ("worker_stall", stall)
-                if stall
-                else ("worker_crash", "the render worker process died during this job")
-            )
-            for job_id in mine:
-                self._failed(job_id, code, why, transient=True)
-            if fatal and not was_ready:
-                logger.error("giving up: the model cannot be loaded on %s", self.devices[index])
-                return False
-            self.start_failures = 0 if was_ready else self.start_failures + 1
-            if self.start_failures >= MAX_START_FAILURES:
-                logger.error(
-                    "the render worker died %d times before it was ready; giving up", self.start_failures
-                )
-                return False
-            logger.warning("render worker on %s died; starting a new one", self.devices[index])
-            self._start_worker(index)
-        return True
-
-    def _stall(self, index: int, worker: WorkerHandle) -> str | None:
-        """Why a live worker counts as stalled (no message, heartbeats included, for
-        `worker_stall_s`), or None. Messages already waiting are read first: a main loop that
-        was busy itself does not make a worker look stalled."""
-        for message in worker.poll():
-            self._handle_message(index, message)
-        silent_s = time.monotonic() - worker.last_seen
-        limit_s = self.settings.worker_stall_s
-        if worker.conn is None or silent_s < limit_s:
-            return None
-        logger.error(
-            "render worker on %s (pid %s) sent no heartbeat for %.0f s (worker_stall_s = %g): it is "
-            "stopped or hung; killing it",
-            self.devices[index],
-            worker.pid,
-            silent_s,
-            limit_s,
-        )
-        return f"the render worker stopped responding for {silent_s:.0f} s (stopped or hung) and was killed"
+        code = failed.failure.code
+        match self.policy.decide(failed.failure, row.attempts, failed.message):
+            case Retry(delay_s):
+                self.endings.retry(row, code, failed.message, delay_s, failed.traceback)
+                self.retries.start(row.id, delay_s)
+            case GiveUp(message):
+                self.endings.fail(row, code, message, traceback=failed.traceback)
 
     # ------------------------------------------------------------------ requests, reload, status
 
-    def _stop_job(self, job_id: str, reason: str) -> None:
-        run = self.running.get(job_id)
-        worker = self.workers[run.worker] if run is not None else None
-        if worker is not None:
-            worker.stop_job(job_id, reason)
-
     def _apply_request(self, action: str, job_id: str) -> control.Outcome:
-        assert self.ledger is not None
+        assert self.ledger is not None and self.pool is not None
+        pool = self.pool
 
         def stop_running(jid: str) -> None:
-            self._stop_job(jid, "cancel")
+            pool.stop(jid, "cancel")
 
         outcome = control.apply_request(
             self.settings, self.ledger, self.outbox, action, job_id, stop_running=stop_running
@@ -1075,127 +727,33 @@ class Supervisor:
             new = load_settings(self.config_path)
         except ConfigError as e:
             logger.error("SIGHUP: config not reloaded, the config in effect stays: %s", e)
-            self.notifier.ready(self._status_text())
+            self.notifier.ready(self.status_text())
             return
-        restart_keys = [
-            k
-            for k in (
-                "inbox",
-                "outbox",
-                "state_dir",
-                "weights_dir",
-                "device",
-                "dtype",
-                "quant",
-                "lora",
-                "lora_scale",
-                "attention",
-                "notify",  # the webhook senders start with the daemon
-            )
-            if getattr(new, k) != getattr(self.settings, k)
-        ]
+        restart_keys = [k for k in RESTART_KEYS if getattr(new, k) != getattr(self.settings, k)]
         if restart_keys:
             logger.warning("SIGHUP: %s changed; these take effect after a restart", ", ".join(restart_keys))
-            import dataclasses
-
             new = dataclasses.replace(new, **{k: getattr(self.settings, k) for k in restart_keys})
         self.settings = new
-        assert self.intake is not None
+        self.policy = RetryPolicy.from_settings(new)
+        assert self.intake is not None and self.endings is not None and self.pool is not None
         self.intake.reconfigure(new)
+        self.endings.settings = new
+        self.space.settings = new
+        self.pool.reconfigure(new)
         logger.info(
             "SIGHUP: config reloaded (max_queued %d, max_running %d)", new.max_queued, new.max_running
         )
         assert self.ledger is not None
         self.ledger.daemon_event("config reloaded", max_queued=new.max_queued, max_running=new.max_running)
-        self.notifier.ready(self._status_text())
+        self.notifier.ready(self.status_text())
 
-    def _scan_inbox(self) -> None:
-        """One intake scan; a full state dir (ledger or claimed inputs) pauses intake, not the daemon."""
-        assert self.intake is not None
+    def status_text(self) -> str:
         assert self.ledger is not None
-        try:
-            with self.ledger.fail_fast():
-                self.intake.scan_once()
-        except (sqlite3.OperationalError, OSError) as e:
-            if not _is_disk_full(e):
-                raise
-            now = time.monotonic()
-            if now - self.intake_paused_logged >= 60:
-                self.intake_paused_logged = now
-                logger.error("%s is full (%s): intake paused until space returns", self._full_folder(e), e)
-            self.notifier.status(f"intake paused: {self._full_folder(e)} is full")
-            return
-        if self.intake_paused_logged:
-            self.intake_paused_logged = 0.0
-            logger.info("state dir has room again: intake resumed")
-
-    def _full_folder(self, error: BaseException) -> str:
-        """Which of the daemon's folders a disk-full error is about (for the log), by its text."""
-        text = str(error)
-        s = self.settings
-        for what, folder in (("outbox", s.outbox), ("state dir", s.state_dir), ("inbox", s.inbox)):
-            if str(folder) in text:
-                return f"{what} {folder}"
-        if isinstance(error, sqlite3.Error):
-            return f"state dir {s.state_dir}"
-        return f"state dir {s.state_dir} or outbox {s.outbox}"
-
-    def _wait_for_space(self, error: BaseException, attempt: int) -> None:
-        """`Ledger.on_full`: a state change (job started, done, failed, requeued...) cannot be
-        written because the state dir is full. Wait for space, keep the watchdog fed and try again;
-        renders under way go on. Told to stop meanwhile, give up (`StateDirFull`): the jobs left
-        running are queued again at the next start."""
-        now = time.monotonic()
-        if attempt == 1:
-            if not self.full_since:
-                self.full_since = now
-                logger.error(
-                    "state dir %s is full (%s): ledger writes wait until space returns",
-                    self.settings.state_dir,
-                    error,
-                )
-            self.notifier.status(f"waiting for space: state dir {self.settings.state_dir} is full")
-        elif attempt % 60 == 0:
-            logger.error(
-                "state dir %s still full after %.0f s", self.settings.state_dir, now - self.full_since
-            )
-        if self.stop.is_set() or self.force.is_set():
-            raise StateDirFull(
-                f"state dir {self.settings.state_dir} is full and the daemon is stopping: {error}"
-            ) from error
-        self.notifier.ping_if_due()
-        self.stop.wait(min(1.0, 0.1 * attempt))
-
-    def _space_returned(self) -> None:
-        """The main loop got past a write that waited for space: say so once."""
-        if self.full_since:
-            logger.info(
-                "state dir has room again after %.0f s: ledger writes go on",
-                time.monotonic() - self.full_since,
-            )
-            self.full_since = 0.0
-
-    def _status_text(self) -> str:
-        assert self.ledger is not None
-        c = self.ledger.counts()
-        text = (
-            f"{c['running']} running, {c['queued']} queued, {c['waiting']} waiting, {c['done']} done, "
-            f"{c['failed']} failed (caps {self.settings.max_queued} queued / {self.settings.max_running} "
-            "running)"
-        )
-        if self._ready_worker() is None:
-            text = "loading the model; " + text
-        for run in list(self.running.values())[:3]:
-            p = run.progress
-            if p:
-                text += (
-                    f"; {run.name} chunk {p.get('chunk')}/{p.get('num_chunks')} step {p.get('step')}/"
-                    f"{p.get('num_steps')}"
-                )
-        return text
+        loading = self.pool is None or not self.pool.any_ready()
+        return status_text(self.ledger.counts(), self.settings, list(self.running.values()), loading=loading)
 
     def _status(self) -> None:
-        text = self._status_text()
+        text = self.status_text()
         if text != self.last_status:
             self.last_status = text
             self.notifier.status(text)
@@ -1204,36 +762,34 @@ class Supervisor:
 
     def _drain(self) -> int:
         """SIGTERM: running jobs stop at a step boundary and go back to queued; exit 0."""
-        assert self.ledger is not None
+        assert self.ledger is not None and self.pool is not None and self.webhooks is not None
         s = self.settings
         logger.info("stopping: %d running job(s) stop at the next step boundary", len(self.running))
         self.notifier.stopping(f"stopping; {len(self.running)} job(s) finishing their current step")
         self.notifier.extend_timeout(s.stop_timeout_s + 30)
         for job_id in list(self.running):
-            self._stop_job(job_id, "shutdown")
+            self.pool.stop(job_id, "shutdown")
         deadline = time.monotonic() + s.stop_timeout_s
         while self.running and time.monotonic() < deadline and not self.force.is_set():
-            if not any(
-                self.workers[run.worker] is not None and self.workers[run.worker].alive()  # type: ignore[union-attr]
-                for run in self.running.values()
-            ):
+            if not self.pool.busy():
                 break
-            self._wait_workers(0.2)
-            self._handle_messages()
+            for event in self.pool.wait(0.2, restart=False):
+                if not isinstance(event, WorkerDied):  # the jobs of a worker gone are requeued below
+                    self._route(event)
             self.notifier.ping_if_due()
             self.heartbeat.beat_if_due(self)
-            self.webhooks.tick()  # type: ignore[union-attr]
+            self.webhooks.tick()
         self._force_stop()
         return 0
 
     def _force_stop(self) -> None:
-        assert self.ledger is not None
-        for _, worker in self._live_workers():
-            worker.shutdown(timeout_s=2.0 if not self.force.is_set() else 0.1)
+        assert self.ledger is not None and self.endings is not None
+        if self.pool is not None:
+            self.pool.shutdown(timeout_s=2.0 if not self.force.is_set() else 0.1)
         for job_id in list(self.running):
             self.running.pop(job_id)
             try:
-                self._requeue(self.ledger.get(job_id), "stopped (daemon shutting down)")
+                self.endings.requeue(self.ledger.get(job_id), "stopped (daemon shutting down)")
             except LedgerConflict:
                 pass
         self.heartbeat.beat(self, state="stopped")
@@ -1245,8 +801,8 @@ class Supervisor:
             self.watcher.stop()
         if self.intake is not None:
             self.intake.close()
-        for _, worker in self._live_workers():
-            worker.kill()
+        if self.pool is not None:
+            self.pool.kill()
         if self.webhooks is not None and self.ledger is not None:
             try:
                 self.webhooks.tick()  # the endings of the drain, and attempts that came back
@@ -1258,17 +814,3 @@ class Supervisor:
         if self.lock_fd is not None:
             os.close(self.lock_fd)
             self.lock_fd = None
-
-
-def make_poster(video: Path, poster: Path) -> Path | None:
-    """A JPEG of the first frame, when the pipeline wrote none."""
-    try:
-        import av
-
-        with av.open(str(video)) as container:
-            for frame in container.decode(video=0):
-                frame.to_image().convert("RGB").save(poster, "JPEG", quality=90)
-                return poster
-    except Exception as e:  # noqa: BLE001 - a missing poster is not worth failing a job for
-        logger.warning("could not make a poster from %s: %s", video, e)
-    return None

@@ -23,6 +23,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tiny.add_argument(
         "--seed", type=int, default=0, help="random seed (default 0: the parity fixtures' seed)"
     )
+    tiny.add_argument(
+        "--no-tts",
+        action="store_true",
+        help="skip the tiny Kokoro-82M for text-to-speech jobs (written when the tts extra is "
+        "installed; about 110 MB)",
+    )
     check = sub.add_parser("check", help="report present, missing and wrong files, keys, shapes and dtypes")
     check.add_argument("dir", type=Path, help="weights folder to check")
     check.add_argument(
@@ -42,12 +48,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def _write_tiny_kokoro(out: Path, seed: int) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("kokoro") is None:
+        print("no tiny Kokoro-82M (text-to-speech jobs): the tts extra is not installed", file=sys.stderr)
+        return
+    from pipeline.tts_tiny import write_tiny_kokoro
+
+    write_tiny_kokoro(out, seed=seed)
+
+
 def run(args: argparse.Namespace) -> int:
     action = args.weights_command
     if action == "tiny":
         from pipeline.tiny import write_tiny_weights
 
         out = write_tiny_weights(args.dir, seed=args.seed)
+        if not args.no_tts:
+            _write_tiny_kokoro(out, args.seed)
         size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
         print(f"wrote tiny weights (seed {args.seed}, {size / 1e6:.1f} MB) to {out}")
         return 0

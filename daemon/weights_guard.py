@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from daemon.errors import DaemonError
+from pipeline.weights_layout import FULL_MARKER, TINY_MARKER, has_weights, is_tiny
 
-TINY_MARKER = "tiny.json"
-FULL_MARKER = Path("Wan2.1-I2V-14B-480P") / "config.json"
+__all__ = ["FULL_MARKER", "TINY_MARKER", "WeightsMissing", "choose_weights", "has_weights", "missing_report"]
 
 
 class WeightsMissing(DaemonError):
@@ -31,11 +31,6 @@ class WeightsMissing(DaemonError):
             "weights_dir at them, or set allow_tiny_model = true (or pass --allow-tiny) to render "
             "noise with a tiny random-weight test model"
         )
-
-
-def has_weights(folder: Path) -> bool:
-    """The folder holds a model: the released layout or one written by `weights tiny`."""
-    return (folder / TINY_MARKER).is_file() or (folder / FULL_MARKER).is_file()
 
 
 def missing_report(folder: Path, loras: Sequence[str | Path] = ()) -> str:
@@ -55,7 +50,7 @@ def choose_weights(
     else `tiny_dir` if `allow_tiny` (the caller writes the tiny model there when absent); else
     raise `WeightsMissing`."""
     if has_weights(weights_dir):
-        return weights_dir, (weights_dir / TINY_MARKER).is_file()
+        return weights_dir, is_tiny(weights_dir)
     if not allow_tiny:
         raise WeightsMissing(weights_dir, missing_report(weights_dir, loras))
     return tiny_dir, True

@@ -61,95 +61,103 @@ class _LedgerCollector(Collector):
         if not self.data:
             yield _gauge("infinitetalk_daemon_up", "1 while the daemon's heartbeat is fresh, else 0.", 0)
             return
-        d = self.data
-        beat = d["heartbeat"]
+        yield from _daemon_metrics(self.data["heartbeat"])
+        yield from _job_metrics(self.data)
+
+
+def _daemon_metrics(beat: dict[str, Any]) -> Iterator[Metric]:
+    """What the daemon's heartbeat row says: up, age, workers, their devices, the tiny model."""
+    yield _gauge(
+        "infinitetalk_daemon_up",
+        "1 while the daemon's heartbeat is fresh, else 0.",
+        1 if beat["up"] else 0,
+    )
+    if beat.get("age_s") is not None:
         yield _gauge(
-            "infinitetalk_daemon_up",
-            "1 while the daemon's heartbeat is fresh, else 0.",
-            1 if beat["up"] else 0,
+            "infinitetalk_daemon_heartbeat_age_seconds",
+            "Seconds since the daemon's last heartbeat.",
+            beat["age_s"],
         )
-        if beat.get("age_s") is not None:
-            yield _gauge(
-                "infinitetalk_daemon_heartbeat_age_seconds",
-                "Seconds since the daemon's last heartbeat.",
-                beat["age_s"],
-            )
-        workers = (beat.get("workers") or []) if beat["up"] else []
-        yield _gauge(
-            "infinitetalk_workers_ready",
-            "Render workers with their model loaded (0 while the daemon is down).",
-            sum(1 for w in workers if w.get("model_loaded")),
-        )
-        loaded = GaugeMetricFamily(
-            "infinitetalk_model_loaded",
-            "1 if the render worker on the device has its model loaded.",
-            labels=["device"],
-        )
-        used = GaugeMetricFamily(
-            "infinitetalk_gpu_memory_used_bytes", "GPU memory in use (NVML).", labels=["device"]
-        )
-        total = GaugeMetricFamily(
-            "infinitetalk_gpu_memory_total_bytes", "GPU memory in all (NVML).", labels=["device"]
-        )
-        util = GaugeMetricFamily(
-            "infinitetalk_gpu_utilization_ratio", "GPU utilisation 0..1 (NVML).", labels=["device"]
-        )
-        for w in workers:
-            device = str(w.get("device") or w.get("index"))
-            loaded.add_metric([device], 1 if w.get("model_loaded") else 0)
-            if w.get("gpu_memory_used") is not None:
-                used.add_metric([device], float(w["gpu_memory_used"]))
-            if w.get("gpu_memory_total") is not None:
-                total.add_metric([device], float(w["gpu_memory_total"]))
-            if w.get("gpu_util") is not None:
-                util.add_metric([device], float(w["gpu_util"]) / 100.0)
-        yield from (loaded, used, total, util)
-        yield _gauge(
-            "infinitetalk_tiny_model",
-            "1 while the daemon renders with the tiny random-weight model.",
-            1 if beat["up"] and beat.get("tiny") else 0,
-        )
-        jobs = GaugeMetricFamily("infinitetalk_jobs", "Jobs in the ledger by state.", labels=["state"])
-        for state, n in d["counts"].items():
-            jobs.add_metric([state], n)
-        yield jobs
-        finished = CounterMetricFamily(
-            "infinitetalk_jobs_finished",
-            "Jobs that reached a final state, by outcome and error code (kept by the ledger).",
-            labels=["outcome", "error_code"],
-        )
-        seconds = 0.0
-        for name, label, value in d["counters"]:
-            if name == "jobs_finished":
-                outcome, _, code = label.partition("|")
-                finished.add_metric([outcome, code], value)
-            elif name == "video_seconds":
-                seconds += value
-        yield finished
-        yield CounterMetricFamily(
-            "infinitetalk_video_rendered_seconds",
-            "Seconds of finished video rendered (kept by the ledger).",
-            value=seconds,
-        )
-        yield histogram(
-            "infinitetalk_render_seconds",
-            "Render time of the finished jobs in the ledger.",
-            d["render_s"],
-            RENDER_BUCKETS,
-        )
-        yield histogram(
-            "infinitetalk_queue_wait_seconds",
-            "Time from queued to started, for every job that started.",
-            [max(0.0, w) for w in d["waits"]],
-            WAIT_BUCKETS,
-        )
-        progress = GaugeMetricFamily(
-            "infinitetalk_job_progress", "Progress (0..1) of each running job.", labels=["id", "name"]
-        )
-        for job_id, name, p in d["running"]:
-            progress.add_metric([str(job_id), str(name or "")], float(p))
-        yield progress
-        yield _gauge("infinitetalk_last_event_id", "Id of the newest ledger event.", d["last_id"])
+    workers = (beat.get("workers") or []) if beat["up"] else []
+    yield _gauge(
+        "infinitetalk_workers_ready",
+        "Render workers with their model loaded (0 while the daemon is down).",
+        sum(1 for w in workers if w.get("model_loaded")),
+    )
+    loaded = GaugeMetricFamily(
+        "infinitetalk_model_loaded",
+        "1 if the render worker on the device has its model loaded.",
+        labels=["device"],
+    )
+    used = GaugeMetricFamily(
+        "infinitetalk_gpu_memory_used_bytes", "GPU memory in use (NVML).", labels=["device"]
+    )
+    total = GaugeMetricFamily(
+        "infinitetalk_gpu_memory_total_bytes", "GPU memory in all (NVML).", labels=["device"]
+    )
+    util = GaugeMetricFamily(
+        "infinitetalk_gpu_utilization_ratio", "GPU utilisation 0..1 (NVML).", labels=["device"]
+    )
+    for w in workers:
+        device = str(w.get("device") or w.get("index"))
+        loaded.add_metric([device], 1 if w.get("model_loaded") else 0)
+        if w.get("gpu_memory_used") is not None:
+            used.add_metric([device], float(w["gpu_memory_used"]))
+        if w.get("gpu_memory_total") is not None:
+            total.add_metric([device], float(w["gpu_memory_total"]))
+        if w.get("gpu_util") is not None:
+            util.add_metric([device], float(w["gpu_util"]) / 100.0)
+    yield from (loaded, used, total, util)
+    yield _gauge(
+        "infinitetalk_tiny_model",
+        "1 while the daemon renders with the tiny random-weight model.",
+        1 if beat["up"] and beat.get("tiny") else 0,
+    )
+
+
+def _job_metrics(d: dict[str, Any]) -> Iterator[Metric]:
+    """Jobs by state, the ledger's counters, the render and wait histograms, running progress."""
+    jobs = GaugeMetricFamily("infinitetalk_jobs", "Jobs in the ledger by state.", labels=["state"])
+    for state, n in d["counts"].items():
+        jobs.add_metric([state], n)
+    yield jobs
+    finished = CounterMetricFamily(
+        "infinitetalk_jobs_finished",
+        "Jobs that reached a final state, by outcome and error code (kept by the ledger).",
+        labels=["outcome", "error_code"],
+    )
+    seconds = 0.0
+    for name, label, value in d["counters"]:
+        if name == "jobs_finished":
+            outcome, _, code = label.partition("|")
+            finished.add_metric([outcome, code], value)
+        elif name == "video_seconds":
+            seconds += value
+    yield finished
+    yield CounterMetricFamily(
+        "infinitetalk_video_rendered_seconds",
+        "Seconds of finished video rendered (kept by the ledger).",
+        value=seconds,
+    )
+    yield histogram(
+        "infinitetalk_render_seconds",
+        "Render time of the finished jobs in the ledger.",
+        d["render_s"],
+        RENDER_BUCKETS,
+    )
+    yield histogram(
+        "infinitetalk_queue_wait_seconds",
+        "Time from queued to started, for every job that started.",
+        [max(0.0, w) for w in d["waits"]],
+        WAIT_BUCKETS,
+    )
+    progress = GaugeMetricFamily(
+        "infinitetalk_job_progress", "Progress (0..1) of each running job.", labels=["id", "name"]
+    )
+    for job_id, name, p in d["running"]:
+        progress.add_metric([str(job_id), str(name or "")], float(p))
+    yield progress
+    yield _gauge("infinitetalk_last_event_id", "Id of the newest ledger event.", d["last_id"])
 
 
 def read(conn: sqlite3.Connection, now: float | None = None) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Read-only access to the daemon's ledger (schema: docs/daemon.md, written by daemon/ledger.py).
 
-Every connection is opened `file:...?mode=ro` with `PRAGMA query_only=1`; the dashboard never
-writes. Reads happen inside one short transaction (`snapshot`) so the jobs, the counts and the last
+Every connection is opened `file:...?mode=ro` with `PRAGMA query_only=1` (`daemon.ledger.connect`);
+the dashboard never writes. The states and their groups come from `daemon/states.py`. Reads happen inside one short transaction (`snapshot`) so the jobs, the counts and the last
 event id agree with each other, and every cursor is drained at once so the daemon's WAL checkpoints
 are never held back.
 """
@@ -9,19 +9,15 @@ are never held back.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-#: states a job can still leave; the others are final
-ACTIVE_STATES = ("waiting", "queued", "running", "retry_wait")
-PROBLEM_STATES = ("failed", "rejected", "cancelled")
-ALL_STATES = ACTIVE_STATES + ("done",) + PROBLEM_STATES
+from daemon import ledger
+from daemon.states import ACTIVE, PROBLEM, State
 
 Row = dict[str, Any]
 
@@ -51,14 +47,12 @@ class LedgerConnection(sqlite3.Connection):
     frozen: bool = False
 
 
-def _open(path: Path, query: str) -> LedgerConnection:
-    uri = "file:" + urllib.parse.quote(str(path.resolve())) + "?" + query
-    conn = sqlite3.connect(
-        uri, uri=True, timeout=5.0, check_same_thread=False, isolation_level=None, factory=LedgerConnection
+def _open(path: Path, *, immutable: bool = False) -> LedgerConnection:
+    conn = cast(
+        LedgerConnection,
+        ledger.connect(path, readonly=True, timeout_s=5.0, immutable=immutable, factory=LedgerConnection),
     )
     try:
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA query_only=1")
         conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
     except sqlite3.Error:
         conn.close()
@@ -78,11 +72,11 @@ def connect(path: Path) -> LedgerConnection:
         raise LedgerUnavailable(path, "no such file")
     try:
         try:
-            conn = _open(path, "mode=ro")
+            conn = _open(path)
         except sqlite3.OperationalError:
             if Path(f"{path}-wal").exists():
                 raise
-            conn = _open(path, "mode=ro&immutable=1")
+            conn = _open(path, immutable=True)
             conn.frozen = True
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     except sqlite3.Error as e:
@@ -94,12 +88,12 @@ def connect(path: Path) -> LedgerConnection:
 
 
 def file_id(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of the ledger file, to notice it being replaced; None when missing."""
+    """(device, inode) of the ledger file, to notice it being replaced; None when missing (or
+    when it cannot be looked at: the stream then says the ledger is unavailable)."""
     try:
-        st = os.stat(path)
+        return ledger.file_id(path)
     except OSError:
         return None
-    return (st.st_dev, st.st_ino)
 
 
 @contextmanager
@@ -116,9 +110,8 @@ def _rows(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...] = ()) -> lis
     return [dict(r) for r in conn.execute(sql, args).fetchall()]
 
 
-def counts(conn: sqlite3.Connection) -> dict[str, int]:
-    found = {r[0]: r[1] for r in conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()}
-    return {state: int(found.pop(state, 0)) for state in ALL_STATES} | found
+#: jobs per state: every state (0 when none), then any the ledger holds that this code does not know
+counts = ledger.state_counts
 
 
 def last_event_id(conn: sqlite3.Connection) -> int:
@@ -144,7 +137,7 @@ def active_jobs(
     conn: sqlite3.Connection, limit: int = ACTIVE_LIMIT, waiting_limit: int = WAITING_LIMIT
 ) -> list[Row]:
     """Jobs not yet final, in arrival order (the page sorts the queue by priority itself)."""
-    busy = tuple(s for s in ACTIVE_STATES if s != "waiting")
+    busy = tuple(s for s in ACTIVE if s != State.waiting)
     rows = _rows(
         conn,
         f"SELECT * FROM jobs WHERE state IN ({_in(busy)}) ORDER BY state != 'running', seq LIMIT ?",
@@ -176,7 +169,7 @@ def read_snapshot(conn: sqlite3.Connection, *, done_limit: int, problem_limit: i
         counts=counts(conn),
         jobs=active_jobs(conn)
         + final_jobs(conn, ("done",), done_limit)
-        + final_jobs(conn, PROBLEM_STATES, problem_limit),
+        + final_jobs(conn, PROBLEM, problem_limit),
         last_event_id=last_event_id(conn),
         daemon=last_daemon_event(conn),
     )

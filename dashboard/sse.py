@@ -83,7 +83,13 @@ class _Cursor:
             reason = e.reason if isinstance(e, reader.LedgerUnavailable) else f"{type(e).__name__}: {e}"
             if self.available is not False:
                 self.available = False
-                data = {"available": False, "path": str(self.cfg.ledger_path), "reason": reason}
+                # with the states and event kinds: a page opened while the ledger is missing has no snapshot
+                data = {
+                    "available": False,
+                    "path": str(self.cfg.ledger_path),
+                    "reason": reason,
+                    **views.vocabulary(),
+                }
                 out.append(ServerSentEvent(_dumps(data), event="ledger"))
         return out
 

@@ -12,12 +12,13 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from daemon.states import ACTIVE, EVENT_KINDS, EVENT_OF, PROBLEM, STATES
 from dashboard.reader import Row, Snapshot
 
 _OUTPUTS = {"output_video": "video", "output_poster": "poster", "output_json": "json"}
 #: server-side paths that are not shown (the daemon's claimed-inputs folder); the failure detail
 #: (up to tens of KB) is only in the one-job view, so lists stay small
-_HIDDEN = ("job_dir", "failure_detail")
+_HIDDEN = ("job_dir", "failure_detail", "intent")
 
 
 def _decode(text: Any) -> Any:
@@ -96,6 +97,18 @@ def event_view(row: Row) -> dict[str, Any]:
     }
 
 
+def vocabulary() -> dict[str, Any]:
+    """The job states (in the order the page lists them), the groups the page shows together, the
+    ledger's event kinds and the kind of event entering each state, from daemon/states.py: the
+    scripts take them from here."""
+    return {
+        "states": [s.value for s in STATES],
+        "state_groups": {"active": [s.value for s in ACTIVE], "problem": [s.value for s in PROBLEM]},
+        "event_kinds": list(EVENT_KINDS),
+        "state_events": {s.value: EVENT_OF[s] for s in STATES},
+    }
+
+
 def snapshot_view(
     snap: Snapshot,
     now: float,
@@ -111,6 +124,7 @@ def snapshot_view(
         "daemon": event_view(snap.daemon) if snap.daemon else None,
         "heartbeat": heartbeat,
         "jobs": [job_view(r, now, facts=facts(r) if facts else None) for r in snap.jobs],
+        **vocabulary(),
     }
 
 
@@ -123,4 +137,5 @@ def unavailable_view(path: str, reason: str, now: float) -> dict[str, Any]:
         "daemon": None,
         "heartbeat": None,
         "jobs": [],
+        **vocabulary(),
     }

@@ -4,7 +4,7 @@ all at once (max_running = N) versus one after another.
     python examples/measure_concurrency.py [--weights DIR] [--jobs 3] [--audio 3.0] [--steps 2]
 
 Without --weights a tiny random-weight model is written to a temporary folder. The worker is the
-daemon's own (`daemon.worker.WorkerHandle`, a spawned process holding one model); the daemon's
+daemon's own (`daemon.pool.WorkerHandle`, a spawned process holding one model); the daemon's
 ledger and inbox are not involved, so the figure is about the render path only.
 """
 
@@ -20,8 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from daemon.jobs import JobDefaults, parse_job  # noqa: E402
-from daemon.runner import RunOrder, WorkerConfig  # noqa: E402
-from daemon.worker import WorkerHandle  # noqa: E402
+from daemon.pool import WorkerHandle  # noqa: E402
+from daemon.protocol import Failed, Finished, RunOrder, Stopped  # noqa: E402
+from daemon.runner import WorkerConfig  # noqa: E402
 from examples.make_example import make_example  # noqa: E402
 
 
@@ -36,10 +37,10 @@ def run_batch(worker: WorkerHandle, orders: list[RunOrder], *, together: bool) -
             running.add(order.job_id)
         worker.wait(0.05)
         for message in worker.poll():
-            if message[0] in ("done", "failed", "stopped"):
-                if message[0] != "done":
-                    raise RuntimeError(f"job {message[1]} {message[0]}: {message[2]}")
-                running.discard(message[1])
+            if isinstance(message, (Failed, Stopped)):
+                raise RuntimeError(f"job {message.job_id} did not finish: {message}")
+            if isinstance(message, Finished):
+                running.discard(message.job_id)
         if not worker.alive():
             raise RuntimeError("worker died")
     return time.perf_counter() - started

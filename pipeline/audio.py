@@ -140,16 +140,17 @@ def loudness_norm(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, lufs: float
 
 
 def prepare_track(
-    path: Path | str, sample_rate: int = SAMPLE_RATE, min_seconds: float = MIN_SECONDS
+    path: Path | str, sample_rate: int = SAMPLE_RATE, min_seconds: float = MIN_SECONDS, loudness: bool = True
 ) -> np.ndarray:
-    """read_audio + loudness_norm, with AudioError for audio shorter than `min_seconds`."""
+    """read_audio + loudness_norm (unless not `loudness`), with AudioError for audio shorter than
+    `min_seconds`."""
     audio = read_audio(path, sample_rate)
     seconds = audio.shape[0] / sample_rate
     if seconds < max(min_seconds, MIN_SECONDS):
         raise AudioError(
             path, f"audio too short: {seconds:.2f} s, needs at least {max(min_seconds, MIN_SECONDS):.2f} s"
         )
-    return loudness_norm(audio, sample_rate)
+    return loudness_norm(audio, sample_rate) if loudness else audio
 
 
 def compose(tracks: Sequence[np.ndarray], audio_type: str) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
@@ -173,7 +174,11 @@ def compose(tracks: Sequence[np.ndarray], audio_type: str) -> tuple[tuple[np.nda
 
 
 def load_speech(
-    paths: Sequence[Path | str | None], audio_type: str = "para", *, min_seconds: float = MIN_SECONDS
+    paths: Sequence[Path | str | None],
+    audio_type: str = "para",
+    *,
+    min_seconds: float = MIN_SECONDS,
+    loudness: bool = True,
 ) -> Speech:
     """Load one or two speech files (person1, person2) ready for `audio_features`.
 
@@ -186,7 +191,7 @@ def load_speech(
         raise ValueError(f"load_speech takes one or two files, got {len(paths)}")
     if all(p is None for p in paths):
         raise ValueError(f"at most one of two speakers can be silent (None), got {list(paths)}")
-    loaded = [None if p is None else prepare_track(p, SAMPLE_RATE, min_seconds) for p in paths]
+    loaded = [None if p is None else prepare_track(p, SAMPLE_RATE, min_seconds, loudness) for p in paths]
     speaking = next(t for t in loaded if t is not None)
     tracks = [np.zeros(speaking.shape[0], np.float32) if t is None else t for t in loaded]
     composed, mix = compose(tracks, audio_type)

@@ -43,17 +43,19 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from pipeline import denoise
+from pipeline.choices import FP8_ATTENTION
 from pipeline.config import DiTConfig
 from pipeline.perf import PerfConfig
+from pipeline.presets import SHIFT_BY_SIZE
+from pipeline.types import FPS
 
 logger = logging.getLogger(__name__)
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
-FPS = 25
 #: nominal pixel sizes of the benchmark (performance.md section 1.1): 32 760 and 75 600 tokens
 SIZES: dict[str, tuple[int, int]] = {"480": (480, 832), "720": (720, 1280)}
-SHIFTS = {"480": 7.0, "720": 11.0}
 GiB = 1024**3
 #: chinese-wav2vec2-base in float32 (not built by the bench; the plan reserves it like the daemon's)
 WAV2VEC_BYTES = 380_000_000
@@ -103,7 +105,7 @@ class BenchOptions:
             raise ValueError(f"dtypes must be bf16 and/or fp8, got {self.dtypes}")
         if any(p not in (1, 2) for p in self.passes):
             raise ValueError(f"passes must be 1 and/or 2, got {self.passes}")
-        if self.fp8_attention not in ("auto", "on", "off"):
+        if self.fp8_attention not in FP8_ATTENTION:
             raise ValueError(f"fp8_attention must be auto, on or off, got {self.fp8_attention!r}")
         if self.num_chunks < 1 or self.steps < 1 or self.repeats < 1 or self.warmup < 0:
             raise ValueError("num_chunks, steps and repeats must be >= 1 and warmup >= 0")
@@ -413,9 +415,7 @@ class Bench:
         self.clip: Any = None
         self.t5: Any = None
         self.plain_out: dict[str, Tensor] = {}
-        #: pinned host buffers of streamed blocks and the device slots, reused across budgets
-        self.pool: dict[Any, Any] = {}
-        self.shuttles: dict[str, Any] = {}
+        self.placer = Placer(self)
         self.checkpoint = checkpoint  # called with the report after every section (partial results)
 
     # -- sections -------------------------------------------------------------------------------
@@ -488,18 +488,16 @@ class Bench:
 
     def fp8_attention(self) -> bool:
         """Whether the fp8 runs also put the self-attention in fp8 (logged when it cannot)."""
-        from pipeline.models.attention_fp8 import unavailable_reason
+        from pipeline.perf import resolve_fp8_attention
 
-        if self.opts.fp8_attention == "off":
-            return False
-        reason = unavailable_reason(self.device, test_run=True)
+        on, reason = resolve_fp8_attention(self.opts.fp8_attention, fp8=True, device=self.device)
         if reason is not None:
-            if self.opts.fp8_attention == "on":
+            if on:
                 raise ValueError(f"--fp8-attention on: {reason}")
             self.log(f"[bench] fp8 attention skipped: {reason}")
             self.report["fp8_attention_unavailable"] = reason
             return False
-        return True
+        return on
 
     def shape(self, size: str) -> Shape:
         h, w = self.opts.pixel_sizes[size]
@@ -508,8 +506,10 @@ class Bench:
     # -- build and load ---------------------------------------------------------------------------
 
     def build(self) -> None:
+        from pipeline.loading import resolve_dtype
+
         dev, seed = self.device, self.opts.seed
-        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        dtype = resolve_dtype("auto", dev)  # bf16 on CUDA, fp32 on the CPU, as a render
         out: dict[str, Any] = {}
         reset_peak(dev)
         t, self.dit = self.clock.time(lambda: build_random_dit(self.cfg, dev, dtype, seed))
@@ -705,107 +705,16 @@ class Bench:
         self.report.setdefault("vae", {})[shape.name] = entry
         self.log(f"[bench] vae {shape.name}: {json.dumps(entry)}")
 
-    # -- chunk loop --------------------------------------------------------------------------------
-
-    # -- a memory budget -------------------------------------------------------------------------
-
-    def plan_for(self, shape: Shape, n_pass: int, budget_gib: float) -> Any:
-        """The placement plan (pipeline.placement) of this stack for `shape` under the budget."""
-        from pipeline.offload import module_bytes as nbytes
-        from pipeline.placement import GiB as GIB
-        from pipeline.placement import MemoryBudget, ModelSizes, estimate_working_set, host_memory_bytes, plan
-
-        blocks = [nbytes(b) for b in self.dit.blocks]
-        sizes = ModelSizes(
-            num_blocks=len(blocks),
-            block_bytes=max(blocks),
-            dit_other_bytes=nbytes(self.dit) - sum(blocks),
-            t5_bytes=nbytes(self.t5) if self.t5 is not None else 0,
-            clip_bytes=nbytes(self.clip.model),
-            # not built here (a CPU-stage model): reserved as the daemon does (full size only)
-            wav2vec_bytes=WAV2VEC_BYTES if self.cfg.dim >= 1024 else 0,
-            vae_bytes=nbytes(self.vae),
-        )
-        from pipeline.pipeline import vae_peak_estimate
-
-        work = estimate_working_set(
-            dim=self.cfg.dim,
-            height=shape.height,
-            width=shape.width,
-            frame_num=shape.frame_num,
-            passes=n_pass,
-            vae_estimate=vae_peak_estimate(self.vae_cfg, self.device.type),
-            text_dim=self.cfg.text_dim,
-            text_len=self.cfg.text_len,
-        )
-        gpu = int(budget_gib * GIB)
-        margin = max(int(0.5 * GIB), int(0.03 * gpu)) if self.device.type == "cuda" else 0
-        budget = MemoryBudget(
-            gpu_bytes=gpu,
-            host_bytes=host_memory_bytes() + self.pinned_bytes(),
-            margin_bytes=margin,
-            source=f"--gpu-memory-gib {budget_gib:g}",
-            device_type=self.device.type,
-        )
-        return plan(sizes, work, budget)
-
-    def pinned_bytes(self) -> int:
-        return sum(t.numel() for k, t in self.pool.items() if k != "slots")
-
-    def place(self, placement: Any) -> None:
-        """Move the models where `placement` puts them (the pipeline's `place`, for the bench)."""
-        from pipeline.models.vae import VaeTiling
-        from pipeline.offload import BlockSwap, OnDemand
-
-        dev = self.device
-        if placement.swapped_blocks:
-            self.dit.block_swap = BlockSwap(
-                self.dit.blocks,
-                resident=placement.resident_blocks,
-                device=dev,
-                slots=placement.swap_slots,
-                pool=self.pool,
-            )
-        self.shuttles = {}
-        if self.t5 is not None and placement.t5 == "cpu":
-            self.t5.to("cpu")
-        elif self.t5 is not None and placement.t5 == "inout":
-            self.shuttles["t5"] = OnDemand(self.t5, dev)
-        if placement.clip == "inout":
-            self.shuttles["clip"] = OnDemand(self.clip.model, dev)
-        rows, cols = placement.vae_tiles
-        self.vae.tiling = VaeTiling(rows=rows, cols=cols) if rows * cols > 1 else None
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-
-    def unplace(self) -> None:
-        """Everything resident again."""
-        swap = getattr(self.dit, "block_swap", None)
-        if swap is not None:
-            swap.detach()
-            self.dit.block_swap = None
-        if self.t5 is not None:
-            self.t5.to(self.device)
-        self.clip.model.to(self.device)
-        self.vae.tiling = None
-        self.shuttles = {}
-
-    def use(self, name: str) -> Any:
-        """The context in which component `name` is on the device (in/out components)."""
-        import contextlib
-
-        shuttle = getattr(self, "shuttles", {}).get(name)
-        return shuttle.use() if shuttle is not None else contextlib.nullcontext()
+    # -- the chunk loop, under a memory budget or not ------------------------------------------
 
     @torch.no_grad()
     def budget_chunks(
         self, shape: Shape, dtype_name: str, n_pass: int, fast: PerfConfig, budget_gib: float
     ) -> dict[str, Any]:
         """The chunk loop under the plan for `budget_gib`, the budget enforced on the allocator."""
-        placement = self.plan_for(shape, n_pass, budget_gib)
+        placement = self.placer.plan_for(shape, n_pass, budget_gib)
         self.log(f"[bench] plan: {placement.summary()}")
-        self.place(placement)
+        self.placer.place(placement)
         fraction = 1.0
         index = self.device.index if self.device.index is not None else 0
         try:
@@ -818,7 +727,7 @@ class Bench:
         finally:
             if self.device.type == "cuda":
                 torch.cuda.set_per_process_memory_fraction(1.0, index)
-            self.unplace()
+            self.placer.unplace()
         entry["placement"] = placement.as_dict()
         entry["memory_fraction"] = round(fraction, 4)
         entry["budget_gib"] = budget_gib
@@ -874,12 +783,113 @@ class Bench:
         return entry
 
 
+class Placer:
+    """Where the bench's models live under a memory plan (the pipeline's `place`, for the bench):
+    the plan for a budget, the streamed blocks' pinned buffers (reused across budgets), the
+    in/out shuttles of the encoders."""
+
+    def __init__(self, bench: Bench) -> None:
+        self.b = bench
+        #: pinned host buffers of streamed blocks and the device slots, reused across budgets
+        self.pool: dict[Any, Any] = {}
+        self.shuttles: dict[str, Any] = {}
+
+    def plan_for(self, shape: Shape, n_pass: int, budget_gib: float) -> Any:
+        """The placement plan (pipeline.placement) of this stack for `shape` under the budget."""
+        from pipeline.offload import module_bytes as nbytes
+        from pipeline.placement import GiB as GIB
+        from pipeline.placement import MemoryBudget, ModelSizes, estimate_working_set, host_memory_bytes, plan
+
+        blocks = [nbytes(b) for b in self.b.dit.blocks]
+        sizes = ModelSizes(
+            num_blocks=len(blocks),
+            block_bytes=max(blocks),
+            dit_other_bytes=nbytes(self.b.dit) - sum(blocks),
+            t5_bytes=nbytes(self.b.t5) if self.b.t5 is not None else 0,
+            clip_bytes=nbytes(self.b.clip.model),
+            # not built here (a CPU-stage model): reserved as the daemon does (full size only)
+            wav2vec_bytes=WAV2VEC_BYTES if self.b.cfg.dim >= 1024 else 0,
+            vae_bytes=nbytes(self.b.vae),
+        )
+        from pipeline.loading import vae_peak_estimate
+
+        work = estimate_working_set(
+            dim=self.b.cfg.dim,
+            height=shape.height,
+            width=shape.width,
+            frame_num=shape.frame_num,
+            passes=n_pass,
+            vae_estimate=vae_peak_estimate(self.b.vae_cfg, self.b.device.type),
+            text_dim=self.b.cfg.text_dim,
+            text_len=self.b.cfg.text_len,
+        )
+        gpu = int(budget_gib * GIB)
+        margin = max(int(0.5 * GIB), int(0.03 * gpu)) if self.b.device.type == "cuda" else 0
+        budget = MemoryBudget(
+            gpu_bytes=gpu,
+            host_bytes=host_memory_bytes() + self.pinned_bytes(),
+            margin_bytes=margin,
+            source=f"--gpu-memory-gib {budget_gib:g}",
+            device_type=self.b.device.type,
+        )
+        return plan(sizes, work, budget)
+
+    def pinned_bytes(self) -> int:
+        return sum(t.numel() for k, t in self.pool.items() if k != "slots")
+
+    def place(self, placement: Any) -> None:
+        """Move the models where `placement` puts them (the pipeline's `place`, for the bench)."""
+        from pipeline.models.vae import VaeTiling
+        from pipeline.offload import BlockSwap, OnDemand
+
+        dev = self.b.device
+        if placement.swapped_blocks:
+            self.b.dit.block_swap = BlockSwap(
+                self.b.dit.blocks,
+                resident=placement.resident_blocks,
+                device=dev,
+                slots=placement.swap_slots,
+                pool=self.pool,
+            )
+        self.shuttles = {}
+        if self.b.t5 is not None and placement.t5 == "cpu":
+            self.b.t5.to("cpu")
+        elif self.b.t5 is not None and placement.t5 == "inout":
+            self.shuttles["t5"] = OnDemand(self.b.t5, dev)
+        if placement.clip == "inout":
+            self.shuttles["clip"] = OnDemand(self.b.clip.model, dev)
+        rows, cols = placement.vae_tiles
+        self.b.vae.tiling = VaeTiling(rows=rows, cols=cols) if rows * cols > 1 else None
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+    def unplace(self) -> None:
+        """Everything resident again."""
+        swap = getattr(self.b.dit, "block_swap", None)
+        if swap is not None:
+            swap.detach()
+            self.b.dit.block_swap = None
+        if self.b.t5 is not None:
+            self.b.t5.to(self.b.device)
+        self.b.clip.model.to(self.b.device)
+        self.b.vae.tiling = None
+        self.shuttles = {}
+
+    def use(self, name: str) -> Any:
+        """The context in which component `name` is on the device (in/out components)."""
+        import contextlib
+
+        shuttle = self.shuttles.get(name)
+        return shuttle.use() if shuttle is not None else contextlib.nullcontext()
+
+
 class ChunkRunner:
-    """The pipeline's chunk loop on random inputs (pipeline/pipeline.py `_denoise_chunk` + decode),
-    timed by phase. Conditioning of a still image (CLIP, y) is computed in chunk 0 and kept."""
+    """The pipeline's chunk loop (`pipeline.denoise.denoise_chunk`, then the VAE decode) on random
+    inputs, timed by phase. Conditioning of a still image (CLIP, y) is computed in chunk 0 and kept."""
 
     def __init__(self, bench: Bench, shape: Shape, n_pass: int) -> None:
-        from pipeline import sampler
+        from pipeline import guidance, sampler
 
         self.b = bench
         self.shape = shape
@@ -896,8 +906,16 @@ class ChunkRunner:
         self.audio = torch.randn(
             1, 1, fa, cfg.audio_window, cfg.audio_blocks, cfg.audio_channels, generator=g, device=dev
         ).to(dtype)
-        self.null_audio = torch.zeros_like(self.audio)
-        self.steps = sampler.timesteps(bench.opts.steps, SHIFTS.get(shape.name, 7.0)).to(dev)
+        null_audio = torch.zeros_like(self.audio)
+        self.by_pass = {
+            guidance.COND: (self.context, self.audio),
+            guidance.DROP_AUDIO: (self.context, null_audio),
+        }
+        self.passes = (guidance.COND,) if n_pass == 1 else (guidance.COND, guidance.DROP_AUDIO)
+        self.audio_scale = 1.0 if n_pass == 1 else 2.0
+        self.steps = sampler.timesteps(
+            bench.opts.steps, SHIFT_BY_SIZE.get(f"infinitetalk-{shape.name}", 7.0)
+        ).to(dev)
         self.cache: tuple[Tensor, Tensor] | None = None
         self.motion_frames: Tensor | None = None
         self.last_video_shape: tuple[int, ...] = ()
@@ -906,89 +924,65 @@ class ChunkRunner:
         self.h2d_bytes = 0  # streamed-block bytes copied in the last chunk's denoising
 
     def chunk(self, k: int) -> dict[str, float]:
-        from pipeline import guidance, sampler
-
-        b, clock, shape = self.b, self.b.clock, self.shape
-        f, h, w = shape.latent
-        z = b.vae_cfg.z_dim
+        """One chunk as the pipeline runs it (`pipeline.denoise`), each phase timed."""
+        b, clock = self.b, self.b.clock
         times: dict[str, float] = {}
         wall0 = time.perf_counter()
         if b.t5 is not None and k == 0:
-            t5_device = next(b.t5.parameters()).device
-            # on the CPU a prompt pair of 128 tokens (a long prompt), not the 512 padded slots
-            n_tok = b.cfg.text_len if t5_device.type == "cuda" or "t5" in b.shuttles else 128
-            ids = torch.randint(0, b.t5_cfg.vocab_size, (2, n_tok), generator=self.gen)
-
-            def text() -> Tensor:
-                with b.use("t5"):
-                    dev = next(b.t5.parameters()).device
-                    return b.t5(input_ids=ids.to(dev)).last_hidden_state.to(b.device)
-
-            times["t5_s"], _ = clock.time(text)
+            times["t5_s"] = self.text()
         if self.cache is None:
-
-            def clip() -> Tensor:
-                with b.use("clip"):
-                    return b.clip.encode_image_clip(self.cond[:, 0][None])
-
-            times["clip_s"], clip_fea = clock.time(clip)
-
-            def encode_y() -> Tensor:
-                pixels = torch.cat(
-                    [
-                        self.cond,
-                        torch.zeros(3, shape.frame_num - 1, shape.height, shape.width, device=b.device),
-                    ],
-                    dim=1,
-                )
-                mask = torch.zeros(4, f, h, w, device=b.device)
-                mask[:, 0] = 1.0
-                return torch.cat([mask, b.vae.encode(pixels)])
-
+            times["clip_s"], clip_fea = clock.time(self.clip)
+            frame_num, (_, h, w) = self.shape.frame_num, self.shape.latent
+            encode_y = lambda: denoise.image_condition(b.vae, self.cond, frame_num, (h, w))  # noqa: E731
             times["vae_encode_y_s"], y = clock.time(encode_y)
             self.cache = (clip_fea.to(b.dit.dtype), y[None].to(b.dit.dtype))
         clip_fea, y = self.cache
-        if self.motion_frames is None:
-            clip5 = torch.cat([self.cond, self.cond.expand(-1, 4, -1, -1)], dim=1)
-            times["vae_encode_motion_s"], motion = clock.time(lambda: b.vae.encode(clip5)[:, :1])
-        else:
-            times["vae_encode_motion_s"], motion = clock.time(lambda: b.vae.encode(self.motion_frames))
-        n_motion = motion.shape[1]
-        latent = torch.randn(z, f, h, w, generator=self.gen).to(b.device)
-        passes = (guidance.COND,) if self.n_pass == 1 else (guidance.COND, guidance.DROP_AUDIO)
-        audio_scale = 1.0 if self.n_pass == 1 else 2.0
-        conditions = {guidance.COND: self.audio, guidance.DROP_AUDIO: self.null_audio}
-
+        frames = self.motion_frames
+        encode = (
+            (lambda: denoise.encode_one_frame(b.vae, self.cond))
+            if frames is None
+            else (lambda: b.vae.encode(frames))
+        )
+        times["vae_encode_motion_s"], motion = clock.time(encode)
+        latent = torch.randn(b.vae_cfg.z_dim, *self.shape.latent, generator=self.gen).to(b.device)
+        cond = denoise.ChunkConditions(
+            clip_fea=clip_fea, y=y, motion=motion, masks=None, by_pass=self.by_pass
+        )
         swap = getattr(b.dit, "block_swap", None)
         copied0 = swap.bytes_copied if swap is not None else 0
-        self.forwards = 0
-
-        def denoise() -> Tensor:
-            lat = latent
-            for i in range(len(self.steps) - 1):
-                lat[:, :n_motion] = motion
-                t = self.steps[i : i + 1]
-                inputs = [(lat[None], t, self.context, clip_fea, y, conditions[name]) for name in passes]
-                outs = b.dit.forward_passes(inputs)  # the passes share each streamed block's copy
-                self.forwards += len(passes)
-                preds = {name: out[0] for name, out in zip(passes, outs, strict=True)}
-                velocity = guidance.combine(preds, 1.0, audio_scale)
-                lat = sampler.euler_step(lat, velocity, self.steps[i], self.steps[i + 1])
-                lat[:, :n_motion] = motion
-            return lat
-
-        times["denoise_s"], latent = clock.time(denoise)
+        steps, passes, scale = self.steps, self.passes, self.audio_scale
+        run = lambda: denoise.denoise_chunk(b.dit, latent, cond, steps, passes, 1.0, scale)  # noqa: E731
+        times["denoise_s"], latent = clock.time(run)
+        self.forwards = (len(steps) - 1) * len(passes)  # DiT passes of the chunk
         self.h2d_bytes = (swap.bytes_copied - copied0) if swap is not None else 0
         times["vae_decode_s"], video = clock.time(lambda: b.vae.decode(latent))
         self.finite = self.finite and bool(torch.isfinite(video).all())
         self.motion_frames = video[:, -b.opts.motion_frame :].clone()
         self.last_video_shape = tuple(video.shape)
         clock.sync()
-        wall = time.perf_counter() - wall0
         out = {k2: round(v, 3) for k2, v in times.items()}
         out["total_s"] = round(sum(times.values()), 3)
-        out["wall_s"] = round(wall, 3)
+        out["wall_s"] = round(time.perf_counter() - wall0, 3)
         return out
+
+    def text(self) -> float:
+        """Seconds of umT5 on a prompt pair; on the CPU 128 tokens (a long prompt), not the 512
+        padded slots."""
+        b = self.b
+        t5_device = next(b.t5.parameters()).device
+        n_tok = b.cfg.text_len if t5_device.type == "cuda" or "t5" in b.placer.shuttles else 128
+        ids = torch.randint(0, b.t5_cfg.vocab_size, (2, n_tok), generator=self.gen)
+
+        def run() -> Tensor:
+            with b.placer.use("t5"):
+                dev = next(b.t5.parameters()).device
+                return b.t5(input_ids=ids.to(dev)).last_hidden_state.to(b.device)
+
+        return self.b.clock.time(run)[0]
+
+    def clip(self) -> Tensor:
+        with self.b.placer.use("clip"):
+            return self.b.clip.encode_image_clip(self.cond[:, 0][None])
 
 
 def kernel_kind(name: str) -> str:
@@ -1057,6 +1051,21 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def format_report(report: dict[str, Any]) -> str:
+    """The report as text: set-up, DiT forwards, VAE, chunk loops, errors."""
+    lines = _setup_lines(report)
+    lines.append("")
+    lines += _forward_lines(report)
+    lines += _vae_lines(report)
+    lines.append("")
+    lines += _chunk_lines(report)
+    if report.get("errors"):
+        lines.append("")
+        for name, err in report["errors"].items():
+            lines.append(f"ERROR in {name}: {err}")
+    return "\n".join(lines)
+
+
+def _setup_lines(report: dict[str, Any]) -> list[str]:
     env = report.get("environment", {})
     lines = [
         (
@@ -1082,7 +1091,11 @@ def format_report(report: dict[str, Any]) -> str:
             f"fp8: {report['fp8']['layers']} linear layers quantised in {report['fp8']['quantise_s']} s, "
             f"DiT now {report['fp8']['dit_gb']} GB"
         )
-    lines.append("")
+    return lines
+
+
+def _forward_lines(report: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     lines.append(
         f"{'DiT forward':<26}{'median s':>10}{'min s':>9}{'TFLOP/s':>9}{'first s':>9}{'peak GiB':>10}"
         f"{'rel err':>10}  settings"
@@ -1098,6 +1111,11 @@ def format_report(report: dict[str, Any]) -> str:
                 f"{'compiled' if s['compiled'] else 'eager'}/fp8:{s['fp8_layers'] > 0 or mode == 'fp8'}"
                 f" breaks={e['graph_breaks']}"
             )
+    return lines
+
+
+def _vae_lines(report: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     for size, e in report.get("vae", {}).items():
         for label in ("fp32", "fast"):
             v = e[label]
@@ -1108,7 +1126,11 @@ def format_report(report: dict[str, Any]) -> str:
                 f"{v['encode_motion']['median_s']:.2f} s  ({v['settings']})"
             )
         lines.append(f"VAE {size}p fast decode rel err vs fp32: {e['fast_decode_rel_err_vs_fp32']:.2e}")
-    lines.append("")
+    return lines
+
+
+def _chunk_lines(report: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     for size, by_dtype in report.get("chunks", {}).items():
         for dtype_name, by_pass in by_dtype.items():
             for p, e in by_pass.items():
@@ -1127,11 +1149,7 @@ def format_report(report: dict[str, Any]) -> str:
                         f"{e.get('h2d_gb_per_forward', 0)} GB per DiT forward; peak reserved "
                         f"{e['memory'].get('peak_reserved_gib')} GiB"
                     )
-    if report.get("errors"):
-        lines.append("")
-        for name, err in report["errors"].items():
-            lines.append(f"ERROR in {name}: {err}")
-    return "\n".join(lines)
+    return lines
 
 
 def _jsonable(value: Any) -> Any:

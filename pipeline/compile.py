@@ -19,9 +19,15 @@ logger = logging.getLogger(__name__)
 CACHE_SIZE_LIMIT = 64
 
 
+def repeated_blocks(model: nn.Module) -> nn.ModuleList | None:
+    """The model's repeated blocks: the module list its class names in `REPEATED_BLOCK`
+    (`InfiniteTalkDiT.REPEATED_BLOCK`, as diffusers' `_repeated_blocks`), else `model.blocks`."""
+    return getattr(model, getattr(model, "REPEATED_BLOCK", "blocks"), None)
+
+
 def compile_blocks(model: nn.Module, *, mode: str | None = None) -> int:
-    """Compile every block of `model.blocks` in place (regional compilation). Returns the count."""
-    blocks = getattr(model, "blocks", None)
+    """Compile every repeated block of `model` in place (regional compilation). Returns the count."""
+    blocks = repeated_blocks(model)
     if blocks is None:
         raise ValueError(f"{type(model).__name__} has no `blocks` to compile")
     import torch._dynamo
@@ -38,12 +44,12 @@ def compile_blocks(model: nn.Module, *, mode: str | None = None) -> int:
 
 def uncompile_blocks(model: nn.Module) -> None:
     """Undo `compile_blocks`: the blocks run eagerly again (the compiled graphs stay cached)."""
-    for block in getattr(model, "blocks", ()):
+    for block in repeated_blocks(model) or ():
         block._compiled_call_impl = None
 
 
 def is_compiled(model: nn.Module) -> bool:
-    blocks = getattr(model, "blocks", ())
+    blocks = repeated_blocks(model) or ()
     return len(blocks) > 0 and all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
 
 
@@ -54,4 +60,4 @@ def graph_breaks() -> int:
     return int(sum(counters["graph_break"].values()))
 
 
-__all__ = ["compile_blocks", "graph_breaks", "is_compiled", "uncompile_blocks"]
+__all__ = ["compile_blocks", "graph_breaks", "is_compiled", "repeated_blocks", "uncompile_blocks"]

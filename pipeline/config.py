@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.weights_layout import TINY_MARKER as TINY_JSON
+from pipeline.weights_layout import WAN_DIR
+
 if TYPE_CHECKING:
     from pipeline.models.clip import ClipConfig
     from pipeline.models.t5 import T5Config
@@ -26,10 +29,6 @@ if TYPE_CHECKING:
     from pipeline.models.wav2vec import Wav2VecConfig
 
 logger = logging.getLogger(__name__)
-
-#: sub-folder of the weights dir holding the Wan base model, and the files read from it
-WAN_DIR = "Wan2.1-I2V-14B-480P"
-TINY_JSON = "tiny.json"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

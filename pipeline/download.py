@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import WAN_DIR
+from pipeline.tts_text import KOKORO_CONFIG, KOKORO_DIR, KOKORO_REPO, KOKORO_WEIGHTS, VOICES_DIR
 
 LORA_REPO = "Kijai/WanVideo_comfy"
 LORA_FILE = "Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors"
@@ -70,6 +71,12 @@ def download_plan(*, fp8: bool = False, multi: bool = True) -> tuple[DownloadIte
             repo_id="MeiGen-AI/InfiniteTalk", local_dir="InfiniteTalk", allow_patterns=tuple(infinitetalk)
         ),
         DownloadItem(repo_id=LORA_REPO, local_dir=".", allow_patterns=(LORA_FILE,)),
+        # text-to-speech jobs (tts_audio): the model, its config and every voice (~360 MB)
+        DownloadItem(
+            repo_id=KOKORO_REPO,
+            local_dir=KOKORO_DIR,
+            allow_patterns=(KOKORO_CONFIG, KOKORO_WEIGHTS, f"{VOICES_DIR}/*.pt"),
+        ),
     )
 
 

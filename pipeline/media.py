@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline.types import FPS
+
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
-FPS = 25
 AAC_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
 AUDIO_BLOCK = 4096  # samples per AAC input block when streaming audio
 DEFAULT_CRF = 18

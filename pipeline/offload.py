@@ -95,12 +95,13 @@ def _empty_block(block: nn.Module) -> nn.Module:
 
 
 def mirror_settings(source: nn.Module, target: nn.Module) -> None:
-    """Copy the plain per-instance settings (fp8 attention, scaled-mm flags, compute dtypes) and
-    the compiled state of `source`'s modules onto the same modules of `target`."""
+    """Copy the plain per-instance settings (attention kernels, scaled-mm flags, compute dtypes)
+    and the compiled state of `source`'s modules onto the same modules of `target`."""
     plain = (bool, int, float, str, torch.dtype)
     for (_, src), (_, dst) in zip(source.named_modules(), target.named_modules(), strict=True):
         for key, value in vars(src).items():
-            wanted = not key.startswith("_") and key != "training" and isinstance(value, plain)
+            setting = isinstance(value, plain) or (callable(value) and not isinstance(value, nn.Module))
+            wanted = not key.startswith("_") and key != "training" and setting
             if wanted and getattr(dst, key, None) != value:
                 setattr(dst, key, value)
     compiled = getattr(source, "_compiled_call_impl", None) is not None

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pipeline.models.attention import Backend, attention
+from pipeline.models.attention import Kernel
 
 
 def frame_split(frames: int, parts: int) -> tuple[int, ...]:
@@ -140,7 +140,7 @@ class SequenceParallel:
 
     @torch.compiler.disable
     def attention(
-        self, q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int, int], backend: Backend
+        self, q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int, int], kernel: Kernel
     ) -> Tensor:
         """q, k, v [B, L_r, N, Dh] (this rank's tokens, all heads) -> [B, L_r, N, Dh].
 
@@ -165,7 +165,7 @@ class SequenceParallel:
             for c, cnt in zip(recv.split([c * unit for c in counts]), counts, strict=True)
         ]
         full = torch.cat(chunks, dim=2)  # [3, B, L, N/P, Dh]
-        out = attention(full[0], full[1], full[2], backend=backend)  # [B, L, N/P, Dh]
+        out = kernel(full[0], full[1], full[2])  # [B, L, N/P, Dh]
         unit = b * hp * d
         back = torch.cat([o.reshape(-1) for o in out.split(list(counts), dim=1)])
         mine = out.new_empty(self.size * lr * unit)

@@ -3,8 +3,8 @@
 The calling process is rank 0; it starts N-1 follower processes (`python -m
 pipeline.parallel_pipeline`), each loading the whole pipeline on its own device, and all join one
 torch.distributed group whose DiT forwards are split by `pipeline.parallel.SequenceParallel`.
-`GroupPipeline.generate` has the `InfiniteTalkPipeline.generate` signature, so a render worker
-can hold it like a one-GPU pipeline (`from_worker_config` is the daemon's factory hook).
+`GroupPipeline` is a `pipeline.types.Renderer` (and has `InfiniteTalkPipeline.generate`), so a
+render worker holds it like a one-GPU pipeline (`from_worker_config` is the daemon's factory hook).
 
 Per job, rank 0 sends the request to the followers over a gloo control group (which may wait
 idle for days), then every rank runs `generate` with the same request; rank 0 writes the outputs,
@@ -84,21 +84,18 @@ class GroupSpec:
 
 def load_rank_pipeline(spec: GroupSpec, rank: int) -> Any:
     """The whole InfiniteTalk pipeline on `spec.devices[rank]`, its DiT split over the group."""
-    from pipeline.pipeline import InfiniteTalkPipeline
+    from pipeline.loading import LoadOptions, load_pipeline
 
-    device = spec.devices[rank]
-    dtype_name = spec.dtype if spec.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
-    pipe = InfiniteTalkPipeline.from_weights(
-        Path(spec.weights_dir),
-        device=device,
-        dtype=dtype,
-        attention=spec.attention,
-        lora=list(spec.lora) or "auto",
+    opts = LoadOptions(
+        device=spec.devices[rank],
+        dtype=spec.dtype,
+        quant="none",  # fp8 is not supported across GPUs yet (GroupSpec refuses it)
+        lora=tuple(spec.lora) or "auto",
         lora_scale=spec.lora_scale,
-        quant=None,  # fp8 is not supported across GPUs yet (GroupSpec refuses it)
+        attention=spec.attention,
         gpu_memory_gib=None,  # each rank keeps its whole stack resident (no memory plan)
     )
+    pipe = load_pipeline(Path(spec.weights_dir), opts)
     parallel.check_degree(pipe.dit.cfg.num_heads, len(spec.devices))
     pipe.dit.sequence_parallel = parallel.SequenceParallel()
     return pipe
@@ -129,6 +126,14 @@ def _join(spec: GroupSpec, rank: int, port: int) -> _Control:
 
 def _follower_dir(checkpoint_dir: Path, rank: int) -> Path:
     return checkpoint_dir.with_name(f"{checkpoint_dir.name}.rank{rank}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GroupJob:
+    """A prepared job of the group: the request and its work (checkpoint) folder."""
+
+    request: Any
+    work_dir: Path
 
 
 @dataclass
@@ -175,7 +180,7 @@ class GroupPipeline:
             raise
         return group
 
-    # the InfiniteTalkPipeline surface a worker uses
+    # the InfiniteTalkPipeline surface a worker uses (a pipeline.types.Renderer)
 
     @property
     def config(self) -> Any:
@@ -189,6 +194,35 @@ class GroupPipeline:
         info = dict(self.pipe.describe())
         info.update(device=",".join(self.spec.devices), sequence_parallel=len(self.spec.devices))
         return info
+
+    def voice(self, request: Any) -> float:
+        """A text-to-speech job's speech, voiced once here before the ranks prepare (they find it)."""
+        return float(self.pipe.voice(request))
+
+    def prepare(self, request: Any, work_dir: Path) -> GroupJob:
+        """Nothing is computed here: every rank prepares inside `render`, once rank 0 has sent
+        them the job (they must all render the same request)."""
+        return GroupJob(request=request, work_dir=Path(work_dir))
+
+    def render(
+        self,
+        prepared: GroupJob,
+        out_path: Path,
+        *,
+        poster_path: Path | None = None,
+        on_progress: Callable[[Any], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        resume: bool = True,
+    ) -> Any:
+        """`generate` with every rank; with `resume`, from the checkpoint in the job's work folder."""
+        return self.generate(
+            prepared.request,
+            out_path,
+            poster_path=poster_path,
+            on_progress=on_progress,
+            should_stop=should_stop,
+            checkpoint_dir=prepared.work_dir if resume else None,
+        )
 
     def generate(
         self,
@@ -282,11 +316,9 @@ def from_worker_config(config: Any) -> GroupPipeline:
         attention=config.attention,
     )
     if getattr(config, "write_tiny", False):
-        from pipeline.tiny import write_tiny_weights
+        from pipeline.weights_layout import write_tiny_once
 
-        folder = Path(config.weights_dir)
-        if not (folder / "tiny.json").is_file():
-            write_tiny_weights(folder, seed=0)
+        write_tiny_once(Path(config.weights_dir))
     return GroupPipeline.start(spec)
 
 

@@ -12,7 +12,7 @@ be checked against the plain one on the same weights (`infinitetalk bench`, test
 | rope        | "fast"          | "exact"          | fp32 cos/sin tables built once per token grid, not float64 complex per call |
 | compile     | True            | False            | `torch.compile` of the repeated DiT block (CUDA only) |
 | fp8         | False           | False            | e4m3 weights + dynamic row-wise activations on the fp8 tensor cores, after the LoRA merge |
-| fp8_attention | False         | False            | self-attention through cuDNN's fp8 flash attention (`pipeline.models.attention_fp8`); on by default with fp8 where available |
+| fp8_attention | False         | False            | self-attention through cuDNN's fp8 flash attention (`pipeline.models.attention_fp8`); on by default with fp8 where available (`resolve_fp8_attention`) |
 | vae_dtype   | "bf16"          | "fp32"           | VAE weights/activations in bf16 (CUDA only; the reference runs fp32) |
 | channels_last | True          | False            | VAE 3-D convolutions in channels-last-3d layout (cuDNN's fastest on Hopper) |
 
@@ -29,14 +29,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from pipeline.choices import ATTENTION, FP8_ATTENTION, AttentionName
+
 if TYPE_CHECKING:
-    from pipeline.models.attention import Backend
     from pipeline.models.dit import InfiniteTalkDiT
     from pipeline.models.vae import WanVAE
 
 logger = logging.getLogger(__name__)
 
-Attention = Literal["auto", "sdpa", "cudnn", "flash"]
+Attention = AttentionName
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -50,10 +51,8 @@ class PerfConfig:
     channels_last: bool = True
 
     def __post_init__(self) -> None:
-        from pipeline.models.attention import BACKENDS
-
-        if self.attention not in BACKENDS:
-            raise ValueError(f"attention must be one of {BACKENDS}, got {self.attention!r}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
         if self.rope not in ("fast", "exact"):
             raise ValueError(f"rope must be 'fast' or 'exact', got {self.rope!r}")
         if self.vae_dtype not in ("bf16", "fp32"):
@@ -70,33 +69,37 @@ class PerfConfig:
         return asdict(self)
 
 
-def resolve_attention(requested: Backend, device: torch.device, dtype: torch.dtype) -> Backend:
-    """The concrete backend "auto" means for this device and dtype (logged once)."""
-    from pipeline.models.attention import resolve_backend
+def resolve_fp8_attention(setting: str, *, fp8: bool, device: torch.device | str) -> tuple[bool, str | None]:
+    """The `[performance] fp8_attention` / `--fp8-attention` setting on `device`: (on, why fp8
+    attention cannot run there or None). "auto" is on with fp8 weights where cuDNN fp8 attention
+    runs (logged either way), "on" is on (applying it fails with the reason where it cannot
+    run), "off" is off. The one place the setting is decided (the worker, the pipeline, bench)."""
+    if setting not in FP8_ATTENTION:
+        raise ValueError(f"fp8_attention must be auto, on or off, got {setting!r}")
+    if setting == "off" or (setting == "auto" and not fp8):
+        return False, None
+    from pipeline.models.attention_fp8 import unavailable_reason
 
-    probe = torch.empty(1, 1, 1, 8, device="meta", dtype=dtype)
-    if device.type == "cuda":
-        probe = torch.empty(1, 1, 1, 8, device=device, dtype=dtype)
-    return resolve_backend(requested, probe)
+    reason = unavailable_reason(device, test_run=True)
+    if setting == "on":
+        return True, reason
+    logger.info("fp8 attention: %s", "on" if reason is None else f"off ({reason})")
+    return reason is None, reason
 
 
 def apply_dit_perf(perf: PerfConfig, dit: InfiniteTalkDiT) -> dict[str, Any]:
-    """Set the DiT's attention backend and RoPE mode, fp8 math and block compilation, in place."""
+    """Set the DiT's attention kernels and RoPE mode, fp8 math and block compilation, in place."""
     from pipeline.compile import compile_blocks, is_compiled, uncompile_blocks
 
     device = next(dit.parameters()).device
-    dtype = dit.dtype
-    backend = resolve_attention(perf.attention, device, dtype)
-    dit.attention_backend = backend
-    dit.rope_mode = perf.rope
     if perf.fp8_attention:
         from pipeline.models.attention_fp8 import unavailable_reason
 
         reason = unavailable_reason(device, test_run=True)
         if reason is not None:
             raise ValueError(f"fp8_attention is on but cannot run here: {reason}")
-    for block in getattr(dit, "blocks", ()):
-        block.self_attn.fp8_attention = perf.fp8_attention
+    backend = dit.use_attention(perf.attention, fp8=perf.fp8_attention)
+    dit.rope_mode = perf.rope
     fp8_layers = 0
     if perf.fp8:
         from pipeline.fp8 import to_fp8
@@ -152,23 +155,17 @@ def default_perf(
 ) -> PerfConfig | None:
     """The settings a pipeline gets when none are given: the fast path on CUDA, None elsewhere.
 
-    `fp8_attention=None` turns it on with fp8 weights where it can run (logged when it cannot).
+    `fp8_attention=None` is "auto": on with fp8 weights where it can run (`resolve_fp8_attention`).
     """
-    from pipeline.models.attention import BACKENDS
-    from pipeline.models.attention_fp8 import unavailable_reason
-
     if torch.device(device).type != "cuda":
         return None
-    if attention not in BACKENDS:
+    if attention not in ATTENTION:
         if not str(attention).startswith("flash"):
-            raise ValueError(f"attention must be one of {BACKENDS} (or flash2/flash3), got {attention!r}")
+            raise ValueError(f"attention must be one of {ATTENTION} (or flash2/flash3), got {attention!r}")
         attention = "flash"
     fp8 = quant == "fp8"
     if fp8_attention is None:
-        reason = unavailable_reason(device, test_run=True) if fp8 else "fp8 is off"
-        fp8_attention = reason is None
-        if fp8 and reason is not None:
-            logger.info("fp8 attention off: %s", reason)
+        fp8_attention, _ = resolve_fp8_attention("auto", fp8=fp8, device=device)
     return PerfConfig(attention=attention, fp8=fp8, fp8_attention=fp8_attention)  # type: ignore[arg-type]
 
 

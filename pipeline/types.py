@@ -9,8 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
+from pipeline.presets import BASE
+from pipeline.tts_text import TtsRequest
+
+#: frames per second of every rendered video (the model's; audio features have one row a frame)
+FPS = 25
 SizeBucket = Literal["infinitetalk-480", "infinitetalk-720"]
 AudioType = Literal["para", "add"]
 Mode = Literal["streaming", "clip"]
@@ -39,10 +44,11 @@ class GenerationRequest:
     audio_type: AudioType = "para"
     bbox: tuple[tuple[float, float, float, float], ...] | None = None
     size: SizeBucket = "infinitetalk-480"
-    sample_steps: int = 40
-    sample_shift: float | None = None  # None: 7 for 480, 11 for 720 (the reference's rule)
-    sample_text_guide_scale: float = 5.0
-    sample_audio_guide_scale: float = 4.0
+    # the sampling recipe: the reference's (pipeline/presets.py BASE) unless the caller gives one
+    sample_steps: int = BASE.sample_steps
+    sample_shift: float | None = BASE.sample_shift  # None: 7 for 480, 11 for 720 (the reference's rule)
+    sample_text_guide_scale: float = BASE.sample_text_guide_scale
+    sample_audio_guide_scale: float = BASE.sample_audio_guide_scale
     seed: int = 42
     mode: Mode = "streaming"
     motion_frame: int = 9
@@ -54,6 +60,8 @@ class GenerationRequest:
     apg_norm_threshold: float = 55.0
     negative_prompt: str = ""
     noise: NoiseMode = "portable"  # portable: CPU generator; reference: the render device's (noise.py)
+    # a text-to-speech job: the text voiced into `audio` (24 kHz files) before anything reads them
+    tts: TtsRequest | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -94,3 +102,34 @@ class RenderResult:
     seed: int
     timings_s: dict[str, float] = field(default_factory=dict)
     resumed_from_chunk: int = 0
+
+
+PreparedT = TypeVar("PreparedT")
+
+
+@runtime_checkable
+class Renderer(Protocol[PreparedT]):
+    """What a render worker holds (daemon/runner.py): `InfiniteTalkPipeline`, the GPU group
+    (`pipeline.parallel_pipeline.GroupPipeline`), the tests' `FakePipeline`.
+
+    `prepare` is the CPU stage (media decode, speech, audio features), run outside the worker's
+    GPU lock so one job prepares while another renders; `render` is the GPU stage, run inside it.
+    With `resume`, `render` continues from the chunk checkpoint in the prepared work folder.
+    """
+
+    def prepare(self, request: GenerationRequest, work_dir: Path) -> PreparedT: ...
+
+    def render(
+        self,
+        prepared: PreparedT,
+        out_path: Path,
+        *,
+        poster_path: Path | None = None,
+        on_progress: ProgressCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        resume: bool = True,
+    ) -> RenderResult: ...
+
+    def describe(self) -> dict[str, Any]:
+        """The model identity, for result manifests."""
+        ...

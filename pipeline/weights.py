@@ -199,7 +199,6 @@ def load_dit(
         raise ValueError(f"quant must be None or 'fp8', got {quant!r}")
     model = build_dit(cfg)
     model.rope_mode = rope
-    model.attention_backend = attention_backend
     q_file, q_map = quant_files(weights_dir, variant)
     if quant == "fp8" and lora is None and q_file.is_file():
         load_fp8_file(model, q_file, q_map, device=device, dtype=dtype)
@@ -217,6 +216,7 @@ def load_dit(
         if quant == "fp8":
             n = quantize_linears(model, prefix=FP8_RUNTIME_PREFIX)
             logger.info("quantized %d linear layers to fp8 at load time", n)
+    model.use_attention(attention_backend)  # resolved for the device and dtype it landed on
     model.eval().requires_grad_(False)
     return model
 

@@ -147,7 +147,7 @@ def check_weights(weights_dir: Path, *, loras: Sequence[str | Path] = ()) -> Che
     the one-speaker audio file, the encoders and tokenizers, and the LoRA files in `loras` (the
     config's `lora` list, relative to the folder or absolute). Optional files absent are `NOTE`s:
     the two-speaker file, the lightx2v LoRA when `loras` is empty (merged only when present), the
-    fp8 files. A file that is present is checked in full either way.
+    fp8 files, Kokoro-82M (text-to-speech jobs). A file that is present is checked in full either way.
     """
     root = Path(weights_dir)
     lora_names = tuple(str(p) for p in loras)
@@ -182,6 +182,9 @@ def check_weights(weights_dir: Path, *, loras: Sequence[str | Path] = ()) -> Che
             )
     findings += _check_dit(root, cfg, lora_names)
     findings += _check_encoders(root, cfg)
+    from pipeline.tts_check import check_kokoro  # text-to-speech: optional
+
+    findings += check_kokoro(root)
     return CheckReport(weights_dir=root, tiny=tiny, findings=tuple(findings))
 
 

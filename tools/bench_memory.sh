@@ -6,6 +6,8 @@
 # PART 1: GPU tests of block streaming, then the 480p lightx2v chunk (4 steps, 2 passes, fp8)
 #         unconstrained and at 24, 16, 12 and 8 GiB;
 # PART 2: the same chunk at 48 and 32 GiB, bf16 unconstrained and at 40 GiB, 720p fp8 at 24 GiB.
+# PART 4: 720p fp8 at 24 GiB (2 chunks), bf16 unconstrained and at 40 GiB (2 chunks each);
+# PART 5: the 480p fp8 chunk at 48 and 32 GiB, then the daemon end to end (tests/gpu/test_daemon_memory.py).
 # Each bench writes OUT_DIR/h200-memory-*.json after every section and its log beside it.
 set -uo pipefail
 out=${1:?usage: tools/bench_memory.sh OUT_DIR PART}
@@ -32,6 +34,15 @@ case $part in
     bench 480-fp8-b 300 --chunk-size 480 --dtype fp8 --gpu-memory-gib 24,16,12,8,32 --no-unconstrained
     bench 720-fp8 140 --chunk-size 720 --dtype fp8 --gpu-memory-gib 24 --no-unconstrained --chunks 1
     bench 480-bf16 130 --chunk-size 480 --dtype bf16 --gpu-memory-gib 40 --chunks 1
+    ;;
+  4)  # the runs part 2 could not finish in its time
+    bench 720-fp8-d 290 --chunk-size 720 --dtype fp8 --gpu-memory-gib 24 --no-unconstrained
+    bench 480-bf16-d 270 --chunk-size 480 --dtype bf16 --gpu-memory-gib 40
+    ;;
+  5)  # the large budgets on a fresh process each, then the daemon with 3 jobs
+    bench 480-fp8-e 170 --chunk-size 480 --dtype fp8 --gpu-memory-gib 48,32 --no-unconstrained
+    timeout 400 python3 -m pytest --gpu tests/gpu/test_daemon_memory.py -x -q -s -p no:cacheprovider \
+      2>&1 | tee "$out/h200-memory-daemon.log" | tail -25
     ;;
   3)  # the small budgets again, with expandable segments
     bench 480-fp8-c 270 --chunk-size 480 --dtype fp8 --gpu-memory-gib 12,8 --no-unconstrained

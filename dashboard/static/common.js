@@ -199,11 +199,21 @@ const IT = (() => {
     conn.textContent = text;
   }
 
-  const EVENT_KINDS = ["created", "waiting", "queued", "started", "progress", "retry", "done", "failed",
-    "rejected", "cancelled", "deleted", "daemon", "event"];
+  // The job states (in listing order), the groups shown together, the ledger's event kinds and
+  // the kinds that change a job's state (stateEvents: state -> kind) come from the server
+  // (daemon/states.py), in every /api/jobs body, snapshot and ledger note.
+  const vocabulary = { states: [], active: [], problem: [], eventKinds: [], stateEvents: {} };
+  function learn(body) {
+    if (!body || !Array.isArray(body.states)) return;
+    const groups = body.state_groups || {};
+    Object.assign(vocabulary, { states: body.states, active: groups.active || [], problem: groups.problem || [],
+      eventKinds: body.event_kinds || [], stateEvents: body.state_events || {} });
+  }
 
   // One EventSource for the page. handlers: snapshot(body), event(frame), ledger(info).
-  // The browser reconnects by itself and sends Last-Event-ID, so nothing is missed.
+  // The browser reconnects by itself and sends Last-Event-ID, so nothing is missed. Each ledger
+  // event is a frame named by its kind ("event" when it has none: dashboard/sse.py); the kinds are
+  // listened to as soon as a snapshot or ledger note names them, before any later frame arrives.
   function listen(handlers) {
     const source = new EventSource("/events");
     const parse = (message) => {
@@ -211,23 +221,33 @@ const IT = (() => {
       setServerNow(data.now);
       return data;
     };
+    const listening = new Set();
+    const listenTo = (kinds) => {
+      for (const kind of kinds) {
+        if (listening.has(kind)) continue;
+        listening.add(kind);
+        source.addEventListener(kind, (m) => handlers.event(parse(m)));
+      }
+    };
+    const known = (body) => { learn(body); listenTo(["event", ...vocabulary.eventKinds]); };
     source.onopen = () => setConn("live", "live");
     source.onerror = () => setConn("offline", source.readyState === EventSource.CLOSED ? "disconnected" : "reconnecting…");
     source.addEventListener("snapshot", (m) => {
       const body = parse(m);
+      known(body);
       showLedgerNote(body.ledger);
       handlers.snapshot(body);
     });
     source.addEventListener("ledger", (m) => {
       const info = parse(m);
+      known(info);
       showLedgerNote(info);
       if (handlers.ledger) handlers.ledger(info);
     });
-    for (const kind of EVENT_KINDS) source.addEventListener(kind, (m) => handlers.event(parse(m)));
     return source;
   }
 
-  return { el, duration, clock, ago, percent, progressText, eta, settingsSummary, sync, listen,
+  return { el, duration, clock, ago, percent, progressText, eta, settingsSummary, sync, listen, vocabulary, learn,
     serverNow, setServerNow, showLedgerNote, relative, absolute, when, timeEl, resolution, tinyBadge,
     watchDaemon, setHeartbeat, daemonUp };
 })();

@@ -3,7 +3,7 @@
 
 (() => {
   const { el, duration, clock, ago, when, timeEl, progressText, eta, settingsSummary, sync, resolution, tinyBadge } = IT;
-  const STATES = ["waiting", "queued", "running", "retry_wait", "done", "failed", "rejected", "cancelled"];
+  const states = IT.vocabulary;  // the states and their groups, from the server (common.js `learn`)
   const LABELS = { retry_wait: "retry wait" };
   const DONE_SHOWN = 48, PROBLEMS_SHOWN = 50;
 
@@ -25,7 +25,7 @@
 
   function renderCounts() {
     const list = document.getElementById("counts");
-    const items = STATES.map((s) => ({ state: s, n: counts[s] || 0 }));
+    const items = states.states.map((s) => ({ state: s, n: counts[s] || 0 }));
     sync(list, items, (i) => i.state,
       (i) => el("li", { dataset: { state: i.state } }, el("a", { href: `/?state=${i.state}#browse`, title: `list the ${LABELS[i.state] || i.state} jobs` },
         el("span", { className: "n" }), el("span", { className: "label" }, LABELS[i.state] || i.state))),
@@ -142,7 +142,7 @@
   }
 
   function renderProblems() {
-    const items = byState("failed", "rejected", "cancelled")
+    const items = byState(...states.problem)
       .sort((a, b) => (b.finished_at || b.created_at || 0) - (a.finished_at || a.created_at || 0)).slice(0, PROBLEMS_SHOWN);
     toggleEmpty("problems", items.length === 0);
     sync(document.getElementById("problems-list"), items, (j) => j.id,
@@ -168,9 +168,9 @@
   function prune() {
     if (jobs.size <= 4 * (DONE_SHOWN + PROBLEMS_SHOWN)) return;
     const keep = new Set([
-      ...byState("waiting", "queued", "running", "retry_wait"),
+      ...byState(...states.active),
       ...byState("done").sort((a, b) => (b.finished_at || 0) - (a.finished_at || 0)).slice(0, DONE_SHOWN),
-      ...byState("failed", "rejected", "cancelled")
+      ...byState(...states.problem)
         .sort((a, b) => (b.finished_at || b.created_at || 0) - (a.finished_at || a.created_at || 0)).slice(0, PROBLEMS_SHOWN),
     ].map((j) => j.id));
     for (const id of [...jobs.keys()]) if (!keep.has(id)) jobs.delete(id);
@@ -194,6 +194,13 @@
   const view = { q: params.get("q") || "", state: params.get("state") || "", before: params.get("before") || "" };
   document.getElementById("q").value = view.q;
   document.getElementById("state").value = view.state;
+  // The drop-down offers the states the server names (IT.vocabulary), filled once they are known.
+  function fillStateMenu() {
+    const menu = document.getElementById("state");
+    if (menu.options.length > 1 || !states.states.length) return;
+    menu.append(...states.states.map((s) => el("option", { value: s }, LABELS[s] || s)));
+    menu.value = view.state;
+  }
   let browseDirty = true, browseBusy = false;
   // The CSP allows no form submission (form-action 'none'): the form becomes a plain navigation.
   document.getElementById("search").addEventListener("submit", (e) => {
@@ -232,6 +239,8 @@
       if (view.before) p.set("before", view.before);
       const response = await fetch(`/api/jobs?${p}`, { headers: { Accept: "application/json" } });
       const body = await response.json().catch(() => ({}));
+      IT.learn(body);
+      fillStateMenu();
       const section = document.getElementById("browse");
       const summary = document.getElementById("browse-summary");
       if (!response.ok) { summary.textContent = body.error || `HTTP ${response.status}`; return; }
@@ -265,6 +274,7 @@
 
   IT.listen({
     snapshot(body) {
+      fillStateMenu();
       IT.setHeartbeat(body.heartbeat);
       browseDirty = true;
       if (!document.body.dataset.browsed) { document.body.dataset.browsed = "1"; loadBrowse(); }
@@ -283,6 +293,7 @@
       schedule();
     },
     ledger(info) {
+      fillStateMenu();
       if (info.available === false) { jobs.clear(); counts = {}; daemon = null; schedule(); }
     },
   });

@@ -218,7 +218,8 @@
       if (frame.event.kind === "progress") addPoint(frame.event);
       else {
         addTimeline(frame.event);
-        if (["failed", "retry", "done", "started", "queued", "cancelled"].includes(frame.event.kind)) load();
+        // a change of state (the kinds from the server: common.js `vocabulary`) changes the summary
+        if (Object.values(IT.vocabulary.stateEvents).includes(frame.event.kind)) load();
       }
       renderJob();
     },

@@ -19,6 +19,14 @@ Backends:
   and cuDNN below `FA4_MIN_KEYS` keys (the cross-attention, where cuDNN is faster).
 
 FlashAttention 4 runs as a `torch.library` custom op, so a compiled DiT block keeps one graph.
+"fp8" (`pipeline.models.attention_fp8`) is the self-attention's kernel when `fp8_attention` is on.
+
+A kernel is a function `(q, k, v) -> out` (`Kernel`), one per concrete name in `KERNELS`. `pick`
+turns a user-facing name (`NAMES`, from the torch-free `pipeline.choices`) into a kernel once, for
+a device and dtype; each DiT attention module holds the kernel it was given
+(`InfiniteTalkDiT.use_attention`, called by `pipeline.perf.apply_dit_perf`), so nothing is looked
+up per call. A new kernel costs one function and one `KERNELS` entry, plus one
+`pipeline.choices.ATTENTION` entry if users may name it.
 """
 
 from __future__ import annotations
@@ -26,18 +34,23 @@ from __future__ import annotations
 import importlib.util
 import logging
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from pipeline.choices import ATTENTION
+from pipeline.models.attention_fp8 import attention_fp8
+
 logger = logging.getLogger(__name__)
 
+#: q, k, v [B, L, N, Dh] -> out [B, Lq, N, Dh]
+Kernel = Callable[[Tensor, Tensor, Tensor], Tensor]
 Backend = Literal["auto", "sdpa", "cudnn", "flash", "fa4"]
-#: the settings a user picks from ("fa4" is what "auto"/"flash" become where FlashAttention 4 runs)
-BACKENDS: tuple[str, ...] = ("auto", "sdpa", "cudnn", "flash")
+#: the names a user picks from (pipeline.choices.ATTENTION)
+NAMES: tuple[str, ...] = ATTENTION
 #: below this many keys FlashAttention 4 hands over to cuDNN (the text/image/audio cross-attention:
 #: 769 keys or fewer; cuDNN took 57 ms of a 480p forward for them, FlashAttention 4 75 ms, H100)
 FA4_MIN_KEYS = 4096
@@ -74,7 +87,7 @@ def fa4_works(device: torch.device) -> bool:
     return _fa4_ok[key]
 
 
-def error_on_small_input(kernel: Callable[[Tensor, Tensor, Tensor], Tensor], device: torch.device) -> float:
+def error_on_small_input(kernel: Kernel, device: torch.device) -> float:
     """Relative error of `kernel` against fp32 SDPA on one small random bf16 attention
     (q, k, v [1, 256, 2, 128]): the test run an optional kernel passes before it is used."""
     g = torch.Generator(device=device).manual_seed(0)
@@ -83,7 +96,7 @@ def error_on_small_input(kernel: Callable[[Tensor, Tensor, Tensor], Tensor], dev
     )
     with torch.no_grad():
         out = kernel(q, k, v).float()
-        ref = attention(q.float(), k.float(), v.float(), backend="sdpa")
+        ref = sdpa(q.float(), k.float(), v.float())
     return float((out - ref).norm() / ref.norm())
 
 
@@ -114,18 +127,20 @@ def cudnn_preferred(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def resolve_backend(backend: Backend, q: Tensor) -> Backend:
-    """The concrete kernel for `backend` and tensors like q: sdpa, cudnn, flash (2/3) or fa4."""
-    if backend not in (*BACKENDS, "fa4"):
-        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    """The concrete kernel name `name` means on `device` for `dtype`: sdpa, cudnn, flash (2/3) or
+    fa4 (logged once per concrete name). A concrete name queries nothing, so it stays traceable."""
+    if name not in (*NAMES, "fa4"):
+        raise ValueError(f"attention backend must be one of {NAMES}, got {name!r}")
+    backend = cast(Backend, name)
     if backend in ("auto", "flash"):  # device queries only here: concrete backends stay traceable
-        half = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-        hopper = half and cudnn_preferred(q.device)
+        half = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+        hopper = half and cudnn_preferred(device)
         if backend == "auto" and hopper:
-            backend = "fa4" if fa4_works(q.device) else "cudnn"
+            backend = "fa4" if fa4_works(device) else "cudnn"
         elif backend == "auto":
             backend = "flash" if half and flash_available() else "sdpa"
-        elif hopper and fa4_works(q.device):
+        elif hopper and fa4_works(device):
             backend = "fa4"
     if backend not in _logged:
         _logged.add(backend)
@@ -133,23 +148,43 @@ def resolve_backend(backend: Backend, q: Tensor) -> Backend:
     return backend
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, backend: Backend = "auto") -> Tensor:
-    """softmax(q kᵀ / √Dh) v per head. q [B, Lq, N, Dh], k/v [B, Lk, N, Dh] -> [B, Lq, N, Dh]."""
+def resolve_backend(backend: str, q: Tensor) -> Backend:
+    """`resolve` for tensors like q."""
+    return resolve(backend, q.device, q.dtype)
+
+
+def pick(name: str, device: torch.device, dtype: torch.dtype, *, long_keys: bool) -> Kernel:
+    """The kernel `name` means on `device` for `dtype` ("auto" and "flash" resolved here, once).
+
+    `long_keys`: the keys are a token sequence (self-attention, the speaker map), where "fa4" runs
+    FlashAttention 4 from `FA4_MIN_KEYS` keys on and cuDNN below; for the cross-attention (at most
+    769 keys) "fa4" is cuDNN.
+    """
+    backend = resolve(name, device, dtype)
+    return _cudnn if backend == "fa4" and not long_keys else KERNELS[backend]
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "auto") -> Tensor:
+    """softmax(q kᵀ / √Dh) v per head. q [B, Lq, N, Dh], k/v [B, Lk, N, Dh] -> [B, Lq, N, Dh].
+
+    `backend` is resolved from q on every call (the DiT calls the kernel `pick` gave it instead).
+    """
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(
             f"attention expects q [B,Lq,N,D], k/v [B,Lk,N,D]; got {q.shape}, {k.shape}, {v.shape}"
         )
-    chosen = resolve_backend(backend, q)
-    if chosen == "fa4":
-        if k.shape[1] >= FA4_MIN_KEYS:
-            return fa4_attention(q, k, v)
-        chosen = "cudnn"  # short key sequences: cuDNN is faster there
-    if chosen == "flash":
-        return _flash(q, k, v)
-    if chosen == "cudnn":
-        return _cudnn(q, k, v)
+    return pick(backend, q.device, q.dtype, long_keys=True)(q, k, v)
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """`torch.nn.functional.scaled_dot_product_attention` in the [B, L, N, Dh] layout."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)  # [B, Lq, N, Dh]
+
+
+def _fa4_routed(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """FlashAttention 4 from `FA4_MIN_KEYS` keys on; cuDNN (faster there) for shorter key sequences."""
+    return fa4_attention(q, k, v) if k.shape[1] >= FA4_MIN_KEYS else _cudnn(q, k, v)
 
 
 def _cudnn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -204,3 +239,13 @@ def fa4_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 @fa4_attention.register_fake
 def _(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+#: every concrete kernel by name ("auto" and "flash" resolve to one of these in `resolve`)
+KERNELS: dict[str, Kernel] = {
+    "sdpa": sdpa,
+    "cudnn": _cudnn,
+    "flash": _flash,
+    "fa4": _fa4_routed,
+    "fp8": attention_fp8,
+}

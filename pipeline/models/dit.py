@@ -14,6 +14,10 @@ Shape legend
 Parameter names are the official Wan / InfiniteTalk ones (`blocks.0.self_attn.q.weight`,
 `audio_proj.proj1.weight`, ...), so the released files load strictly with no conversion.
 
+Each attention module holds its kernel (`pipeline.models.attention.Kernel`, given once by
+`InfiniteTalkDiT.use_attention`); a block takes its tensors and one frozen `TokenGrid` (token
+grid, RoPE tables, speakers, region masks, the sequence-parallel group) built once per forward.
+
 Numerics follow the reference (MeiGen-AI/InfiniteTalk `wan/modules/multitalk_model.py`):
 norms, modulation, time embedding and head in float32; everything else in the parameter dtype.
 RoPE has two modes: "exact" (float64 complex product, the reference's numbers) and "fast"
@@ -28,15 +32,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, ClassVar, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.config import DiTConfig
-from pipeline.models.attention import Backend, attention
-from pipeline.models.attention_fp8 import attention_fp8
+from pipeline.models.attention import KERNELS, Kernel, pick, resolve, sdpa
 
 if TYPE_CHECKING:
     from pipeline.offload import BlockSwap
@@ -177,16 +180,34 @@ def sinusoidal_embedding(dim: int, t: Tensor) -> Tensor:
     return torch.cat([torch.cos(sinusoid), torch.sin(sinusoid)], dim=1)
 
 
+@dataclass(frozen=True, slots=True)
+class TokenGrid:
+    """What every block of one forward shares besides its tensors (built once in `_embed`)."""
+
+    grid: tuple[int, int, int]  # this rank's token grid (the whole grid without sequence parallelism)
+    full_grid: tuple[int, int, int]  # the whole token grid
+    rope: tuple[Tensor, ...]  # `Rope3D.tables` of this rank's tokens
+    speakers: int  # P
+    region_masks: Tensor | None  # [3, S] (two speakers only)
+    sp: SequenceParallel | None  # the process group splitting the tokens, or None
+
+
 # ----------------------------------------------------------------------------------------------
 # attention layers
 
 
 class WanSelfAttention(nn.Module):
-    #: run the (one-GPU) self-attention through `attention_fp8` (set by `pipeline.perf`)
-    fp8_attention: bool = False
+    """Self-attention over the tokens with 3-D RoPE, and the speaker map when two speakers talk.
+
+    `kernel` runs the one-GPU self-attention (`exact_kernel`, or `attention_fp8` when fp8
+    attention is on); `exact_kernel` runs the speaker map and, under sequence parallelism, the
+    whole-sequence attention. Both are set by `InfiniteTalkDiT.use_attention`.
+    """
 
     def __init__(self, dim: int, num_heads: int, eps: float) -> None:
         super().__init__()
+        self.kernel: Kernel = sdpa
+        self.exact_kernel: Kernel = sdpa
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.q = nn.Linear(dim, dim)
@@ -196,39 +217,31 @@ class WanSelfAttention(nn.Module):
         self.norm_q = WanRMSNorm(dim, eps=eps)
         self.norm_k = WanRMSNorm(dim, eps=eps)
 
-    def forward(
-        self,
-        x: Tensor,
-        rope: tuple[Tensor, ...],
-        backend: Backend,
-        region_masks: Tensor | None,
-        sp: SequenceParallel | None = None,
-        grid: tuple[int, int, int] | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """x [B, L, D] -> ([B, L, D], speaker map [B, 3, L] when `region_masks` [3, S] is given).
+    def forward(self, x: Tensor, g: TokenGrid) -> tuple[Tensor, Tensor | None]:
+        """x [B, L, D] -> ([B, L, D], speaker map [B, 3, L] when `g.region_masks` [3, S] is given).
 
-        With `sp` (sequence parallel), x holds this rank's tokens and `grid` is the full token grid.
+        With `g.sp` (sequence parallel), x holds this rank's tokens.
         """
         b, seq, n, d = *x.shape[:2], self.num_heads, self.head_dim
-        q = apply_rope(self.norm_q(self.q(x)).view(b, seq, n, d), rope)  # [B, L, N, Dh] fp32
-        k = apply_rope(self.norm_k(self.k(x)).view(b, seq, n, d), rope)
+        q = apply_rope(self.norm_q(self.q(x)).view(b, seq, n, d), g.rope)  # [B, L, N, Dh] fp32
+        k = apply_rope(self.norm_k(self.k(x)).view(b, seq, n, d), g.rope)
         v = self.v(x).view(b, seq, n, d)
         q, k = q.to(v.dtype), k.to(v.dtype)
-        if sp is None and self.fp8_attention:
-            out = self.o(attention_fp8(q, k, v).flatten(2))  # [B, L, D]
-        elif sp is None:
-            out = self.o(attention(q, k, v, backend=backend).flatten(2))  # [B, L, D]
+        if g.sp is None:
+            out = self.o(self.kernel(q, k, v).flatten(2))  # [B, L, D]
         else:
-            out = self.o(sp.attention(q, k, v, grid, backend).flatten(2))
+            out = self.o(g.sp.attention(q, k, v, g.full_grid, self.exact_kernel).flatten(2))
         speaker_map = None
-        if region_masks is not None:
-            if sp is not None:
-                k = sp.first_frame_keys(k, region_masks.shape[1])
-            speaker_map = region_attention_map(q.to(out.dtype), k.to(out.dtype), region_masks, backend)
+        if g.region_masks is not None:
+            if g.sp is not None:
+                k = g.sp.first_frame_keys(k, g.region_masks.shape[1])
+            speaker_map = region_attention_map(
+                q.to(out.dtype), k.to(out.dtype), g.region_masks, self.exact_kernel
+            )
         return out, speaker_map
 
 
-def region_attention_map(q: Tensor, k: Tensor, region_masks: Tensor, backend: Backend) -> Tensor:
+def region_attention_map(q: Tensor, k: Tensor, region_masks: Tensor, kernel: Kernel = sdpa) -> Tensor:
     """How much each token attends to each first-frame region, averaged over heads.
 
     q, k [B, L, N, Dh] (post-RoPE); region_masks [C, S] over the first latent frame's tokens.
@@ -242,7 +255,7 @@ def region_attention_map(q: Tensor, k: Tensor, region_masks: Tensor, backend: Ba
     k_ref = k[:, :s]  # [B, S, N, Dh] first latent frame
     values = torch.zeros(b, s, n, d, dtype=q.dtype, device=q.device)
     values[..., :c] = region_masks.to(q.dtype).t()[None, :, None, :]
-    mass = attention(q, k_ref, values, backend=backend)[..., :c]  # [B, L, N, C]
+    mass = kernel(q, k_ref, values)[..., :c]  # [B, L, N, C]
     mass = mass / region_masks.to(q.dtype).sum(dim=1)
     return mass.mean(dim=2).transpose(1, 2)  # [B, C, L]
 
@@ -252,6 +265,7 @@ class WanI2VCrossAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, eps: float, clip_tokens: int) -> None:
         super().__init__()
+        self.kernel: Kernel = sdpa  # set by `InfiniteTalkDiT.use_attention`
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.clip_tokens = clip_tokens
@@ -265,7 +279,7 @@ class WanI2VCrossAttention(nn.Module):
         self.v_img = nn.Linear(dim, dim)
         self.norm_k_img = WanRMSNorm(dim, eps=eps)
 
-    def forward(self, x: Tensor, context: Tensor, backend: Backend) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
         """x [B, L, D], context [B, Li + Lt, D] (image tokens first) -> [B, L, D]."""
         b, n, d = x.shape[0], self.num_heads, self.head_dim
         ctx_img, ctx_txt = context[:, : self.clip_tokens], context[:, self.clip_tokens :]
@@ -274,8 +288,8 @@ class WanI2VCrossAttention(nn.Module):
         v = self.v(ctx_txt).view(b, -1, n, d)
         k_img = self.norm_k_img(self.k_img(ctx_img)).view(b, -1, n, d)
         v_img = self.v_img(ctx_img).view(b, -1, n, d)
-        out_img = attention(q, k_img, v_img, backend=backend).flatten(2)
-        out_txt = attention(q, k, v, backend=backend).flatten(2)
+        out_img = self.kernel(q, k_img, v_img).flatten(2)
+        out_txt = self.kernel(q, k, v).flatten(2)
         return self.o(out_txt + out_img)
 
 
@@ -291,6 +305,7 @@ class AudioCrossAttention(nn.Module):
         self, dim: int, audio_dim: int, num_heads: int, class_range: int, class_interval: int
     ) -> None:
         super().__init__()
+        self.kernel: Kernel = sdpa  # set by `InfiniteTalkDiT.use_attention`
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.q_linear = nn.Linear(dim, dim)
@@ -300,38 +315,27 @@ class AudioCrossAttention(nn.Module):
         self.speaker2 = (float(class_range - class_interval), float(class_range))
         self.background = float(class_range // 2)
 
-    def forward(
-        self,
-        x: Tensor,
-        audio: Tensor,
-        grid: tuple[int, int, int],
-        speakers: int,
-        speaker_map: Tensor | None,
-        backend: Backend,
-        sp: SequenceParallel | None = None,
-    ) -> Tensor:
+    def forward(self, x: Tensor, audio: Tensor, g: TokenGrid, speaker_map: Tensor | None) -> Tensor:
         """x [B, L, D], audio [B, F, P·A, Da], speaker_map [B, 3, L] (P == 2) -> [B, L, D]."""
         b, seq, dim = x.shape
-        f = grid[0]
+        f = g.grid[0]
         s = seq // f
         n, d = self.num_heads, self.head_dim
         q = self.q_linear(x).view(b, f, s, n, d)  # [B, F, S, N, Dh]
         na = audio.shape[2]
         kv = self.kv_linear(audio).view(b, f, na, 2, n, d)
         k, v = kv[:, :, :, 0], kv[:, :, :, 1]  # [B, F, P·A, N, Dh]: first D outputs are keys
-        if speakers == 2:
+        if g.speakers == 2:
             if speaker_map is None:
                 raise ValueError("two speakers need the region masks (ref_target_masks)")
-            pos = self._speaker_positions(speaker_map, sp)  # [B, L]
+            pos = self._speaker_positions(speaker_map, g.sp)  # [B, L]
             q = rope_1d(q.permute(0, 3, 1, 2, 4).reshape(b, n, seq, d), pos[:, None])
             q = q.view(b, n, f, s, d).permute(0, 2, 3, 1, 4)  # [B, F, S, N, Dh]
             audio_pos = torch.full((na,), self.speaker2[0] / 2 + self.speaker2[1] / 2, device=x.device)
             audio_pos[: na // 2] = (self.speaker1[0] + self.speaker1[1]) / 2
             audio_pos = audio_pos.to(k.dtype)
             k = rope_1d(k.transpose(2, 3), audio_pos).transpose(2, 3)
-        out = attention(
-            q.reshape(b * f, s, n, d), k.reshape(b * f, na, n, d), v.reshape(b * f, na, n, d), backend=backend
-        )
+        out = self.kernel(q.reshape(b * f, s, n, d), k.reshape(b * f, na, n, d), v.reshape(b * f, na, n, d))
         return self.proj(out.reshape(b, seq, dim))
 
     def _speaker_positions(self, speaker_map: Tensor, sp: SequenceParallel | None = None) -> Tensor:
@@ -372,33 +376,18 @@ class WanAttentionBlock(nn.Module):
         )
         self.norm_x = WanLayerNorm(dim, eps, elementwise_affine=True)
 
-    def forward(
-        self,
-        x: Tensor,
-        e0: Tensor,
-        grid: tuple[int, int, int],
-        rope: tuple[Tensor, ...],
-        context: Tensor,
-        audio: Tensor,
-        speakers: int,
-        region_masks: Tensor | None,
-        backend: Backend,
-        sp: SequenceParallel | None = None,
-        full_grid: tuple[int, int, int] | None = None,
-    ) -> Tensor:
-        """x [B, L, D] (param dtype), e0 [B, 6, D] fp32, rope = `Rope3D.tables(grid)` -> [B, L, D].
-
-        With `sp`, x, rope and grid are this rank's share and `full_grid` the whole token grid.
-        """
+    def forward(self, x: Tensor, e0: Tensor, context: Tensor, audio: Tensor, g: TokenGrid) -> Tensor:
+        """x [B, L, D] (param dtype), e0 [B, 6, D] fp32, context [B, Li + Lt, D], audio
+        [B, F, P·A, Da] -> [B, L, D]. With `g.sp`, x, audio and `g.rope` are this rank's share."""
         dtype = x.dtype
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (self.modulation.float() + e0).chunk(
             6, dim=1
         )  # each [B, 1, D] fp32
         h = (self.norm1(x).float() * (1 + scale_msa) + shift_msa).to(dtype)
-        y, speaker_map = self.self_attn(h, rope, backend, region_masks, sp, full_grid)
+        y, speaker_map = self.self_attn(h, g)
         x = (x + y * gate_msa).to(dtype)
-        x = x + self.cross_attn(self.norm3(x), context, backend)
-        x = x + self.audio_cross_attn(self.norm_x(x), audio, grid, speakers, speaker_map, backend, sp)
+        x = x + self.cross_attn(self.norm3(x), context)
+        x = x + self.audio_cross_attn(self.norm_x(x), audio, g, speaker_map)
         y = self.ffn((self.norm2(x).float() * (1 + scale_ffn) + shift_ffn).to(dtype))
         return (x + y * gate_ffn).to(dtype)
 
@@ -487,27 +476,38 @@ class _PassState:
     tokens: Tensor  # [B, L, D] (this rank's L_r with sequence parallelism)
     e: Tensor  # [B, D] fp32
     e0: Tensor  # [B, 6, D] fp32
-    grid: tuple[int, int, int]  # the whole token grid
-    local_grid: tuple[int, int, int]  # this rank's (== grid without sequence parallelism)
-    rope: tuple[Tensor, ...]
     context: Tensor  # [B, Li + text_len, D]
-    audio: Tensor  # [B, F, P·A, Da]
-    speakers: int
-    region_masks: Tensor | None
-    sp: SequenceParallel | None
+    audio: Tensor  # [B, F, P·A, Da] (this rank's F_r frames with sequence parallelism)
+    g: TokenGrid
     shape: tuple[int, int, int, int]  # (B, F, H, W) of the latents
 
 
 class InfiniteTalkDiT(nn.Module):
     """Wan2.1 I2V DiT + InfiniteTalk audio adapter. Build on the meta device, then load weights.
 
-    `rope` ("exact" | "fast") and `attention_backend` ("auto" | "sdpa" | "flash") are plain
-    attributes that can be changed after loading.
+    `rope_mode` ("exact" | "fast") is a plain attribute and `use_attention` gives the attention
+    modules their kernels; both can be changed after loading (`pipeline.perf.apply_dit_perf`).
     """
 
-    def __init__(
-        self, cfg: DiTConfig, *, rope: RopeMode = "exact", attention_backend: Backend = "auto"
-    ) -> None:
+    #: modules computed in float32 whatever the parameter dtype (the reference's autocast(float32)
+    #: islands; `f32_linear`, `WanLayerNorm`, the modulations): the time embedding and projection,
+    #: every norm, the modulation tables and the head's linear layer
+    FP32_MODULES: ClassVar[tuple[str, ...]] = (
+        "time_embedding",
+        "time_projection",
+        "head",
+        "audio_proj.norm",
+        "blocks.*.norm1",
+        "blocks.*.norm2",
+        "blocks.*.norm3",
+        "blocks.*.norm_x",
+        "blocks.*.modulation",
+    )
+    #: the repeated block: compiled once per shape for all (`pipeline.compile`), streamed from
+    #: host memory one at a time (`pipeline.offload`), quantised to fp8 (`pipeline.fp8`)
+    REPEATED_BLOCK: ClassVar[str] = "blocks"
+
+    def __init__(self, cfg: DiTConfig, *, rope: RopeMode = "exact") -> None:
         super().__init__()
         self.cfg = cfg
         dim = cfg.dim
@@ -522,7 +522,7 @@ class InfiniteTalkDiT(nn.Module):
         self.img_emb = MLPProj(cfg.clip_dim, dim)
         self.audio_proj = AudioProjModel(cfg)
         self.rope_mode: RopeMode = rope
-        self.attention_backend: Backend = attention_backend
+        self._attention = "sdpa"  # the concrete kernel name the attention modules hold
         self._rope: Rope3D | None = None
         #: `pipeline.parallel.SequenceParallel` to split each forward over a process group, or None
         self.sequence_parallel: SequenceParallel | None = None
@@ -533,6 +533,30 @@ class InfiniteTalkDiT(nn.Module):
     def dtype(self) -> torch.dtype:
         """The compute dtype (the dtype the non-quantized parameters are stored in)."""
         return self.patch_embedding.weight.dtype
+
+    @property
+    def attention_backend(self) -> str:
+        """The concrete attention kernel the modules hold (sdpa, cudnn, flash or fa4)."""
+        return self._attention
+
+    @attention_backend.setter
+    def attention_backend(self, name: str) -> None:
+        self.use_attention(name)
+
+    def use_attention(self, name: str, *, fp8: bool = False) -> str:
+        """Give every attention module its kernel for `name` (one of `pipeline.choices.ATTENTION`
+        or a concrete name), resolved once for this model's device and dtype; with `fp8`, the
+        one-GPU self-attention runs `attention_fp8`. Returns the concrete name."""
+        device, dtype = self.patch_embedding.weight.device, self.dtype
+        exact = pick(name, device, dtype, long_keys=True)
+        short = pick(name, device, dtype, long_keys=False)
+        for block in cast(Iterable[WanAttentionBlock], self.blocks):
+            block.self_attn.kernel = KERNELS["fp8"] if fp8 else exact
+            block.self_attn.exact_kernel = exact
+            block.cross_attn.kernel = short
+            block.audio_cross_attn.kernel = short
+        self._attention = resolve(name, device, dtype)
+        return self._attention
 
     def compile_blocks(self, *, mode: str | None = None) -> None:
         """Regional compilation: compile each block once (shapes are static per size bucket).
@@ -585,23 +609,9 @@ class InfiniteTalkDiT(nn.Module):
         once per pass. Each pass gets exactly the numbers of its own `forward` call."""
         states = [self._embed(*p) for p in passes]  # type: ignore[arg-type]
         blocks: Iterable[nn.Module] = self.blocks if self.block_swap is None else self.block_swap.order()
-        for block in blocks:
+        for block in blocks:  # the one block loop (with sequence parallelism: this rank's tokens)
             for st in states:
-                # under sequence parallelism: this rank's whole latent frames [B, L_r, D], its local
-                # grid for RoPE, then the group and the full grid
-                local = (st.grid, ()) if st.sp is None else (st.local_grid, (st.sp, st.grid))
-                st.tokens = block(
-                    st.tokens,
-                    st.e0,
-                    local[0],
-                    st.rope,
-                    st.context,
-                    st.audio,
-                    st.speakers,
-                    st.region_masks,
-                    self.attention_backend,
-                    *local[1],
-                )
+                st.tokens = block(st.tokens, st.e0, st.context, st.audio, st.g)
         return [self._unpatchify(st) for st in states]
 
     def _embed(
@@ -614,7 +624,7 @@ class InfiniteTalkDiT(nn.Module):
         audio: Tensor,
         ref_target_masks: Tensor | None = None,
     ) -> _PassState:
-        """Steps 1-5 of a forward: tokens, time, context, audio tokens, speaker regions, RoPE."""
+        """Steps 1-6 of a forward: tokens, time, context, audio tokens, speaker regions, RoPE."""
         cfg = self.cfg
         b, _, n_f, n_h, n_w = x.shape
         pt, ph, pw = cfg.patch_size
@@ -629,18 +639,10 @@ class InfiniteTalkDiT(nn.Module):
         tokens = self.patch_embedding(torch.cat([x, y], dim=1).to(dtype)).flatten(2).transpose(1, 2)
 
         # 2. time: e [B, D] and e0 [B, 6, D], float32
-        t = t.reshape(-1).expand(b) if t.numel() == 1 else t.reshape(b)
-        sin = sinusoidal_embedding(cfg.freq_dim, t).float()
-        e = f32_linear(self.time_embedding[2], F.silu(f32_linear(self.time_embedding[0], sin)))
-        e0 = f32_linear(self.time_projection[1], F.silu(e)).unflatten(1, (6, cfg.dim))
+        e, e0 = self._time(t, b)
 
         # 3. context: [B, Li + text_len, D], image tokens first
-        if context.ndim != 3 or context.shape[1] > cfg.text_len or context.shape[0] != b:
-            raise ValueError(
-                f"context must be [B={b}, <= {cfg.text_len}, {cfg.text_dim}], got {tuple(context.shape)}"
-            )
-        context = F.pad(context.to(dtype), (0, 0, 0, cfg.text_len - context.shape[1]))
-        context = torch.cat([self.img_emb(clip_fea.to(dtype)), self.text_embedding(context)], dim=1).to(dtype)
+        context = self._context(context, clip_fea, b)
 
         # 4. audio tokens: [B, F, P·A, Da]
         audio_tokens, speakers = self._audio_tokens(audio, b, grid[0])
@@ -652,27 +654,35 @@ class InfiniteTalkDiT(nn.Module):
             region_masks = self._region_masks(ref_target_masks, grid, device, dtype)
 
         # 6. (the blocks run in forward_passes) RoPE tables; with sequence parallelism this
-        # rank's share of the tokens
+        # rank's share of the tokens, sharded once here
         rope = self.rope().tables(grid, device)
         sp = self.sequence_parallel
         local_grid = grid
         if sp is not None:
             tokens, rope, local_grid = sp.shard(tokens, rope, grid)
             audio_tokens = audio_tokens[:, sp.local_frames(grid)]  # [B, F_r, P·A, Da]
+        g = TokenGrid(local_grid, grid, rope, speakers, region_masks, sp)
         return _PassState(
-            tokens=tokens,
-            e=e,
-            e0=e0,
-            grid=grid,
-            local_grid=local_grid,
-            rope=rope,
-            context=context,
-            audio=audio_tokens,
-            speakers=speakers,
-            region_masks=region_masks,
-            sp=sp,
-            shape=(b, n_f, n_h, n_w),
+            tokens=tokens, e=e, e0=e0, context=context, audio=audio_tokens, g=g, shape=(b, n_f, n_h, n_w)
         )
+
+    def _time(self, t: Tensor, b: int) -> tuple[Tensor, Tensor]:
+        """Timesteps [B] or a scalar -> e [B, D] and e0 [B, 6, D], float32."""
+        t = t.reshape(-1).expand(b) if t.numel() == 1 else t.reshape(b)
+        sin = sinusoidal_embedding(self.cfg.freq_dim, t).float()
+        e = f32_linear(self.time_embedding[2], F.silu(f32_linear(self.time_embedding[0], sin)))
+        e0 = f32_linear(self.time_projection[1], F.silu(e)).unflatten(1, (6, self.cfg.dim))
+        return e, e0
+
+    def _context(self, context: Tensor, clip_fea: Tensor, b: int) -> Tensor:
+        """T5 output [B, Lt, text_dim] and CLIP features -> [B, Li + text_len, D], image tokens first."""
+        cfg, dtype = self.cfg, self.dtype
+        if context.ndim != 3 or context.shape[1] > cfg.text_len or context.shape[0] != b:
+            raise ValueError(
+                f"context must be [B={b}, <= {cfg.text_len}, {cfg.text_dim}], got {tuple(context.shape)}"
+            )
+        context = F.pad(context.to(dtype), (0, 0, 0, cfg.text_len - context.shape[1]))
+        return torch.cat([self.img_emb(clip_fea.to(dtype)), self.text_embedding(context)], dim=1).to(dtype)
 
     def _unpatchify(self, st: _PassState) -> Tensor:
         """Step 7: head and unpatchify: [B, L, p·C] -> velocity [B, C, F, H, W] float32."""
@@ -680,9 +690,9 @@ class InfiniteTalkDiT(nn.Module):
         pt, ph, pw = cfg.patch_size
         b, n_f, n_h, n_w = st.shape
         out = self.head(st.tokens, st.e)
-        if st.sp is not None:
-            out = st.sp.gather(out, st.grid)
-        f, h, w = st.grid
+        if st.g.sp is not None:
+            out = st.g.sp.gather(out, st.g.full_grid)
+        f, h, w = st.g.full_grid
         out = out.view(b, f, h, w, pt, ph, pw, cfg.out_dim)
         out = torch.einsum("bfhwpqrc->bcfphqwr", out)
         return out.reshape(b, cfg.out_dim, n_f, n_h, n_w).float()

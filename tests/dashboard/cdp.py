@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -197,3 +198,21 @@ def _devtools_port(profile: Path, proc: subprocess.Popen[bytes], timeout_s: floa
                 return int(lines[0])
         time.sleep(0.1)
     raise TimeoutError(f"chromium wrote no {marker} in {timeout_s} s")
+
+
+def text_of(selector: str) -> str:
+    """A JavaScript expression: the text of the first element matching `selector` ('' if none)."""
+    return f"(document.querySelector({selector!r})?.textContent || '')"
+
+
+def shot(page: Page, folder: Path, name: str) -> Path:
+    """A screenshot of `page` as `folder/name`; also kept (256 colours, small enough for git) in
+    $INFINITETALK_SCREENSHOT_DIR when that is set."""
+    from PIL import Image
+
+    path = page.screenshot(folder / name)
+    target = os.environ.get("INFINITETALK_SCREENSHOT_DIR")
+    if target:
+        with Image.open(path) as img:
+            img.convert("RGB").quantize(colors=256).save(Path(target) / name, optimize=True)
+    return path

@@ -7,7 +7,7 @@ from pathlib import Path
 from starlette.testclient import TestClient
 
 from daemon.ledger import Ledger
-from tests.dashboard.conftest import SPEC, finish_job, queue_job, run_job
+from tests.helpers.ledger import SPEC, finish_job, queue_job, reject_job, run_job
 
 
 def test_jobs_lists_states_counts_and_decoded_settings(
@@ -16,14 +16,7 @@ def test_jobs_lists_states_counts_and_decoded_settings(
     first = queue_job(ledger, "alice")
     second = queue_job(ledger, "bob", priority=5)
     ledger.insert_job(name="carol", source="inbox/carol", state="waiting", waiting_reason="incomplete upload")
-    rejected = ledger.insert_job(
-        name="dave",
-        source="inbox/dave.json",
-        state="rejected",
-        error_code="BAD_JSON",
-        error_message="line 3: trailing comma",
-        error_field="dave.json",
-    )
+    rejected = reject_job(ledger, "dave", "BAD_JSON", "line 3: trailing comma")
     run_job(ledger, second.id)  # priority 5 goes first
 
     body = client.get("/api/jobs").json()

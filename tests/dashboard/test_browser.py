@@ -10,54 +10,31 @@ INFINITETALK_SCREENSHOT_DIR set they are also copied there (that is how docs/img
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from daemon.ledger import Ledger
-from tests.dashboard.cdp import Browser, Page
-from tests.dashboard.conftest import SPEC, finish_job, queue_job, run_job
-from tests.dashboard.server_proc import dashboard_server, free_port, write_config
+from tests.dashboard.cdp import Browser, Page, shot, text_of
+from tests.dashboard.server_proc import dashboard_server, write_config
+from tests.helpers.ledger import SPEC, fail_job, finish_job, queue_job, reject_job, run_job
+from tests.helpers.proc import free_port
 
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Browser]:
-    b = Browser.start(tmp_path / "chromium-profile")
-    yield b
-    b.close()
-
-
 def _shot(page: Page, tmp_path: Path, name: str) -> Path:
-    path = page.screenshot(tmp_path / name)
+    path = shot(page, tmp_path, name)
     with Image.open(path) as img:
         assert img.format == "PNG" and 1200 <= img.width <= 1280 and img.height >= 600, img.size
-    target = os.environ.get("INFINITETALK_SCREENSHOT_DIR")
-    if target:  # small enough to keep in git: 256 colours
-        with Image.open(path) as img:
-            img.convert("RGB").quantize(colors=256).save(Path(target) / name, optimize=True)
     return path
-
-
-def _text(selector: str) -> str:
-    return f"(document.querySelector({selector!r})?.textContent || '')"
 
 
 def test_page_follows_a_job_from_queue_to_video(
     tmp_path: Path, ledger: Ledger, state_dir: Path, outbox: Path, browser: Browser
 ) -> None:
-    ledger.insert_job(
-        name="broken-upload",
-        source="inbox/broken-upload.json",
-        state="rejected",
-        error_code="BAD_JSON",
-        error_message="job.json line 4: trailing comma",
-        error_field="broken-upload.json",
-    )
+    reject_job(ledger, "broken-upload", "BAD_JSON", "job.json line 4: trailing comma")
     ledger.insert_job(
         name="bob-interview",
         source="inbox/bob-interview",
@@ -73,9 +50,9 @@ def test_page_follows_a_job_from_queue_to_video(
         page.wait_for(
             "document.body.dataset.ready === '1' && document.getElementById('conn').dataset.state === 'live'"
         )
-        page.wait_for(f"{_text('#daemon')}.startsWith('daemon started')")
-        page.wait_for(f"{_text('#waiting-list')}.includes('incomplete upload')")
-        problems = page.evaluate(_text("#problems-list"))
+        page.wait_for(f"{text_of('#daemon')}.startsWith('daemon started')")
+        page.wait_for(f"{text_of('#waiting-list')}.includes('incomplete upload')")
+        problems = page.evaluate(text_of("#problems-list"))
         assert "BAD_JSON" in problems and "trailing comma" in problems and "broken-upload.json" in problems
         assert page.evaluate("document.querySelector('#queue .empty').hidden") is False
 
@@ -88,21 +65,21 @@ def test_page_follows_a_job_from_queue_to_video(
             "[...document.querySelectorAll('#queue-list tr')].map(r => r.children[1].textContent)"
         ) == ["alice-studio", "carol-podcast"]
         page.wait_for("document.querySelector('#counts [data-state=queued] .n').textContent === '2'")
-        assert "2 speakers (add)" in page.evaluate(_text("#queue-list tr:nth-child(2)"))
+        assert "2 speakers (add)" in page.evaluate(text_of("#queue-list tr:nth-child(2)"))
 
         # running: a progress bar with chunk and step, elapsed time and ETA
         run_job(ledger, alice.id, chunk=1, step=2)
         card = f"#running-list [data-key='{alice.id}']"
-        page.wait_for(f"{_text(card)}.includes('chunk 1/2 · step 2/4')")
+        page.wait_for(f"{text_of(card)}.includes('chunk 1/2 · step 2/4')")
         assert page.evaluate(f'document.querySelector("{card} progress").value') == 0.25
         assert page.evaluate("document.querySelectorAll('#queue-list tr').length") == 1
         ledger.update_progress(
             alice.id, progress=0.875, chunk=2, num_chunks=2, step=3, num_steps=4, stage="denoise"
         )
-        page.wait_for(f"{_text(card)}.includes('chunk 2/2 · step 3/4 · denoise · 88%')")
+        page.wait_for(f"{text_of(card)}.includes('chunk 2/2 · step 3/4 · denoise · 88%')")
         assert page.evaluate(f'document.querySelector("{card} progress").value') == 0.875
-        page.wait_for(f"/ETA \\d+:\\d\\d/.test({_text(card + ' .times')})")
-        assert "elapsed" in page.evaluate(_text(card + " .times"))
+        page.wait_for(f"/ETA \\d+:\\d\\d/.test({text_of(card + ' .times')})")
+        assert "elapsed" in page.evaluate(text_of(card + " .times"))
         _shot(page, tmp_path, "dashboard-rendering.png")
 
         # done: the card leaves, a video appears in the grid with its facts and a download link
@@ -110,7 +87,7 @@ def test_page_follows_a_job_from_queue_to_video(
         tile = f"#finished-list [data-key='{alice.id}']"
         page.wait_for(f'!!document.querySelector("{tile} video")')
         page.wait_for("document.querySelectorAll('#running-list > *').length === 0")
-        facts = page.evaluate(_text(tile))
+        facts = page.evaluate(text_of(tile))
         assert "alice-studio" in facts and "0:03 video" in facts and "rendered in 0:13" in facts
         assert "480p" in facts and "seed 42" in facts
         assert (
@@ -151,7 +128,7 @@ def test_page_follows_a_job_from_queue_to_video(
             "[...document.querySelectorAll('#timeline tr')].map(r => r.children[2].textContent)"
         )
         assert kinds == ["created", "queued", "started", "done"]
-        assert "alice-studio" in page.evaluate(_text("#job-name"))
+        assert "alice-studio" in page.evaluate(text_of("#job-name"))
         assert page.evaluate("!!document.querySelector('#job-video video')")
         _shot(page, tmp_path, "dashboard-job.png")
         page.goto(f"{url}/jobs/{alice.id}?events=1")
@@ -166,12 +143,12 @@ def test_page_follows_a_job_from_queue_to_video(
         page.wait_for(f'!!document.querySelector("{tile}")')
         ledger.daemon_event("stopped", pid=4242)
         page.wait_for("document.getElementById('daemon').dataset.state === 'stopped'")
-        assert page.evaluate(_text("#daemon")).startswith("daemon stopped")
+        assert page.evaluate(text_of("#daemon")).startswith("daemon stopped")
         ledger.close()
         moved = state_dir.with_name("var-away")
         state_dir.rename(moved)
         page.wait_for("!document.getElementById('ledger-note').hidden")
-        assert "cannot be read" in page.evaluate(_text("#ledger-note"))
+        assert "cannot be read" in page.evaluate(text_of("#ledger-note"))
         page.wait_for("document.querySelectorAll('#finished-list > *').length === 0")
         _shot(page, tmp_path, "dashboard-no-ledger.png")
         moved.rename(state_dir)
@@ -192,20 +169,13 @@ def test_page_follows_a_job_from_queue_to_video(
                 error_message="CUDA out of memory",
             )
             row = f"#queue-list [data-key='{carol.id}']"
-            page.wait_for(f"{_text(row)}.includes('retry 1 at')")
+            page.wait_for(f"{text_of(row)}.includes('retry 1 at')")
             assert page.evaluate(f'document.querySelector("{row} .pos").textContent') == "retry"
             # then it fails for good: listed with its code and message
-            again.transition(
-                carol.id,
-                "retry_wait",
-                "failed",
-                finished_at=again.clock(),
-                error_code="CRASH_LOOP",
-                error_message="the worker died 3 times on this job",
-            )
+            fail_job(again, carol.id, "retry_wait", "CRASH_LOOP", "the worker died 3 times on this job")
             failed = f"#problems-list [data-key='{carol.id}']"
-            page.wait_for(f"{_text(failed)}.includes('CRASH_LOOP')")
-            assert "the worker died 3 times" in page.evaluate(_text(failed))
+            page.wait_for(f"{text_of(failed)}.includes('CRASH_LOOP')")
+            assert "the worker died 3 times" in page.evaluate(text_of(failed))
             assert page.evaluate("document.querySelectorAll('#queue-list tr').length") == 0
             # a busy day: the grid keeps the newest 48 videos, newest first
             for i in range(50):
@@ -219,7 +189,7 @@ def test_page_follows_a_job_from_queue_to_video(
                     render_s=5.0,
                     output_video=str(outbox / "alice-studio.mp4"),
                 )
-            page.wait_for(f"{_text('#finished-list > :first-child h3')} === 'batch-49'")
+            page.wait_for(f"{text_of('#finished-list > :first-child h3')} === 'batch-49'")
             assert page.evaluate("document.querySelectorAll('#finished-list > *').length") == 48
         finally:
             again.close()

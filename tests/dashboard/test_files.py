@@ -8,7 +8,7 @@ import av
 from starlette.testclient import TestClient
 
 from daemon.ledger import JobRow, Ledger
-from tests.dashboard.conftest import finish_job, queue_job, run_job
+from tests.helpers.ledger import finish_job, queue_job, run_job
 
 
 def _done(ledger: Ledger, outbox: Path, name: str = "alice") -> JobRow:

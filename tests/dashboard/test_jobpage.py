@@ -17,27 +17,19 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from daemon.ledger import Ledger
-from tests.dashboard.cdp import Browser, Page
-from tests.dashboard.conftest import SPEC, queue_job, run_job
-from tests.dashboard.server_proc import dashboard_server, free_port, write_config
+from tests.dashboard.cdp import Browser, Page, shot, text_of
+from tests.dashboard.server_proc import dashboard_server, write_config
+from tests.helpers.daemon import Daemon
+from tests.helpers.ledger import SPEC, fail_job, finish_job, long_job, queue_job, run_job
 from tests.helpers.media import make_job_bundle
-from tests.service.harness import Daemon
+from tests.helpers.proc import free_port
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Browser]:
-    b = Browser.start(tmp_path / "chromium-profile")
-    yield b
-    b.close()
 
 
 def _viewport(page: Page, width: int, height: int = 900) -> None:
@@ -48,19 +40,6 @@ def _viewport(page: Page, width: int, height: int = 900) -> None:
         deviceScaleFactor=1,
         mobile=width < 600,
     )
-
-
-def _shot(page: Page, tmp_path: Path, name: str) -> Path:
-    path = page.screenshot(tmp_path / name)
-    target = os.environ.get("INFINITETALK_SCREENSHOT_DIR")
-    if target:  # small enough to keep in git: 256 colours
-        with Image.open(path) as img:
-            img.convert("RGB").quantize(colors=256).save(Path(target) / name, optimize=True)
-    return path
-
-
-def _text(selector: str) -> str:
-    return f"(document.querySelector({selector!r})?.textContent || '')"
 
 
 def _fill(ledger: Ledger, n: int) -> list[str]:
@@ -165,19 +144,7 @@ def test_search_filter_and_pages_in_the_url(
 def test_job_page_summarises_a_long_job_and_pages_its_events(
     tmp_path: Path, ledger: Ledger, state_dir: Path, outbox: Path, browser: Browser
 ) -> None:
-    job = queue_job(ledger, "ten-minute-video")
-    run_job(ledger, job.id)
-    with ledger.tx():
-        for k in range(3000):
-            ledger.update_progress(
-                job.id,
-                progress=k / 3000,
-                chunk=k // 40,
-                num_chunks=75,
-                step=k % 40,
-                num_steps=40,
-                stage="denoise",
-            )
+    job = long_job(ledger, "ten-minute-video")
     failed = queue_job(ledger, "broken-one")
     run_job(ledger, failed.id)
     detail = {
@@ -187,14 +154,7 @@ def test_job_page_summarises_a_long_job_and_pages_its_events(
         "at": time.time(),
     }
     ledger.set_columns(failed.id, failure_detail=json.dumps(detail))
-    ledger.transition(
-        failed.id,
-        "running",
-        "failed",
-        finished_at=ledger.clock(),
-        error_code="render_error",
-        error_message="RuntimeError: boom",
-    )
+    fail_job(ledger, failed.id, "running", "render_error", "RuntimeError: boom")
     _fill(ledger, 30)
     port = free_port()
     config = write_config(tmp_path / "it.toml", state_dir=state_dir, outbox=outbox, port=port)
@@ -212,11 +172,11 @@ def test_job_page_summarises_a_long_job_and_pages_its_events(
             "document.querySelector('#job-chart polyline').getAttribute('points').split(' ').length"
         )
         assert 100 <= points <= 121
-        assert "3004" in page.evaluate(_text("#raw-link"))
+        assert "3004" in page.evaluate(text_of("#raw-link"))
         assert page.evaluate("document.documentElement.scrollHeight") < 3000
         # relative and absolute (local) times
-        assert re.search(r"(ago|just now) \(\d", page.evaluate(_text("#job-fields")))
-        _shot(page, tmp_path, "job-long-1400.png")
+        assert re.search(r"(ago|just now) \(\d", page.evaluate(text_of("#job-fields")))
+        shot(page, tmp_path, "job-long-1400.png")
         # the raw events behind the link, 100 a page
         page.goto(page.evaluate("document.getElementById('raw-link').href"))
         page.wait_for("document.querySelectorAll('#history tr').length === 100")
@@ -230,27 +190,27 @@ def test_job_page_summarises_a_long_job_and_pages_its_events(
         # a failed job: its traceback and the worker's last lines, and its attempts
         page.goto(f"{url}/jobs/{failed.id}")
         page.wait_for("document.body.dataset.ready === '1' && !document.getElementById('failure').hidden")
-        assert "RuntimeError: boom" in page.evaluate(_text("#failure-traceback"))
-        assert "odd frame" in page.evaluate(_text("#failure-log"))
-        assert "render_error" in page.evaluate(_text("#attempts-list"))
-        _shot(page, tmp_path, "job-failed-1400.png")
+        assert "RuntimeError: boom" in page.evaluate(text_of("#failure-traceback"))
+        assert "odd frame" in page.evaluate(text_of("#failure-log"))
+        assert "render_error" in page.evaluate(text_of("#attempts-list"))
+        shot(page, tmp_path, "job-failed-1400.png")
         assert _a11y_problems(page) == []
         # 400 px: stacked, nothing sideways, no sliver cells
         _viewport(page, 400)
         page.goto(f"{url}/jobs/{failed.id}")
         page.wait_for("document.body.dataset.ready === '1' && !document.getElementById('failure').hidden")
         assert _narrow_layout_problems(page) == []
-        _shot(page, tmp_path, "job-failed-400.png")
+        shot(page, tmp_path, "job-failed-400.png")
         page.goto(url + "/")
         page.wait_for(
             "document.querySelectorAll('#browse-list tr').length > 0 && document.querySelectorAll('#problems-list tr').length > 0"
         )
         assert _narrow_layout_problems(page) == []
-        _shot(page, tmp_path, "main-400.png")
+        shot(page, tmp_path, "main-400.png")
         _viewport(page, 1400)
         page.goto(url + "/")
         page.wait_for("document.querySelectorAll('#browse-list tr').length > 0")
-        _shot(page, tmp_path, "main-1400.png")
+        shot(page, tmp_path, "main-1400.png")
         assert _a11y_problems(page) == []
     assert page.errors == [], page.errors
 
@@ -269,21 +229,21 @@ def test_down_banner_after_a_real_kill_9(tmp_path: Path, browser: Browser) -> No
             page = browser.page
             page.goto(url + "/")
             card = f"#running-list [data-key='{job['id']}']"
-            page.wait_for(f"/ETA/.test({_text(card)})")
+            page.wait_for(f"/ETA/.test({text_of(card)})")
             assert page.evaluate("document.getElementById('daemon-banner').hidden") is True
             d.kill9()
             killed = time.monotonic()
             page.wait_for("!document.getElementById('daemon-banner').hidden", timeout_s=20)
             assert time.monotonic() - killed <= 15
-            assert page.evaluate(_text("#daemon-banner")).startswith("Daemon down since")
+            assert page.evaluate(text_of("#daemon-banner")).startswith("Daemon down since")
             page.wait_for(f"document.querySelector({card!r}).classList.contains('stale')")
-            assert "not progressing" in page.evaluate(_text(card))
-            _shot(page, tmp_path, "daemon-down-1280.png")
+            assert "not progressing" in page.evaluate(text_of(card))
+            shot(page, tmp_path, "daemon-down-1280.png")
             page.goto(f"{url}/jobs/{job['id']}")
             page.wait_for(
                 "document.body.dataset.ready === '1' && !document.getElementById('daemon-banner').hidden"
             )
-            page.wait_for(f"{_text('#job-progress-text')}.includes('the daemon is down')")
+            page.wait_for(f"{text_of('#job-progress-text')}.includes('the daemon is down')")
     finally:
         d.stop()
     assert page.errors == [], page.errors
@@ -293,7 +253,6 @@ def test_tiny_model_badge_real_resolution_and_banner(
     tmp_path: Path, ledger: Ledger, state_dir: Path, outbox: Path, browser: Browser
 ) -> None:
     from daemon import heartbeat
-    from tests.dashboard.conftest import finish_job
 
     job = queue_job(ledger, "tiny-render")
     run_job(ledger, job.id)
@@ -309,12 +268,12 @@ def test_tiny_model_badge_real_resolution_and_banner(
         page.goto(url + "/")
         tile = f"#finished-list [data-key='{job.id}']"
         page.wait_for(f"!!document.querySelector({tile!r})")
-        facts = page.evaluate(_text(tile))
+        facts = page.evaluate(text_of(tile))
         assert "64×64" in facts and "tiny model" in facts and "480p" not in facts, facts
         page.wait_for("!document.getElementById('tiny-banner').hidden")
         assert page.evaluate("document.getElementById('daemon-banner').hidden") is True
         page.goto(f"{url}/jobs/{job.id}")
         page.wait_for("document.body.dataset.ready === '1'")
-        assert page.evaluate(_text("#job-tiny")) == "tiny model"
-        assert "64×64 at 25 fps" in page.evaluate(_text("#job-fields"))
+        assert page.evaluate(text_of("#job-tiny")) == "tiny model"
+        assert "64×64 at 25 fps" in page.evaluate(text_of("#job-fields"))
     assert page.errors == [], page.errors

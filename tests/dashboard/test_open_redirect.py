@@ -11,7 +11,8 @@ import pytest
 
 from daemon.ledger import Ledger
 from dashboard.security import same_origin_location
-from tests.dashboard.server_proc import dashboard_server, free_port, write_config
+from tests.dashboard.server_proc import dashboard_server, write_config
+from tests.helpers.proc import free_port
 
 TOKEN = "s3cret-token"
 

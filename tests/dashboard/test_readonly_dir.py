@@ -15,13 +15,13 @@ import httpx
 import pytest
 
 from daemon.ledger import Ledger
-from tests.dashboard.conftest import queue_job
-from tests.dashboard.server_proc import dashboard_server, free_port, write_config
+from tests.dashboard.server_proc import dashboard_server, write_config
 from tests.dashboard.sse_client import frames, take
+from tests.helpers.ledger import queue_job
+from tests.helpers.proc import ROOT, free_port
 
 pytestmark = pytest.mark.timeout(120)
 
-ROOT = Path(__file__).resolve().parents[2]
 
 READ = """
 import json, sys

@@ -17,9 +17,8 @@ from starlette.testclient import TestClient
 
 from daemon import heartbeat
 from daemon.ledger import Ledger
-from tests.dashboard.conftest import SPEC, finish_job, queue_job, run_job
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.ledger import SPEC, finish_job, long_job, queue_job, run_job
+from tests.helpers.proc import ROOT, infinitetalk
 
 
 def _many(ledger: Ledger, n: int, prefix: str = "job") -> list[str]:
@@ -88,19 +87,7 @@ def test_filter_and_search_by_name_id_prefix_and_prompt(
 
 
 def test_a_job_with_thousands_of_events_has_a_bounded_page(client: TestClient, ledger: Ledger) -> None:
-    job = queue_job(ledger, "long-video")
-    run_job(ledger, job.id)
-    with ledger.tx():
-        for k in range(3000):
-            ledger.update_progress(
-                job.id,
-                progress=k / 3000,
-                chunk=k // 40,
-                num_chunks=75,
-                step=k % 40,
-                num_steps=40,
-                stage="denoise",
-            )
+    job = long_job(ledger, "long-video")
     response = client.get(f"/api/jobs/{job.id}")
     body = response.json()
     summary = body["summary"]
@@ -223,13 +210,7 @@ def test_heartbeat_liveness_and_metrics(client: TestClient, ledger: Ledger, outb
 def _status(tmp_path: Path, state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     config = tmp_path / "it.toml"
     config.write_text(f'state_dir = "{state_dir}"\n')
-    return subprocess.run(
-        [sys.executable, "-m", "daemon", "status", "--config", str(config), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return infinitetalk("status", "--config", str(config), *args)
 
 
 def test_status_limits_filters_and_summary_first(tmp_path: Path, ledger: Ledger, state_dir: Path) -> None:

@@ -15,7 +15,7 @@ from dashboard import reader
 from dashboard.app import STATIC_DIR, create_app
 from dashboard.config import DashboardConfig, allowed_hosts_for
 from dashboard.security import CSP
-from tests.dashboard.conftest import finish_job, queue_job, run_job
+from tests.helpers.ledger import finish_job, queue_job, run_job
 
 ROUTES = ["/", "/api/jobs", "/healthz", "/metrics", "/jobs/abc", "/jobs/abc/video", "/nowhere"]
 

@@ -4,8 +4,6 @@ with event streams open (a plain StreamingResponse would hold uvicorn's shutdown
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,9 +12,10 @@ import httpx
 import pytest
 
 from daemon.ledger import Ledger
-from tests.dashboard.conftest import queue_job
-from tests.dashboard.server_proc import ROOT, dashboard_server, free_port, write_config
+from tests.dashboard.server_proc import dashboard_server, write_config
 from tests.dashboard.sse_client import frames, take
+from tests.helpers.ledger import queue_job
+from tests.helpers.proc import free_port, infinitetalk
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -69,12 +68,6 @@ def test_serves_and_stops_promptly_with_open_streams(
 def test_bad_settings_exit_78(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text("[dashboard]\nport = 70000\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "daemon", "dashboard", "--config", str(config)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = infinitetalk("dashboard", "--config", str(config))
     assert result.returncode == 78
     assert "70000" in result.stderr

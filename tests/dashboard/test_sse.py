@@ -13,8 +13,8 @@ from starlette.testclient import TestClient
 from daemon.ledger import Ledger
 from dashboard.app import create_app
 from dashboard.config import DashboardConfig
-from tests.dashboard.conftest import finish_job, queue_job, run_job
 from tests.dashboard.sse_client import frames, take
+from tests.helpers.ledger import finish_job, queue_job, run_job
 
 pytestmark = pytest.mark.timeout(60)
 

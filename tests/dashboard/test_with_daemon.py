@@ -13,8 +13,9 @@ import av
 import httpx
 import pytest
 
-from tests.dashboard.server_proc import ROOT, dashboard_server, free_port
+from tests.dashboard.server_proc import dashboard_server
 from tests.dashboard.sse_client import Frame, frames
+from tests.helpers.proc import ROOT, free_port, infinitetalk
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -52,13 +53,7 @@ def test_follow_the_example_job_rendered_by_the_daemon(tmp_path: Path) -> None:
             check=True,
             timeout=120,
         )
-        daemon = subprocess.run(
-            [sys.executable, "-m", "daemon", "daemon", "--config", str(config), "--once"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=480,
-        )
+        daemon = infinitetalk("daemon", "--config", str(config), "--once", timeout_s=480)
         assert daemon.returncode == 0, daemon.stderr[-3000:]
         assert finished.wait(timeout=30), [f.event for f in seen]
 

@@ -23,8 +23,8 @@ def test_three_jobs_render_under_the_budget(tmp_path: Path, tiny_weights_dir: Pa
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    from tests.helpers.daemon import Daemon
     from tests.helpers.media import make_job_bundle
-    from tests.service.harness import Daemon
 
     weights = tmp_path / "weights"
     shutil.copytree(tiny_weights_dir, weights)
@@ -49,7 +49,7 @@ def test_three_jobs_render_under_the_budget(tmp_path: Path, tiny_weights_dir: Pa
             )
         for i in range(3):
             (staging / f"job{i}").rename(daemon.inbox / f"job{i}")
-        done = [daemon.wait_state(f"job{i}", "done", timeout=1800) for i in range(3)]
+        done = [daemon.wait_state(f"job{i}", "done", timeout_s=1800) for i in range(3)]
     finally:
         daemon.stop()
     sidecars = [json.loads((daemon.outbox / f"job{i}.json").read_text()) for i in range(3)]

@@ -167,8 +167,10 @@ def test_fp8_attention_forward_matches_plain(bench, inputs, plain_out):
 
     if not _fp8_attention():
         pytest.skip("fp8 attention unavailable (nvidia-cudnn-frontend, Hopper)")
+    from pipeline.models.attention_fp8 import attention_fp8
+
     applied = apply_dit_perf(PerfConfig(fp8=True, fp8_attention=True), bench.dit)
-    assert applied["fp8_attention"] and all(b.self_attn.fp8_attention for b in bench.dit.blocks)
+    assert applied["fp8_attention"] and all(b.self_attn.kernel is attention_fp8 for b in bench.dit.blocks)
     with torch.no_grad():
         out = bench.dit(**inputs).float()
     err = rel_err(out, plain_out)

@@ -1,1 +1,2 @@
-"""Helpers shared by tests: media made in code (`tests.helpers.media`)."""
+"""Helpers shared by tests: media made in code (`tests.helpers.media`), the parity fixtures and
+comparing against them (`tests.helpers.parity`)."""

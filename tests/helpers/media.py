@@ -242,3 +242,11 @@ def make_loose_job(inbox: Path, name: str, *, kind: str = "image", **kwargs: Any
     out = Path(inbox) / f"{name}.json"
     out.write_text(json.dumps(doc, indent=2))
     return out
+
+
+def read_frames(video: Path) -> np.ndarray:
+    """Every frame of `video` decoded to RGB: [frames, height, width, 3] uint8."""
+    import av
+
+    with av.open(str(video)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])

@@ -124,8 +124,7 @@ def test_dit_self_attention_runs_through_it(tiny_weights_dir: Path) -> None:
     inputs = {k: (v.bfloat16() if k != "t" else v) for k, v in make_inputs(cfg).items()}
     with torch.no_grad():
         ref = model(**inputs).float()
-        for block in model.blocks:
-            block.self_attn.fp8_attention = True
+        model.use_attention("sdpa", fp8=True)
         CALLS.clear()
         out = model(**inputs).float()
     assert len(CALLS) == cfg.num_layers  # self-attention only: cross and audio attention stay bf16
@@ -153,9 +152,11 @@ def test_speed_settings_switch_it(monkeypatch: pytest.MonkeyPatch, tiny_weights_
         ValueError, match="fp8_attention is on but cannot run here: fp8 attention needs a CUDA"
     ):
         apply_dit_perf(PerfConfig(compile=False, fp8_attention=True), model)
+    assert not any(b.self_attn.kernel is fa.attention_fp8 for b in model.blocks)  # left as it was
+    model.use_attention("sdpa", fp8=True)
     applied = apply_dit_perf(PerfConfig(compile=False), model)
     assert applied["fp8_attention"] is False
-    assert not any(b.self_attn.fp8_attention for b in model.blocks)
+    assert not any(b.self_attn.kernel is fa.attention_fp8 for b in model.blocks)
 
 
 def test_a_test_run_reports_what_went_wrong(monkeypatch: pytest.MonkeyPatch) -> None:

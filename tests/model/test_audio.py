@@ -8,40 +8,21 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from pipeline.audio import AudioError, compose, load_speech, loudness_norm, read_audio
 from pipeline.models.wav2vec import AudioEncoder, Wav2VecConfig, load_wav2vec
-from pipeline.tiny_encoders import TINY_WAV2VEC, state_digest, write_tiny_encoders
+from pipeline.tiny_encoders import TINY_WAV2VEC, state_digest
 from tests.helpers.media import make_audio, make_mp4, make_wav
+from tests.helpers.parity import rel_err
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "parity" / "encoders_audio.safetensors"
+PARITY = "encoders_audio"  # the reference's tensors, as the `ref` / `ref_meta` fixtures (conftest.py)
 PARITY_RTOL = 1e-4
-
-
-def rel_err(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
-    a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return ((a - b).norm() / b.norm()).item()
 
 
 def lufs(x: np.ndarray) -> float:
     import pyloudnorm
 
     return float(pyloudnorm.Meter(16000).integrated_loudness(x))
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("encoders")
-    write_tiny_encoders(out, seed=0)
-    return out
-
-
-@pytest.fixture(scope="module")
-def ref() -> dict[str, torch.Tensor]:
-    return load_file(str(FIXTURE))
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +40,15 @@ def encoder(weights: Path) -> AudioEncoder:
     return load_wav2vec(weights, TINY_WAV2VEC)
 
 
-def test_fixture_was_made_from_these_weights(weights: Path) -> None:
+def test_fixture_was_made_from_these_weights(weights: Path, ref_meta: dict[str, str]) -> None:
     from safetensors.torch import load_file as load
 
-    with safe_open(str(FIXTURE), "pt") as f:
-        meta = f.metadata()
     state = load(str(weights / "chinese-wav2vec2-base" / "model.safetensors"))
-    assert state_digest(state) == meta["wav2vec_digest"], "tiny wav2vec2 weights changed: rerun tools/parity"
+    assert state_digest(state) == ref_meta["wav2vec_digest"], (
+        "tiny wav2vec2 weights changed: rerun tools/parity"
+    )
     bin_state = torch.load(weights / "chinese-wav2vec2-base" / "pytorch_model.bin", weights_only=True)
-    assert state_digest(bin_state) == meta["wav2vec_digest"]
+    assert state_digest(bin_state) == ref_meta["wav2vec_digest"]
     assert any(k.startswith("quantizer.") for k in state) and all(
         k.startswith(("wav2vec2.", "quantizer.", "project_")) for k in state
     )

@@ -11,6 +11,7 @@ import torch
 
 from pipeline.bench import randomise_
 from pipeline.config import load_model_config
+from pipeline.models.attention_fp8 import attention_fp8
 from pipeline.models.dit import build_dit
 from pipeline.offload import BlockSwap, OnDemand, module_bytes
 from tests.model.test_dit import make_inputs
@@ -98,10 +99,9 @@ def test_settings_follow_the_blocks(cfg) -> None:
     model = make_model(cfg)
     swap = BlockSwap(model.blocks, resident=1, device="cpu")
     model.block_swap = swap
-    for block in model.blocks:
-        block.self_attn.fp8_attention = True
+    model.use_attention("sdpa", fp8=True)  # the attention kernels are settings too
     modules = list(swap.order())
-    assert all(m.self_attn.fp8_attention for m in modules)
+    assert all(m.self_attn.kernel is attention_fp8 for m in modules)
 
 
 def test_bad_arguments_name_the_value(cfg) -> None:

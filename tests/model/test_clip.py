@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from pipeline.models.clip import (
     CLIP_FILE,
@@ -18,28 +16,12 @@ from pipeline.models.clip import (
     load_clip,
     map_state_dict,
 )
-from pipeline.tiny_encoders import state_digest, tiny_clip_config, write_tiny_encoders
+from pipeline.tiny_encoders import state_digest, tiny_clip_config
+from tests.helpers.parity import rel_err
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "parity" / "encoders_clip.safetensors"
+PARITY = "encoders_clip"  # the reference's tensors, as the `ref` / `ref_meta` fixtures (conftest.py)
 PARITY_RTOL = 1e-4
 HALF_RTOL = 3e-2  # bf16 / fp16 weights and activations
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("encoders")
-    write_tiny_encoders(out, seed=0)
-    return out
-
-
-@pytest.fixture(scope="module")
-def ref() -> dict[str, torch.Tensor]:
-    return load_file(str(FIXTURE))
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +36,9 @@ def _expected(cfg: ClipConfig) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in CLIPVisionModel(_hf_config(cfg)).state_dict().items()}
 
 
-def test_fixture_was_made_from_these_weights(weights: Path) -> None:
-    with safe_open(str(FIXTURE), "pt") as f:
-        meta = f.metadata()
+def test_fixture_was_made_from_these_weights(weights: Path, ref_meta: dict[str, str]) -> None:
     state = torch.load(weights / "Wan2.1-I2V-14B-480P" / CLIP_FILE, weights_only=True)
-    assert state_digest(state) == meta["clip_digest"], "tiny CLIP weights changed: rerun tools/parity"
+    assert state_digest(state) == ref_meta["clip_digest"], "tiny CLIP weights changed: rerun tools/parity"
 
 
 def test_encode_image_matches_reference(encoder: ImageEncoder, ref: dict[str, torch.Tensor]) -> None:

@@ -82,7 +82,7 @@ def test_region_map_equals_softmax_then_masked_mean() -> None:
     q, k = torch.randn(1, 12, 2, 8, generator=g), torch.randn(1, 12, 2, 8, generator=g)
     masks = (torch.rand(3, 4, generator=g) > 0.5).float()
     masks[:, 0] = 1
-    got = dit_module.region_attention_map(q, k, masks, "sdpa")  # [1, 3, 12]
+    got = dit_module.region_attention_map(q, k, masks)  # [1, 3, 12]
     attn = torch.softmax(torch.einsum("blnd,bsnd->bnls", q, k[:, :4]) / 8**0.5, dim=-1)  # [1, N, L, S]
     want = torch.einsum("bnls,cs->bcnl", attn, masks) / masks.sum(1)[None, :, None, None]
     assert rel(got, want.mean(2)) < 1e-6

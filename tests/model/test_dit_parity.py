@@ -11,24 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from pipeline.config import load_model_config
 from pipeline.weights import LORA_FILE, load_dit
 from pipeline.weights_check import dit_files_digest
+from tests.helpers.parity import read_fixture, rel_err
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "parity"
 INPUTS = ("x", "t", "context", "clip_fea", "y", "audio", "ref_target_masks")
 RTOL = 1e-4
-
-
-def read_fixture(name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(FIXTURES / f"{name}.safetensors"), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 @pytest.fixture(scope="module")

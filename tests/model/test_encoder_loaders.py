@@ -12,28 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from pipeline.models.t5 import load_tokenizer
 from pipeline.models.wav2vec import load_wav2vec
-from pipeline.tiny_encoders import TINY_WAV2VEC, write_tiny_encoders, write_unigram_tokenizer
+from pipeline.tiny_encoders import TINY_WAV2VEC, write_unigram_tokenizer
+from tests.helpers.parity import read_fixture, rel_err
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "parity"
 #: characters NFKC folds: subscript/superscript digits, a circled digit, ellipses, full-width
 #: letters, a ligature
 FOLDED = "H₂O ① x² …… ｔｈｅ ﬁne man is talking"
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("encoders")
-    write_tiny_encoders(out, seed=0)
-    return out
 
 
 def test_the_tiny_tokenizer_has_the_released_normaliser(weights: Path) -> None:
@@ -65,12 +52,8 @@ def test_tokenizer_json_is_run_exactly_as_written(tmp_path: Path) -> None:
 def test_tokens_of_folded_characters_are_the_references(weights: Path) -> None:
     """The parity fixture (made by the reference under transformers 4.57) has a prompt with
     characters NFKC folds; ours must give its ids under any installed transformers."""
-    from safetensors import safe_open
-
-    path = FIXTURES / "encoders_t5.safetensors"
-    with safe_open(str(path), "pt") as f:
-        prompts = json.loads(f.metadata()["t5_prompts"])
-    ref = load_file(str(path))
+    ref, meta = read_fixture("encoders_t5")
+    prompts = json.loads(meta["t5_prompts"])
     index = prompts.index(FOLDED)
     tok = load_tokenizer(weights / "Wan2.1-I2V-14B-480P" / "google" / "umt5-xxl")
     assert tok([FOLDED]).input_ids[0].tolist() == ref[f"ids{index}"].tolist()
@@ -98,7 +81,7 @@ def test_wav2vec_loads_in_the_requested_dtype(weights: Path, dtype: torch.dtype)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_wav2vec_features_match_the_reference(weights: Path, dtype: torch.dtype) -> None:
     encoder = load_wav2vec(weights, TINY_WAV2VEC, dtype=dtype)
-    ref = load_file(str(FIXTURES / "encoders_audio.safetensors"))
+    ref, _ = read_fixture("encoders_audio")
     features = encoder.audio_features(ref["single"].numpy())
     assert features.dtype == torch.float32  # returned as float32 whatever the model dtype
     assert rel_err(features, ref["emb_single"]) <= 1e-4

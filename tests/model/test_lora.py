@@ -52,10 +52,28 @@ def test_merge_adds_scaled_deltas_and_ignores_alpha() -> None:
 
 
 def test_bf16_parameters_receive_bf16_rounded_lora() -> None:
+    """The LoRA tensors are rounded to bf16 first (as the reference), the delta is a float32
+    product and is added in bf16: bit for bit, and not what the unrounded factors give."""
     model = Tiny().to(torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     lora = lora_for(model, torch.Generator().manual_seed(1))
-    merge_lora(model, lora)
-    assert model.blocks[0]["q"].weight.dtype == torch.bfloat16
+    merge_lora(model, lora, scale=1.5)
+
+    def bf16(name: str) -> torch.Tensor:
+        return lora[f"diffusion_model.blocks.0.{name}"].to(torch.bfloat16).float()
+
+    def added(param: str, delta: torch.Tensor) -> torch.Tensor:
+        return (before[param].float() + (1.5 * delta).to(torch.bfloat16).float()).to(torch.bfloat16)
+
+    after = model.state_dict()
+    weight = added("blocks.0.q.weight", bf16("q.lora_up.weight") @ bf16("q.lora_down.weight"))
+    assert after["blocks.0.q.weight"].dtype == torch.bfloat16
+    assert torch.equal(after["blocks.0.q.weight"], weight)
+    assert torch.equal(after["blocks.0.q.bias"], added("blocks.0.q.bias", bf16("q.diff_b")))
+    assert torch.equal(after["blocks.0.norm.weight"], added("blocks.0.norm.weight", bf16("norm.diff")))
+    assert not torch.equal(weight, before["blocks.0.q.weight"])  # the merge changed the weight
+    up, down = (lora[f"diffusion_model.blocks.0.q.{k}.weight"] for k in ("lora_up", "lora_down"))
+    assert not torch.equal(weight, added("blocks.0.q.weight", up @ down))  # rounding first matters
 
 
 def test_keys_the_reference_ignores_are_ignored_and_reported() -> None:

@@ -4,7 +4,6 @@ folders without the optional files. Real files on disk, the real loader and the 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,13 +17,6 @@ from pipeline.weights import LORA_FILE, WAN_INDEX, WAN_SHARDS, audio_file, forei
 from pipeline.weights_check import check_weights
 
 MULTITALK = "multitalk.safetensors"
-
-
-@pytest.fixture()
-def weights_copy(tiny_weights_dir: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "w"
-    shutil.copytree(tiny_weights_dir, out)
-    return out
 
 
 def write_multitalk_release(weights: Path) -> Path:

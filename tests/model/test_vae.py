@@ -6,32 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from pipeline.models.vae import VAE_FILE, VAEConfig, WanVAE, checkpoint_shapes, load_vae
-from pipeline.tiny_encoders import TINY_VAE, state_digest, write_tiny_encoders
+from pipeline.tiny_encoders import TINY_VAE, state_digest
+from tests.helpers.parity import rel_err
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "parity" / "encoders_vae.safetensors"
+PARITY = "encoders_vae"  # the reference's tensors, as the `ref` / `ref_meta` fixtures (conftest.py)
 PARITY_RTOL = 1e-4
 BF16_RTOL = 3e-2  # bf16 weights and activations (8-bit mantissa) through ~30 convolutions
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("encoders")
-    write_tiny_encoders(out, seed=0)
-    return out
-
-
-@pytest.fixture(scope="module")
-def ref() -> dict[str, torch.Tensor]:
-    return load_file(str(FIXTURE))
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +21,10 @@ def model(weights: Path) -> WanVAE:
     return load_vae(weights, TINY_VAE)
 
 
-def test_fixture_was_made_from_these_weights(weights: Path) -> None:
-    with safe_open(str(FIXTURE), "pt") as f:
-        meta = f.metadata()
+def test_fixture_was_made_from_these_weights(weights: Path, ref_meta: dict[str, str]) -> None:
     state = torch.load(weights / "Wan2.1-I2V-14B-480P" / VAE_FILE, weights_only=True)
-    assert meta["seed"] == "0"
-    assert state_digest(state) == meta["vae_digest"], "tiny VAE weights changed: rerun tools/parity"
+    assert ref_meta["seed"] == "0"
+    assert state_digest(state) == ref_meta["vae_digest"], "tiny VAE weights changed: rerun tools/parity"
 
 
 def test_encode_matches_reference(model: WanVAE, ref: dict[str, torch.Tensor]) -> None:

@@ -24,7 +24,8 @@ from pipeline.models.vae import (
     tile_spans,
     vae_peak_bytes,
 )
-from pipeline.tiny_encoders import TINY_VAE, write_tiny_encoders
+from pipeline.tiny_encoders import TINY_VAE
+from tests.helpers.parity import rel_err
 
 # Relative L2 error of a tiled result against the single pass, measured on the tiny random VAE
 # (base_dim 8, seed 0) for the small inputs below (latents 12x16, so most of a tile is seam):
@@ -44,16 +45,9 @@ ENCODE_RTOL = 0.115
 LARGER_RTOL = 0.33
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> WanVAE:
-    out = tmp_path_factory.mktemp("encoders")
-    write_tiny_encoders(out, seed=0)
-    return load_vae(Path(out), TINY_VAE)
+def model(weights: Path) -> WanVAE:
+    return load_vae(weights, TINY_VAE)
 
 
 @pytest.fixture(scope="module")

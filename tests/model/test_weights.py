@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,13 +19,6 @@ from tests.model.test_dit import make_inputs, rel
 #: official-layout fp8 file (e4m3 weights, bf16 scale) against the float32 model, relative L2
 #: error of the velocity. Measured 0.05 on the tiny model (e4m3 keeps 3 mantissa bits).
 FP8_BOUND = 0.15
-
-
-@pytest.fixture()
-def weights_copy(tiny_weights_dir: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "w"
-    shutil.copytree(tiny_weights_dir, out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,32 +19,18 @@ from pipeline.weights_check import check_weights
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture()
-def weights_copy(tiny_weights_dir: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "w"
-    shutil.copytree(tiny_weights_dir, out)
-    return out
-
-
 def test_cli_tiny_then_check_in_a_fresh_process(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = tmp_path / "weights"
-    done = subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "weights", "tiny", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-    )
+
+    def weights_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "daemon.cli", "weights", *args]
+        return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env)
+
+    done = weights_cli("tiny", str(out))
     assert done.returncode == 0, done.stderr
     assert "wrote tiny weights" in done.stdout
-    done = subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "weights", "check", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-    )
+    done = weights_cli("check", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "result: OK" in done.stdout and "InfiniteTalk/multi/infinitetalk.safetensors" in done.stdout
 
@@ -113,6 +98,7 @@ def test_download_plan_and_layout(tmp_path: Path) -> None:
         ("TencentGameMate/chinese-wav2vec2-base", "refs/pr/1", "chinese-wav2vec2-base"),
         ("MeiGen-AI/InfiniteTalk", None, "InfiniteTalk"),
         ("Kijai/WanVideo_comfy", None, "."),
+        ("hexgrad/Kokoro-82M", None, "Kokoro-82M"),
     ]
     assert calls[2][3] == ("model.safetensors",)
     assert calls[4][3] == ("Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors",)

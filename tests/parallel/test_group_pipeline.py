@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -17,27 +16,12 @@ import torch
 from daemon.jobs import load_job
 from pipeline.parallel_pipeline import GroupPipeline, GroupSpec
 from pipeline.types import StopRequested
-from tests.helpers.media import make_job_bundle
-
-
-def _frames(video: Path) -> np.ndarray:
-    with av.open(str(video)) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+from tests.helpers.media import read_frames
 
 
 @pytest.fixture(scope="module")
-def request_two(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("job")
-    bundle = make_job_bundle(
-        root / "duo",
-        kind="two_para",
-        duration_s=1.5,
-        sample_steps=2,
-        mode="clip",
-        seed=5,
-        image_size=(96, 48),
-    )
-    return load_job(bundle / "job.json").to_request(bundle)
+def request_two(duo_bundle: Path):
+    return load_job(duo_bundle / "job.json").to_request(duo_bundle)
 
 
 def test_group_renders_like_one_process_and_agrees_on_stops(
@@ -67,7 +51,7 @@ def test_group_renders_like_one_process_and_agrees_on_stops(
         ckpt = tmp_path / "work"
         result = group.generate(request_two, tmp_path / "group.mp4", checkpoint_dir=ckpt)
         assert result.num_frames == 33
-        a, b = _frames(tmp_path / "single.mp4"), _frames(tmp_path / "group.mp4")
+        a, b = read_frames(tmp_path / "single.mp4"), read_frames(tmp_path / "group.mp4")
         assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
         # 2. a stop seen only by rank 0 (its progress callback raises) stops both ranks together
@@ -81,7 +65,7 @@ def test_group_renders_like_one_process_and_agrees_on_stops(
 
         # 3. the ranks are still in step: the next job renders, again equal to one process
         group.generate(request_two, tmp_path / "again.mp4", should_stop=lambda: False)
-        assert np.abs(_frames(tmp_path / "again.mp4").astype(int) - a.astype(int)).max() <= 1
+        assert np.abs(read_frames(tmp_path / "again.mp4").astype(int) - a.astype(int)).max() <= 1
         assert not (tmp_path / "work.rank1").exists()
     finally:
         group.close()

@@ -11,10 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import av
 import numpy as np
 
-from tests.helpers.media import make_job_bundle
+from tests.helpers.media import make_job_bundle, read_frames
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,29 +47,15 @@ def _render(job: Path, out: Path, weights: Path, gpus: int, cwd: Path) -> subpro
     )
 
 
-def _frames(video: Path) -> np.ndarray:
-    with av.open(str(video)) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
-
-
-def test_two_rank_render_equals_one_rank(tmp_path: Path, tiny_weights_dir: Path) -> None:
-    bundle = make_job_bundle(
-        tmp_path / "duo",
-        kind="two_para",
-        duration_s=1.5,
-        sample_steps=2,
-        mode="clip",
-        seed=5,
-        image_size=(96, 48),
-    )
-    job = bundle / "job.json"
+def test_two_rank_render_equals_one_rank(tmp_path: Path, tiny_weights_dir: Path, duo_bundle: Path) -> None:
+    job = duo_bundle / "job.json"
     one = _render(job, tmp_path / "one.mp4", tiny_weights_dir, 1, tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     two = _render(job, tmp_path / "two" / "two.mp4", tiny_weights_dir, 2, tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("two.mp4:") == 1  # only rank 0 reports (and writes)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["two.jpg", "two.mp4"]
-    a, b = _frames(tmp_path / "one.mp4"), _frames(tmp_path / "two" / "two.mp4")
+    a, b = read_frames(tmp_path / "one.mp4"), read_frames(tmp_path / "two" / "two.mp4")
     assert a.shape == b.shape and a.shape[0] == 33
     # float32 on the CPU: the parallel forward equals the single one, so the encoded frames match
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1

@@ -9,24 +9,26 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import av
 
 from daemon.jobs import load_job
-from daemon.runner import RunOrder, WorkerConfig
-from daemon.worker import WorkerHandle
+from daemon.pool import WorkerHandle
+from daemon.protocol import Failed, Fatal, Finished, Ready, RunOrder
+from daemon.runner import WorkerConfig
 from tests.helpers.media import make_job_bundle
 
 
-def _wait(worker: WorkerHandle, kinds: set[str], timeout_s: float) -> tuple:
+def _wait(worker: WorkerHandle, kind: type, timeout_s: float) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         worker.wait(1.0)
         for message in worker.poll():
-            if message[0] in kinds:
+            if isinstance(message, kind):
                 return message
-            assert message[0] not in ("fatal", "failed"), message
-    raise AssertionError(f"no {kinds} message within {timeout_s} s")
+            assert not isinstance(message, (Fatal, Failed)), message
+    raise AssertionError(f"no {kind.__name__} message within {timeout_s} s")
 
 
 def test_worker_runs_a_job_on_a_two_rank_group(tmp_path: Path, tiny_weights_dir: Path) -> None:
@@ -45,7 +47,7 @@ def test_worker_runs_a_job_on_a_two_rank_group(tmp_path: Path, tiny_weights_dir:
     )
     worker.start()
     try:
-        _, info = _wait(worker, {"ready"}, 180)
+        info = _wait(worker, Ready, 180).info
         assert info["sequence_parallel"] == 2 and info["device"] == "cpu,cpu"
         out = tmp_path / "out" / "solo.mp4"
         worker.run(
@@ -57,8 +59,7 @@ def test_worker_runs_a_job_on_a_two_rank_group(tmp_path: Path, tiny_weights_dir:
                 checkpoint_dir=tmp_path / "work" / "j1",
             )
         )
-        message = _wait(worker, {"done"}, 300)
-        assert message[1] == "j1"
+        assert _wait(worker, Finished, 300).job_id == "j1"
         with av.open(str(out)) as c:
             assert sum(1 for _ in c.decode(video=0)) == 33
         assert not (tmp_path / "work" / "j1.rank1").exists()

@@ -10,7 +10,6 @@ import threading
 import time
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -18,12 +17,7 @@ import torch
 from daemon.jobs import load_job
 from pipeline import InfiniteTalkPipeline
 from pipeline.placement import Placement, PlacementError
-from tests.helpers.media import make_job_bundle
-
-
-def _frames(path: Path) -> np.ndarray:
-    with av.open(str(path)) as c:
-        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+from tests.helpers.media import make_job_bundle, read_frames
 
 
 def _everything_off(num_blocks: int) -> Placement:
@@ -61,7 +55,7 @@ def test_placed_pipeline_renders_the_same_frames(resident, tiny_weights_dir: Pat
     req = load_job(bundle / "job.json").to_request(bundle)
     a = resident.generate(req, tmp_path / "a.mp4")
     b = placed.generate(req, tmp_path / "b.mp4")
-    np.testing.assert_array_equal(_frames(b.video_path), _frames(a.video_path))
+    np.testing.assert_array_equal(read_frames(b.video_path), read_frames(a.video_path))
     # two chunks x 2 steps, both guidance passes of a step sharing one copy of each block
     assert swap.copies == 2 * 2 * n
     assert placed.text_encoder.shuttle.bytes_copied > 0 and placed.image_encoder.shuttle.bytes_copied > 0

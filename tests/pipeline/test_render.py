@@ -13,7 +13,7 @@ import torch
 from daemon.jobs import load_job
 from pipeline import InfiniteTalkPipeline, StopRequested, checkpoint, media
 from pipeline.types import Progress
-from tests.helpers.media import make_job_bundle, make_wav
+from tests.helpers.media import make_job_bundle, make_wav, read_frames
 
 FPS = 25
 
@@ -25,11 +25,6 @@ def pipe(tiny_weights_dir: Path) -> InfiniteTalkPipeline:
 
 def _request(bundle: Path):
     return load_job(bundle / "job.json").to_request(bundle)
-
-
-def _frames(path: Path) -> np.ndarray:
-    with av.open(str(path)) as c:
-        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
 
 
 def _check_mp4(path: Path, *, frames: int, size: tuple[int, int]) -> None:
@@ -98,7 +93,7 @@ def test_multi_chunk_render_interrupted_and_resumed_is_identical(pipe, tmp_path:
     assert not (tmp_path / "resumed.mp4").exists()
     resumed = pipe.generate(req, tmp_path / "resumed.mp4", checkpoint_dir=ck)
     assert resumed.resumed_from_chunk == 1
-    np.testing.assert_array_equal(_frames(resumed.video_path), _frames(full.video_path))
+    np.testing.assert_array_equal(read_frames(resumed.video_path), read_frames(full.video_path))
 
 
 def test_should_stop_between_steps(pipe, tmp_path: Path) -> None:

@@ -8,56 +8,26 @@ which leaves the first chunk's frames only. The tiny model's chunk is 33 frames.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import av
 import pytest
 import torch
-from safetensors import safe_open
 
 from pipeline import InfiniteTalkPipeline, windows
-
-ROOT = Path(__file__).resolve().parents[2]
-FIXTURES = ROOT / "tests" / "fixtures" / "parity"
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "make_short_speech_fixture", ROOT / "tools/parity/make_short_speech_fixture.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def plain_pipe(tiny_weights_dir: Path) -> InfiniteTalkPipeline:
-    return InfiniteTalkPipeline.from_weights(tiny_weights_dir, device="cpu", dtype=torch.float32, lora=None)
+from tests.helpers.parity import load_tool, read_fixture, render_capturing
 
 
 @pytest.mark.parametrize(("case", "frames"), [("sampler_short", 20), ("sampler_short_33", 33)])
 def test_short_speech_equals_the_reference_loop(
     plain_pipe: InfiniteTalkPipeline, tmp_path: Path, case: str, frames: int
 ) -> None:
-    tool = _tool()
-    with safe_open(str(FIXTURES / f"{case}.safetensors"), framework="pt") as f:
-        expected = f.get_tensor("latents")
-        meta = f.metadata()
+    tool = load_tool("make_short_speech_fixture")
+    tensors, meta = read_fixture(case)
+    expected = tensors["latents"]
     assert int(meta["video_frames"]) == frames  # the reference's video: cut to the speech
     image, audio = tool.make_media(tmp_path, case)
-    captured: list[torch.Tensor] = []
-    decode = plain_pipe.vae.decode
-
-    def capture(latents: torch.Tensor) -> torch.Tensor:
-        captured.append(latents.clone())
-        return decode(latents)
-
-    plain_pipe.vae.decode = capture
-    try:
-        result = plain_pipe.generate(tool.request_for(image, audio), tmp_path / "out.mp4")
-    finally:
-        plain_pipe.vae.decode = decode
+    result, captured = render_capturing(plain_pipe, tool.request_for(image, audio), tmp_path / "out.mp4")
     assert len(captured) == 1  # the reference's second chunk is cut away entirely: not rendered
     print(f"{case}: max |ours - reference| = {(captured[0] - expected).abs().max():.3e}")
     torch.testing.assert_close(captured[0], expected, rtol=1e-4, atol=1e-4)

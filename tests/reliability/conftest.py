@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.daemon import STEADY, Daemon
 from tests.reliability import harness
 
 
@@ -32,12 +33,18 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[harness.SshServer
 
 @pytest.fixture(scope="module")
 def daemon_factory(tmp_path_factory: pytest.TempPathFactory, tiny_weights_dir: Path) -> Iterator[object]:
-    """Make DaemonProc instances in fresh folders; every one still running is stopped afterwards."""
-    made: list[harness.DaemonProc] = []
+    """Make daemons of the tiny model (preset STEADY, waiting for the model on start) in fresh
+    folders; every one still running is stopped afterwards."""
+    made: list[Daemon] = []
 
-    def make(name: str = "d", **settings: object) -> harness.DaemonProc:
-        d = harness.DaemonProc(
-            root=tmp_path_factory.mktemp(name), weights_dir=tiny_weights_dir, settings=dict(settings)
+    def make(name: str = "d", **settings: object) -> Daemon:
+        d = Daemon(
+            tmp_path_factory.mktemp(name),
+            fake=False,
+            weights_dir=tiny_weights_dir,
+            config=settings,
+            preset=STEADY,
+            ready_on_start=True,
         )
         made.append(d)
         return d
@@ -49,3 +56,19 @@ def daemon_factory(tmp_path_factory: pytest.TempPathFactory, tiny_weights_dir: P
                 d.stop(timeout_s=30)
             except AssertionError:
                 pass
+
+
+@pytest.fixture()
+def tmpfs() -> Iterator[Callable[[Path, str], Path]]:
+    """`tmpfs(folder, size)` mounts a size-limited tmpfs at `folder` (the test is skipped where
+    that is not allowed); all are unmounted afterwards, the last first."""
+    made: list[Path] = []
+
+    def mount(folder: Path, size: str) -> Path:
+        harness.mount_tmpfs(folder, size)
+        made.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(made):
+        harness.umount(folder)

@@ -1,8 +1,8 @@
-"""Test-only helpers for the reliability suite: a real daemon subprocess, a real OpenSSH server,
-ledger reads, the end-of-run invariants, and the figures written to the summary JSON.
+"""Test-only helpers for the reliability suite: job bundles with checksums, a real OpenSSH server,
+interrupted clients, the end-of-run invariants, and the figures written to the summary JSON.
 
-Nothing here fakes the daemon: `DaemonProc` runs `python -m daemon daemon --config <toml>` with
-the tiny random-weight model, exactly as a user would, and reads its SQLite ledger read-only.
+Nothing here fakes the daemon: the daemons are `tests.helpers.daemon.Daemon` processes with the
+tiny random-weight model (preset `STEADY`), run exactly as a user would.
 """
 
 from __future__ import annotations
@@ -11,26 +11,26 @@ import hashlib
 import json
 import os
 import signal
-import socket
-import sqlite3
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-SUMMARY_PATH = Path(os.environ.get("RELIABILITY_SUMMARY", REPO / "build" / "reliability-summary.json"))
+import pytest
+
+from tests.helpers.daemon import Daemon
+from tests.helpers.proc import ROOT, free_port
+
+SUMMARY_PATH = Path(os.environ.get("RELIABILITY_SUMMARY", ROOT / "build" / "reliability-summary.json"))
 
 #: figures of this test run (written to SUMMARY_PATH at the end of the session)
 FIGURES: Counter[str] = Counter()
 #: the exact client commands run, by recipe name (docs/uploading.md is checked against these)
 RECIPES_RUN: dict[str, list[str]] = {}
 
-FINAL = ("done", "failed", "rejected", "cancelled")
 #: the tiny model renders chunks of 33 frames; its shortest accepted speech is (33 + 1) / 25 s
 MIN_AUDIO_S = 1.5
 
@@ -51,27 +51,6 @@ def write_summary() -> None:
         "recipes_run": {k: v for k, v in sorted(RECIPES_RUN.items())},
     }
     SUMMARY_PATH.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-
-
-T = TypeVar("T")
-
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
-    """Poll `predicate` until it returns something truthy; fail with `what` after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(interval_s)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def sha256(path: Path) -> str:
@@ -110,305 +89,76 @@ def make_bundle(
     return directory
 
 
-# ---------------------------------------------------------------------------- the daemon
+def drop(d: Daemon, name: str, seed: int, **settings: Any) -> Path:
+    """A complete bundle (`make_bundle`), placed in the inbox by one rename (as the staged recipes do)."""
+    staged = d.inbox / f".{name}.staging"
+    make_bundle(staged, seed=seed, **settings)
+    os.rename(staged, d.inbox / name)
+    return d.inbox / name
 
 
-@dataclass
-class DaemonProc:
-    """One daemon instance: its folders, config, process and ledger."""
+def visible(d: Daemon) -> list[str]:
+    """The names of the files a client sees in the outbox (no dot-files, no folders)."""
+    return sorted(p.name for p in d.outbox.iterdir() if p.is_file() and not p.name.startswith("."))
 
-    root: Path
-    weights_dir: Path
-    settings: dict[str, Any] = field(default_factory=dict)
-    proc: subprocess.Popen[bytes] | None = None
-    starts: int = 0
-    #: a command prefix for the next start, e.g. strace with a fault-injection rule
-    wrapper: list[str] = field(default_factory=list)
-    #: extra environment of the next start (PYTHONPATH entries go before the repository's)
-    env: dict[str, str] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.inbox = self.root / "inbox"
-        self.outbox = self.root / "outbox"
-        self.state = self.root / "var"
-        self.inbox.mkdir(exist_ok=True)
-        self.config = self.root / "infinitetalk.toml"
-        self.log = self.root / "daemon.log"
-        self.write_config()
+# ---------------------------------------------------------------------------- disk full
 
-    def write_config(self) -> None:
-        base = {
-            "inbox": str(self.inbox),
-            "outbox": str(self.outbox),
-            "state_dir": str(self.state),
-            "weights_dir": str(self.weights_dir),
-            "device": "cpu",
-            "settle_s": 1.0,
-            "rescan_s": 2.0,
-            "tick_s": 0.1,
-            "incomplete_timeout_s": 600.0,
-            "retry_backoff_s": 0.2,
-            "retry_backoff_max_s": 1.0,
-            "max_running": 2,
-            "stop_timeout_s": 20.0,
-            "log_level": "info",
-        }
-        base.update({k: v for k, v in self.settings.items() if k != "defaults"})
-        lines = [f"{k} = {_toml(v)}" for k, v in base.items()]
-        defaults = {"sample_steps": 1, **self.settings.get("defaults", {})}
-        lines += ["", "[defaults]", *(f"{k} = {_toml(v)}" for k, v in defaults.items())]
-        self.config.write_text("\n".join(lines) + "\n")
 
-    @property
-    def ledger_path(self) -> Path:
-        return self.state / "ledger.sqlite3"
+#: the `tmpfs` fixture: mount a size-limited tmpfs at a folder
+Mount = Callable[[Path, str], Path]
 
-    # -------------------------------------------------------------- process control
 
-    def start(self, *, wait_ready: bool = True, timeout_s: float = 90.0) -> None:
-        assert self.proc is None or self.proc.poll() is not None, "daemon already running"
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(REPO),
-            "PYTHONUNBUFFERED": "1",
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_VERBOSITY": "error",
-            "TQDM_DISABLE": "1",
-        }
-        env.pop("NOTIFY_SOCKET", None)
-        extra = dict(self.env)
-        if "PYTHONPATH" in extra:
-            extra["PYTHONPATH"] += os.pathsep + str(REPO)
-        env.update(extra)
-        self.starts += 1
-        with open(self.log, "ab") as log:
-            log.write(f"\n===== start {self.starts} at {time.time():.3f}\n".encode())
-            self.proc = subprocess.Popen(
-                [*self.wrapper, sys.executable, "-m", "daemon", "daemon", "--config", str(self.config)],
-                cwd=self.root,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        if wait_ready:
-            self.wait_ready(timeout_s)
+def mount_tmpfs(folder: Path, size: str) -> None:
+    """A `size` tmpfs at `folder` (created); the test is skipped where mounting is not allowed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.skip(
+            f"cannot mount a tmpfs here ({result.stderr.strip()}); disk-full tests need root or CAP_SYS_ADMIN"
+        )
 
-    def wait_ready(self, timeout_s: float = 90.0) -> None:
-        marker = f"===== start {self.starts} at"
 
-        def ready() -> bool:
-            self.assert_alive()
-            text = self.log.read_text(errors="replace")
-            return "model ready" in text[text.rfind(marker) :]
+def umount(folder: Path) -> None:
+    subprocess.run(["umount", "-l", str(folder)], capture_output=True, check=False)
 
-        wait_for(ready, timeout_s, "the daemon to load the model")
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def assert_alive(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            raise AssertionError(
-                f"the daemon exited (status {self.proc and self.proc.returncode}); log:\n" + self.log_tail()
-            )
-
-    def log_tail(self, n: int = 60) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except FileNotFoundError:
-            return "(no log)"
-
-    def main_pid(self) -> int | None:
-        """The daemon's own process (the child of the wrapper, if there is one)."""
-        if not self.alive():
-            return None
-        assert self.proc is not None
-        if not self.wrapper:
-            return self.proc.pid
-        for pid in _children(self.proc.pid):
-            if "-m daemon daemon" in _cmdline(pid):
-                return pid
-        return None
-
-    def worker_pid(self) -> int | None:
-        """The render worker: the daemon's child running multiprocessing's spawn_main."""
-        main = self.main_pid()
-        if main is None:
-            return None
-        for pid in _children(main):
-            cmd = _cmdline(pid)
-            if "spawn_main" in cmd and "resource_tracker" not in cmd:
-                return pid
-        return None
-
-    def kill9(self) -> None:
-        """kill -9 of the daemon; the worker dies with it (PR_SET_PDEATHSIG), as under a power cut."""
-        if self.proc is None:
-            return
-        main = self.main_pid()
-        children = _children(main) if main else []
-        for pid in (main, self.proc.pid):  # the daemon first: a dying tracer would let it run on
+def fill(folder: Path, leave_bytes: int) -> Path:
+    """A ballast file that leaves about `leave_bytes` free on folder's filesystem."""
+    st = os.statvfs(folder)
+    free = st.f_bavail * st.f_frsize
+    ballast = folder / ".ballast"
+    with open(ballast, "wb") as f:
+        remaining = max(0, free - leave_bytes)
+        block = b"\0" * (1 << 20)
+        while remaining > 0:
+            n = min(remaining, len(block))
             try:
-                if pid:
-                    os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.wait(10)
-        for pid in children:  # a power cut leaves nothing running either
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        wait_for(lambda: not any(_exists(p) for p in children), 10, "the daemon's children to exit")
-
-    def stop(self, timeout_s: float = 60.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill9()
-            raise AssertionError(
-                f"the daemon did not stop within {timeout_s:g} s of SIGTERM; log:\n{self.log_tail()}"
-            ) from None
-
-    # -------------------------------------------------------------- the ledger, read-only
-
-    def _read(self, read: Callable[[sqlite3.Connection], T], empty: T) -> T:
-        """`read(conn)` on a read-only connection to the ledger, retried while it is locked or
-        being created; `empty` when there is no ledger yet."""
-        if not self.ledger_path.exists():
-            return empty
-        for attempt in range(20):
-            try:
-                conn = sqlite3.connect(f"file:{self.ledger_path}?mode=ro", uri=True, timeout=10)
-                try:
-                    conn.row_factory = sqlite3.Row
-                    return read(conn)
-                finally:
-                    conn.close()
-            except sqlite3.OperationalError:
-                if attempt == 19:
-                    raise
-                time.sleep(0.1)
-        return empty
-
-    def query(self, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
-        return self._read(lambda conn: [dict(r) for r in conn.execute(sql, tuple(params))], [])
-
-    def jobs(self, name: str | None = None) -> list[dict[str, Any]]:
-        if name is None:
-            return self.query("SELECT * FROM jobs ORDER BY seq")
-        return self.query("SELECT * FROM jobs WHERE name = ? ORDER BY seq", (name,))
-
-    def snapshot(self) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
-        """All jobs and each job's event kinds, read in one transaction so they agree with each other
-        even while the daemon keeps writing (WAL readers see one consistent moment)."""
-
-        def read(conn: sqlite3.Connection) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
-            conn.execute("BEGIN")
-            jobs = [dict(r) for r in conn.execute("SELECT * FROM jobs ORDER BY seq")]
-            kinds: dict[str, list[str]] = {}
-            for r in conn.execute("SELECT job_id, kind FROM events ORDER BY id"):
-                kinds.setdefault(r["job_id"], []).append(r["kind"])
-            conn.execute("COMMIT")
-            return jobs, kinds
-
-        return self._read(read, ([], {}))
-
-    def event_kinds(self, job_id: str) -> list[str]:
-        return [
-            r["kind"] for r in self.query("SELECT kind FROM events WHERE job_id = ? ORDER BY id", (job_id,))
-        ]
-
-    def admitted(self, name: str) -> list[dict[str, Any]]:
-        """Jobs of this name that ever reached `queued` (admitted)."""
-        return [j for j in self.jobs(name) if "queued" in self.event_kinds(j["id"])]
-
-    def wait_state(
-        self, name: str, states: Iterable[str], timeout_s: float = 90.0, *, ignore: Iterable[str] = ()
-    ) -> dict[str, Any]:
-        """The newest job of this name in one of `states`; rows whose id is in `ignore` don't count."""
-        wanted = set(states)
-        skip = set(ignore)
-
-        def found() -> dict[str, Any] | None:
-            self.assert_alive()
-            rows = [j for j in self.jobs(name) if j["id"] not in skip]
-            hits = [j for j in rows if j["state"] in wanted]
-            if hits:
-                return hits[-1]
-            if rows and all(j["state"] in FINAL for j in rows):  # it can never get there: fail now
-                raise AssertionError(f"job {name!r} ended {[j['state'] for j in rows]}, not {sorted(wanted)}")
-            return None
-
-        try:
-            return wait_for(found, timeout_s, f"job {name!r} to reach {sorted(wanted)}", 0.2)
-        except AssertionError as e:  # with the rows and the log, to see why
-            raise AssertionError(
-                f"{e}; its rows: {[(j['id'], j['state'], j['waiting_reason'], j['error_code'], j['error_message']) for j in self.jobs(name)]}\nlog:\n{self.log_tail(30)}"
-            ) from None
-
-    def wait_idle(self, timeout_s: float = 180.0) -> None:
-        """Until no job is queued, running or in retry (waiting jobs may stay: incomplete uploads)."""
-
-        def idle() -> bool:
-            self.assert_alive()
-            rows = self.query(
-                "SELECT COUNT(*) AS n FROM jobs WHERE state IN ('queued', 'running', 'retry_wait')"
-            )
-            return rows[0]["n"] == 0 if rows else False
-
-        wait_for(idle, timeout_s, "the queue to drain", 0.3)
+                f.write(block[:n])
+            except OSError:
+                break
+            remaining -= n
+    return ballast
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
-        if ppid == pid:
-            out.append(int(entry))
-    return out
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _exists(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return False
+def start_then_fill(d: Daemon, folder: Path, leave_bytes: int) -> Path:
+    """Start the daemon (it needs room to start), then fill `folder`'s filesystem to about
+    `leave_bytes` free; the ballast file, to remove when space should return."""
+    d.start()
+    ballast = fill(folder, leave_bytes)
+    count("faults injected")
+    return ballast
 
 
 # ---------------------------------------------------------------------------- invariants
 
 
-def check_invariants(d: DaemonProc, *, idle: bool = True) -> dict[str, int]:
+def check_invariants(d: Daemon, *, idle: bool = True) -> dict[str, int]:
     """What must hold after any run, crash or fault; returns counts per state.
 
     - every job is in one known state, and its last state event agrees with it;
@@ -491,7 +241,7 @@ def check_invariants(d: DaemonProc, *, idle: bool = True) -> dict[str, int]:
     return dict(states)
 
 
-def tally(d: DaemonProc) -> dict[str, int]:
+def tally(d: Daemon) -> dict[str, int]:
     """Add this daemon's losses and duplicates, computed from its ledger, to the run's figures.
 
     lost: admitted (a `queued` event) but neither done nor still queued/running;

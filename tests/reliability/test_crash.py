@@ -19,12 +19,15 @@ import random
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.daemon import Daemon
+from tests.helpers.proc import wait_until
 from tests.reliability import harness
-from tests.reliability.harness import DaemonProc
+from tests.reliability.harness import drop
 
 SEED = int(os.environ.get("RELIABILITY_SEED", "20261125"))
 HOLD_US = 20_000_000  # strace holds the daemon 20 s after the chosen syscall; the test kills it first
@@ -33,14 +36,6 @@ needs_strace = pytest.mark.skipif(
     not shutil.which("strace"),
     reason="strace is needed to stop the daemon at an exact syscall (apt-get install strace)",
 )
-
-
-def drop(d: DaemonProc, name: str, seed: int, tmp: Path) -> Path:
-    """A complete bundle, placed in the inbox by one rename (as the staged recipes do)."""
-    staged = d.inbox / f".{name}.staging"
-    harness.make_bundle(staged, seed=seed)
-    os.rename(staged, d.inbox / name)
-    return d.inbox / name
 
 
 def hold_after(syscalls: str, nth: int = 1) -> list[str]:
@@ -57,7 +52,7 @@ def hold_after(syscalls: str, nth: int = 1) -> list[str]:
     ]
 
 
-def assert_done_once(d: DaemonProc, names: list[str]) -> None:
+def assert_done_once(d: Daemon, names: list[str]) -> None:
     for name in names:
         rows = d.jobs(name)
         done = [r for r in rows if r["state"] == "done"]
@@ -68,53 +63,60 @@ def assert_done_once(d: DaemonProc, names: list[str]) -> None:
         assert videos == [f"{name}.mp4"], f"{name} published as {videos}"
 
 
+def _claim_renamed(d: Daemon) -> bool:
+    return not (d.inbox / "claimed").exists() and any((d.state / "jobs").glob("*/input"))
+
+
+def _in_outbox(file: str) -> Callable[[Daemon], bool]:
+    return lambda d: (d.outbox / file).exists()
+
+
 @needs_strace
 @pytest.mark.timeout(240)
-def test_kill9_right_after_the_claim_rename(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """The bundle has left the inbox for the state dir, the ledger does not know yet: kill -9."""
-    d: DaemonProc = daemon_factory("claim")
-    drop(d, "claimed", 1, tmp_path)
-    d.wrapper = hold_after("rename,renameat,renameat2")
+@pytest.mark.parametrize(
+    ("name", "seed", "syscalls", "nth", "ran", "state"),
+    [
+        pytest.param(
+            "claimed", 1, "rename,renameat,renameat2", 1, _claim_renamed, None, id="after-claim-rename"
+        ),
+        pytest.param(
+            "published", 3, "link,linkat", 1, _in_outbox("published.mp4"), "running", id="after-video-link"
+        ),
+        pytest.param(
+            "published", 5, "link,linkat", 3, _in_outbox("published.json"), "running", id="after-sidecar-link"
+        ),
+    ],
+)
+def test_kill9_right_after_a_filesystem_step(  # type: ignore[no-untyped-def]
+    name: str,
+    seed: int,
+    syscalls: str,
+    nth: int,
+    ran: Callable[[Daemon], bool],
+    state: str | None,
+    daemon_factory,
+    tmp_path: Path,
+) -> None:
+    """kill -9 after a filesystem step, before the ledger step that follows it: the bundle has left
+    the inbox for the state dir and the ledger does not know yet (claim), or the video (or all
+    three files) got its outbox name and the ledger does not say done (publish). The next start
+    finishes the job, once."""
+    d: Daemon = daemon_factory(f"{name}{nth}")
+    drop(d, name, seed)
+    d.wrapper = hold_after(syscalls, nth)
     d.start(wait_ready=False)
-    harness.wait_for(
-        lambda: not (d.inbox / "claimed").exists() and any((d.state / "jobs").glob("*/input")),
-        60,
-        "the daemon to rename the bundle into its state dir",
-    )
+    wait_until(lambda: ran(d), 120, f"the daemon to run {syscalls} (call {nth}) for {name}")
+    if state is not None:
+        time.sleep(0.3)
+        assert d.jobs(name)[0]["state"] == state
     d.kill9()
     harness.count("kill -9 daemon")
     harness.count("faults injected")
     d.wrapper = []
     d.start()
-    d.wait_state("claimed", ["done"], timeout_s=120)
+    d.wait_state(name, ["done"], timeout_s=120)
     d.wait_idle()
-    assert_done_once(d, ["claimed"])
-    harness.check_invariants(d)
-    harness.tally(d)
-    d.stop()
-
-
-@needs_strace
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("nth", [1, 3], ids=["after-video-link", "after-sidecar-link"])
-def test_kill9_in_the_middle_of_publishing(nth: int, daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """kill -9 after the video (or all three files) got its outbox name, before the ledger says done."""
-    d: DaemonProc = daemon_factory(f"publish{nth}")
-    drop(d, "published", 2 + nth, tmp_path)
-    d.wrapper = hold_after("link,linkat", nth)
-    d.start(wait_ready=False)
-    target = d.outbox / ("published.mp4" if nth == 1 else "published.json")
-    harness.wait_for(target.exists, 120, f"{target.name} to appear in the outbox")
-    time.sleep(0.3)
-    assert d.jobs("published")[0]["state"] == "running"
-    d.kill9()
-    harness.count("kill -9 daemon")
-    harness.count("faults injected")
-    d.wrapper = []
-    d.start()
-    d.wait_state("published", ["done"], timeout_s=120)
-    d.wait_idle()
-    assert_done_once(d, ["published"])
+    assert_done_once(d, [name])
     harness.check_invariants(d)
     harness.tally(d)
     d.stop()
@@ -124,14 +126,14 @@ def test_kill9_in_the_middle_of_publishing(nth: int, daemon_factory, tmp_path: P
 def test_kill9_daemon_and_worker_at_random_points(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Rounds of start / random wait / kill -9 (daemon or worker) while jobs arrive; then finish."""
     rng = random.Random(SEED)
-    d: DaemonProc = daemon_factory("random", max_running=2)  # max_attempts = 3, the default
+    d: Daemon = daemon_factory("random", max_running=2)  # max_attempts = 3, the default
     names: list[str] = []
     seed = 1000
     for _round in range(int(os.environ.get("RELIABILITY_KILL_ROUNDS", "8"))):
         for _ in range(rng.randint(1, 2)):
             seed += 1
             names.append(f"r{seed}")
-            drop(d, names[-1], seed, tmp_path)
+            drop(d, names[-1], seed)
         d.start(wait_ready=False)
         victim = rng.choice(["daemon", "daemon", "worker"])
         if victim == "worker":

@@ -7,81 +7,22 @@ once the ballast is removed the daemon must carry on and render the job exactly 
 from __future__ import annotations
 
 import os
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.daemon import Daemon
+from tests.helpers.proc import wait_until
 from tests.reliability import harness
-from tests.reliability.harness import DaemonProc
-
-
-def mount_tmpfs(folder: Path, size: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.skip(
-            f"cannot mount a tmpfs here ({result.stderr.strip()}); disk-full tests need root or CAP_SYS_ADMIN"
-        )
-
-
-def umount(folder: Path) -> None:
-    subprocess.run(["umount", "-l", str(folder)], capture_output=True, check=False)
-
-
-def fill(folder: Path, leave_bytes: int) -> Path:
-    """A ballast file that leaves about `leave_bytes` free on folder's filesystem."""
-    st = os.statvfs(folder)
-    free = st.f_bavail * st.f_frsize
-    ballast = folder / ".ballast"
-    with open(ballast, "wb") as f:
-        remaining = max(0, free - leave_bytes)
-        block = b"\0" * (1 << 20)
-        while remaining > 0:
-            n = min(remaining, len(block))
-            try:
-                f.write(block[:n])
-            except OSError:
-                break
-            remaining -= n
-    return ballast
-
-
-@pytest.fixture()
-def mounts() -> Iterator[list[Path]]:
-    made: list[Path] = []
-    yield made
-    for folder in made:
-        umount(folder)
-
-
-def drop(d: DaemonProc, name: str, seed: int) -> None:
-    staged = d.inbox / f".{name}.staging"
-    harness.make_bundle(staged, seed=seed)
-    os.rename(staged, d.inbox / name)
-
-
-def published_names(d: DaemonProc) -> list[str]:
-    return sorted(p.name for p in d.outbox.iterdir() if p.is_file() and not p.name.startswith("."))
+from tests.reliability.harness import drop, visible
 
 
 @pytest.mark.timeout(240)
-def test_outbox_full_then_space_returns(daemon_factory, mounts: list[Path]) -> None:  # type: ignore[no-untyped-def]
-    d: DaemonProc = daemon_factory(
-        "outboxfull", max_attempts=30, retry_backoff_s=0.5, retry_backoff_max_s=1.0
-    )
-    mount_tmpfs(d.outbox, "3m")
-    mounts.append(d.outbox)
-    d.start()
-    ballast = fill(d.outbox, 16 * 1024)  # too little for a video (~90 KB)
-    harness.count("faults injected")
+def test_outbox_full_then_space_returns(daemon_factory, tmpfs: harness.Mount) -> None:  # type: ignore[no-untyped-def]
+    d: Daemon = daemon_factory("outboxfull", max_attempts=30, retry_backoff_s=0.5, retry_backoff_max_s=1.0)
+    tmpfs(d.outbox, "3m")
+    ballast = harness.start_then_fill(d, d.outbox, 16 * 1024)  # too little for a video (~90 KB)
     drop(d, "full-outbox", 11)
 
     def failed_once() -> bool:
@@ -94,14 +35,12 @@ def test_outbox_full_then_space_returns(daemon_factory, mounts: list[Path]) -> N
             )
         )
 
-    harness.wait_for(failed_once, 90, "a render into the full outbox to fail")
+    wait_until(failed_once, 90, "a render into the full outbox to fail")
     row = d.jobs("full-outbox")[-1]
     assert row["error_code"] == "disk_full", row
     assert "No space left" in (row["error_message"] or "") or "ENOSPC" in (row["error_message"] or ""), row
     # nothing half-written is visible: no video, poster or sidecar for the job
-    assert not [
-        n for n in published_names(d) if n.startswith("full-outbox") and not n.endswith(".error.json")
-    ]
+    assert not [n for n in visible(d) if n.startswith("full-outbox") and not n.endswith(".error.json")]
     time.sleep(2)
     d.assert_alive()
     ballast.unlink()
@@ -114,14 +53,11 @@ def test_outbox_full_then_space_returns(daemon_factory, mounts: list[Path]) -> N
 
 
 @pytest.mark.timeout(240)
-def test_state_dir_full_then_space_returns(daemon_factory, mounts: list[Path]) -> None:  # type: ignore[no-untyped-def]
+def test_state_dir_full_then_space_returns(daemon_factory, tmpfs: harness.Mount) -> None:  # type: ignore[no-untyped-def]
     """The ledger and the claimed inputs live in the state dir: fill it while a job arrives."""
-    d: DaemonProc = daemon_factory("statefull", max_attempts=30, retry_backoff_s=0.5, retry_backoff_max_s=1.0)
-    mount_tmpfs(d.state, "8m")
-    mounts.append(d.state)
-    d.start()
-    ballast = fill(d.state, 8 * 1024)
-    harness.count("faults injected")
+    d: Daemon = daemon_factory("statefull", max_attempts=30, retry_backoff_s=0.5, retry_backoff_max_s=1.0)
+    tmpfs(d.state, "8m")
+    ballast = harness.start_then_fill(d, d.state, 8 * 1024)
     drop(d, "full-state", 12)
     time.sleep(8)  # the daemon sees the job and cannot record or claim it
     d.assert_alive()
@@ -130,28 +66,27 @@ def test_state_dir_full_then_space_returns(daemon_factory, mounts: list[Path]) -
     ballast.unlink()
     d.wait_state("full-state", ["done"], timeout_s=120)
     d.wait_idle()
-    assert published_names(d).count("full-state.mp4") == 1
+    assert visible(d).count("full-state.mp4") == 1
     harness.check_invariants(d)
     harness.tally(d)
     d.stop()
 
 
 @pytest.mark.timeout(300)
-def test_state_dir_fills_while_a_job_renders(daemon_factory, mounts: list[Path]) -> None:  # type: ignore[no-untyped-def]
+def test_state_dir_fills_while_a_job_renders(daemon_factory, tmpfs: harness.Mount) -> None:  # type: ignore[no-untyped-def]
     """The state dir fills mid-render: the render's checkpoint and the job's next state change
     cannot be written. The daemon stays up (ledger writes wait for space, logged), publishes
     nothing meanwhile, and once space returns the job ends done exactly once."""
     from tests.helpers.media import make_job_bundle
 
-    d: DaemonProc = daemon_factory(
+    d: Daemon = daemon_factory(
         "staterun",
         max_attempts=30,
         retry_backoff_s=0.5,
         retry_backoff_max_s=1.0,
         defaults={"sample_steps": 4},
     )
-    mount_tmpfs(d.state, "16m")
-    mounts.append(d.state)
+    tmpfs(d.state, "16m")
     d.start()
     staged = d.inbox / ".long.staging"
     make_job_bundle(staged, kind="image", duration_s=8.0, seed=13, image_size=(48, 40))
@@ -162,15 +97,15 @@ def test_state_dir_fills_while_a_job_renders(daemon_factory, mounts: list[Path])
         rows = d.jobs("long")
         return bool(rows) and rows[-1]["state"] == "running" and (rows[-1]["chunk"] or 0) >= 1
 
-    harness.wait_for(rendering, 90, "the long job to be rendering its first chunks")
-    ballast = fill(d.state, 0)
+    wait_until(rendering, 90, "the long job to be rendering its first chunks")
+    ballast = harness.fill(d.state, 0)
     harness.count("faults injected")
 
     def waiting() -> bool:
         d.assert_alive()
         return "ledger writes wait until space returns" in d.log.read_text(errors="replace")
 
-    harness.wait_for(waiting, 120, "a state change to wait for space")
+    wait_until(waiting, 120, "a state change to wait for space")
     time.sleep(3)
     d.assert_alive()
     assert not (d.outbox / "long.mp4").exists()
@@ -178,7 +113,7 @@ def test_state_dir_fills_while_a_job_renders(daemon_factory, mounts: list[Path])
     row = d.wait_state("long", ["done"], timeout_s=180)
     assert Path(row["output_video"]).name == "long.mp4"
     d.wait_idle()
-    assert published_names(d).count("long.mp4") == 1
+    assert visible(d).count("long.mp4") == 1
     assert "ledger writes go on" in d.log.read_text(errors="replace"), d.log_tail()
     harness.check_invariants(d)
     harness.tally(d)

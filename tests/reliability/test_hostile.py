@@ -18,14 +18,15 @@ from pathlib import Path
 import pytest
 
 from daemon.inbox import output_name
+from tests.helpers.daemon import FINAL, Daemon
+from tests.helpers.proc import wait_until
 from tests.reliability import harness
-from tests.reliability.harness import DaemonProc
 
 MAX_QUEUED_EVENTS = Path("/proc/sys/fs/inotify/max_queued_events")
 
 
 @pytest.fixture(scope="module")
-def daemon(daemon_factory) -> DaemonProc:  # type: ignore[no-untyped-def]
+def daemon(daemon_factory) -> Daemon:  # type: ignore[no-untyped-def]
     # incomplete entries (a FIFO, an empty file, a missing job.json) are rejected after 6 s
     d = daemon_factory("hostile", incomplete_timeout_s=6.0, max_running=1)
     d.start()
@@ -41,7 +42,7 @@ def outside(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def bundle(
-    d: DaemonProc,
+    d: Daemon,
     name: str | bytes,
     seed: int,
     *,
@@ -61,7 +62,7 @@ def bundle(
     harness.count("faults injected")
 
 
-def test_hostile_entries_each_get_their_error(daemon: DaemonProc, outside: Path) -> None:
+def test_hostile_entries_each_get_their_error(daemon: Daemon, outside: Path) -> None:
     d = daemon
     victim = outside / "victim"
     before = {p.name: harness.sha256(p) for p in victim.iterdir()}
@@ -172,10 +173,10 @@ def test_hostile_entries_each_get_their_error(daemon: DaemonProc, outside: Path)
     def settled() -> bool:
         d.assert_alive()
         names = {r["name"]: r for r in d.jobs()}
-        return all(shown(n) in names and names[shown(n)]["state"] in harness.FINAL for n in cases)
+        return all(shown(n) in names and names[shown(n)]["state"] in FINAL for n in cases)
 
     try:
-        harness.wait_for(settled, 120, "every hostile entry to be judged", 0.5)
+        wait_until(settled, 120, "every hostile entry to be judged", 0.5)
     finally:
         rows = {r["name"]: r for r in d.jobs()}
         report = {
@@ -220,7 +221,7 @@ def test_hostile_entries_each_get_their_error(daemon: DaemonProc, outside: Path)
 
 def test_inotify_overflow_then_a_job_is_still_taken(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Events lost to an overflowing inotify queue: the daemon notices and rescans."""
-    d: DaemonProc = daemon_factory("overflow", rescan_s=120.0)
+    d: Daemon = daemon_factory("overflow", rescan_s=120.0)
     lowered = False
     old = MAX_QUEUED_EVENTS.read_text().strip() if MAX_QUEUED_EVENTS.exists() else ""
     try:
@@ -232,7 +233,7 @@ def test_inotify_overflow_then_a_job_is_still_taken(daemon_factory, tmp_path: Pa
         except OSError:
             pass
         d.start(wait_ready=False)
-        harness.wait_for(
+        wait_until(
             lambda: "render worker started" in d.log.read_text(errors="replace"),
             60,
             "the daemon to start its watcher",
@@ -266,7 +267,7 @@ def test_a_thousand_jobs_dropped_at_once(daemon_factory, tmp_path: Path) -> None
     rest wait ("queue full"); the daemon stays up and responsive."""
     from tests.helpers.media import make_image, make_wav
 
-    d: DaemonProc = daemon_factory("thousand", max_queued=20, max_running=1)
+    d: Daemon = daemon_factory("thousand", max_queued=20, max_running=1)
     media = tmp_path / "media"
     media.mkdir()
     make_image(media / "face.png", width=48, height=40, seed=1)
@@ -299,8 +300,8 @@ def test_a_thousand_jobs_dropped_at_once(daemon_factory, tmp_path: Path) -> None
         d.assert_alive()
         return len(d.jobs()) >= 1000
 
-    harness.wait_for(all_seen, 120, "1,000 ledger rows", 1.0)
-    harness.wait_for(
+    wait_until(all_seen, 120, "1,000 ledger rows", 1.0)
+    wait_until(
         lambda: len([r for r in d.jobs() if r["state"] in ("queued", "running", "done")]) >= 20,
         120,
         "the queue to fill",

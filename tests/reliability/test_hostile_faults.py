@@ -18,21 +18,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.daemon import Daemon, pid_running
+from tests.helpers.proc import wait_until
 from tests.reliability import harness
-from tests.reliability.harness import DaemonProc
+from tests.reliability.harness import drop
 
 FAKECLOCK = Path(__file__).resolve().parent / "fakeclock"
 
 
-def drop(d: DaemonProc, name: str, seed: int, **settings: object) -> Path:
-    """A complete bundle, placed in the inbox by one rename."""
-    staged = d.inbox / f".{name}.staging"
-    harness.make_bundle(staged, seed=seed, **settings)
-    os.rename(staged, d.inbox / name)
-    return d.inbox / name
-
-
-def retries(d: DaemonProc, job_id: str) -> list[dict[str, object]]:
+def retries(d: Daemon, job_id: str) -> list[dict[str, object]]:
     """The job's `retry` events (one per counted failed attempt), with their data."""
     rows = d.query("SELECT data_json FROM events WHERE job_id = ? AND kind = 'retry' ORDER BY id", (job_id,))
     return [json.loads(r["data_json"]) for r in rows]
@@ -46,7 +40,7 @@ def with_line(config: str, line: str) -> str:
     return "\n".join([*kept[:at], line, "", *kept[at:]]) + "\n"
 
 
-def log_since(d: DaemonProc, mark: int) -> str:
+def log_since(d: Daemon, mark: int) -> str:
     return d.log.read_text(errors="replace")[mark:]
 
 
@@ -65,7 +59,7 @@ def log_since(d: DaemonProc, mark: int) -> str:
     ],
 )
 def test_a_bad_number_stops_the_start_with_one_line(daemon_factory, line: str, needle: str) -> None:  # type: ignore[no-untyped-def]
-    d: DaemonProc = daemon_factory("badnum")
+    d: Daemon = daemon_factory("badnum")
     d.config.write_text(with_line(d.config.read_text(), line))
     d.start(wait_ready=False)
     assert d.proc is not None
@@ -77,7 +71,7 @@ def test_a_bad_number_stops_the_start_with_one_line(daemon_factory, line: str, n
 @pytest.mark.timeout(240)
 def test_sighup_with_bad_numbers_keeps_the_config_in_effect(daemon_factory) -> None:  # type: ignore[no-untyped-def]
     """tick_s = inf crashed the main loop (OverflowError); nan sizes stalled every job."""
-    d: DaemonProc = daemon_factory("hup")
+    d: Daemon = daemon_factory("hup")
     d.start()
     good = d.config.read_text()
     assert d.proc is not None
@@ -85,7 +79,7 @@ def test_sighup_with_bad_numbers_keeps_the_config_in_effect(daemon_factory) -> N
         mark = len(d.log.read_text(errors="replace"))
         d.config.write_text(with_line(good, line))
         os.kill(d.proc.pid, signal.SIGHUP)
-        harness.wait_for(
+        wait_until(
             lambda at=mark: "config not reloaded" in log_since(d, at), 30, f"the daemon to refuse {line!r}"
         )
         time.sleep(1.0)  # a few main-loop turns with whatever the daemon now uses
@@ -107,7 +101,7 @@ def test_daemon_kills_do_not_use_up_the_attempts(daemon_factory) -> None:  # typ
     """The probe: kill -9 of the daemon mid-render, three times, then of the worker once, with
     max_attempts = 3. Each daemon kill used to count an attempt (the start-up requeue kept it),
     so the worker kill failed the job `worker_crash` on its 5th attempt."""
-    d: DaemonProc = daemon_factory("attempts", max_attempts=3)
+    d: Daemon = daemon_factory("attempts", max_attempts=3)
     drop(d, "patient", 31, sample_steps=40)
     for _ in range(3):
         d.start()
@@ -119,7 +113,7 @@ def test_daemon_kills_do_not_use_up_the_attempts(daemon_factory) -> None:  # typ
         assert row["state"] == "running"
     d.start()
     d.wait_state("patient", ["running"], timeout_s=120)
-    harness.wait_for(d.worker_pid, 30, "the render worker")
+    wait_until(d.worker_pid, 30, "the render worker")
     os.kill(d.worker_pid(), signal.SIGKILL)  # type: ignore[arg-type]
     harness.count("kill -9 worker")
     row = d.wait_state("patient", ["done"], timeout_s=240)
@@ -137,24 +131,22 @@ def test_daemon_kills_do_not_use_up_the_attempts(daemon_factory) -> None:  # typ
 def test_start_up_requeue_respects_the_attempt_cap(daemon_factory) -> None:  # type: ignore[no-untyped-def]
     """A job left running after 2 counted failures when max_attempts is lowered to 2 fails at
     the next start (`attempts_exhausted`) instead of running a 3rd time."""
-    d: DaemonProc = daemon_factory("cap", max_attempts=5, retry_backoff_s=0.2)
+    d: Daemon = daemon_factory("cap", max_attempts=5, retry_backoff_s=0.2)
     drop(d, "poison", 41, sample_steps=40)
     d.start()
     job_id = d.wait_state("poison", ["running"], timeout_s=120)["id"]
     for attempt in (1, 2):
-        harness.wait_for(
+        wait_until(
             lambda n=attempt: (
                 d.jobs("poison")[0]["state"] == "running" and d.jobs("poison")[0]["attempts"] == n
             ),
             120,
             f"attempt {attempt} to run",
         )
-        pid = harness.wait_for(d.worker_pid, 30, "the render worker")
+        pid = wait_until(d.worker_pid, 30, "the render worker")
         os.kill(pid, signal.SIGKILL)
-        harness.wait_for(
-            lambda n=attempt: len(retries(d, job_id)) == n, 60, f"retry {attempt} to be recorded"
-        )
-    harness.wait_for(lambda: d.jobs("poison")[0]["attempts"] == 3, 120, "the third attempt to start")
+        wait_until(lambda n=attempt: len(retries(d, job_id)) == n, 60, f"retry {attempt} to be recorded")
+    wait_until(lambda: d.jobs("poison")[0]["attempts"] == 3, 120, "the third attempt to start")
     d.wait_state("poison", ["running"], timeout_s=60)
     d.kill9()
     d.settings["max_attempts"] = 2
@@ -173,16 +165,16 @@ def test_start_up_requeue_respects_the_attempt_cap(daemon_factory) -> None:  # t
 
 @pytest.mark.timeout(300)
 def test_a_stopped_worker_is_killed_and_its_job_retried(daemon_factory) -> None:  # type: ignore[no-untyped-def]
-    d: DaemonProc = daemon_factory("sigstop", worker_stall_s=6.0)
+    d: Daemon = daemon_factory("sigstop", worker_stall_s=6.0)
     drop(d, "frozen", 51, sample_steps=40)
     d.start()
     row = d.wait_state("frozen", ["running"], timeout_s=120)
-    pid = harness.wait_for(d.worker_pid, 30, "the render worker")
+    pid = wait_until(d.worker_pid, 30, "the render worker")
     stopped_at = time.monotonic()
     os.kill(pid, signal.SIGSTOP)
     harness.count("SIGSTOP worker")
     try:
-        harness.wait_for(lambda: retries(d, row["id"]), 60, "the stalled attempt to be given up")
+        wait_until(lambda: retries(d, row["id"]), 60, "the stalled attempt to be given up")
     finally:
         try:  # the daemon has killed it by now; if not, do not leave a stopped process behind
             os.kill(pid, signal.SIGCONT)
@@ -192,7 +184,7 @@ def test_a_stopped_worker_is_killed_and_its_job_retried(daemon_factory) -> None:
     [retry] = retries(d, row["id"])
     assert 6.0 <= noticed_s < 30, noticed_s
     harness.count("seconds from SIGSTOP to the retry (worker_stall_s = 6)", round(noticed_s))
-    assert not harness._exists(pid), "the stopped worker was not killed"
+    assert not pid_running(pid), "the stopped worker was not killed"
     done = d.wait_state("frozen", ["done"], timeout_s=240)
     assert done["attempts"] == 2
     assert retry.get("error_code") == "worker_stall", retry
@@ -212,10 +204,10 @@ def _step_wall_clock(offset_file: Path, seconds: float) -> None:
     time.sleep(0.3)  # the fake clock reads the file again every 50 ms
 
 
-def _clocked_daemon(daemon_factory, tmp_path: Path, name: str, **settings: object) -> tuple[DaemonProc, Path]:  # type: ignore[no-untyped-def]
+def _clocked_daemon(daemon_factory, tmp_path: Path, name: str, **settings: object) -> tuple[Daemon, Path]:  # type: ignore[no-untyped-def]
     offset = tmp_path / "wall-offset"
     offset.write_text("0\n")
-    d: DaemonProc = daemon_factory(name, **settings)
+    d: Daemon = daemon_factory(name, **settings)
     d.env = {"PYTHONPATH": str(FAKECLOCK), "INFINITETALK_TEST_WALL_OFFSET_FILE": str(offset)}
     d.start()
     return d, offset
@@ -232,7 +224,7 @@ def test_wall_clock_forward_does_not_reject_an_upload_in_progress(daemon_factory
     held = (staged / "voice.WAV").read_bytes()
     (staged / "voice.WAV").unlink()
     os.rename(staged, d.inbox / "slow")
-    harness.wait_for(
+    wait_until(
         lambda: "incomplete upload" in ((d.jobs("slow") or [{}])[0].get("waiting_reason") or ""),
         60,
         "the upload to wait for its voice track",
@@ -254,7 +246,7 @@ def test_wall_clock_back_a_day_does_not_delay_a_retry(daemon_factory, tmp_path: 
     d, offset = _clocked_daemon(daemon_factory, tmp_path, "clockback", retry_backoff_s=6.0)
     drop(d, "retried", 62, sample_steps=40)
     d.wait_state("retried", ["running"], timeout_s=120)
-    pid = harness.wait_for(d.worker_pid, 30, "the render worker")
+    pid = wait_until(d.worker_pid, 30, "the render worker")
     os.kill(pid, signal.SIGKILL)
     d.wait_state("retried", ["retry_wait"], timeout_s=60)
     _step_wall_clock(offset, -86400.0)
@@ -269,7 +261,7 @@ def test_wall_clock_back_a_day_does_not_delay_a_retry(daemon_factory, tmp_path: 
     # taken as due one backoff (12 s for a second retry) after the daemon first sees it
     drop(d, "restarted", 63, sample_steps=40)
     d.wait_state("restarted", ["running"], timeout_s=120)
-    os.kill(harness.wait_for(d.worker_pid, 30, "the render worker"), signal.SIGKILL)
+    os.kill(wait_until(d.worker_pid, 30, "the render worker"), signal.SIGKILL)
     d.wait_state("restarted", ["retry_wait"], timeout_s=60)
     d.kill9()
     _step_wall_clock(offset, -2 * 86400.0)

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.daemon import FINAL, Daemon
+from tests.helpers.proc import wait_until
 from tests.reliability import harness
-from tests.reliability.harness import DaemonProc
 
 
 @pytest.fixture(scope="module")
-def daemon(daemon_factory) -> DaemonProc:  # type: ignore[no-untyped-def]
+def daemon(daemon_factory) -> Daemon:  # type: ignore[no-untyped-def]
     d = daemon_factory(
         "intake2", incomplete_timeout_s=60.0, max_running=1, max_audio_s=4.0, stream_settle_s=8.0
     )
@@ -26,7 +27,7 @@ def daemon(daemon_factory) -> DaemonProc:  # type: ignore[no-untyped-def]
     return d
 
 
-def _stage(d: DaemonProc, name: str, seed: int, edit: Callable[[Path, dict], None] | None = None) -> Path:
+def _stage(d: Daemon, name: str, seed: int, edit: Callable[[Path, dict], None] | None = None) -> Path:
     """A valid bundle made under a dot-name, changed by `edit`, renamed into the inbox."""
     staged = d.inbox / f".stage-{seed}"
     harness.make_bundle(staged, seed=seed, checksums=False)
@@ -48,14 +49,14 @@ def _wav_rate(path: Path, rate: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def _judged(d: DaemonProc, cases: dict[str, set[str]], timeout_s: float = 120) -> dict[str, dict]:
+def _judged(d: Daemon, cases: dict[str, set[str]], timeout_s: float = 120) -> dict[str, dict]:
     def settled() -> bool:
         d.assert_alive()
         rows = {r["name"]: r for r in d.jobs()}
-        return all(n in rows and rows[n]["state"] in harness.FINAL for n in cases)
+        return all(n in rows and rows[n]["state"] in FINAL for n in cases)
 
     try:
-        harness.wait_for(settled, timeout_s, "every hostile entry to be judged", 0.5)
+        wait_until(settled, timeout_s, "every hostile entry to be judged", 0.5)
     finally:
         rows = {r["name"]: r for r in d.jobs()}
         print(
@@ -71,7 +72,7 @@ def _judged(d: DaemonProc, cases: dict[str, set[str]], timeout_s: float = 120) -
     return rows
 
 
-def test_hostile_intake_entries_each_get_their_error(daemon: DaemonProc) -> None:
+def test_hostile_intake_entries_each_get_their_error(daemon: Daemon) -> None:
     d = daemon
     inbox = d.inbox
     started = time.monotonic()
@@ -172,7 +173,7 @@ def test_hostile_intake_entries_each_get_their_error(daemon: DaemonProc) -> None
 
 
 def test_a_medium_replaced_by_a_symlink_after_the_claim_is_not_rendered(
-    daemon: DaemonProc, tmp_path: Path
+    daemon: Daemon, tmp_path: Path
 ) -> None:
     """A process whose working directory is inside the bundle keeps replacing voice.WAV with a
     symlink to another file once the bundle has left the inbox: the render must use the bytes
@@ -203,7 +204,7 @@ def test_a_medium_replaced_by_a_symlink_after_the_claim_is_not_rendered(
     harness.check_invariants(d, idle=False)
 
 
-def test_a_streamed_wav_written_in_place_with_a_stall_is_not_judged_complete(daemon: DaemonProc) -> None:
+def test_a_streamed_wav_written_in_place_with_a_stall_is_not_judged_complete(daemon: Daemon) -> None:
     """A WAV with 0xFFFFFFFF sizes (streamed) written in place, no checksums, stalls for longer
     than settle_s: it stays waiting (stream_settle_s = 8 s here) and renders whole once written."""
     from tests.helpers.media import make_wav
@@ -249,7 +250,7 @@ def test_fifos_in_bundles_on_another_filesystem_never_crash_nor_loop(daemon_fact
     inbox = shm / f"intake2-inbox-{os.getpid()}"
     inbox.mkdir()
     try:
-        d: DaemonProc = daemon_factory("crossfs", inbox=str(inbox), incomplete_timeout_s=60.0, max_running=1)
+        d: Daemon = daemon_factory("crossfs", inbox=str(inbox), incomplete_timeout_s=60.0, max_running=1)
         d.inbox = inbox
 
         def bundle(name: str, seed: int, edit: Callable[[Path], None]) -> None:

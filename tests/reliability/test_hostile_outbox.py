@@ -20,53 +20,23 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.daemon import Daemon
+from tests.helpers.proc import wait_until
 from tests.reliability import harness
-from tests.reliability.harness import DaemonProc
-from tests.reliability.test_disk_full import fill, mount_tmpfs, umount
+from tests.reliability.harness import drop, visible
 
-Factory = Callable[..., DaemonProc]
+Factory = Callable[..., Daemon]
 
 needs_strace = pytest.mark.skipif(not shutil.which("strace"), reason="strace injects the link() errors")
 
 
-@pytest.fixture()
-def mounts() -> Iterator[list[Path]]:
-    made: list[Path] = []
-    yield made
-    for folder in reversed(made):
-        umount(folder)
-
-
-def drop(d: DaemonProc, name: str, seed: int) -> None:
-    staged = d.inbox / f".{name}.staging"
-    harness.make_bundle(staged, seed=seed)
-    os.rename(staged, d.inbox / name)
-
-
-def visible(d: DaemonProc) -> list[str]:
-    return sorted(p.name for p in d.outbox.iterdir() if p.is_file() and not p.name.startswith("."))
-
-
-def cli(d: DaemonProc, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(harness.REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "daemon", *args, "--config", str(d.config)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-def wait_exit(d: DaemonProc, timeout_s: float) -> int:
+def wait_exit(d: Daemon, timeout_s: float) -> int:
     assert d.proc is not None
     try:
         return d.proc.wait(timeout_s)
@@ -76,7 +46,7 @@ def wait_exit(d: DaemonProc, timeout_s: float) -> int:
         ) from None
 
 
-def start_log(d: DaemonProc) -> str:
+def start_log(d: Daemon) -> str:
     """The log of the daemon's latest start."""
     text = d.log.read_text(errors="replace")
     return text[text.rfind("===== start") :]
@@ -140,12 +110,12 @@ def test_delete_of_an_old_job_keeps_the_newer_job_that_took_its_name(daemon_fact
     new = d.wait_state("talk", ["done"], timeout_s=120, ignore=[old["id"]])
     assert new["output_video"] == old["output_video"]  # the freed name was taken again
     before = {n: harness.sha256(d.outbox / n) for n in ("talk.mp4", "talk.jpg", "talk.json")}
-    out = cli(d, "delete", old["id"])
+    out = d.cli("delete", old["id"])
     assert out.returncode == 0, out.stderr
     assert "not provably this job's" in out.stdout, out.stdout
     assert {n: harness.sha256(d.outbox / n) for n in before} == before  # the newer job's files, intact
     assert d.jobs("talk")[-1]["deleted_at"] is None
-    out = cli(d, "delete", new["id"])
+    out = d.cli("delete", new["id"])
     assert out.returncode == 0 and "removed 3 output file(s)" in out.stdout, (out.stdout, out.stderr)
     assert visible(d) == []
     harness.count("faults injected")
@@ -161,21 +131,13 @@ def test_deleting_daemon_lock_does_not_let_a_second_daemon_in(daemon_factory: Fa
     d.start()
     (d.state / "daemon.lock").unlink()
     harness.count("faults injected")
-    second = subprocess.run(
-        [sys.executable, "-m", "daemon", "daemon", "--config", str(d.config)],
-        env={**os.environ, "PYTHONPATH": str(harness.REPO)},
-        cwd=d.root,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    second = d.cli("daemon")
     assert second.returncode == 75, (second.returncode, second.stderr[-2000:])
     assert "another infinitetalk daemon" in second.stderr, second.stderr
     # and the commands still see the first daemon: a request goes to it, answered by it
     drop(d, "after", 41)
     row = d.wait_state("after", ["done"], timeout_s=120)
-    out = cli(d, "delete", row["id"])
+    out = d.cli("delete", row["id"])
     assert out.returncode == 0, out.stderr
     d.assert_alive()
     d.stop()
@@ -185,13 +147,12 @@ def test_deleting_daemon_lock_does_not_let_a_second_daemon_in(daemon_factory: Fa
 
 
 @pytest.mark.timeout(300)
-def test_a_rejection_into_a_full_outbox_pauses_intake(daemon_factory: Factory, mounts: list[Path]) -> None:
+def test_a_rejection_into_a_full_outbox_pauses_intake(daemon_factory: Factory, tmpfs: harness.Mount) -> None:
     d = daemon_factory("rejectfull")
-    mount_tmpfs(d.outbox, "3m")
-    mounts.append(d.outbox)
-    d.start()
-    ballast = fill(d.outbox, 16 * 1024)  # the bundle's WAV (~260 KB) cannot be copied there
-    harness.count("faults injected")
+    tmpfs(d.outbox, "3m")
+    ballast = harness.start_then_fill(
+        d, d.outbox, 16 * 1024
+    )  # the bundle's WAV (~260 KB) cannot be copied there
     staged = d.inbox / ".bad.staging"
     harness.make_bundle(staged, seed=51, checksums=False, no_such_key=1)  # rejected: unknown key
     os.rename(staged, d.inbox / "bad")
@@ -200,7 +161,7 @@ def test_a_rejection_into_a_full_outbox_pauses_intake(daemon_factory: Factory, m
         d.assert_alive()
         return "intake paused" in start_log(d)
 
-    harness.wait_for(paused, 60, "intake to pause on the full outbox")
+    wait_until(paused, 60, "intake to pause on the full outbox")
     time.sleep(3)
     d.assert_alive()  # was: shutil.Error not seen as disk full, the daemon exited 1
     assert "outbox" in [line for line in start_log(d).splitlines() if "intake paused" in line][0]
@@ -216,28 +177,25 @@ def test_a_rejection_into_a_full_outbox_pauses_intake(daemon_factory: Factory, m
 
 
 @pytest.mark.timeout(300)
-def test_a_failure_into_a_full_outbox_waits_for_space(daemon_factory: Factory, mounts: list[Path]) -> None:
+def test_a_failure_into_a_full_outbox_waits_for_space(daemon_factory: Factory, tmpfs: harness.Mount) -> None:
     """The same class on the failure path: a job that fails for good (here: its render cannot
     be written, and max_attempts = 1) must copy its inputs to `outbox/failed/`, which is full.
     The daemon stays up, also across a kill -9 and restart, and writes the failure when space
     returns."""
     d = daemon_factory("failfull", max_attempts=1)
-    mount_tmpfs(d.outbox, "3m")
-    mounts.append(d.outbox)
-    d.start()
-    ballast = fill(d.outbox, 16 * 1024)
-    harness.count("faults injected")
+    tmpfs(d.outbox, "3m")
+    ballast = harness.start_then_fill(d, d.outbox, 16 * 1024)
     drop(d, "doomed", 71)
 
     def waiting() -> bool:
         d.assert_alive()
         return "written when space returns" in start_log(d)
 
-    harness.wait_for(waiting, 90, "the failure to wait for room in the outbox")
+    wait_until(waiting, 90, "the failure to wait for room in the outbox")
     d.kill9()
     harness.count("kill -9 daemon")
     d.start()  # the unfinished failure is met again at start-up: no crash, it waits
-    harness.wait_for(waiting, 30, "the failure to wait for room again after the restart")
+    wait_until(waiting, 30, "the failure to wait for room again after the restart")
     time.sleep(2)
     d.assert_alive()
     ballast.unlink()
@@ -257,7 +215,7 @@ def test_a_failure_into_a_full_outbox_waits_for_space(daemon_factory: Factory, m
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("case", ["fresh-state", "used-state", "missing-state", "outbox", "immutable-ledger"])
 def test_a_read_only_folder_at_start_gives_one_clear_line(
-    case: str, daemon_factory: Factory, mounts: list[Path]
+    case: str, daemon_factory: Factory, tmpfs: harness.Mount
 ) -> None:
     from daemon.ledger import Ledger
 
@@ -270,8 +228,7 @@ def test_a_read_only_folder_at_start_gives_one_clear_line(
         expected = "not writable (attempt to write a readonly database)"
     else:
         folder = d.outbox if case == "outbox" else d.root / "ro" if case == "missing-state" else d.state
-        mount_tmpfs(folder, "4m")
-        mounts.append(folder)
+        tmpfs(folder, "4m")
         if case == "used-state":
             Ledger(d.ledger_path).close()
             (d.state / "jobs").mkdir()
@@ -322,7 +279,7 @@ def test_the_ledger_changing_under_the_daemon_stops_it(how: str, daemon_factory:
     assert len(rescued) == 1, log
     harness.count(f"ledger {how}: seconds to stop", round(noticed_s))
     if how == "deleted":
-        status = cli(d, "status")  # no silent zeros
+        status = d.cli("status")  # no silent zeros
         assert "ledger" in status.stderr and "missing" in status.stderr, status.stderr
         # a restart without the ledger would orphan the claimed job: it refuses, naming the copy
         d.start(wait_ready=False)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.daemon import Daemon
 from tests.reliability import harness
-from tests.reliability.harness import DaemonProc
 
 SOAK_S = float(os.environ.get("RELIABILITY_SOAK_S", "120"))
 SEED = int(os.environ.get("RELIABILITY_SEED", "20261125"))
@@ -37,7 +37,7 @@ def rss_mb(pid: int) -> float:
 @pytest.mark.timeout(int(SOAK_S) + 300)
 def test_soak_many_small_jobs(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     rng = random.Random(SEED)
-    d: DaemonProc = daemon_factory("soak", max_running=2, max_queued=20)
+    d: Daemon = daemon_factory("soak", max_running=2, max_queued=20)
     d.start()
     pid = d.main_pid()
     assert pid is not None

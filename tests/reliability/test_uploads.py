@@ -24,10 +24,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.daemon import FINAL, Daemon
+from tests.helpers.proc import ROOT, wait_until
 from tests.reliability import harness
-from tests.reliability.harness import DaemonProc, SshServer
+from tests.reliability.harness import SshServer
 
-DOC = harness.REPO / "docs" / "uploading.md"
+DOC = ROOT / "docs" / "uploading.md"
 #: recipes that write final names in place: without checksums a killed run may be rejected
 IN_PLACE = {"rsync-partial", "rsync-inplace", "sftp-inplace", "scp", "cp-inplace"}
 BIG_AUDIO_S = 8.0  # a 44.1 kHz stereo WAV of 1.4 MB: the file that is cut
@@ -106,7 +108,7 @@ def client_env(sshd: SshServer, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 
 @pytest.fixture(scope="module")
-def daemon(daemon_factory) -> DaemonProc:  # type: ignore[no-untyped-def]
+def daemon(daemon_factory) -> Daemon:  # type: ignore[no-untyped-def]
     d = daemon_factory("uploads", max_running=2)
     d.start()
     return d
@@ -141,7 +143,7 @@ def run_recipe(
 @pytest.mark.parametrize("checksums", [True, False], ids=["checksums", "no-checksums"])
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_upload_interrupted_then_completed(
-    recipe: str, checksums: bool, daemon: DaemonProc, client_env: dict[str, str], tmp_path: Path
+    recipe: str, checksums: bool, daemon: Daemon, client_env: dict[str, str], tmp_path: Path
 ) -> None:
     name = f"{recipe}-{'sum' if checksums else 'nosum'}"
     job = harness.make_bundle(tmp_path / "job42", seed=next(_seeds), audio_s=BIG_AUDIO_S, checksums=checksums)
@@ -161,7 +163,7 @@ def test_upload_interrupted_then_completed(
             )
             return (rows,) if ok else ()
 
-        (rows,) = harness.wait_for(judged, 30, f"the daemon to judge the cut upload {name}")
+        (rows,) = wait_until(judged, 30, f"the daemon to judge the cut upload {name}")
         for row in rows:
             if row["state"] == "rejected":
                 assert row["error_code"] == "bad_media", row
@@ -172,7 +174,7 @@ def test_upload_interrupted_then_completed(
     assert daemon.admitted(name) == [], f"a partial upload was admitted: {daemon.jobs(name)}"
 
     # 2. the same command again, to the end: admitted exactly once, rendered once
-    judged = [r["id"] for r in daemon.jobs(name) if r["state"] in harness.FINAL]
+    judged = [r["id"] for r in daemon.jobs(name) if r["state"] in FINAL]
     run_recipe(recipe, client_env, job=job, name=name, inbox=daemon.inbox, interrupt=False)
     row = daemon.wait_state(name, ["queued", "running", "done"], timeout_s=30, ignore=judged)
     assert row["input_hashes_json"], row
@@ -189,7 +191,7 @@ def daemon_settle_window() -> float:
 
 
 @pytest.mark.timeout(300)
-def test_every_upload_rendered_exactly_once(daemon: DaemonProc) -> None:
+def test_every_upload_rendered_exactly_once(daemon: Daemon) -> None:
     """After all the uploads above: every admitted job is done once, the outbox has one video per
     job, and the ledger and the folders agree."""
     daemon.wait_idle(timeout_s=240)

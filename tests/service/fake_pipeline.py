@@ -1,9 +1,9 @@
-"""A stand-in pipeline for worker and daemon tests: same interface, no model, real MP4 output.
+"""A stand-in pipeline for worker and daemon tests: a `pipeline.types.Renderer`, no model, real MP4.
 
 `make(config)` is the factory the worker calls (`--pipeline-factory tests.service.fake_pipeline:make`).
-Its `generate` walks `chunks` x `steps` calling `on_progress` (so stop requests work at step
-boundaries), writes a small H.264 MP4 with PyAV, and keeps a chunk checkpoint so an interrupted
-job resumes. Words in the prompt steer it:
+Its `render` walks `chunks` x `steps` calling `on_progress` (so stop requests work at step
+boundaries), writes a small H.264 MP4 with PyAV, and keeps a chunk checkpoint in the prepared work
+folder so an interrupted job resumes. Words in the prompt steer it:
 
 - `CRASH`: the worker process dies hard (os._exit) in the first chunk;
 - `OOM`: raises an exception named OutOfMemoryError (a transient failure);
@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,12 @@ class OutOfMemoryError(RuntimeError):
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class FakePrepared:
+    request: Any
+    work_dir: Path
+
+
 class FakePipeline:
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -39,6 +47,10 @@ class FakePipeline:
 
     def describe(self) -> dict[str, Any]:
         return {"device": "cpu", "fake": True}
+
+    def prepare(self, request: Any, work_dir: Path) -> FakePrepared:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+        return FakePrepared(request, Path(work_dir))
 
     def generate(
         self,
@@ -49,21 +61,34 @@ class FakePipeline:
         should_stop: Any = None,
         checkpoint_dir: Path | None = None,
         poster_path: Path | None = None,
-        gpu_lock: Any = None,
+    ) -> RenderResult:
+        work_dir = checkpoint_dir or Path(tempfile.mkdtemp(prefix="fake-"))
+        prepared = self.prepare(request, work_dir)
+        return self.render(prepared, out_path, on_progress=on_progress, resume=checkpoint_dir is not None)
+
+    def render(
+        self,
+        prepared: FakePrepared,
+        out_path: Path,
+        *,
+        poster_path: Path | None = None,
+        on_progress: Any = None,
+        should_stop: Any = None,
+        resume: bool = True,
     ) -> RenderResult:
         self.calls += 1
+        request = prepared.request
         steps = request.sample_steps
         step_s = 0.3 if "SLOW" in request.prompt else STEP_S
         start_chunk = 1
-        marker = Path(checkpoint_dir) / "chunk.json" if checkpoint_dir else None
-        if marker is not None and marker.exists():
+        marker = prepared.work_dir / "chunk.json"
+        if resume and marker.exists():
             start_chunk = json.loads(marker.read_text())["done"] + 1
-        log = Path(checkpoint_dir) / "log.txt" if checkpoint_dir else None
+        log = prepared.work_dir / "log.txt"
         for chunk in range(start_chunk, CHUNKS + 1):
             logging.getLogger(__name__).info("fake render: chunk %d of %d", chunk, CHUNKS)
-            if log is not None:
-                with open(log, "a") as f:
-                    f.write(f"chunk {chunk} pid {os.getpid()}\n")
+            with open(log, "a") as f:
+                f.write(f"chunk {chunk} pid {os.getpid()}\n")
             for step in range(1, steps + 1):
                 if "CRASH" in request.prompt:
                     os._exit(9)
@@ -71,11 +96,7 @@ class FakePipeline:
                     raise OutOfMemoryError("CUDA out of memory (fake)")
                 if "BROKEN" in request.prompt:
                     raise RuntimeError("the fake pipeline is broken for this job")
-                if gpu_lock is not None:
-                    with gpu_lock:
-                        time.sleep(step_s)
-                else:
-                    time.sleep(step_s)
+                time.sleep(step_s)
                 if on_progress is not None:
                     on_progress(
                         Progress(
@@ -88,8 +109,7 @@ class FakePipeline:
                             total_frames=CHUNKS * 5,
                         )
                     )
-            if marker is not None:
-                marker.write_text(json.dumps({"done": chunk}))
+            marker.write_text(json.dumps({"done": chunk}))
         write_mp4(out_path, frames=CHUNKS * 5)
         if on_progress is not None:
             on_progress(

@@ -9,22 +9,15 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.daemon import Daemon
 from tests.helpers.media import make_job_bundle, make_loose_job
-from tests.service.harness import Daemon
+from tests.helpers.proc import infinitetalk
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture()
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path)
-    yield d
-    d.stop()
 
 
 def _bundle(d: Daemon, name: str, **settings: object) -> Path:
@@ -226,7 +219,7 @@ def test_bad_inputs_are_rejected_and_the_daemon_keeps_serving(daemon: Daemon) ->
     cases["huge"] = ("too_large", "huge.json")
     daemon.start()
     for name, (code, field) in cases.items():
-        job = daemon.wait_state(name, ("rejected", "done", "failed"), timeout=60)
+        job = daemon.wait_state(name, ("rejected", "done", "failed"), timeout_s=60)
         assert job["state"] == "rejected", (name, job)
         assert job["error_code"] == code, (name, job["error_code"], job["error_message"])
         assert (job["error_field"] or "") == field, (name, job["error_field"])
@@ -290,7 +283,7 @@ def test_checksums_gate_completeness_and_timeout_rejects(tmp_path: Path) -> None
         stuck = d.inbox / "stuck"
         stuck.mkdir()
         (stuck / "job.json").write_bytes((staging / "job.json").read_bytes())
-        job = d.wait_state("stuck", "rejected", timeout=30)
+        job = d.wait_state("stuck", "rejected", timeout_s=30)
         assert job["error_code"] == "incomplete" and "still incomplete" in job["error_message"]
         assert (d.outbox / "stuck.error.json").exists()
     finally:
@@ -337,7 +330,7 @@ def test_kill9_mid_render_resumes_from_the_last_chunk(tmp_path: Path) -> None:
     assert job["state"] == "running"  # what the dead daemon left behind
     time.sleep(0.5)
     d.start()
-    done = d.wait_state("long", "done", timeout=60)
+    done = d.wait_state("long", "done", timeout_s=60)
     d.stop()
     log = Path(done["job_dir"]) / "checkpoint" / "log.txt"
     assert not log.exists()  # checkpoints are removed once the job is published
@@ -372,23 +365,14 @@ def test_second_daemon_refuses_and_bad_config_exits_78(daemon: Daemon, tmp_path:
     assert second.returncode == 75 and "another infinitetalk daemon" in second.stderr
     bad = tmp_path / "bad.toml"
     bad.write_text("max_queud = 3\n")
-    import subprocess
-    import sys
-
-    out = subprocess.run(
-        [sys.executable, "-m", "daemon", "daemon", "--config", str(bad)],
-        capture_output=True,
-        text=True,
-        env=daemon.env,
-        timeout=60,
-    )
+    out = infinitetalk("daemon", "--config", str(bad), env=daemon.environment())
     assert out.returncode == 78 and "max_queud: unknown key" in out.stderr
 
 
 def test_crash_loop_fails_after_three_attempts_and_others_finish(daemon: Daemon) -> None:
     _bundle(daemon, "poison", prompt="CRASH the worker")
     daemon.start()
-    job = daemon.wait_state("poison", "failed", timeout=90)
+    job = daemon.wait_state("poison", "failed", timeout_s=90)
     assert job["attempts"] == 3 and job["error_code"] == "worker_crash"
     assert (daemon.outbox / "poison.error.json").exists()
     assert (daemon.outbox / "failed" / "poison" / "job.json").exists()
@@ -402,7 +386,7 @@ def test_transient_failure_retries_with_backoff(daemon: Daemon) -> None:
     _bundle(daemon, "oom", prompt="OOM please")
     _bundle(daemon, "broken", prompt="BROKEN please")
     daemon.start()
-    oom = daemon.wait_state("oom", "failed", timeout=60)
+    oom = daemon.wait_state("oom", "failed", timeout_s=60)
     assert oom["error_code"] == "cuda_oom" and oom["attempts"] == 3
     retries = [json.loads(e["data_json"]) for e in daemon.events(oom["id"]) if e["kind"] == "retry"]
     assert [r["delay_s"] for r in retries] == [0.2, 0.4]
@@ -472,10 +456,10 @@ def test_jobs_running_beside_a_poison_job_are_not_failed_by_it(tmp_path: Path) -
         _bundle(d, "innocent2", seed=2, prompt="two")
         _bundle(d, "poison", seed=3, prompt="CRASH the worker")
         d.start()
-        poison = d.wait_state("poison", "failed", timeout=120)
+        poison = d.wait_state("poison", "failed", timeout_s=120)
         assert poison["attempts"] == 3 and poison["error_code"] == "worker_crash"
         for name in ("innocent1", "innocent2"):
-            job = d.wait_state(name, ("done", "failed"), timeout=60)
+            job = d.wait_state(name, ("done", "failed"), timeout_s=60)
             assert job["state"] == "done", job
     finally:
         d.stop()
@@ -562,7 +546,7 @@ def test_restart_finishes_a_publication_interrupted_between_files_and_ledger(tmp
     ledger.close()
     os.link(staging / f"{job['id']}.mp4", video)  # the first link made it, the sidecar's did not
     d.start()
-    done = d.wait_state("pub", "done", timeout=30)
+    done = d.wait_state("pub", "done", timeout_s=30)
     d.stop()
     assert done["attempts"] == 1 and done["frames"] == 10
     assert json.loads(sidecar.read_text())["job_id"] == job["id"]
@@ -584,7 +568,7 @@ def test_restart_finishes_a_claim_interrupted_after_the_rename(tmp_path: Path) -
     ledger.close()
     make_job_bundle(job_dir / "input", duration_s=1.0, seed=5)  # where the rename put it
     d.start()
-    done = d.wait_state("half", "done", timeout=30)
+    done = d.wait_state("half", "done", timeout_s=30)
     d.stop()
     assert done["id"] == row.id and done["spec_json"]
     assert [j["name"] for j in d.jobs()] == ["half"]
@@ -625,7 +609,7 @@ def test_loose_jobs_with_media_in_a_subfolder_render_and_leave_it_in_place(tmp_p
                 "examples/single/1.wav": before["1.wav"],
             }
         assert {p.name: _sha256(p) for p in media.iterdir()} == before  # left in place, intact
-        folder = d.wait_state("examples", "rejected", timeout=60)
+        folder = d.wait_state("examples", "rejected", timeout_s=60)
         assert folder["error_code"] == "incomplete"
         assert (d.outbox / "failed" / "examples" / "single" / "1.wav").is_file()
         assert sorted(j["name"] for j in d.jobs()) == ["examples", "second", "single_example_image"]

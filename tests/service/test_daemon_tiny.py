@@ -11,8 +11,8 @@ from pathlib import Path
 import av
 import pytest
 
+from tests.helpers.daemon import Daemon
 from tests.helpers.media import make_job_bundle, make_loose_job
-from tests.service.harness import Daemon
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -59,7 +59,7 @@ def test_bundle_and_loose_job_render_to_playable_mp4(tiny_daemon: Daemon) -> Non
     make_loose_job(d.inbox, "bob", duration_s=1.6, seed=2)
     d.start()
     for name in ("alice", "bob"):
-        job = d.wait_state(name, ("done", "failed", "rejected"), timeout=240)
+        job = d.wait_state(name, ("done", "failed", "rejected"), timeout_s=240)
         assert job["state"] == "done", job
         assert_playable(d.outbox / f"{name}.mp4", 1.6)
         sidecar = json.loads((d.outbox / f"{name}.json").read_text())
@@ -88,7 +88,7 @@ def test_kill9_mid_render_then_restart_completes_once_from_the_last_chunk(tiny_d
     checkpoint = Path(d.job("long")["job_dir"]) / "checkpoint"
     assert any(checkpoint.iterdir())
     d.start()
-    job = d.wait_state("long", ("done", "failed"), timeout=240)
+    job = d.wait_state("long", ("done", "failed"), timeout_s=240)
     assert job["state"] == "done", job
     # a kill of the daemon is not the job's fault: the interrupted attempt is given back
     assert job["resumed_from_chunk"] >= 1 and job["attempts"] == 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
@@ -12,13 +11,7 @@ import av
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.helpers.proc import ROOT, free_port
 
 
 @pytest.mark.timeout(600)
@@ -26,7 +19,7 @@ def test_demo_once_renders_the_example(tmp_path: Path) -> None:
     config = tmp_path / "demo.toml"
     config.write_text(
         f'inbox = "inbox"\noutbox = "outbox"\nstate_dir = "var"\nweights_dir = "weights"\n'
-        f"settle_s = 0.3\nrescan_s = 1.0\n[dashboard]\nport = {_free_port()}\n"
+        f"settle_s = 0.3\nrescan_s = 1.0\n[dashboard]\nport = {free_port()}\n"
     )
     env = {**os.environ, "INFINITETALK_CONFIG": str(config)}
     out = subprocess.run(

@@ -8,23 +8,15 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from daemon import heartbeat
+from tests.helpers.daemon import Daemon
 from tests.helpers.media import make_job_bundle
-from tests.service.harness import Daemon
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture()
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path)
-    yield d
-    d.stop()
 
 
 def _bundle(d: Daemon, name: str, **settings: object) -> None:
@@ -34,7 +26,7 @@ def _bundle(d: Daemon, name: str, **settings: object) -> None:
 
 
 def _beat(d: Daemon) -> dict | None:  # type: ignore[type-arg]
-    rows = d._query("SELECT at, pid, state, data_json FROM heartbeat WHERE id = 1")
+    rows = d.query("SELECT at, pid, state, data_json FROM heartbeat WHERE id = 1")
     return rows[0] if rows else None
 
 
@@ -101,5 +93,5 @@ def test_failure_detail_in_the_ledger_and_the_error_json(daemon: Daemon) -> None
     assert error["failure"]["traceback"] == detail["traceback"]
     assert error["failure"]["log_tail"] == detail["log_tail"]
     # the counters survive retention: a failed job counted once by outcome and error code
-    rows = daemon._query("SELECT name, label, value FROM counters")
+    rows = daemon.query("SELECT name, label, value FROM counters")
     assert {"name": "jobs_finished", "label": "failed|render_error", "value": 1.0} in rows

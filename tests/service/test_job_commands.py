@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.daemon import Daemon
 from tests.helpers.media import make_job_bundle
-from tests.service.harness import Daemon
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.daemon import Daemon
 from tests.helpers.media import make_job_bundle
-from tests.service.harness import Daemon
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -82,25 +82,25 @@ def test_loose_media_folders_render_and_bundles_are_never_taken(tiny_daemon: Dae
 
     d.start()
     for name, path in (("thief", "victim/face.png"), ("thief-staged", ".uploading/face.png")):
-        job = d.wait_state(name, ("rejected", "done", "failed"), timeout=120)
+        job = d.wait_state(name, ("rejected", "done", "failed"), timeout_s=120)
         assert job["state"] == "rejected" and job["error_code"] == "path_escape", job
         assert path in job["error_message"]
-    job = d.wait_state("thief-tmp", ("rejected", "done", "failed"), timeout=120)
+    job = d.wait_state("thief-tmp", ("rejected", "done", "failed"), timeout_s=120)
     assert job["error_code"] == "path_escape" and ".~tmp~" in job["error_message"], job
 
     final = ("done", "failed", "rejected")
-    example = d.wait_state("single_example_image", final, timeout=300)
+    example = d.wait_state("single_example_image", final, timeout_s=300)
     assert example["state"] == "done", example
     assert json.loads(example["input_hashes_json"]) == {
         f"examples/{rel}": digest for rel, digest in example_files.items()
     }
     assert (d.outbox / "single_example_image.mp4").stat().st_size > 0
-    victim = d.wait_state("victim", final, timeout=300)
+    victim = d.wait_state("victim", final, timeout_s=300)
     assert victim["state"] == "done", victim
     assert json.loads(victim["input_hashes_json"]) == {
         k: v for k, v in victim_files.items() if k != "job.json"
     }
-    copier = d.wait_state("copier", final, timeout=300)
+    copier = d.wait_state("copier", final, timeout_s=300)
     assert copier["state"] == "done", copier
     assert json.loads(copier["input_hashes_json"]) == {f"pending/{k}": v for k, v in pending_files.items()}
 
@@ -112,7 +112,7 @@ def test_loose_media_folders_render_and_bundles_are_never_taken(tiny_daemon: Dae
     # the upload finishes: the bundle is taken whole and renders
     (pending / ".job.json.part").write_bytes(pending_json)
     os.rename(pending / ".job.json.part", pending / "job.json")
-    late = d.wait_state("pending", final, timeout=300)
+    late = d.wait_state("pending", final, timeout_s=300)
     assert late["state"] == "done", late
     assert json.loads(late["input_hashes_json"]) == pending_files
     assert (d.outbox / "pending.mp4").stat().st_size > 0

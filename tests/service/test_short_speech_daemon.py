@@ -10,8 +10,8 @@ from pathlib import Path
 import av
 import pytest
 
+from tests.helpers.daemon import Daemon
 from tests.helpers.media import make_job_bundle
-from tests.service.harness import Daemon
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -22,8 +22,8 @@ def test_short_speech_renders_cut_to_the_speech(tmp_path: Path, tiny_weights_dir
     make_job_bundle(d.inbox / "blip", duration_s=0.3, seed=2)
     try:
         d.start()
-        hi = d.wait_state("hi", ("done", "failed", "rejected"), timeout=240)
-        blip = d.wait_state("blip", ("done", "failed", "rejected"), timeout=60)
+        hi = d.wait_state("hi", ("done", "failed", "rejected"), timeout_s=240)
+        blip = d.wait_state("blip", ("done", "failed", "rejected"), timeout_s=60)
     finally:
         d.stop()
     assert hi["state"] == "done", hi

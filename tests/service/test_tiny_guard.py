@@ -6,31 +6,23 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.daemon import Daemon
 from tests.helpers.media import make_job_bundle
-from tests.service.harness import Daemon
+from tests.helpers.proc import ROOT, infinitetalk
 
 pytestmark = pytest.mark.timeout(300)
-ROOT = Path(__file__).resolve().parents[2]
 EX_CONFIG = 78
 
 
 def _render(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("INFINITETALK_CONFIG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "daemon", "render", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    return infinitetalk("render", *args, cwd=cwd, env=env, timeout_s=240)
 
 
 @pytest.mark.parametrize("made", [True, False], ids=["empty", "mistyped"])
@@ -59,7 +51,7 @@ def test_allow_tiny_model_renders_with_the_tiny_model(tmp_path: Path) -> None:
     make_job_bundle(d.inbox / "hello", duration_s=1.0, seed=1)
     try:
         d.start()
-        job = d.wait_state("hello", ("done", "failed", "rejected"), timeout=120)
+        job = d.wait_state("hello", ("done", "failed", "rejected"), timeout_s=120)
     finally:
         d.stop()
     assert job["state"] == "done", job

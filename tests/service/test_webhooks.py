@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.daemon import Daemon
 from tests.helpers.media import make_job_bundle
-from tests.service.harness import Daemon
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -167,7 +167,7 @@ def test_webhooks_for_every_ending_signed_retried_and_never_blocking(
     # /fail: retried with backoff (1 s, 2 s, ...) until RETRY_S after the ending, then given up
     def attempts(url_path: str, job: str) -> list[dict[str, Any]]:
         job_id = d.job(job)["id"]  # type: ignore[index]
-        return d._query(
+        return d.query(
             "SELECT * FROM webhook_deliveries WHERE url = ? AND job_id = ? ORDER BY id",
             (receiver.url(url_path), job_id),
         )

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.proc import ROOT, infinitetalk
+
 WATCHDOG_USEC = 2_000_000
 CAPS_RE = re.compile(r"(\d+) running, (\d+) queued, (\d+) waiting.*\(caps (\d+) queued / (\d+) running\)")
 
@@ -179,13 +180,6 @@ def test_daemon_notify_protocol(tmp_path: Path, tiny_weights_dir: Path, listener
 def test_bad_config_exits_78(tmp_path: Path) -> None:
     config = tmp_path / "infinitetalk.toml"
     config.write_text("max_runing = 3\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "daemon", "daemon", "--config", str(config)],
-        cwd=ROOT,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = infinitetalk("daemon", "--config", str(config))
     assert result.returncode == 78, result.stderr
     assert "max_runing" in result.stderr

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,8 +11,8 @@ import pytest
 
 from daemon.config import load_settings
 from daemon.install import InstallError, InstallOptions
+from tests.helpers.proc import infinitetalk
 
-ROOT = Path(__file__).resolve().parents[2]
 IS_ROOT = os.geteuid() == 0
 
 #: path -> (mode, owner, group) after a default installation
@@ -88,14 +86,7 @@ def test_running_again_keeps_the_config_and_changes_nothing_else(
 def test_dry_run_prints_every_step_and_changes_nothing(tmp_path: Path) -> None:
     root = tmp_path / "root"
     root.mkdir()
-    result = subprocess.run(
-        [sys.executable, "-m", "daemon", "install-systemd", "--dry-run", "--root", str(root)],
-        check=False,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-    )
+    result = infinitetalk("install-systemd", "--dry-run", "--root", str(root))
     assert result.returncode == 0, result.stderr
     assert list(root.iterdir()) == []
     out = result.stdout
@@ -113,14 +104,7 @@ def test_dry_run_prints_every_step_and_changes_nothing(tmp_path: Path) -> None:
 
 def test_cli_installs_into_a_root(tmp_path: Path, make_fake_root: Callable[..., Path]) -> None:
     root = make_fake_root(tmp_path / "root")
-    result = subprocess.run(
-        [sys.executable, "-m", "daemon", "install-systemd", "--root", str(root), "--upload-group", "dropbox"],
-        check=False,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-    )
+    result = infinitetalk("install-systemd", "--root", str(root), "--upload-group", "dropbox")
     assert result.returncode == 0, result.stderr
     assert "skipped: --root given" in result.stdout  # no systemctl against the host
     assert "sudo usermod -aG dropbox ACCOUNT" in result.stdout
@@ -131,14 +115,7 @@ def test_cli_installs_into_a_root(tmp_path: Path, make_fake_root: Callable[..., 
 
 
 def test_missing_program_is_an_error_naming_it(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "daemon", "install-systemd", "--root", str(tmp_path), "--prefix", "/opt/nope"],
-        check=False,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-    )
+    result = infinitetalk("install-systemd", "--root", str(tmp_path), "--prefix", "/opt/nope")
     assert result.returncode == 1
     assert "/opt/nope/.venv/bin/infinitetalk does not exist" in result.stderr
     assert not (tmp_path / "etc").exists()

@@ -200,7 +200,7 @@ def test_bench_under_a_memory_budget_on_cpu(tiny_opts):
     probe = Bench(opts, log=lambda m: None)
     probe.build()
     with pytest.raises(PlacementError) as info:
-        probe.plan_for(probe.shape("480"), 2, 1e-6)
+        probe.placer.plan_for(probe.shape("480"), 2, 1e-6)
     smallest = info.value.min_gpu_bytes / GiB  # the smallest budget: every block streams
     report = run_bench(dataclasses.replace(opts, gpu_memory_gib=(smallest,)), log=lambda m: None)
     assert report["errors"] == {}

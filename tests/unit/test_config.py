@@ -92,11 +92,13 @@ def test_configuration_doc_is_up_to_date() -> None:
 
 
 def test_fp8_attention_setting_resolves_per_worker() -> None:
-    from daemon.runner import resolve_fp8_attention
+    from pipeline.perf import resolve_fp8_attention
 
-    assert resolve_fp8_attention("on", False, "cuda:0") is True  # the load then says if it cannot run
-    assert resolve_fp8_attention("off", True, "cuda:0") is False
-    assert resolve_fp8_attention("auto", False, "cuda:0") is False  # bf16 weights: bf16 attention
-    assert resolve_fp8_attention("auto", True, "cpu") is False  # cannot run here: off, logged
+    assert resolve_fp8_attention("on", fp8=False, device="cuda:0")[0] is True  # the load then
+    # fails with the reason where it cannot run
+    assert resolve_fp8_attention("off", fp8=True, device="cuda:0") == (False, None)
+    assert resolve_fp8_attention("auto", fp8=False, device="cuda:0") == (False, None)  # bf16 weights
+    cpu = "fp8 attention needs a CUDA device, got cpu"
+    assert resolve_fp8_attention("auto", fp8=True, device="cpu") == (False, cpu)  # off, logged
     with pytest.raises(ValueError, match="fp8_attention must be auto, on or off, got 'yes'"):
-        resolve_fp8_attention("yes", True, "cuda:0")
+        resolve_fp8_attention("yes", fp8=True, device="cuda:0")

@@ -51,11 +51,19 @@ def test_worker_hands_budget_and_quant_to_the_pipeline(tmp_path: Path, monkeypat
 
     seen: dict = {}
 
-    def fake(weights_dir, *, device, dtype, quant, attention, lora_scale, gpu_memory_gib, max_running):
-        seen.update(quant=quant, gpu_memory_gib=gpu_memory_gib, max_running=max_running)
-        return object()
+    class Loaded:  # a pipeline.types.Renderer
+        def prepare(self, *args): ...
 
-    monkeypatch.setattr(InfiniteTalkPipeline, "from_weights", staticmethod(fake))
+        def render(self, *args, **kwargs): ...
+
+        def describe(self): ...
+
+    def fake(weights_dir, opts):
+        seen.update(quant=opts.quant, gpu_memory_gib=opts.gpu_memory_gib, max_running=opts.max_running)
+        assert dict(opts.perf).keys().isdisjoint({"gpu_memory_gib", "warmup"})
+        return Loaded()
+
+    monkeypatch.setattr(InfiniteTalkPipeline, "load", staticmethod(fake))
     s = _load(tmp_path, "max_running = 2\n[performance]\ngpu_memory_gib = 12\n")
     config = runner.WorkerConfig(
         weights_dir=tmp_path,

@@ -27,7 +27,7 @@ def number_keys() -> list[tuple[str, str, dataclasses.Field[Any]]]:
             if f.metadata.get("internal") or f.name in cfg._TABLES:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else None
-            kind = type(default) if default is not None else cfg._OPTIONAL_TYPES.get(f.name, float)
+            kind = cfg.kind_of(f)
             if kind in (int, float) and not isinstance(default, bool):
                 out.append((table, f.name, f))
     return out
@@ -48,8 +48,7 @@ def load(tmp_path: Path, text: str) -> Settings:
 
 
 def is_int(f: dataclasses.Field[Any]) -> bool:
-    default = f.default if f.default is not dataclasses.MISSING else None
-    return (type(default) if default is not None else cfg._OPTIONAL_TYPES.get(f.name, float)) is int
+    return cfg.kind_of(f) is int
 
 
 def test_the_known_crashers_are_covered() -> None:

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from daemon.config import settings_from_mapping
 from daemon.inbox import (
     Watcher,
     has_temporary_files,
@@ -22,8 +20,6 @@ from daemon.inbox import (
     signature,
 )
 from daemon.intake import Intake
-from daemon.ledger import Ledger
-from daemon.outbox import Outbox
 
 
 @pytest.mark.parametrize(
@@ -244,17 +240,6 @@ def test_loose_media_names_normalises_and_drops_escapes_and_hidden_names(
     assert loose_media_names(job) == expected
     job.write_text("{not json")
     assert loose_media_names(job) == set()
-
-
-@pytest.fixture()
-def intake(tmp_path: Path) -> Iterator[Intake]:
-    settings = settings_from_mapping({"settle_s": 0.0}, base=tmp_path)
-    settings.inbox.mkdir(parents=True)
-    ledger = Ledger(settings.ledger_path)
-    it = Intake(settings, ledger, Outbox(settings.outbox))
-    yield it
-    it.close()
-    ledger.close()
 
 
 def _rows(intake: Intake) -> dict[str, tuple[str, str | None]]:

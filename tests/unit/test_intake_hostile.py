@@ -7,7 +7,6 @@ import json
 import os
 import stat
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,23 +15,15 @@ from daemon.config import settings_from_mapping
 from daemon.inbox import BadBundle, loose_media_names, scan, walk_bundle
 from daemon.intake import Intake, claimed_inputs, move_upload, remove_tree, wav_size_unknown
 from daemon.jobs import InvalidJob, json_too_deep, parse_job, read_regular, sha256_file
-from daemon.ledger import Ledger
-from daemon.outbox import Outbox
-from daemon.runner import InputChanged, classify, verify_inputs
+from daemon.policy import Failure, InputChanged, classify
+from daemon.runner import verify_inputs
 from tests.helpers.media import make_job_bundle, make_wav
 
 
 @pytest.fixture()
-def intake(tmp_path: Path) -> Iterator[Intake]:
-    settings = settings_from_mapping(
-        {"settle_s": 0.0, "max_audio_s": 3.0, "stream_settle_s": 3600.0}, base=tmp_path
-    )
-    settings.inbox.mkdir(parents=True)
-    ledger = Ledger(settings.ledger_path)
-    it = Intake(settings, ledger, Outbox(settings.outbox))
-    yield it
-    it.close()
-    ledger.close()
+def intake_settings() -> dict[str, object]:
+    """The `intake` fixture's settings (tests/unit/conftest.py): short speech, slow streams."""
+    return {"settle_s": 0.0, "max_audio_s": 3.0, "stream_settle_s": 3600.0}
 
 
 def _settle(intake: Intake, rounds: int = 40) -> dict[str, object]:
@@ -82,7 +73,7 @@ def test_the_claim_copies_into_a_private_folder_the_uploader_cannot_reach(intake
         (input_dir / "voice.WAV").symlink_to(input_dir / "face.png")
         with pytest.raises(InputChanged) as caught:
             verify_inputs(inputs)
-        assert classify(caught.value)[:2] == ("input_changed", False)
+        assert classify(caught.value) == Failure(code="input_changed", transient=False)
     finally:
         os.close(held)
 

@@ -245,7 +245,7 @@ def test_bbox_and_checksums_validation(tmp_path: Path) -> None:
         ({"checksums": {"other.wav": "0" * 64}}, "checksums.other.wav", "bad_value"),
         ({"checksums": {"b.wav": "abc"}}, "checksums.b.wav", "bad_value"),
         ({"audio_type": "mix"}, "audio_type", "bad_value"),
-        ({"tts_audio": {"text": "hi"}}, "tts_audio", "unknown_key"),
+        ({"tts_audio": "hi"}, "tts_audio", "bad_type"),  # tests/unit/test_jobs_tts.py: the rest
     ]
     for extra, field, code in bad:
         with pytest.raises(InvalidJob) as info:

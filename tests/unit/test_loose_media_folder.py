@@ -5,27 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from daemon.config import settings_from_mapping
 from daemon.errors import JobRejected
-from daemon.intake import Intake, copy_media_file
-from daemon.ledger import Ledger
-from daemon.outbox import Outbox
-
-
-@pytest.fixture()
-def intake(tmp_path: Path) -> Iterator[Intake]:
-    settings = settings_from_mapping({"settle_s": 0.0}, base=tmp_path)
-    settings.inbox.mkdir(parents=True)
-    ledger = Ledger(settings.ledger_path)
-    it = Intake(settings, ledger, Outbox(settings.outbox))
-    yield it
-    it.close()
-    ledger.close()
+from daemon.intake import Intake, copy_media_file, take_loose_files
 
 
 def test_copy_media_file_copies_and_never_follows_a_link(tmp_path: Path) -> None:
@@ -64,7 +49,7 @@ def test_a_folder_that_got_its_job_json_before_the_claim_is_not_taken_from(intak
     upload = intake.settings.jobs_dir / "x" / "upload"
     upload.mkdir(parents=True)
     with pytest.raises(JobRejected) as caught:
-        intake._take_loose_files(str(job_file), job_file, upload, {"pending/face.png"})
+        take_loose_files(inbox, job_file, upload, {"pending/face.png"}, shared=set())
     assert caught.value.code == "path_escape" and "bundle 'pending'" in caught.value.message
     assert sorted(p.name for p in (inbox / "pending").iterdir()) == ["face.png", "job.json"]
     assert sorted(p.name for p in upload.iterdir()) == ["job.json"]  # only the JSON: kept as original

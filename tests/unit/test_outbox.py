@@ -1,13 +1,16 @@
-"""daemon/outbox.py: atomic publish, sidecar last, names never overwritten, failed originals kept."""
+"""daemon/outbox.py: two-phase publication (staged, then linked, sidecar last), names never
+overwritten, error JSONs at reserved names, failed originals kept."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from daemon.outbox import Outbox
+from daemon.outbox import Outbox, is_same_file
 
 
 def _staged(outbox: Outbox, job_id: str) -> tuple[Path, Path]:
@@ -19,17 +22,37 @@ def _staged(outbox: Outbox, job_id: str) -> tuple[Path, Path]:
     return video, poster
 
 
-def test_publish_moves_everything_and_writes_the_sidecar(tmp_path: Path) -> None:
+def test_publication_is_staged_then_committed_sidecar_last(tmp_path: Path) -> None:
     outbox = Outbox(tmp_path / "out")
     outbox.ensure()
     video, poster = _staged(outbox, "j1")
-    published = outbox.publish(
+    published = outbox.stage_publication(
         job_id="j1", name="alice", video=video, poster=poster, sidecar={"job_id": "j1"}
     )
-    assert published.video == tmp_path / "out" / "alice.mp4"
+    out = tmp_path / "out"
+    assert (published.base, published.video, published.poster, published.sidecar) == (
+        "alice",
+        out / "alice.mp4",
+        out / "alice.jpg",
+        out / "alice.json",
+    )
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == []  # phase 1: nothing visible
+    staged = json.loads((video.parent / "sidecar.json").read_text())
+    assert staged == {
+        "job_id": "j1",
+        "outputs": {"video": str(out / "alice.mp4"), "poster": str(out / "alice.jpg")},
+    }
+    assert set(published.identity) == {"video", "poster", "sidecar"}
+    assert published.identity["video"]["sha256"] == hashlib.sha256(b"video-j1").hexdigest()
+
+    outbox.commit_publication(published, staging=video.parent, job_id="j1")
+    outbox.commit_publication(published, staging=video.parent, job_id="j1")  # idempotent (recovery)
     assert published.video.read_bytes() == b"video-j1"
-    assert json.loads(published.sidecar.read_text())["outputs"]["video"] == str(published.video)
-    assert not (outbox.partial / "j1").exists()
+    assert os.path.samefile(published.video, video) and os.path.samefile(published.poster, poster)
+    assert json.loads(published.sidecar.read_text()) == staged
+    assert is_same_file(published.sidecar, published.identity["sidecar"])
+    outbox.finish_publication("j1")
+    assert not (outbox.partial / "j1").exists() and published.video.read_bytes() == b"video-j1"
 
 
 def test_names_are_never_overwritten(tmp_path: Path) -> None:
@@ -38,11 +61,29 @@ def test_names_are_never_overwritten(tmp_path: Path) -> None:
     (tmp_path / "out" / "alice.mp4").write_bytes(b"someone else's")
     (tmp_path / "out" / "alice-2.error.json").write_text("{}")
     video, poster = _staged(outbox, "j2")
-    published = outbox.publish(job_id="j2", name="alice", video=video, poster=poster, sidecar={})
+    published = outbox.stage_publication(job_id="j2", name="alice", video=video, poster=poster, sidecar={})
     assert published.base == "alice-3"
+    assert outbox.reserve_base("alice", taken={"alice-3"}) == "alice-4"
+    # the sidecar's final name is taken after staging: nothing of ours stays, the stranger's file stays
+    (tmp_path / "out" / "alice-3.json").write_text('{"job_id": "stranger"}')
+    with pytest.raises(FileExistsError):
+        outbox.commit_publication(published, staging=video.parent, job_id="j2")
+    assert not published.video.exists() and published.poster is not None and not published.poster.exists()
+    assert (tmp_path / "out" / "alice-3.json").read_text() == '{"job_id": "stranger"}'
     assert (tmp_path / "out" / "alice.mp4").read_bytes() == b"someone else's"
-    error = outbox.write_error("alice", {"code": "x"})
-    assert error.name == "alice-4.error.json"
+    assert video.read_bytes() == b"video-j2"  # still staged, for a retry
+
+
+def test_write_error_at_writes_the_reserved_name_once(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "out")
+    outbox.ensure()
+    path = tmp_path / "out" / "alice.error.json"
+    assert outbox.write_error_at(path, {"code": "x", "job_id": "j3"}) == path
+    assert json.loads(path.read_text()) == {"code": "x", "job_id": "j3"}
+    with pytest.raises(FileExistsError):  # a name taken meanwhile is never replaced
+        outbox.write_error_at(path, {"code": "y"})
+    assert json.loads(path.read_text())["code"] == "x"
+    assert list(outbox.partial.iterdir()) == []  # no temporary file left behind
 
 
 def test_keep_originals_moves_or_copies(tmp_path: Path) -> None:

@@ -23,7 +23,6 @@ What it does:
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import sys
@@ -40,19 +39,14 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from tools.parity.common import fixture_args  # noqa: E402
+from tools.parity.common import module as _module  # noqa: E402
+
 SEED = 0
 LORA_SCALE = 1.2
 # latent grid of the fixtures: 3 latent frames (9 audio frames), 6 x 8 latents -> 3 x 4 tokens
 LATENT = (3, 6, 8)
 TEXT_TOKENS = 7
-
-
-def _module(name: str, **attrs: object) -> types.ModuleType:
-    mod = types.ModuleType(name)
-    for k, v in attrs.items():
-        setattr(mod, k, v)
-    sys.modules[name] = mod
-    return mod
 
 
 def _package(name: str, path: Path) -> None:
@@ -212,12 +206,7 @@ def run_reference(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> to
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--ref", type=Path, default=Path("/work/ref"), help="MeiGen-AI/InfiniteTalk checkout")
-    parser.add_argument("--out", type=Path, default=ROOT / "tests" / "fixtures" / "parity")
-    args = parser.parse_args()
+    args = fixture_args(__doc__)
     torch.manual_seed(0)
     from pipeline.config import load_model_config
     from pipeline.tiny import write_tiny_weights

@@ -15,15 +15,14 @@ The decoded video is not compared: the latents handed to the VAE decoder are cap
 
 Shims for a CPU machine without the reference's extra packages (xfuser, xformers, diffusers,
 flash-attn, decord, optimum-quanto, accelerate, torchvision's centre crop, ...) come from
-`make_dit_fixtures.install_shims` plus the few modules `wan/multitalk.py` imports at its top.
+`make_dit_fixtures.install_shims` plus the few modules `wan/multitalk.py` imports at its top
+(`common.install_multitalk_shims`).
 
 Media are made with tests/helpers/media.py from fixed seeds, so the test makes the same files.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import importlib.util
 import sys
 import tempfile
@@ -35,6 +34,8 @@ from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from tools.parity.common import fixture_args, import_multitalk, reference_pipeline  # noqa: E402
 
 #: the cases: name -> (steps, shift, text scale, audio scale)
 CASES = {
@@ -137,119 +138,8 @@ def request_for(image: Path, audio: tuple[Path, ...], case: str):  # noqa: ANN20
     )
 
 
-def _module(name: str, **attrs: object) -> types.ModuleType:
-    mod = types.ModuleType(name)
-    for k, v in attrs.items():
-        setattr(mod, k, v)
-    sys.modules[name] = mod
-    return mod
-
-
-def _center_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """torchvision.transforms.functional.center_crop for tensors no smaller than `size`."""
-    h, w = x.shape[-2:]
-    top, left = int(round((h - size[0]) / 2.0)), int(round((w - size[1]) / 2.0))
-    return x[..., top : top + size[0], left : left + size[1]]
-
-
-def _extract_specific_frames(path: str, index: int):  # noqa: ANN202
-    """The reference's `wan.utils.utils.extract_specific_frames` (decord there, PyAV here, both
-    FFmpeg): frame `index` of a video (the last one past its end), or the image itself."""
-    from PIL import Image
-
-    if Path(path).suffix.lower() not in (".mp4", ".mov", ".mkv", ".webm", ".avi"):
-        return Image.open(path).convert("RGB")
-    import av
-
-    with av.open(path) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    return Image.fromarray(frames[min(index, len(frames) - 1)])
-
-
-def install_multitalk_shims() -> None:
-    """What `wan/multitalk.py` imports beyond the DiT's shims (installed by `import_reference`)."""
-    dummy = type("Dummy", (), {})
-    tv = sys.modules.get("torchvision") or _module("torchvision")
-    tv.transforms = _module(
-        "torchvision.transforms",
-        functional=_module("torchvision.transforms.functional", center_crop=_center_crop),
-    )
-    _module("diffusers.models")
-    _module("diffusers.models.modeling_utils", no_init_weights=dummy, ContextManagers=dummy)
-    _module("accelerate")
-    _module("wan.distributed")
-    _module("wan.distributed.fsdp", shard_model=dummy)
-    _module("wan.modules.clip", CLIPModel=dummy)
-    _module("wan.modules.t5", T5EncoderModel=dummy, T5LayerNorm=dummy, T5RelativeEmbedding=dummy)
-    _module("wan.modules.vae", WanVAE=dummy, CausalConv3d=dummy, RMS_norm=dummy, Upsample=dummy)
-    _module("src")
-    _module(
-        "src.vram_management",
-        AutoWrappedQLinear=dummy,
-        AutoWrappedLinear=dummy,
-        AutoWrappedModule=dummy,
-        enable_vram_management=dummy,
-    )
-    import inspect
-
-    if not hasattr(inspect, "ArgSpec"):  # imported (unused) by wan/multitalk.py; gone in Python 3.11
-        inspect.ArgSpec = dummy  # type: ignore[attr-defined]
-
-    _module(
-        "wan.utils.utils",
-        convert_video_to_h264=dummy,
-        get_video_codec=lambda path: "h264",
-        extract_specific_frames=_extract_specific_frames,
-    )
-    _module("optimum")
-    _module("optimum.quanto", quantize=dummy, freeze=dummy, qint8=dummy, requantize=dummy)
-    _module("optimum.quanto.nn")
-    _module("optimum.quanto.nn.qlinear")
-
-
-class RefVAE:
-    """The project's VAE behind the reference's `WanVAE` list interface; records decode inputs."""
-
-    def __init__(self, pipe) -> None:  # noqa: ANN001
-        self.pipe = pipe
-        self.decoded: list[torch.Tensor] = []
-
-    def encode(self, videos):  # noqa: ANN001, ANN201
-        out = []
-        for v in videos:  # [3, F, H, W]
-            out.append(self.pipe._encode_one_frame(v) if v.shape[1] == 1 else self.pipe.vae.encode(v))
-        return out
-
-    def decode(self, zs):  # noqa: ANN001, ANN201
-        self.decoded.extend(z.clone() for z in zs)
-        return [self.pipe.vae.decode(z) for z in zs]
-
-
-class RefCLIP:
-    def __init__(self, pipe) -> None:  # noqa: ANN001
-        self.model = pipe.image_encoder.model
-        self.encoder = pipe.image_encoder
-
-    def visual(self, videos):  # noqa: ANN001, ANN201 - [1, 3, 1, H, W]
-        return self.encoder.encode_image_clip(videos[:, :, 0])
-
-
-class RefT5:
-    def __init__(self, pipe) -> None:  # noqa: ANN001
-        self.model = pipe.text_encoder.model
-        self.encoder = pipe.text_encoder
-
-    def __call__(self, prompts, device):  # noqa: ANN001, ANN204
-        return [t.to(device) for t in self.encoder.encode_text(list(prompts))]
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--ref", type=Path, default=Path("/work/ref"), help="MeiGen-AI/InfiniteTalk checkout")
-    parser.add_argument("--out", type=Path, default=ROOT / "tests" / "fixtures" / "parity")
-    args = parser.parse_args()
+    args = fixture_args(__doc__)
     if importlib.util.find_spec("skimage") is None:
         raise SystemExit("scikit-image is needed for the colour-correction cases: pip install scikit-image")
     from pipeline.pipeline import InfiniteTalkPipeline
@@ -274,43 +164,12 @@ def main() -> None:
                 speakers[case][f"person{i + 1}"] = str(path)
             inputs[case] = image
 
-        spec = importlib.util.spec_from_file_location(
-            "make_dit_fixtures", Path(__file__).with_name("make_dit_fixtures.py")
-        )
-        dit_tool = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(dit_tool)
-        model_mod, utils, _ = dit_tool.import_reference(args.ref)
-        install_multitalk_shims()
-        multitalk = importlib.import_module("wan.multitalk")
-        multitalk.torch_gc = lambda: None
-        tiny_480 = pipe.config.buckets["infinitetalk-480"]
-        utils.ASPECT_RATIO_627 = {f"{h / w:.2f}": ([h, w], 1) for h, w in tiny_480}
-
+        multitalk, dit_tool, model_mod = import_multitalk(args.ref, pipe)
         models = {}
         for variant in ("single", "multi"):
             models[variant] = dit_tool.build_reference(model_mod, pipe.config.dit)
             dit_tool.load_reference_weights(models[variant], weights, variant)
-        ref = object.__new__(multitalk.InfiniteTalkPipeline)
-        vae = RefVAE(pipe)
-        ref.__dict__.update(
-            device=torch.device("cpu"),
-            rank=0,
-            t5_cpu=False,
-            param_dtype=torch.float32,
-            num_timesteps=1000,
-            num_train_timesteps=1000,
-            use_timestep_transform=True,
-            vae_stride=(4, 8, 8),
-            patch_size=(1, 2, 2),
-            sp_size=1,
-            vram_management=False,
-            cpu_offload=False,
-            sample_neg_prompt=NEGATIVE,
-            model=models["single"],
-            vae=vae,
-            clip=RefCLIP(pipe),
-            text_encoder=RefT5(pipe),
-        )
+        ref, vae = reference_pipeline(multitalk, pipe, models["single"], NEGATIVE)
         frame_num = pipe.config.generation.frame_num
         for case, (steps, shift, text_scale, audio_scale) in CASES.items():
             vae.decoded.clear()

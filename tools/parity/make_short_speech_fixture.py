@@ -15,14 +15,11 @@ without a frame cap (the reference CLI's `max_frame_num` 1000), and stores the l
 first chunk (its second chunk is rendered and then cut away entirely) and the video's length.
 
 Everything else (tiny weights, shims, the reference pipeline object, the project's tiny
-encoders behind the reference's interface) is `make_sampler_fixture.py`'s.
+encoders behind the reference's interface) is `make_sampler_fixture.py`'s (`common.py`).
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import importlib.util
 import inspect
 import sys
 import tempfile
@@ -35,6 +32,8 @@ from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from tools.parity.common import fixture_args, import_multitalk, reference_pipeline  # noqa: E402
 
 #: case -> seconds of speech (tiny model: 33 frames a chunk). 0.8 s = 20 frames; 1.33 s = 33
 #: frames, exactly one chunk, where clamping (the reference's first chunk) and mirroring differ
@@ -90,18 +89,8 @@ def ungated_generate(multitalk: types.ModuleType) -> types.FunctionType:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--ref", type=Path, default=Path("/work/ref"), help="MeiGen-AI/InfiniteTalk checkout")
-    parser.add_argument("--out", type=Path, default=ROOT / "tests" / "fixtures" / "parity")
-    args = parser.parse_args()
+    args = fixture_args(__doc__)
     args.out.mkdir(parents=True, exist_ok=True)
-    spec = importlib.util.spec_from_file_location(
-        "make_sampler_fixture", Path(__file__).with_name("make_sampler_fixture.py")
-    )
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     from pipeline.pipeline import InfiniteTalkPipeline
     from pipeline.tiny import write_tiny_weights
 
@@ -119,41 +108,10 @@ def main() -> None:
             jobs[case] = {"prompt": PROMPT, "cond_video": str(image), "cond_audio": {"person1": str(path)}}
             print(f"{case}: {seg.plan.audio_frames} frames of speech")
 
-        spec = importlib.util.spec_from_file_location(
-            "make_dit_fixtures", Path(__file__).with_name("make_dit_fixtures.py")
-        )
-        dit_tool = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(dit_tool)
-        model_mod, utils, _ = dit_tool.import_reference(args.ref)
-        tool.install_multitalk_shims()
-        multitalk = importlib.import_module("wan.multitalk")
-        multitalk.torch_gc = lambda: None
-        utils.ASPECT_RATIO_627 = {
-            f"{h / w:.2f}": ([h, w], 1) for h, w in pipe.config.buckets["infinitetalk-480"]
-        }
+        multitalk, dit_tool, model_mod = import_multitalk(args.ref, pipe)
         model = dit_tool.build_reference(model_mod, pipe.config.dit)
         dit_tool.load_reference_weights(model, weights, "single")
-        ref = object.__new__(multitalk.InfiniteTalkPipeline)
-        vae = tool.RefVAE(pipe)
-        ref.__dict__.update(
-            device=torch.device("cpu"),
-            rank=0,
-            t5_cpu=False,
-            param_dtype=torch.float32,
-            num_timesteps=1000,
-            num_train_timesteps=1000,
-            use_timestep_transform=True,
-            vae_stride=(4, 8, 8),
-            patch_size=(1, 2, 2),
-            sp_size=1,
-            vram_management=False,
-            cpu_offload=False,
-            sample_neg_prompt=NEGATIVE,
-            model=model,
-            vae=vae,
-            clip=tool.RefCLIP(pipe),
-            text_encoder=tool.RefT5(pipe),
-        )
+        ref, vae = reference_pipeline(multitalk, pipe, model, NEGATIVE)
         generate = types.MethodType(ungated_generate(multitalk), ref)
         frame_num = pipe.config.generation.frame_num
         for case, job in jobs.items():

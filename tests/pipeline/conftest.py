@@ -1,0 +1,19 @@
+"""Fixtures of the pipeline tests.
+
+`plain_pipe`: the pipeline on the tiny weights (seed 0) in float32 on the CPU without the LoRA,
+as the reference ran when it made the sampler parity fixtures (`tools/parity/`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import InfiniteTalkPipeline
+
+
+@pytest.fixture(scope="module")
+def plain_pipe(tiny_weights_dir: Path) -> InfiniteTalkPipeline:
+    return InfiniteTalkPipeline.from_weights(tiny_weights_dir, device="cpu", dtype=torch.float32, lora=None)
