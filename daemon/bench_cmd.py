@@ -2,7 +2,7 @@
 
     infinitetalk bench [--size 480|720|both] [--dtype bf16|fp8|both] [--passes 1,2]
                        [--compile/--no-compile] [--attention auto|sdpa|cudnn|flash] [--quick]
-                       [--fp8-attention auto|on|off]
+                       [--fp8-attention auto|on|off] [--fp8-scaling row|tensor]
                        [--json OUT] [--no-t5] [--no-baseline] [--chunk-size 480|720|both|none]
                        [--gpu-memory-gib N[,N...]] [--no-unconstrained]
 
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.choices import ATTENTION, FP8_ATTENTION
+from pipeline.choices import ATTENTION, FP8_ATTENTION, FP8_SCALING
 
 if TYPE_CHECKING:  # the CLI imports torch only when a benchmark runs
     from pipeline.bench import BenchOptions
@@ -118,6 +118,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "auto = where available)",
     )
     p.add_argument(
+        "--fp8-scaling",
+        choices=FP8_SCALING,
+        default="row",
+        help="with --dtype fp8: row-wise activation scales (row-wise kernel) or one per call "
+        "(tensor-wise kernel, weight row scales on the output); default row",
+    )
+    p.add_argument(
         "--baseline",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -180,6 +187,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         "compile": args.compile,
         "attention": args.attention,
         "fp8_attention": args.fp8_attention,
+        "fp8_scaling": args.fp8_scaling,
         "baseline": args.baseline,
         "t5": args.t5,
         "num_chunks": args.chunks,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.jobs import JobDefaults
-from pipeline.choices import ATTENTION, FP8_ATTENTION
+from pipeline.choices import ATTENTION, FP8_ATTENTION, FP8_SCALING
 
 ENV_VAR = "INFINITETALK_CONFIG"
 DEFAULT_FILE = "infinitetalk.toml"
@@ -105,6 +105,12 @@ class PerformanceSettings:
         "self-attention in fp8 (cuDNN, Hopper, package nvidia-cudnn-frontend): auto (on with "
         "fp8 weights where it can run: quant fp8, or auto on a GPU with fp8 tensor cores), on (error "
         "at start when it cannot), off",
+    )
+    fp8_scaling: str = _f(
+        "row",
+        "fp8 GEMM scales with fp8 weights: row (one activation scale per token, the row-wise kernel) or "
+        "tensor (one per call, the tensor-wise kernel, the weight's row scales on the output: 1.4-1.9 % "
+        "faster per 480p forward on an H200, docs/benchmarks.md section 6)",
     )
     warmup: bool = _f(True, "run one small DiT forward after loading, before READY=1 (compiles the block)")
     gpu_memory_gib: str | float = _f(
@@ -318,6 +324,7 @@ _CHOICES = {
     "rope": ("fast", "exact"),
     "vae_dtype": ("bf16", "fp32"),
     "fp8_attention": FP8_ATTENTION,
+    "fp8_scaling": FP8_SCALING,
     "log_level": ("debug", "info", "warning", "error"),
     "executor": ("local", "ray"),
 }

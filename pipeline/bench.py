@@ -73,6 +73,7 @@ class BenchOptions:
     compile: bool = True
     attention: str = "auto"
     fp8_attention: str = "auto"  # with --dtype fp8: "auto" (where available), "on", "off"
+    fp8_scaling: str = "row"  # with --dtype fp8: "row" or "tensor" (pipeline.quant.FP8_SCALING)
     baseline: bool = True  # also time the plain (reference-numerics) path
     chunk_sizes: tuple[str, ...] = ("480",)  # sizes whose chunk loop is run (the rest: forward only)
     num_chunks: int = 2
@@ -445,7 +446,11 @@ class Bench:
         if opts.load_probe_blocks > 0:
             with self.section("load"):
                 self.report["load"] = self.load_probe()
-        fast = PerfConfig(attention=opts.attention, compile=opts.compile)  # type: ignore[arg-type]
+        fast = PerfConfig(
+            attention=opts.attention,  # type: ignore[arg-type]
+            compile=opts.compile,
+            fp8_scaling=opts.fp8_scaling,  # type: ignore[arg-type]
+        )
         if opts.baseline and self.dit is not None:
             for size in opts.sizes:  # on the bf16 weights, before any fp8 quantisation
                 with self.section(f"forward {size} plain"):
@@ -988,14 +993,14 @@ class ChunkRunner:
 def kernel_kind(name: str) -> str:
     """Rough class of a CUDA kernel by its name (for the profile summary)."""
     n = name.lower()
+    if "triton" in n:  # inductor names its kernels after the ops they fuse (_scaled_mm, sdpa, ...)
+        return "fused (triton)"
     if "double" in n or "f64" in n or "complex" in n:
         return "float64/complex"
     if "sdpa" in n or "fmha" in n or "flash" in n or "attention" in n or "cudnn" in n:
         return "attention"
     if "gemm" in n or "nvjet" in n or "cutlass" in n or "xmma" in n or "matmul" in n or "_mm" in n:
         return "gemm"
-    if "triton" in n:
-        return "fused (triton)"
     if "conv" in n:
         return "conv"
     if "memcpy" in n or "memset" in n:

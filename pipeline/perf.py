@@ -12,6 +12,7 @@ be checked against the plain one on the same weights (`infinitetalk bench`, test
 | rope        | "fast"          | "exact"          | fp32 cos/sin tables built once per token grid, not float64 complex per call |
 | compile     | True            | False            | `torch.compile` of the repeated DiT block (CUDA only) |
 | fp8         | False           | False            | e4m3 weights + dynamic row-wise activations on the fp8 tensor cores, after the LoRA merge |
+| fp8_scaling | "row"           | "row"            | fp8 activation scales: "row" (one per token, row-wise kernel) or "tensor" (one per call, tensor-wise kernel, weight row scales on the output) |
 | fp8_attention | False         | False            | self-attention through cuDNN's fp8 flash attention (`pipeline.models.attention_fp8`); on by default with fp8 where available (`resolve_fp8_attention`) |
 | vae_dtype   | "bf16"          | "fp32"           | VAE weights/activations in bf16 (CUDA only; the reference runs fp32) |
 | channels_last | True          | False            | VAE 3-D convolutions in channels-last-3d layout (cuDNN's fastest on Hopper) |
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from pipeline.choices import ATTENTION, FP8_ATTENTION, AttentionName
+from pipeline.choices import ATTENTION, FP8_ATTENTION, FP8_SCALING, AttentionName, Fp8ScalingName
 
 if TYPE_CHECKING:
     from pipeline.models.dit import InfiniteTalkDiT
@@ -46,6 +47,7 @@ class PerfConfig:
     rope: Literal["fast", "exact"] = "fast"
     compile: bool = True
     fp8: bool = False
+    fp8_scaling: Fp8ScalingName = "row"
     fp8_attention: bool = False
     vae_dtype: Literal["bf16", "fp32"] = "bf16"
     channels_last: bool = True
@@ -55,6 +57,8 @@ class PerfConfig:
             raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
         if self.rope not in ("fast", "exact"):
             raise ValueError(f"rope must be 'fast' or 'exact', got {self.rope!r}")
+        if self.fp8_scaling not in FP8_SCALING:
+            raise ValueError(f"fp8_scaling must be one of {FP8_SCALING}, got {self.fp8_scaling!r}")
         if self.vae_dtype not in ("bf16", "fp32"):
             raise ValueError(f"vae_dtype must be 'bf16' or 'fp32', got {self.vae_dtype!r}")
 
@@ -104,18 +108,19 @@ def apply_dit_perf(perf: PerfConfig, dit: InfiniteTalkDiT) -> dict[str, Any]:
     if perf.fp8:
         from pipeline.fp8 import to_fp8
 
-        fp8_layers = to_fp8(dit)
+        fp8_layers = to_fp8(dit, scaling=perf.fp8_scaling)
     compiled = perf.compile and device.type == "cuda"
     if compiled and not is_compiled(dit):
         compile_blocks(dit)
     elif not compiled and is_compiled(dit):
         uncompile_blocks(dit)
     logger.info(
-        "DiT speed settings: attention=%s fp8_attention=%s rope=%s fp8_layers=%d compiled=%s",
+        "DiT speed settings: attention=%s fp8_attention=%s rope=%s fp8_layers=%d fp8_scaling=%s compiled=%s",
         backend,
         perf.fp8_attention,
         perf.rope,
         fp8_layers,
+        perf.fp8_scaling,
         compiled,
     )
     return {
@@ -123,6 +128,7 @@ def apply_dit_perf(perf: PerfConfig, dit: InfiniteTalkDiT) -> dict[str, Any]:
         "fp8_attention": perf.fp8_attention,
         "rope": perf.rope,
         "fp8_layers": fp8_layers,
+        "fp8_scaling": perf.fp8_scaling if fp8_layers else None,
         "compiled": compiled,
     }
 
@@ -142,7 +148,11 @@ def apply_vae_perf(perf: PerfConfig, vae: WanVAE) -> dict[str, Any]:
                 param.data = param.data.contiguous()
         vae.channels_last = False
     if on_cuda:
-        torch.backends.cudnn.benchmark = True
+        # cuDNN's algorithm search (benchmark mode) sizes its trial workspaces by the free device
+        # memory: for the fp32 convolutions it took 38.7 GiB above the weights in the first decode
+        # on an H200 with 84 GiB free (8.2 GiB after it; docs/benchmarks.md section 6). fp32 uses
+        # cuDNN's heuristic choice instead (what the reference does); bf16 searches (3.8 GiB).
+        torch.backends.cudnn.benchmark = dtype == torch.bfloat16
     return {"vae_dtype": str(dtype).removeprefix("torch."), "channels_last": channels_last}
 
 

@@ -7,8 +7,13 @@ quantized: both are 1). The weight is `_data * _scale`.
 
 `Fp8Linear` keeps the fp8 weight and its per-row scale in memory (half the bytes of bf16).
 Its forward dequantizes to the compute dtype and runs a normal matmul (what quanto does), or,
-with `use_scaled_mm=True` on a CUDA device with fp8 support, quantizes the activations per row
-and calls `torch._scaled_mm` (faster, slightly different numbers).
+with `use_scaled_mm=True` on a CUDA device with fp8 support, quantizes the activations and calls
+`torch._scaled_mm` (faster, slightly different numbers). `scaling` picks how (`FP8_SCALING`):
+"row" quantizes each activation row with its own scale and hands both scale vectors to the
+row-wise kernel; "tensor" quantizes the whole activation with one scale, runs the tensor-wise
+kernel (cuBLASLt, faster on Hopper) on the unscaled fp8 weight and multiplies the output columns
+by the weight's per-row scales afterwards (under `torch.compile` that multiply and the bias fuse
+into the next element-wise kernel), so the stored weights are the same in both modes.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.choices import FP8_SCALING
+from pipeline.choices import Fp8ScalingName as Fp8Scaling
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 #: quanto's name of the weight type in the quantization map
@@ -24,6 +32,18 @@ QUANTO_FP8 = "qfloat8_e4m3fn"
 QUANTO_FP8_NAMES = ("qfloat8_e4m3fn", "qfloat8")
 #: state-dict suffixes of one quantized linear layer
 QUANT_SUFFIXES = ("weight._data", "weight._scale", "input_scale", "output_scale")
+__all__ = [
+    "FP8",
+    "FP8_MAX",
+    "FP8_SCALING",
+    "QUANTO_FP8",
+    "QUANTO_FP8_NAMES",
+    "QUANT_SUFFIXES",
+    "Fp8Linear",
+    "Fp8Scaling",
+    "quantize_fp8",
+    "replace_module",
+]
 
 
 def quantize_fp8(weight: Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor]:
@@ -55,6 +75,7 @@ class Fp8Linear(nn.Module):
         self.out_features = data.shape[0]
         self.compute_dtype = compute_dtype
         self.use_scaled_mm = False
+        self.scaling: Fp8Scaling = "row"
         self.register_buffer("weight_fp8", data)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", bias)
@@ -71,6 +92,8 @@ class Fp8Linear(nn.Module):
         return F.linear(x, self.dequantize(), bias)
 
     def _scaled_mm(self, x: Tensor) -> Tensor:
+        if self.scaling == "tensor":
+            return self._scaled_mm_tensorwise(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.float32)
         x_scale = (x2.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
@@ -86,9 +109,28 @@ class Fp8Linear(nn.Module):
         )
         return out.reshape(*shape[:-1], self.out_features)
 
+    def _scaled_mm_tensorwise(self, x: Tensor) -> Tensor:
+        """One activation scale, the tensor-wise kernel, then the weight's row scales and bias."""
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.float32)
+        x_scale = (x2.abs().amax() / FP8_MAX).clamp(min=1e-12)
+        x_fp8 = (x2 / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        out = torch._scaled_mm(
+            x_fp8,
+            self.weight_fp8.t(),
+            scale_a=x_scale,
+            scale_b=torch.ones((), dtype=torch.float32, device=x.device),
+            out_dtype=self.compute_dtype,
+        )
+        out = out * self.weight_scale.to(self.compute_dtype).t()
+        if self.bias is not None:
+            out = out + self.bias.to(self.compute_dtype)
+        return out.reshape(*shape[:-1], self.out_features)
+
     def extra_repr(self) -> str:
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, compute={self.compute_dtype}"
+            f"in_features={self.in_features}, out_features={self.out_features}, compute={self.compute_dtype}, "
+            f"scaling={self.scaling}"
         )
 
 
