@@ -17,13 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from pipeline.choices import ATTENTION, FP8_ATTENTION, FP8_SCALING
 
 if TYPE_CHECKING:  # the CLI imports torch only when a benchmark runs
     from pipeline.bench import BenchOptions
+
+_T = TypeVar("_T")
 
 
 def _sizes(value: str) -> tuple[str, ...]:
@@ -41,25 +44,31 @@ def _dtypes(value: str) -> tuple[str, ...]:
 
 
 def _passes(value: str) -> tuple[int, ...]:
-    try:
-        passes = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"passes must be a comma list of 1 and 2, got {value!r}") from None
-    if not passes or any(p not in (1, 2) for p in passes):
-        raise argparse.ArgumentTypeError(f"passes must be a comma list of 1 and 2, got {value!r}")
-    return passes
+    return _comma_list(value, int, lambda p: p in (1, 2), "passes must be a comma list of 1 and 2")
 
 
 def _budgets(value: str) -> tuple[float, ...]:
+    rule = "gpu-memory-gib must be a comma list of GiB"
+    return _comma_list(value, float, lambda b: b > 0, f"{rule} > 0", unparsed=rule)
+
+
+def _comma_list(
+    value: str, cast: Callable[[str], _T], ok: Callable[[_T], bool], rule: str, *, unparsed: str = ""
+) -> tuple[_T, ...]:
+    """The comma-separated items of `value`, each `cast` and `ok`; else an error naming the rule
+    (`unparsed`, where given, for an item `cast` refuses)."""
     try:
-        budgets = tuple(float(v) for v in value.split(",") if v.strip())
+        items = tuple(cast(v) for v in value.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"gpu-memory-gib must be a comma list of GiB, got {value!r}"
-        ) from None
-    if not budgets or any(not b > 0 for b in budgets):
-        raise argparse.ArgumentTypeError(f"gpu-memory-gib must be a comma list of GiB > 0, got {value!r}")
-    return budgets
+        raise argparse.ArgumentTypeError(f"{unparsed or rule}, got {value!r}") from None
+    if not items or not all(ok(i) for i in items):
+        raise argparse.ArgumentTypeError(f"{rule}, got {value!r}")
+    return items
+
+
+def _switch(p: argparse.ArgumentParser, flag: str, text: str) -> None:
+    """A `--X/--no-X` option that is on unless `--no-X` is given."""
+    p.add_argument(flag, action=argparse.BooleanOptionalAction, default=True, help=text)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -98,12 +107,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="1,2",
         help="DiT passes per step in the chunk loop (1 = audio CFG 1, 2 = audio CFG != 1)",
     )
-    p.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="torch.compile the DiT block on the fast path (default on)",
-    )
+    _switch(p, "--compile", "torch.compile the DiT block on the fast path (default on)")
     p.add_argument(
         "--attention",
         choices=ATTENTION,
@@ -124,18 +128,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --dtype fp8: row-wise activation scales (row-wise kernel) or one per call "
         "(tensor-wise kernel, weight row scales on the output); default row",
     )
-    p.add_argument(
+    _switch(
+        p,
         "--baseline",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also time the plain path (reference numerics, eager) and check the fast one against it",
+        "also time the plain path (reference numerics, eager) and check the fast one against it",
     )
-    p.add_argument(
-        "--t5",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="build the umT5-XXL encoder too (resident memory; once-per-video cost)",
-    )
+    _switch(p, "--t5", "build the umT5-XXL encoder too (resident memory; once-per-video cost)")
     p.add_argument(
         "--chunks", type=int, default=2, help="chunks per chunk loop (default 2; the last is steady state)"
     )
@@ -145,12 +143,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=4,
         help="DiT blocks written to disk and loaded back to time the load path (0 = skip)",
     )
-    p.add_argument(
-        "--profile",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="kernel breakdown of one fast forward at the first size (default on)",
-    )
+    _switch(p, "--profile", "kernel breakdown of one fast forward at the first size (default on)")
     p.add_argument(
         "--quick",
         action="store_true",
@@ -165,11 +158,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "torch.cuda.set_per_process_memory_fraction; prints the plan, seconds per chunk, GPU-s per "
         "video-s, peak memory and host-to-device bytes per forward",
     )
-    p.add_argument(
+    _switch(
+        p,
         "--unconstrained",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="with --gpu-memory-gib: also run the chunk loop with everything resident (default on)",
+        "with --gpu-memory-gib: also run the chunk loop with everything resident (default on)",
     )
     p.add_argument("--device", default="cuda", help="torch device (default cuda)")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the full report as JSON")

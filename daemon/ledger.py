@@ -45,56 +45,6 @@ logger = logging.getLogger(__name__)
 # applying a `retry` itself while the daemon is stopped) prints none of them (no `lastResort`)
 logger.addHandler(logging.NullHandler())
 
-JOB_COLUMNS: dict[str, type] = {
-    "id": str,
-    "name": str,
-    "state": str,
-    "priority": int,
-    "seq": int,
-    "source": str,
-    "spec_json": str,
-    "input_hashes_json": str,
-    "attempts": int,
-    "progress": float,
-    "chunk": int,
-    "num_chunks": int,
-    "step": int,
-    "num_steps": int,
-    "stage": str,
-    "waiting_reason": str,
-    "created_at": float,
-    "queued_at": float,
-    "started_at": float,
-    "finished_at": float,
-    "next_attempt_at": float,
-    "output_video": str,
-    "output_poster": str,
-    "output_json": str,
-    "duration_s": float,
-    "frames": int,
-    "render_s": float,
-    "error_code": str,
-    "error_message": str,
-    "error_field": str,
-    "duplicate_of": str,
-    "deleted_at": float,
-    # added by the daemon (migration 1)
-    "dedupe_key": str,
-    "job_dir": str,
-    "resumed_from_chunk": int,
-    "cancel_requested": int,
-    # migration 2: where a rejected or failed job's original files are kept
-    "originals": str,
-    # migration 3: what was published (device, inode, size, mtime, sha256 per output), so that
-    # `delete`, retention and recovery only ever touch files proven to be this job's
-    "outputs_identity": str,
-    # migration 4: the last failure's traceback and worker log lines (JSON, bounded: daemon/failures.py)
-    "failure_detail": str,
-    # migration 5: the job this one renders again ("rerender": true, or `retry` of a done job)
-    "rerender_of": str,
-    # migration 7: the crash-safe protocol under way (daemon.states.Intent), None when none is
-    "intent": str,
-}
 EVENT_COLUMNS: dict[str, type] = {"id": int, "job_id": str, "at": float, "kind": str, "data_json": str}
 
 
@@ -252,14 +202,21 @@ class JobRow:
     error_field: str | None = None
     duplicate_of: str | None = None
     deleted_at: float | None = None
+    # added by the daemon (migration 1)
     dedupe_key: str | None = None
     job_dir: str | None = None
     resumed_from_chunk: int | None = None
     cancel_requested: int = 0
+    # migration 2: where a rejected or failed job's original files are kept
     originals: str | None = None
+    # migration 3: what was published (device, inode, size, mtime, sha256 per output), so that
+    # `delete`, retention and recovery only ever touch files proven to be this job's
     outputs_identity: str | None = None
+    # migration 4: the last failure's traceback and worker log lines (JSON, bounded: daemon/failures.py)
     failure_detail: str | None = None
+    # migration 5: the job this one renders again ("rerender": true, or `retry` of a done job)
     rerender_of: str | None = None
+    # migration 7: the crash-safe protocol under way (daemon.states.Intent), None when none is
     intent: str | None = None
 
     @classmethod
@@ -314,6 +271,12 @@ class JobRow:
         out = {k: getattr(self, k) for k in keys}
         out["progress"] = min(1.0, max(0.0, float(self.progress or 0.0)))
         return out
+
+
+#: the `jobs` columns in table order, each with its SQLite type: the fields of `JobRow`
+JOB_COLUMNS: dict[str, type] = {
+    f.name: {"str": str, "int": int, "float": float}[str(f.type).split(" | ")[0]] for f in fields(JobRow)
+}
 
 
 def new_job_id() -> str:

@@ -60,8 +60,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config)
     except ConfigError as e:
-        print(f"infinitetalk daemon: bad config: {e}", file=sys.stderr)
-        return EX_CONFIG
+        return _refused(f"bad config: {e}", EX_CONFIG)
     if args.allow_tiny:
         import dataclasses
 
@@ -84,20 +83,23 @@ def run(args: argparse.Namespace) -> int:
         pipeline_factory=args.pipeline_factory or settings.pipeline_factory,
     )
     supervisor.install_signals()
+    # the errors that keep the daemon from running: (error, what its line says first, exit status);
+    # a ClusterError carries its own status
+    refusals: tuple[tuple[type[Exception], str, int], ...] = (
+        (DaemonLocked, "", EX_TEMPFAIL),
+        (FolderUnusable, "cannot start: ", EX_CANTCREAT),
+        (LedgerLost, "", EX_DATAERR),
+        (WeightsMissing, "cannot start: ", EX_CONFIG),
+    )
     try:
         return supervisor.run()
-    except DaemonLocked as e:
-        print(f"infinitetalk daemon: {e}", file=sys.stderr)
-        return EX_TEMPFAIL
-    except FolderUnusable as e:
-        print(f"infinitetalk daemon: cannot start: {e}", file=sys.stderr)
-        return EX_CANTCREAT
-    except LedgerLost as e:
-        print(f"infinitetalk daemon: {e}", file=sys.stderr)
-        return EX_DATAERR
-    except WeightsMissing as e:
-        print(f"infinitetalk daemon: cannot start: {e}", file=sys.stderr)
-        return EX_CONFIG
     except ClusterError as e:
-        print(f"infinitetalk daemon: cannot start: {e}", file=sys.stderr)
-        return e.exit_code
+        return _refused(f"cannot start: {e}", e.exit_code)
+    except tuple(kind for kind, _, _ in refusals) as e:
+        prefix, status = next((p, s) for kind, p, s in refusals if isinstance(e, kind))
+        return _refused(f"{prefix}{e}", status)
+
+
+def _refused(message: str, status: int) -> int:
+    print(f"infinitetalk daemon: {message}", file=sys.stderr)
+    return status

@@ -47,7 +47,9 @@ def incomplete_bundle(inbox: Path) -> None:
     (bundle / "job.json").write_text(json.dumps(doc))
 
 
-def state(ledger: Ledger) -> tuple[str, str | None]:
+def scanned(intake: Intake, ledger: Ledger) -> tuple[str, str | None]:
+    """The one job's (state, error code) after one more scan of the inbox."""
+    intake.scan_once()
     [row] = ledger.jobs()
     return row.state, row.error_code
 
@@ -58,16 +60,13 @@ def test_wall_clock_steps_do_not_move_the_incomplete_timeout(settings: Settings)
     intake = Intake(settings, ledger, Outbox(settings.outbox), clock=mono, wall_clock=wall)
     try:
         incomplete_bundle(settings.inbox)
-        intake.scan_once()
-        assert state(ledger) == ("waiting", None)
+        assert scanned(intake, ledger) == ("waiting", None)
         wall.now += 2 * 3600  # the wall clock jumps forward 2 h: the upload was not waiting 2 h
         mono.now += 5
-        intake.scan_once()
-        assert state(ledger) == ("waiting", None)
+        assert scanned(intake, ledger) == ("waiting", None)
         wall.now -= 3 * 86400  # and back 3 days: the timeout still runs out on time
         mono.now += 3600
-        intake.scan_once()
-        assert state(ledger) == ("rejected", "incomplete")
+        assert scanned(intake, ledger) == ("rejected", "incomplete")
     finally:
         intake.close()
         ledger.close()
@@ -85,14 +84,11 @@ def test_after_a_restart_at_most_half_the_timeout_counts_as_spent(settings: Sett
     mono.now = 10.0
     second = Intake(settings, ledger, Outbox(settings.outbox), clock=mono, wall_clock=wall)
     try:
-        second.scan_once()
-        assert state(ledger) == ("waiting", None)
+        assert scanned(second, ledger) == ("waiting", None)
         mono.now += 1700  # 1800 + 1700 < 3600: still waiting
-        second.scan_once()
-        assert state(ledger) == ("waiting", None)
+        assert scanned(second, ledger) == ("waiting", None)
         mono.now += 101
-        second.scan_once()
-        assert state(ledger) == ("rejected", "incomplete")
+        assert scanned(second, ledger) == ("rejected", "incomplete")
     finally:
         second.close()
         ledger.close()
