@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import logging
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from daemon import failures, version
+from daemon import chunk_nodes, failures, version
 from daemon.config import Settings
 from daemon.errors import JobRejected, is_disk_full
 from daemon.ledger import JobRow, Ledger
@@ -105,7 +106,7 @@ class Endings:
         poster = order.poster_path if order.poster_path.exists() else None
         if poster is None:
             poster = make_poster(order.out_path, order.poster_path)
-        sidecar = self._sidecar(row, result, render_s, worker_info)
+        sidecar = self._sidecar(row, result, render_s, worker_info, order.checkpoint_dir.parent)
         try:
             self._publish(row, order, poster, sidecar)
         except OSError as e:  # nothing of it is in the outbox (`commit_publication` undid it)
@@ -115,12 +116,19 @@ class Endings:
             return Failed(row.id, Failure(code=code, transient=full), f"publishing failed: {e}")
         self._mark_done(row.id, sidecar)
         shutil.rmtree(order.checkpoint_dir, ignore_errors=True)
+        chunk_nodes.forget(order.checkpoint_dir.parent)  # it described that checkpoint
         return None
 
     def _sidecar(
-        self, row: JobRow, result: RenderResult, render_s: float, worker_info: dict[str, Any]
+        self,
+        row: JobRow,
+        result: RenderResult,
+        render_s: float,
+        worker_info: dict[str, Any],
+        job_dir: Path,
     ) -> dict[str, Any]:
         finished = time.time()
+        node = str(worker_info.get("node") or socket.gethostname())
         return {
             "job_id": row.id,
             "name": row.name,
@@ -144,6 +152,9 @@ class Endings:
             "seed": result.seed,
             "attempts": row.attempts,
             "resumed_from_chunk": result.resumed_from_chunk,
+            # the node that rendered each chunk (a resumed job: the lost node's chunks, then the
+            # resuming node's; daemon/chunk_nodes.py)
+            "chunks": chunk_nodes.per_chunk(job_dir, row.num_chunks or 0, node),
             "timings_s": {
                 **(result.timings_s or {}),
                 "render": render_s,

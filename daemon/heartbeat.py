@@ -5,8 +5,9 @@ can tell a daemon that is up from one that was killed (`kill -9` leaves no "stop
 The row: `at` (wall clock of the write), `pid`, `state` (`loading`: no render worker ready yet;
 `ready`; `draining`: stopping, running jobs finish their step; `stopped`: exited cleanly),
 `started_at`, and `data_json` with `tiny` (the daemon renders with the tiny random-weight model)
-and one entry per render worker: device, pid, whether its model is loaded, its current jobs,
-the model facts it reported, and GPU memory and utilisation (NVML, when `nvidia-ml-py` is
+and one entry per render worker: device, node (the host it runs on; a Ray actor: host and node
+id), state (`worker_state`), pid, whether its model is loaded, its current jobs, the model facts
+it reported, and GPU memory and utilisation (NVML, when `nvidia-ml-py` is
 installed and the device is a CUDA GPU).
 
 A reader calls `liveness(conn, now)`: the daemon is `up` when the row is younger than
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -132,6 +134,15 @@ def write(
     conn.execute("COMMIT")
 
 
+def worker_state(alive: bool, ready: bool, jobs: Any) -> str:
+    """`down` (its process or actor is gone), `loading` (no model yet), `rendering`, `idle`."""
+    if not alive:
+        return "down"
+    if not ready:
+        return "loading"
+    return "rendering" if jobs else "idle"
+
+
 def gpu_stats(device: str) -> dict[str, Any]:
     """Memory used/total (bytes) and utilisation (%) of a `cuda:N` device through NVML; {} when
     NVML (`nvidia-ml-py`) or the device is not there. Never imports torch."""
@@ -218,9 +229,9 @@ class Heartbeat:
                 "quant": info.get("quant"),
                 "attention": info.get("attention"),
             }
-            if "node" in info:  # a Ray actor (daemon/ray_pool.py): its node, whose GPUs NVML here cannot see
-                entry["node"] = info["node"]
-            else:
+            entry["node"] = str(info.get("node") or socket.gethostname())
+            entry["state"] = worker_state(worker.alive, worker.ready, worker.jobs)
+            if "node_id" not in info:  # not a Ray actor (whose GPUs NVML here cannot see)
                 entry.update(gpu_stats(str(entry["device"])))
             out.append(entry)
         return out

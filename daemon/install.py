@@ -22,6 +22,10 @@ What it does, in order (each step is skipped when already done, so running it ag
    `/etc/systemd/system`, then `systemctl daemon-reload`;
 5. prints how to start them.
 
+`--ray-worker HOST:PORT` (a GPU host of a Ray cluster, docs/scaling.md) installs instead only the
+daemon's group and user, the weights folder and `infinitetalk-ray-worker.service`, which runs the
+venv's `ray start --address=HOST:PORT --block` (docs/systemd.md).
+
 `--dry-run` prints the steps as commands and changes nothing. `--root DIR` installs into a fake
 root (for tests and image builds): users are written to `DIR/etc/passwd` with `useradd --prefix`,
 owners are set only when running as root, and `systemctl` is not called.
@@ -49,6 +53,10 @@ DEFAULT_USER = "infinitetalk"
 DEFAULT_WEB_USER = "infinitetalk-web"
 DEFAULT_UPLOAD_GROUP = "infinitetalk-upload"
 UNIT_NAMES = ("infinitetalk.service", "infinitetalk-dashboard.service")
+#: the one unit of `--ray-worker` (a GPU host of a Ray cluster, docs/scaling.md)
+RAY_WORKER_UNIT = "infinitetalk-ray-worker.service"
+#: `ray start --address=` of a worker: the head's GCS as host:port (IPv6 in brackets)
+RAY_ADDRESS_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?):[0-9]{1,5}")
 #: where the shipped units live: `systemd/` next to the `daemon` package
 UNIT_SOURCE_DIR = Path(__file__).resolve().parent.parent / "systemd"
 #: places a service with ProtectHome=yes cannot see
@@ -73,8 +81,18 @@ class InstallOptions:
     upload_group: str = DEFAULT_UPLOAD_GROUP
     root: Path = Path("/")
     dry_run: bool = False
+    #: install only the Ray worker unit, joining the head at this host:port (None: the daemon's)
+    ray_worker: str | None = None
 
     def __post_init__(self) -> None:
+        if self.ray_worker is not None:
+            address = self.ray_worker
+            port = int(address.rpartition(":")[2]) if RAY_ADDRESS_RE.fullmatch(address) else 0
+            if not 0 < port < 65536:
+                raise InstallError(
+                    f"--ray-worker must be the head's address as HOST:PORT (the port of `ray start "
+                    f"--head`, 6379 by default), e.g. gpu-head:6379, got {address!r}"
+                )
         for name in ("prefix", "config", "data_dir", "unit_dir"):
             path = getattr(self, name)
             if not path.is_absolute() or any(ch.isspace() for ch in str(path)):
@@ -104,7 +122,12 @@ class InstallOptions:
 
     @property
     def executable(self) -> Path:
-        return self.prefix / ".venv" / "bin" / "infinitetalk"
+        """What the units run: the venv's `ray` for a Ray worker, else its `infinitetalk`."""
+        return self.prefix / ".venv" / "bin" / ("ray" if self.ray_worker else "infinitetalk")
+
+    @property
+    def unit_names(self) -> tuple[str, ...]:
+        return (RAY_WORKER_UNIT,) if self.ray_worker else UNIT_NAMES
 
     @property
     def inbox(self) -> Path:
@@ -214,6 +237,8 @@ def render_unit(text: str, opts: InstallOptions) -> str:
         if key == "ExecStart":
             value = value.replace(str(DEFAULT_PREFIX / ".venv"), str(opts.prefix / ".venv"), 1)
             value = value.replace(f"--config {DEFAULT_CONFIG}", f"--config {opts.config}", 1)
+            if opts.ray_worker:
+                value = re.sub(r"--address=\S+", f"--address={opts.ray_worker}", value, count=1)
         elif key in ("User", "Group", "SupplementaryGroups"):
             value = _map_tokens(value, names)
         elif key in ("ReadWritePaths", "ReadOnlyPaths", "InaccessiblePaths"):
@@ -237,8 +262,37 @@ def render_config(opts: InstallOptions) -> str:
     return header + render_toml(settings)
 
 
+def plan_ray_worker(opts: InstallOptions, unit_texts: dict[str, str]) -> list[Action]:
+    """A GPU host of a Ray cluster: the daemon's user (the actors read the weights through its
+    group), the weights folder at the head's path, the worker unit. No inbox, outbox, state or
+    config: those stay on the head."""
+    group = opts.user
+    return [
+        EnsureGroup(name=group),
+        EnsureUser(
+            name=opts.user,
+            group=group,
+            extra_groups=(),
+            home=Path("/var/lib/infinitetalk-ray"),
+            comment="InfiniteTalk render daemon",
+        ),
+        EnsureDir(path=opts.data_dir, owner="root", group="root", mode=0o755),
+        EnsureDir(path=opts.weights, owner="root", group=group, mode=0o2750),
+        WriteFile(
+            path=opts.unit_dir / RAY_WORKER_UNIT,
+            text=render_unit(unit_texts[RAY_WORKER_UNIT], opts),
+            owner="root",
+            group="root",
+            mode=0o644,
+        ),
+        RunCommand(argv=("systemctl", "daemon-reload")),
+    ]
+
+
 def plan(opts: InstallOptions, unit_texts: dict[str, str]) -> list[Action]:
     """Every step of the installation, in order."""
+    if opts.ray_worker:
+        return plan_ray_worker(opts, unit_texts)
     user, group, upload = opts.user, opts.user, opts.upload_group
     actions: list[Action] = [
         EnsureGroup(name=group),
@@ -382,8 +436,7 @@ class Installer:
                     "--system",
                     "--gid",
                     action.group,
-                    "--groups",
-                    ",".join(action.extra_groups),
+                    *(("--groups", ",".join(action.extra_groups)) if action.extra_groups else ()),
                     "--home-dir",
                     str(action.home),
                     "--no-create-home",
@@ -453,16 +506,17 @@ def _check_executable(opts: InstallOptions) -> str | None:
     exe = opts.on_disk(opts.executable)
     if os.access(exe, os.X_OK):
         return None
+    extra = " with the ray extra (pip install '.[ray]')" if opts.ray_worker else ""
     return (
         f"{opts.executable} does not exist: the units run the project from {opts.prefix}. Install it "
-        f"there first (git clone <this project> {opts.prefix} && {opts.prefix}/scripts/bootstrap), "
-        f"or pass --prefix DIR where DIR/.venv/bin/infinitetalk exists"
+        f"there first{extra} (git clone <this project> {opts.prefix} && {opts.prefix}/scripts/bootstrap), "
+        f"or pass --prefix DIR where DIR/.venv/bin/{opts.executable.name} exists"
     )
 
 
-def load_unit_texts(source: Path = UNIT_SOURCE_DIR) -> dict[str, str]:
+def load_unit_texts(source: Path = UNIT_SOURCE_DIR, names: tuple[str, ...] = UNIT_NAMES) -> dict[str, str]:
     texts = {}
-    for name in UNIT_NAMES:
+    for name in names:
         path = source / name
         if not path.is_file():
             raise InstallError(f"unit {path} not found: run install-systemd from a checkout of the project")
@@ -470,9 +524,30 @@ def load_unit_texts(source: Path = UNIT_SOURCE_DIR) -> dict[str, str]:
     return texts
 
 
+def next_steps_ray_worker(opts: InstallOptions) -> str:
+    return "\n".join(
+        [
+            "",
+            "Next:",
+            f"  1. put the weights in {opts.weights}, the same files at the same path as the head's",
+            "     weights_dir (the actors on this host load them from there), e.g.:",
+            f"       sudo rsync -a HEAD:{opts.weights}/ {opts.weights}/",
+            "  2. start the worker, now and at every boot (it joins the head at "
+            f"{opts.ray_worker}, and again whenever it lost it):",
+            "       sudo systemctl enable --now infinitetalk-ray-worker",
+            "  3. watch it:",
+            "       journalctl -u infinitetalk-ray-worker -f",
+            f"       on the head: {opts.prefix}/.venv/bin/ray status   (this host's GPUs are listed)",
+            "       on the head: infinitetalk status   (a worker line per actor, with its node)",
+        ]
+    )
+
+
 def next_steps(opts: InstallOptions) -> str:
     from daemon.config import ConfigError, load_settings
 
+    if opts.ray_worker:
+        return next_steps_ray_worker(opts)
     host, port = "127.0.0.1", 8000
     config = opts.on_disk(opts.config)
     if config.is_file():
@@ -516,7 +591,7 @@ def install(opts: InstallOptions, out: object = sys.stdout) -> None:
         raise InstallError(problem)
     if problem:
         installer.say(f"warning: {problem}")
-    for action in plan(opts, load_unit_texts()):
+    for action in plan(opts, load_unit_texts(names=opts.unit_names)):
         installer.apply(action)
     installer.say(next_steps(opts))
 
@@ -569,6 +644,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=Path("/"),
         help="install into this directory as if it were / (tests, images)",
     )
+    parser.add_argument(
+        "--ray-worker",
+        metavar="ADDRESS",
+        default=None,
+        help="on a GPU host of a Ray cluster: install only the Ray worker unit, which joins the head "
+        "at ADDRESS (HOST:PORT of `ray start --head`, e.g. gpu-head:6379), and the weights folder",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the steps, change nothing")
     parser.set_defaults(func=run)
 
@@ -585,6 +667,7 @@ def run(args: argparse.Namespace) -> int:
             upload_group=args.upload_group,
             root=args.root.resolve(),
             dry_run=args.dry_run,
+            ray_worker=args.ray_worker,
         )
         install(opts)
     except InstallError as e:

@@ -43,6 +43,7 @@ from typing import Any, cast
 import ray
 from ray.exceptions import RayError, RayTaskError
 
+from daemon import chunk_nodes
 from daemon.cluster import EX_CONFIG, EX_UNAVAILABLE, ClusterError
 from daemon.config import Settings
 from daemon.policy import classify
@@ -268,7 +269,9 @@ class RenderActor:
                     return
         finally:
             self.stops.pop(job_id, None)
-            shutil.rmtree(job_folder(job_id) if ended else work, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
+            if ended:
+                _remove_unless_in_use(job_folder(job_id))
 
     def _run(self, order: RunOrder, stop: threading.Event, out: queue.Queue[Any], token: str) -> None:
         last = [0.0]
@@ -328,6 +331,10 @@ class RayPool:
         self.restart = True
         self.checked = 0.0
         self.actor_class: Any = None
+        #: job id -> the token of its newest dispatch: messages of any other are stale
+        self.current: dict[str, str] = {}
+        #: how many stale messages were dropped (tests, logs)
+        self.dropped = 0
 
     # ------------------------------------------------------------------ start-up
 
@@ -460,25 +467,51 @@ class RayPool:
         with self.lock:
             self.serial += 1
             token = f"{order.attempt}.{self.serial}"
+            for other in self.slots:  # an older dispatch still held elsewhere is stale from now on
+                if other is not slot:
+                    other.jobs.pop(order.job_id, None)
             slot.jobs[order.job_id] = token
+            self.current[order.job_id] = token
             generation = slot.generation
+            node = str(slot.info.get("node", "?"))
             stream = slot.actor.render.options(num_returns="streaming").remote(
                 Job(order, token), ray.put(inputs), ray.put(checkpoint)
             )
-        args = (slot, generation, order, token, stream)
+        args = (slot, generation, order, token, stream, node)
         threading.Thread(
             target=self._follow_job, args=args, name=f"ray-job-{order.job_id}", daemon=True
         ).start()
 
-    def _follow_job(self, slot: _Slot, generation: int, order: RunOrder, token: str, stream: Any) -> None:
-        """Read one job's stream: write its checkpoints and output, pass its events on."""
+    def _follow_job(
+        self, slot: _Slot, generation: int, order: RunOrder, token: str, stream: Any, node: str
+    ) -> None:
+        """Read one job's stream: write its checkpoints and output, pass its events on. A message
+        of a dispatch that is no longer the job's current one (a stale actor) is dropped."""
+        chunk = 0
         try:
             for ref in stream:
                 message = ray.get(ref)
                 if not self._current(slot, order.job_id, token):
-                    logger.warning("job %s: dropped a message of an older dispatch (%s)", order.job_id, token)
+                    self.dropped += 1
+                    logger.warning(
+                        "job %s: dropped a late %s of an older dispatch (token %s, node %s; current: %s)",
+                        order.job_id,
+                        type(message).__name__,
+                        token,
+                        node,
+                        self.current.get(order.job_id, "none"),
+                    )
                     continue
                 match message:
+                    case Progressed(progress=progress) if progress.chunk >= 1 and progress.chunk != chunk:
+                        chunk = progress.chunk  # a chunk started here: this node renders it
+                        try:
+                            chunk_nodes.record(order.checkpoint_dir.parent, chunk, node, order.attempt)
+                        except OSError as e:  # best effort, like progress: the render goes on
+                            logger.warning(
+                                "job %s: cannot record the node of chunk %d: %s", order.job_id, chunk, e
+                            )
+                        self._put(message)
                     case Checkpoint():
                         write_checkpoint(order.checkpoint_dir, message)
                     case Output(result=result, video=video, poster=poster, render_s=render_s):
@@ -500,12 +533,14 @@ class RayPool:
             self._lost(slot, generation, e)
 
     def _current(self, slot: _Slot, job_id: str, token: str) -> bool:
+        """`token` is the job's newest dispatch and its slot still holds it (not lost meanwhile)."""
         with self.lock:
-            return slot.jobs.get(job_id) == token
+            return slot.jobs.get(job_id) == token and self.current.get(job_id) == token
 
     def _end(self, slot: _Slot, job_id: str, event: Event) -> None:
         with self.lock:
             slot.jobs.pop(job_id, None)
+            self.current.pop(job_id, None)
         self._put(event)
 
     def stop(self, job_id: str, why: str) -> None:
@@ -552,7 +587,8 @@ class RayPool:
                     alive=s.ready,
                     ready=s.ready,
                     jobs=tuple(sorted(s.jobs)),
-                    info=dict(s.info),
+                    # an actor that has not loaded yet has no node to name
+                    info={"node": "(not placed yet)", **s.info},
                 )
                 for s in self.slots
             ]
@@ -578,6 +614,14 @@ class RayPool:
                 _kill(slot.actor)
         if ray.is_initialized():
             ray.shutdown()
+
+
+def _remove_unless_in_use(folder: Path) -> None:
+    """Remove a job's folder of this host (its inputs) once no dispatch renders in it: an
+    actor of a stale attempt that ends must not take the inputs from under the job's current
+    attempt on another actor of the same host."""
+    if not any(folder.glob("attempt-*")):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _kill(actor: Any) -> None:

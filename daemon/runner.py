@@ -20,6 +20,7 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -215,6 +216,9 @@ def describe(pipe: Any, config: WorkerConfig) -> dict[str, Any]:
         "lora_scale": config.lora_scale,
         "attention": config.attention,
         "pid": os.getpid(),
+        # the host it renders on (a Ray actor overrides `node` with host and node id)
+        "hostname": socket.gethostname(),
+        "node": socket.gethostname(),
     }
     extra = getattr(pipe, "describe", None)
     if callable(extra):

@@ -3,7 +3,8 @@
     infinitetalk status [--state S[,S]] [--name TEXT] [--limit N] [--json] [--check]
 
 - The first line says whether the daemon is up (from its heartbeat, daemon/heartbeat.py) and how
-  many jobs are in each state; then the newest `--limit` jobs (default 50), newest first, with
+  many jobs are in each state; while it is up, one line per render worker (its node, device,
+  state and current jobs); then the newest `--limit` jobs (default 50), newest first, with
   human-readable times.
 - `--check` (cron, monitoring): only the summary line; exit 0 when the daemon is up, 3 when it is
   down or has never written a heartbeat.
@@ -86,6 +87,19 @@ def daemon_line(beat: dict[str, Any], now: float) -> str:
     return f"daemon DOWN since {when(beat['at'], now)}: no heartbeat for {beat['age_s']:.0f} s"
 
 
+def worker_line(worker: dict[str, Any]) -> str:
+    """'  worker 0  node gpu-a  cuda:0  rendering 3f2a9c1b (alice)' (state from the heartbeat)."""
+    state = worker.get("state") or ("idle" if worker.get("model_loaded") else "loading")
+    ids = [str(j) for j in worker.get("jobs") or []]
+    names = list(worker.get("job_names") or []) + [""] * len(ids)
+    jobs = [f"{job} ({name})" if name else job for job, name in zip(ids, names, strict=False)]
+    doing = f" {', '.join(jobs)}" if jobs else ""
+    return (
+        f"  worker {worker.get('index', '?')}  node {worker.get('node') or '?'}  "
+        f"{worker.get('device') or '?'}  {state}{doing}"
+    )
+
+
 def _states(raw: str) -> tuple[str, ...]:
     states = tuple(s for s in raw.replace(" ", "").split(",") if s)
     bad = [s for s in states if s not in STATES]
@@ -116,6 +130,18 @@ def read(path: Path, *, states: tuple[str, ...], name: str, limit: int, now: flo
             f"SELECT * FROM jobs{clause} ORDER BY seq DESC LIMIT ?", (*args, limit)
         ).fetchall()
         beat = heartbeat.liveness(conn, now).to_dict()
+        busy = sorted({str(j) for w in beat["workers"] for j in w.get("jobs") or []})
+        names = (
+            dict(
+                conn.execute(
+                    f"SELECT id, name FROM jobs WHERE id IN ({', '.join('?' * len(busy))})", busy
+                ).fetchall()
+            )
+            if busy
+            else {}
+        )
+        for w in beat["workers"]:
+            w["job_names"] = [names.get(str(j), "") for j in w.get("jobs") or []]
         hooks = webhooks.summary(conn)
         conn.execute("COMMIT")
     finally:
@@ -196,6 +222,8 @@ def _run(args: argparse.Namespace, ledger_path: Path, out: TextIO) -> int:
     print(f"{daemon_line(beat, now)} | {total} jobs: {summary}", file=out)
     if args.check:
         return EXIT_DOWN if down else 0
+    for worker in beat["workers"] if not down else []:
+        print(worker_line(worker), file=out)
     filters = ", ".join(
         part
         for part in (f"state {args.state}" if states else "", f"name ~ {args.name!r}" if args.name else "")

@@ -120,6 +120,7 @@ const IT = (() => {
     setInterval(poll, 5000);
   }
   function setHeartbeat(value) { if (value !== undefined) { beat = value; renderBanners(); } }
+  const heartbeat = () => beat;
 
   const percent = (p) => `${Math.round(Math.max(0, Math.min(1, p || 0)) * 100)}%`;
 
@@ -249,5 +250,5 @@ const IT = (() => {
 
   return { el, duration, clock, ago, percent, progressText, eta, settingsSummary, sync, listen, vocabulary, learn,
     serverNow, setServerNow, showLedgerNote, relative, absolute, when, timeEl, resolution, tinyBadge,
-    watchDaemon, setHeartbeat, daemonUp };
+    watchDaemon, setHeartbeat, heartbeat, daemonUp };
 })();

@@ -1,4 +1,4 @@
-// The live overview: counts, rendering jobs, queue, waiting jobs, finished videos, failures.
+// The live overview: counts, rendering jobs, workers, queue, waiting jobs, finished videos, failures.
 "use strict";
 
 (() => {
@@ -75,6 +75,29 @@
         cells[3].textContent = job.state === "retry_wait"
           ? `retry ${job.attempts || 0} at ${clock(job.next_attempt_at)}` : when(job.queued_at || job.created_at);
         cells[4].textContent = settingsSummary(job.settings);
+      });
+  }
+
+  // One row per render worker of the daemon's heartbeat: the node (host; a Ray actor: host and
+  // node id) it runs on, its device, its state and the job it renders. None while the daemon is down.
+  function renderWorkers() {
+    const beat = IT.heartbeat();
+    const items = beat && beat.up ? (beat.workers || []) : [];
+    toggleEmpty("workers", items.length === 0);
+    sync(document.getElementById("workers-list"), items, (w) => String(w.index),
+      () => el("tr", {}, td("worker"), td("node", { className: "node" }), td("device"), td("state"), td("job")),
+      (row, w) => {
+        const c = row.children;
+        const state = w.state || (w.model_loaded ? "idle" : "loading");
+        c[0].textContent = String(w.index);
+        c[1].textContent = w.node || "?";
+        c[2].textContent = w.device || "?";
+        c[3].replaceChildren(el("span", { className: `badge worker-${state}` }, state));
+        c[4].replaceChildren(...(w.jobs || []).flatMap((id, i) => {
+          const job = jobs.get(id);
+          const link = job ? jobLink(job) : el("span", { className: "code" }, id);
+          return i ? [", ", link] : [link];
+        }));
       });
   }
 
@@ -181,6 +204,7 @@
     renderDaemon();
     renderCounts();
     renderRunning();
+    renderWorkers();
     renderQueue();
     renderWaiting();
     renderFinished();
@@ -270,7 +294,7 @@
   }
   // Refresh the first page when jobs change, at most every 3 s; older pages stay as they are.
   setInterval(() => { if (browseDirty && !view.before) loadBrowse(); }, 3000);
-  IT.watchDaemon(() => renderRunning());
+  IT.watchDaemon(() => { renderRunning(); renderWorkers(); });
 
   IT.listen({
     snapshot(body) {

@@ -67,6 +67,12 @@ def test_jobs_spread_over_both_nodes_with_the_local_executors_output(cluster: An
         assert sidecar["model"]["node"] == nodes["alice"]
         beat = json.loads(d.query("SELECT data_json FROM heartbeat")[0]["data_json"])
         assert sorted(w["node"] for w in beat["workers"]) == sorted(nodes.values())  # status, dashboard
+        # a worker line per actor in `infinitetalk status`, naming its node; both idle once the
+        # heartbeat after the two jobs is written
+        wanted = {rf"^  worker \d  node {re.escape(n)}  cpu  idle$" for n in nodes.values()}
+        d.wait_for(
+            lambda: all(re.search(w, d.cli("status").stdout, re.M) for w in wanted), 15, "both workers idle"
+        )
         assert d.stop() == 0  # SIGTERM: a clean stop (Ray's own signal handlers are not left in place)
     finally:
         d.stop()
@@ -95,6 +101,16 @@ def test_a_node_lost_mid_render_resumes_on_the_other_from_its_last_chunk(
         sidecar = json.loads((d.outbox / "carol.json").read_text())
         assert sidecar["resumed_from_chunk"] >= 1
         assert sidecar["frames"] == 15  # the fake pipeline's 3 chunks of 5 frames, once
+        # the node of each chunk: those before the loss the lost node's, the others the resumer's
+        resumed, second = sidecar["resumed_from_chunk"], _nodes_of(d)["carol"]
+        assert sidecar["model"]["node"] == second
+        assert sidecar["chunks"] == [
+            {"chunk": c, "node": lost, "attempt": 1}
+            if c <= resumed
+            else {"chunk": c, "node": second, "attempt": 2}
+            for c in (1, 2, 3)
+        ], sidecar["chunks"]
+        assert resumed < 3  # the resumer rendered at least one chunk
         kinds = d.event_kinds(done["id"])
         assert kinds.count("started") == 2 and kinds.count("done") == 1, kinds
     finally:
