@@ -107,7 +107,7 @@ def is_disk_full(e: BaseException | None) -> bool:
 
 #: every `code` a rejected or failed job can carry (error.json, the ledger's `error_code`,
 #: webhooks), each documented in docs/daemon.md "Error codes" or docs/job-format.md "Errors";
-#: tests/unit/test_docs_match_code.py checks both ways, and that the code uses no other
+#: tests/project/test_docs_match_code.py checks both ways, and that the code uses no other
 ERROR_CODES = frozenset(
     {
         # the job JSON (daemon/jobs.py)

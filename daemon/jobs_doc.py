@@ -4,7 +4,7 @@
     .venv/bin/python -m daemon.jobs_doc --check    # exit 1 if the file is out of date
 
 Only the lines between `BEGIN` and `END` are generated; the rest of the file is written by hand.
-A test (tests/unit/test_settings_table.py) checks the file is up to date.
+A test (tests/daemon/test_settings_table.py) checks the file is up to date.
 """
 
 from __future__ import annotations

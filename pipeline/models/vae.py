@@ -89,7 +89,7 @@ class VaeTiling:
     Time is never tiled: each tile runs through the whole causal frame loop with its own
     feature cache. 1x1 is the single pass (bit-identical to no tiling). The attention of the
     middle block and the convolutions' receptive field see one tile only, so a tiled result is an
-    approximation (tests/model/test_vae_tiling.py states the bound); a larger overlap is closer.
+    approximation (tests/pipeline/models/test_vae_tiling.py states the bound); a larger overlap is closer.
     """
 
     rows: int = 1

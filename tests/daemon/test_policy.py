@@ -1,6 +1,6 @@
 """`daemon.policy.RetryPolicy`: which failed attempt is retried, after how long, and the message
 of one that gives up. Pure: one row per case. (`classify` has its own table in
-tests/unit/test_failure_classifier.py.)"""
+tests/daemon/test_failure_classifier.py.)"""
 
 from __future__ import annotations
 

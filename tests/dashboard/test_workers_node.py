@@ -1,7 +1,7 @@
 """Each render worker with its node, device, state and current job: the real daemon (local
 executor, fake pipeline) writes its heartbeat; `infinitetalk status` and the dashboard's page
 (real uvicorn, headless Chromium) show the worker on this host's hostname, idle, then rendering
-the job, then idle again. (The Ray executor's node names: tests/ray/test_ray_pool.py.)"""
+the job, then idle again. (The Ray executor's node names: tests/daemon/ray/test_ray_pool.py.)"""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""The one daemon-process harness of the end-to-end tests (tests/service, tests/reliability, the
+"""The one daemon-process harness of the end-to-end tests (tests/daemon/service, tests/daemon/reliability, the
 dashboard's and the GPU tests).
 
 `Daemon` runs the real `python -m daemon daemon --config <toml>` on a temporary tree (inbox/,
 outbox/, var/, infinitetalk.toml), exactly as a user would, with either the fake pipeline of
-tests/service/fake_pipeline.py (steered by words in the prompt) or a real model (the tiny
+tests/daemon/service/fake_pipeline.py (steered by words in the prompt) or a real model (the tiny
 random-weight one), and reads its SQLite ledger read-only.
 """
 
@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from tests.helpers.proc import ROOT, infinitetalk, wait_until
 
-FAKE = "tests.service.fake_pipeline:make"
+FAKE = "tests.daemon.service.fake_pipeline:make"
 FINAL = ("done", "failed", "rejected", "cancelled")
 
 #: timings for the fake pipeline: quick scans and retries, two steps a chunk
@@ -36,7 +36,7 @@ QUICK: Mapping[str, Any] = {
     "stop_timeout_s": 20,
     "defaults": {"sample_steps": 2},
 }
-#: the tiny model on the CPU, two jobs at a time, under uploads and faults (tests/reliability)
+#: the tiny model on the CPU, two jobs at a time, under uploads and faults (tests/daemon/reliability)
 STEADY: Mapping[str, Any] = {
     "device": "cpu",
     "settle_s": 1.0,

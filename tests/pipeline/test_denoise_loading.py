@@ -117,13 +117,13 @@ def test_worker_refuses_a_factory_that_is_not_a_renderer(tmp_path: Path) -> None
 
 
 def test_fake_pipeline_is_a_renderer() -> None:
-    from tests.service.fake_pipeline import FakePipeline
+    from tests.daemon.service.fake_pipeline import FakePipeline
 
     assert isinstance(FakePipeline(None), Renderer)
 
 
 def test_a_stop_while_waiting_for_the_gpu_stops_the_job(tmp_path: Path) -> None:
-    from tests.service.fake_pipeline import FakePipeline
+    from tests.daemon.service.fake_pipeline import FakePipeline
 
     worker = runner.Worker(FakePipeline(None), None, runner.WorkerConfig(weights_dir=tmp_path))  # type: ignore[arg-type]
     stop = threading.Event()
