@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.daemon import STEADY, Daemon
 from tests.daemon.reliability import harness
+from tests.helpers.daemon import STEADY, Daemon
 
 
 @pytest.fixture(scope="session", autouse=True)

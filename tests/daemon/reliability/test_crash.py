@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.daemon import Daemon
-from tests.helpers.proc import wait_until
 from tests.daemon.reliability import harness
 from tests.daemon.reliability.harness import drop
+from tests.helpers.daemon import Daemon
+from tests.helpers.proc import wait_until
 
 SEED = int(os.environ.get("RELIABILITY_SEED", "20261125"))
 HOLD_US = 20_000_000  # strace holds the daemon 20 s after the chosen syscall; the test kills it first

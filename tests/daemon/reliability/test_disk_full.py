@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.daemon import Daemon
-from tests.helpers.proc import wait_until
 from tests.daemon.reliability import harness
 from tests.daemon.reliability.harness import drop, visible
+from tests.helpers.daemon import Daemon
+from tests.helpers.proc import wait_until
 
 
 @pytest.mark.timeout(240)

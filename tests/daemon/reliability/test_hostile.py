@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from daemon.inbox import output_name
+from tests.daemon.reliability import harness
 from tests.helpers.daemon import FINAL, Daemon
 from tests.helpers.proc import wait_until
-from tests.daemon.reliability import harness
 
 MAX_QUEUED_EVENTS = Path("/proc/sys/fs/inotify/max_queued_events")
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.daemon import Daemon, pid_running
-from tests.helpers.proc import wait_until
 from tests.daemon.reliability import harness
 from tests.daemon.reliability.harness import drop
+from tests.helpers.daemon import Daemon, pid_running
+from tests.helpers.proc import wait_until
 
 FAKECLOCK = Path(__file__).resolve().parent / "fakeclock"
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.daemon.reliability import harness
 from tests.helpers.daemon import FINAL, Daemon
 from tests.helpers.proc import wait_until
-from tests.daemon.reliability import harness
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.daemon import Daemon
 from tests.daemon.reliability import harness
+from tests.helpers.daemon import Daemon
 
 SOAK_S = float(os.environ.get("RELIABILITY_SOAK_S", "120"))
 SEED = int(os.environ.get("RELIABILITY_SEED", "20261125"))

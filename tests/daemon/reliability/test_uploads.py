@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.daemon import FINAL, Daemon
-from tests.helpers.proc import ROOT, wait_until
 from tests.daemon.reliability import harness
 from tests.daemon.reliability.harness import SshServer
+from tests.helpers.daemon import FINAL, Daemon
+from tests.helpers.proc import ROOT, wait_until
 
 DOC = ROOT / "docs" / "uploading.md"
 #: recipes that write final names in place: without checksums a killed run may be rejected

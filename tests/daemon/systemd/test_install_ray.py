@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from daemon.install import InstallError, InstallOptions
-from tests.helpers.proc import infinitetalk
 from tests.daemon.systemd.test_units import exposure, parse_unit, seconds, verify
+from tests.helpers.proc import infinitetalk
 
 UNIT = "infinitetalk-ray-worker.service"
 #: `systemd-analyze security` of the worker unit (2.0 when written; the daemon's bound is 4.0)
