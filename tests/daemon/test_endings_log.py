@@ -42,6 +42,7 @@ def _lines_of(caplog: pytest.LogCaptureFixture, job_id: str) -> list[tuple[str, 
 def test_a_cancel_logs_only_the_ledger_line(endings: Endings, caplog: pytest.LogCaptureFixture) -> None:
     row = _running(endings.ledger, "alice")
     caplog.set_level(logging.DEBUG)
+    caplog.clear()  # the lines of the set-up (queued, running) are not this test's
     endings.cancel(row)
     assert _lines_of(caplog, row.id) == [
         (
@@ -55,6 +56,7 @@ def test_a_cancel_logs_only_the_ledger_line(endings: Endings, caplog: pytest.Log
 def test_a_failure_logs_only_the_ledger_line(endings: Endings, caplog: pytest.LogCaptureFixture) -> None:
     row = _running(endings.ledger, "bob")
     caplog.set_level(logging.DEBUG)
+    caplog.clear()  # the lines of the set-up (queued, running) are not this test's
     endings.fail(row, "render_error", "boom")
     assert endings.ledger.get(row.id).state == "failed"
     assert _lines_of(caplog, row.id) == [

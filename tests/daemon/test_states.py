@@ -112,6 +112,7 @@ def _lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
 
 def test_each_committed_state_change_logs_one_line(ledger: Ledger, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
+    caplog.clear()  # the lines of the set-up (queued, running) are not this test's
     row = ledger.insert_job(
         name="alice", source="/in/alice", state="waiting", waiting_reason="checking upload"
     )
@@ -142,6 +143,7 @@ def test_no_line_for_a_change_that_was_not_committed(
 ) -> None:
     job = _job_in(ledger, State.queued)
     caplog.set_level(logging.DEBUG)
+    caplog.clear()  # the lines of the set-up (queued, running) are not this test's
     with pytest.raises(LedgerConflict):
         ledger.transition(job, "running", "done")
     with pytest.raises(RuntimeError, match="rolled back"), ledger.tx():
