@@ -312,7 +312,7 @@ def load_fp8_file(
         )
 
 
-def _read_quant_map(map_path: Path, path: Path, modules: dict[str, torch.nn.Module]) -> dict[str, Any]:
+def _read_quant_map(map_path: Path, path: Path, modules: dict[str, Any]) -> dict[str, Any]:
     """The quantization map beside `path`; every entry must name an fp8 linear layer of the model."""
     if not map_path.is_file():
         raise WeightsError(f"quantization map is missing: {map_path} (expected beside {path.name})")
@@ -333,7 +333,7 @@ def _read_quant_map(map_path: Path, path: Path, modules: dict[str, torch.nn.Modu
 
 def _check_quantized(
     quantized: dict[str, dict[str, Tensor]],
-    modules: dict[str, torch.nn.Module],
+    modules: dict[str, Any],
     missing: list[str],
     unexpected: list[str],
     mismatched: list[str],
