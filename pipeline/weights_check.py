@@ -15,7 +15,7 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pipeline.config import TINY_JSON, WAN_DIR, ModelConfig, ignored_wan_keys, load_model_config
 
@@ -70,12 +70,9 @@ def safetensors_header(path: Path) -> Header:
 
 
 def pth_header(path: Path) -> Header:
-    import torch
+    from pipeline.models.released import load_pth
 
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state: Any = load_pth(path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()}
