@@ -32,6 +32,7 @@ from torch import Tensor
 from pipeline.config import WAN_DIR, DiTConfig
 from pipeline.models.attention import Backend
 from pipeline.models.dit import InfiniteTalkDiT, RopeMode, build_dit, is_audio_key
+from pipeline.models.released import expected_shapes
 from pipeline.quant import FP8, QUANT_SUFFIXES, QUANTO_FP8_NAMES, Fp8Linear, quantize_fp8, replace_module
 
 logger = logging.getLogger(__name__)
@@ -167,10 +168,6 @@ def _device_str(device: torch.device | str) -> str:
     return str(device)
 
 
-def _expected_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
 def load_dit(
     weights_dir: Path,
     cfg: DiTConfig,
@@ -225,7 +222,7 @@ def load_files(
     model: torch.nn.Module, files: Iterable[Path], *, device: torch.device | str, dtype: torch.dtype
 ) -> None:
     """Assign every tensor of `files` to `model` (built on meta); strict over the union."""
-    expected = _expected_shapes(model)
+    expected = expected_shapes(model)
     seen: dict[str, Path] = {}
     unexpected: list[str] = []
     mismatched: list[str] = []
@@ -273,7 +270,7 @@ def load_fp8_file(
     """
     modules = dict(model.named_modules())
     qmap = _read_quant_map(map_path, path, modules)
-    expected = _expected_shapes(model)
+    expected = expected_shapes(model)
     plain: dict[str, Tensor] = {}
     quantized: dict[str, dict[str, Tensor]] = {name: {} for name in qmap}
     unexpected: list[str] = []

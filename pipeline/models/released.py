@@ -1,4 +1,5 @@
-"""Released `.pth` encoder checkpoints (CLIP, umT5) into transformers models built on meta.
+"""Released `.pth` encoder checkpoints (CLIP, umT5) into transformers models built on meta, and
+the expected shapes every loader (the DiT's too) checks a file against.
 
 The two encoders share the whole path from file to model: read the `.pth` (memory-mapped when its
 format allows), rename its keys (each module's own `map_state_dict`) and refuse a mapping that
@@ -22,7 +23,7 @@ def load_pth(file: Path) -> dict[str, Tensor]:
 
 
 def expected_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """Every state-dict key of `model` (built on meta) with its shape."""
+    """Every state-dict key of `model` (built on meta) with its shape: what a file must fill."""
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
