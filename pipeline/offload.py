@@ -153,47 +153,14 @@ class BlockSwap:
         self.cuda = device.type == "cuda"
         pin = self.cuda if pin is None else pin
         self.entries, self.block_bytes = _layout(blocks[resident])
-        for i in self.swapped:
-            entries, size = _layout(blocks[i])
-            if size != self.block_bytes or [(e.dtype, e.shape) for e in entries] != [
-                (e.dtype, e.shape) for e in self.entries
-            ]:
-                raise ValueError(f"block {i} differs in layout from block {resident}: cannot share slots")
-        # 1. host copies: one pinned buffer per streamed block; the block's tensors become views
-        self.host: dict[int, Tensor] = {}
+        self._check_layouts()
         self.pool = pool
-        for i in self.swapped:
-            flat = pool.pop(i) if pool is not None and i in pool else None
-            if flat is None or flat.numel() != self.block_bytes:
-                flat = torch.empty(self.block_bytes, dtype=torch.uint8, pin_memory=pin)
-            _fill(blocks[i], self.entries, flat)
-            _bind(blocks[i], self.entries, flat)
-            self.host[i] = flat
-        # 2. resident blocks on the device
+        self.host = self._host_buffers(pin)
         for i in range(resident):
             blocks[i].to(device)
-        # 3. the device slots
-        self.slots: list[nn.Module] = []
-        self.slot_flat: list[Tensor] = []
-        reuse = pool.pop("slots", ([], [])) if pool is not None else ([], [])
-        for k in range(min(slots, len(self.swapped))):
-            if k < len(reuse[1]) and reuse[1][k].numel() == self.block_bytes:
-                slot, flat = reuse[0][k], reuse[1][k]
-            else:
-                flat = torch.empty(self.block_bytes, dtype=torch.uint8, device=device)
-                slot = _empty_block(blocks[resident])
-                _bind(slot, self.entries, flat)
-            self.slots.append(slot)
-            self.slot_flat.append(flat)
+        self.slots, self.slot_flat = self._device_slots(slots)
         self.holds: list[int | None] = [None] * len(self.slots)
-        if self.cuda:
-            self.copy_stream: Any = torch.cuda.Stream(device)
-            self.ready: list[Any] = [torch.cuda.Event() for _ in self.slots]
-            self.free: list[Any] = [torch.cuda.Event() for _ in self.slots]
-        else:
-            self.copy_stream = _NoStream()
-            self.ready = [_NoStream() for _ in self.slots]
-            self.free = [_NoStream() for _ in self.slots]
+        self._events()
         self.bytes_copied = 0  # host-to-device bytes so far (the bench reports them per forward)
         self.copies = 0
         logger.info(
@@ -204,6 +171,56 @@ class BlockSwap:
             len(self.slots),
             self.block_bytes / 1e9,
         )
+
+    def _check_layouts(self) -> None:
+        """Every streamed block must fit the first one's layout (they share the slots)."""
+        for i in self.swapped:
+            entries, size = _layout(self.blocks[i])
+            if size != self.block_bytes or [(e.dtype, e.shape) for e in entries] != [
+                (e.dtype, e.shape) for e in self.entries
+            ]:
+                raise ValueError(
+                    f"block {i} differs in layout from block {self.resident}: cannot share slots"
+                )
+
+    def _host_buffers(self, pin: bool) -> dict[int, Tensor]:
+        """One (pinned) host buffer per streamed block; the block's tensors become views of it."""
+        host: dict[int, Tensor] = {}
+        for i in self.swapped:
+            flat = self.pool.pop(i) if self.pool is not None and i in self.pool else None
+            if flat is None or flat.numel() != self.block_bytes:
+                flat = torch.empty(self.block_bytes, dtype=torch.uint8, pin_memory=pin)
+            _fill(self.blocks[i], self.entries, flat)
+            _bind(self.blocks[i], self.entries, flat)
+            host[i] = flat
+        return host
+
+    def _device_slots(self, slots: int) -> tuple[list[nn.Module], list[Tensor]]:
+        """The device slot modules and their flat buffers (reused from the pool when they fit)."""
+        modules: list[nn.Module] = []
+        flats: list[Tensor] = []
+        reuse = self.pool.pop("slots", ([], [])) if self.pool is not None else ([], [])
+        for k in range(min(slots, len(self.swapped))):
+            if k < len(reuse[1]) and reuse[1][k].numel() == self.block_bytes:
+                slot, flat = reuse[0][k], reuse[1][k]
+            else:
+                flat = torch.empty(self.block_bytes, dtype=torch.uint8, device=self.device)
+                slot = _empty_block(self.blocks[self.resident])
+                _bind(slot, self.entries, flat)
+            modules.append(slot)
+            flats.append(flat)
+        return modules, flats
+
+    def _events(self) -> None:
+        """The copy stream and, per slot, the events `ready` (copy done) and `free` (user done)."""
+        if self.cuda:
+            self.copy_stream: Any = torch.cuda.Stream(self.device)
+            self.ready: list[Any] = [torch.cuda.Event() for _ in self.slots]
+            self.free: list[Any] = [torch.cuda.Event() for _ in self.slots]
+        else:
+            self.copy_stream = _NoStream()
+            self.ready = [_NoStream() for _ in self.slots]
+            self.free = [_NoStream() for _ in self.slots]
 
     @property
     def device_bytes(self) -> int:

@@ -335,6 +335,7 @@ class InfiniteTalkPipeline:
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
+    @torch.inference_mode()
     def render(
         self,
         prepared: Prepared,
@@ -349,72 +350,26 @@ class InfiniteTalkPipeline:
         for one of the plan's memory slots (`memory_slots`) first: a job waits for GPU memory
         rather than running out of it."""
         with self.memory_slots:
-            return self._render(
-                prepared,
-                out_path,
-                poster_path=poster_path,
-                on_progress=on_progress,
-                should_stop=should_stop,
-                resume=resume,
-            )
-
-    @torch.inference_mode()
-    def _render(
-        self,
-        prepared: Prepared,
-        out_path: Path,
-        *,
-        poster_path: Path | None = None,
-        on_progress: ProgressCallback | None = None,
-        should_stop: Callable[[], bool] | None = None,
-        resume: bool = True,
-    ) -> RenderResult:
-        req = prepared.request
-        t_start = time.perf_counter()
-        timings = dict(prepared.timings_s)
-        work = prepared.work_dir
-        # 1. resume: the checkpoint of the last finished chunk, when it is this render's
-        gen = noise_generator(req.noise, req.seed, self.device)  # pipeline/noise.py
-        run = _Run.start(work, self.fingerprint(prepared), gen, resume, prepared.num_chunks)
-        loading.swap_variant(self, "multi" if prepared.num_speakers == 2 else "single")
-        try:
-            # 2. text: prompt and negative prompt, encoded once per distinct prompt (text_cache)
-            t0 = time.perf_counter()
-            prompts = [req.prompt, req.negative_prompt]
-            embeddings = self.text_cache.encode(self.text_encoder, prompts, device=self.device)
-            context, context_null = (c[None] for c in embeddings)
-            timings["text_s"] = time.perf_counter() - t0
-            # 3. per chunk: reference -> conditions -> denoise_chunk -> decode/colour -> encoder
-            report = _Reporter(on_progress, prepared.num_chunks, req.sample_steps, prepared.total_frames)
-            self._chunks(prepared, run, (context, context_null), report, should_stop, timings)
-        finally:
-            run.close()
-
-        # 4. the MP4: segments joined, original audio, faststart
-        report.frames_done = run.frames_written
-        report(stage="encode", chunk=prepared.num_chunks, step=req.sample_steps)
-        t0 = time.perf_counter()
-        out_path = Path(out_path)
-        segments = [work / s for s in run.seg_files]
-        media.assemble_mp4(segments, out_path, num_frames=prepared.total_frames, audio_wav=prepared.audio_wav)
-        if poster_path is not None and run.poster is not None:
-            shutil.copyfile(work / run.poster, poster_path)
-        timings["mux_s"] = time.perf_counter() - t0
-        timings["render_s"] = time.perf_counter() - t_start
-        report(stage="done", chunk=prepared.num_chunks, step=req.sample_steps)
-        h, w = prepared.target
-        return RenderResult(
-            video_path=out_path,
-            poster_path=poster_path,
-            num_frames=prepared.total_frames,
-            fps=FPS,
-            duration_s=prepared.total_frames / FPS,
-            width=w,
-            height=h,
-            seed=req.seed,
-            timings_s=timings,
-            resumed_from_chunk=run.start_chunk,
-        )
+            req = prepared.request
+            t_start = time.perf_counter()
+            timings = dict(prepared.timings_s)
+            # 1. resume: the checkpoint of the last finished chunk, when it is this render's
+            gen = noise_generator(req.noise, req.seed, self.device)  # pipeline/noise.py
+            run = _Run.start(prepared.work_dir, self.fingerprint(prepared), gen, resume, prepared.num_chunks)
+            loading.swap_variant(self, "multi" if prepared.num_speakers == 2 else "single")
+            try:
+                # 2. text: prompt and negative prompt, encoded once per distinct prompt (text_cache)
+                t0 = time.perf_counter()
+                prompts = [req.prompt, req.negative_prompt]
+                embeddings = self.text_cache.encode(self.text_encoder, prompts, device=self.device)
+                context, context_null = (c[None] for c in embeddings)
+                timings["text_s"] = time.perf_counter() - t0
+                # 3. per chunk: reference -> conditions -> denoise_chunk -> decode/colour -> encoder
+                report = _Reporter(on_progress, prepared.num_chunks, req.sample_steps, prepared.total_frames)
+                self._chunks(prepared, run, (context, context_null), report, should_stop, timings)
+            finally:
+                run.close()
+            return _finish(prepared, run, report, Path(out_path), poster_path, timings, t_start)
 
     def _chunks(
         self,
@@ -707,6 +662,44 @@ def _encode_and_save(
     """Encoder thread: write the chunk's H.264 segment, then its checkpoint (the commit point)."""
     media.encode_segment(frames, seg_path)
     checkpoint.save(work, state, motion=motion, rng_state=rng)
+
+
+def _finish(
+    prepared: Prepared,
+    run: _Run,
+    report: _Reporter,
+    out_path: Path,
+    poster_path: Path | None,
+    timings: dict[str, float],
+    t_start: float,
+) -> RenderResult:
+    """4. the MP4 of a render whose chunks are all written: segments joined, original audio,
+    faststart; the poster copied out."""
+    req = prepared.request
+    work = prepared.work_dir
+    report.frames_done = run.frames_written
+    report(stage="encode", chunk=prepared.num_chunks, step=req.sample_steps)
+    t0 = time.perf_counter()
+    segments = [work / s for s in run.seg_files]
+    media.assemble_mp4(segments, out_path, num_frames=prepared.total_frames, audio_wav=prepared.audio_wav)
+    if poster_path is not None and run.poster is not None:
+        shutil.copyfile(work / run.poster, poster_path)
+    timings["mux_s"] = time.perf_counter() - t0
+    timings["render_s"] = time.perf_counter() - t_start
+    report(stage="done", chunk=prepared.num_chunks, step=req.sample_steps)
+    h, w = prepared.target
+    return RenderResult(
+        video_path=out_path,
+        poster_path=poster_path,
+        num_frames=prepared.total_frames,
+        fps=FPS,
+        duration_s=prepared.total_frames / FPS,
+        width=w,
+        height=h,
+        seed=req.seed,
+        timings_s=timings,
+        resumed_from_chunk=run.start_chunk,
+    )
 
 
 @dataclass

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
@@ -32,6 +32,7 @@ from torch import Tensor
 from pipeline.config import WAN_DIR, DiTConfig
 from pipeline.models.attention import Backend
 from pipeline.models.dit import InfiniteTalkDiT, RopeMode, build_dit, is_audio_key
+from pipeline.models.released import expected_shapes
 from pipeline.quant import FP8, QUANT_SUFFIXES, QUANTO_FP8_NAMES, Fp8Linear, quantize_fp8, replace_module
 
 logger = logging.getLogger(__name__)
@@ -167,10 +168,6 @@ def _device_str(device: torch.device | str) -> str:
     return str(device)
 
 
-def _expected_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
 def load_dit(
     weights_dir: Path,
     cfg: DiTConfig,
@@ -225,7 +222,7 @@ def load_files(
     model: torch.nn.Module, files: Iterable[Path], *, device: torch.device | str, dtype: torch.dtype
 ) -> None:
     """Assign every tensor of `files` to `model` (built on meta); strict over the union."""
-    expected = _expected_shapes(model)
+    expected = expected_shapes(model)
     seen: dict[str, Path] = {}
     unexpected: list[str] = []
     mismatched: list[str] = []
@@ -271,28 +268,14 @@ def load_fp8_file(
     parameter is a plain tensor in the file. Coverage is checked both ways (the reference loads
     with strict=False and would leave missing layers uninitialised).
     """
-    if not map_path.is_file():
-        raise WeightsError(f"quantization map is missing: {map_path} (expected beside {path.name})")
-    qmap = json.loads(map_path.read_text())
-    expected = _expected_shapes(model)
     modules = dict(model.named_modules())
-    bad_modules = [
-        f"{name} ({spec})"
-        for name, spec in qmap.items()
-        if not isinstance(modules.get(name), torch.nn.Linear)
-        or not isinstance(spec, dict)
-        or spec.get("weights") not in QUANTO_FP8_NAMES
-    ]
-    if bad_modules:
-        raise WeightsError(
-            f"{map_path}: entries that are not fp8 linear layers of the model: {', '.join(bad_modules)}"
-        )
-    target = _device_str(device)
+    qmap = _read_quant_map(map_path, path, modules)
+    expected = expected_shapes(model)
     plain: dict[str, Tensor] = {}
     quantized: dict[str, dict[str, Tensor]] = {name: {} for name in qmap}
     unexpected: list[str] = []
     mismatched: list[str] = []
-    with safe_open(str(path), framework="pt", device=target) as f:
+    with safe_open(str(path), framework="pt", device=_device_str(device)) as f:
         for key in f.keys():
             owner = next((m for m in _quant_owners(key) if m in quantized), None)
             if owner is not None:
@@ -306,17 +289,7 @@ def load_fp8_file(
             else:
                 unexpected.append(key)
     missing = [k for k in expected if k not in plain and k.rpartition(".")[0] not in quantized]
-    for name, parts in quantized.items():
-        need = (*QUANT_SUFFIXES, "bias") if modules[name].bias is not None else QUANT_SUFFIXES
-        missing += [f"{name}.{s}" for s in need if s not in parts]
-        unexpected += [f"{name}.{s}" for s in parts if s not in need]
-        if "weight._data" in parts:
-            data = parts["weight._data"]
-            want = tuple(modules[name].weight.shape)
-            if data.dtype != FP8 or tuple(data.shape) != want:
-                mismatched.append(
-                    f"{name}.weight._data {data.dtype} {list(data.shape)} != float8_e4m3fn {list(want)}"
-                )
+    _check_quantized(quantized, modules, missing, unexpected, mismatched)
     if missing or unexpected or mismatched:
         raise WeightsError(
             f"{path} does not match the model", missing=missing, unexpected=unexpected, mismatched=mismatched
@@ -334,6 +307,46 @@ def load_fp8_file(
                 compute_dtype=dtype,
             ),
         )
+
+
+def _read_quant_map(map_path: Path, path: Path, modules: dict[str, Any]) -> dict[str, Any]:
+    """The quantization map beside `path`; every entry must name an fp8 linear layer of the model."""
+    if not map_path.is_file():
+        raise WeightsError(f"quantization map is missing: {map_path} (expected beside {path.name})")
+    qmap: dict[str, Any] = json.loads(map_path.read_text())
+    bad_modules = [
+        f"{name} ({spec})"
+        for name, spec in qmap.items()
+        if not isinstance(modules.get(name), torch.nn.Linear)
+        or not isinstance(spec, dict)
+        or spec.get("weights") not in QUANTO_FP8_NAMES
+    ]
+    if bad_modules:
+        raise WeightsError(
+            f"{map_path}: entries that are not fp8 linear layers of the model: {', '.join(bad_modules)}"
+        )
+    return qmap
+
+
+def _check_quantized(
+    quantized: dict[str, dict[str, Tensor]],
+    modules: dict[str, Any],
+    missing: list[str],
+    unexpected: list[str],
+    mismatched: list[str],
+) -> None:
+    """Add to the three lists what each quantized layer lacks, has too much of, or has wrong."""
+    for name, parts in quantized.items():
+        need = (*QUANT_SUFFIXES, "bias") if modules[name].bias is not None else QUANT_SUFFIXES
+        missing += [f"{name}.{s}" for s in need if s not in parts]
+        unexpected += [f"{name}.{s}" for s in parts if s not in need]
+        if "weight._data" in parts:
+            data = parts["weight._data"]
+            want = tuple(modules[name].weight.shape)
+            if data.dtype != FP8 or tuple(data.shape) != want:
+                mismatched.append(
+                    f"{name}.weight._data {data.dtype} {list(data.shape)} != float8_e4m3fn {list(want)}"
+                )
 
 
 def _quant_owners(key: str) -> list[str]:

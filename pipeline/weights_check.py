@@ -15,7 +15,7 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pipeline.config import TINY_JSON, WAN_DIR, ModelConfig, ignored_wan_keys, load_model_config
 
@@ -70,12 +70,9 @@ def safetensors_header(path: Path) -> Header:
 
 
 def pth_header(path: Path) -> Header:
-    import torch
+    from pipeline.models.released import load_pth
 
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state: Any = load_pth(path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()}
@@ -190,42 +187,60 @@ def check_weights(weights_dir: Path, *, loras: Sequence[str | Path] = ()) -> Che
 
 def _check_dit(root: Path, cfg: ModelConfig, loras: tuple[str, ...]) -> list[Finding]:
     from pipeline.models.dit import dit_param_shapes, is_audio_key
-    from pipeline.weights import LORA_FILE, WAN_INDEX, WAN_SHARDS, foreign_wan_files
+    from pipeline.weights import LORA_FILE, foreign_wan_files
 
     shapes = dit_param_shapes(cfg.dit)
     base = {k: v for k, v in shapes.items() if not is_audio_key(k)}
     audio = {k: v for k, v in shapes.items() if is_audio_key(k)}
-    out: list[Finding] = []
-    wan = root / WAN_DIR
-    index_rel = f"{WAN_DIR}/{WAN_INDEX}"
     # the loader reads the seven shards by name (as the reference); the index is informational
     foreign = foreign_wan_files(root)
-    weight_map: dict[str, str] = {}
-    if not (wan / WAN_INDEX).is_file():
-        out.append(Finding(path=index_rel, status="note", detail="no index; the 7 released shards are read"))
-    elif foreign.index_error:
-        out.append(
-            Finding(
-                path=index_rel,
-                status="note",
-                detail=f"unreadable ({foreign.index_error}); not needed: the 7 released shards are read",
-            )
-        )
-    else:
-        weight_map = {
-            k: v
-            for k, v in json.loads((wan / WAN_INDEX).read_text())["weight_map"].items()
-            if v in WAN_SHARDS
-        }
-        out.append(
-            Finding(
-                path=index_rel,
-                status="ok",
-                detail=f"{len(weight_map)} keys in {len(set(weight_map.values()))} shards",
-            )
-        )
+    out, weight_map = _check_wan_index(root, foreign.index_error)
     if foreign:
         out.append(Finding(path=f"{WAN_DIR}/", status="note", detail=foreign.describe()))
+    shard_findings, union = _check_wan_shards(root, weight_map)
+    out += shard_findings
+    out += compare_keys(f"{WAN_DIR}/ (all shards)", union, base)
+    for variant, optional in (("single", False), ("multi", True)):
+        out += _check_file(
+            root,
+            f"InfiniteTalk/{variant}/infinitetalk.safetensors",
+            safetensors_header,
+            audio,
+            optional=optional,
+            why="two-speaker jobs need it" if optional else "",
+        )
+    for variant in ("single", "multi"):
+        out += _check_fp8(root, f"InfiniteTalk/quant_models/infinitetalk_{variant}_fp8", shapes)
+    if LORA_FILE not in loras:
+        out += _check_lora(root, LORA_FILE, shapes, optional=True)
+    for lora in loras:
+        out += _check_lora(root, lora, shapes, optional=False)
+    return out
+
+
+def _check_wan_index(root: Path, index_error: str) -> tuple[list[Finding], dict[str, str]]:
+    """The Wan shard index's findings and its key -> shard map (empty when absent or unreadable)."""
+    from pipeline.weights import WAN_INDEX, WAN_SHARDS
+
+    wan = root / WAN_DIR
+    index_rel = f"{WAN_DIR}/{WAN_INDEX}"
+    if not (wan / WAN_INDEX).is_file():
+        return [Finding(path=index_rel, status="note", detail="no index; the 7 released shards are read")], {}
+    if index_error:
+        detail = f"unreadable ({index_error}); not needed: the 7 released shards are read"
+        return [Finding(path=index_rel, status="note", detail=detail)], {}
+    weight_map = {
+        k: v for k, v in json.loads((wan / WAN_INDEX).read_text())["weight_map"].items() if v in WAN_SHARDS
+    }
+    detail = f"{len(weight_map)} keys in {len(set(weight_map.values()))} shards"
+    return [Finding(path=index_rel, status="ok", detail=detail)], weight_map
+
+
+def _check_wan_shards(root: Path, weight_map: dict[str, str]) -> tuple[list[Finding], Header]:
+    """Each released Wan shard's findings and the union of their headers."""
+    from pipeline.weights import WAN_SHARDS
+
+    out: list[Finding] = []
     union: Header = {}
     for name in WAN_SHARDS:
         rel = f"{WAN_DIR}/{name}"
@@ -246,23 +261,7 @@ def _check_dit(root: Path, cfg: ModelConfig, loras: tuple[str, ...]) -> list[Fin
             )
         out.append(Finding(path=rel, status="ok", detail=f"{len(header)} tensors"))
         union.update(header)
-    out += compare_keys(f"{WAN_DIR}/ (all shards)", union, base)
-    for variant, optional in (("single", False), ("multi", True)):
-        out += _check_file(
-            root,
-            f"InfiniteTalk/{variant}/infinitetalk.safetensors",
-            safetensors_header,
-            audio,
-            optional=optional,
-            why="two-speaker jobs need it" if optional else "",
-        )
-    for variant in ("single", "multi"):
-        out += _check_fp8(root, f"InfiniteTalk/quant_models/infinitetalk_{variant}_fp8", shapes)
-    if LORA_FILE not in loras:
-        out += _check_lora(root, LORA_FILE, shapes, optional=True)
-    for lora in loras:
-        out += _check_lora(root, lora, shapes, optional=False)
-    return out
+    return out, union
 
 
 def _check_lora(root: Path, rel: str, shapes: dict[str, tuple[int, ...]], *, optional: bool) -> list[Finding]:

@@ -18,6 +18,7 @@ import math
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -70,28 +71,38 @@ def torch_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
         ).transpose(1, 2)
 
 
-def frontend_bf16_plans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[dict[str, Any]]:
-    """Every cuDNN bf16 SDPA plan the frontend can build for this shape, timed."""
+def bf16_sdpa_graph(shape: torch.Size) -> Any:
+    """The cuDNN frontend graph of a bf16 SDPA on [B, L, N, Dh] tensors (uids 1-3 q, k, v; 4 the
+    output), validated and with its operation graph built."""
     import cudnn
 
-    from pipeline.models.attention_fp8 import _handle
-
-    b, seq, n, d = q.shape
+    b, seq, n, d = shape
     graph = cudnn.pygraph(
         io_data_type=cudnn.data_type.BFLOAT16,
         intermediate_data_type=cudnn.data_type.FLOAT,
         compute_data_type=cudnn.data_type.FLOAT,
     )
     stride = (seq * n * d, d, n * d, 1)
-    tq = graph.tensor(uid=1, dim=(b, n, seq, d), stride=stride, data_type=cudnn.data_type.BFLOAT16)
-    tk = graph.tensor(uid=2, dim=(b, n, seq, d), stride=stride, data_type=cudnn.data_type.BFLOAT16)
-    tv = graph.tensor(uid=3, dim=(b, n, seq, d), stride=stride, data_type=cudnn.data_type.BFLOAT16)
+    tq, tk, tv = (
+        graph.tensor(uid=u, dim=(b, n, seq, d), stride=stride, data_type=cudnn.data_type.BFLOAT16)
+        for u in (1, 2, 3)
+    )
     o, _ = graph.sdpa(q=tq, k=tk, v=tv, is_inference=True, attn_scale=d**-0.5, use_causal_mask=False)
     o.set_uid(4).set_output(True).set_dim((b, n, seq, d)).set_stride(stride).set_data_type(
         cudnn.data_type.BFLOAT16
     )
     graph.validate()
     graph.build_operation_graph()
+    return graph
+
+
+def frontend_bf16_plans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[dict[str, Any]]:
+    """Every cuDNN bf16 SDPA plan the frontend can build for this shape, timed."""
+    import cudnn
+
+    from pipeline.models.attention_fp8 import _handle
+
+    graph = bf16_sdpa_graph(q.shape)
     graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.B, cudnn.heur_mode.FALLBACK])
     graph.check_support()
     graph.build_plans(cudnn.build_plan_policy.ALL)
@@ -121,27 +132,10 @@ def knob_sweep(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[dict[s
 
     from pipeline.models.attention_fp8 import _handle
 
-    b, seq, n, d = q.shape
-    stride = (seq * n * d, d, n * d, 1)
+    seq = q.shape[1]
 
     def make() -> Any:
-        graph = cudnn.pygraph(
-            io_data_type=cudnn.data_type.BFLOAT16,
-            intermediate_data_type=cudnn.data_type.FLOAT,
-            compute_data_type=cudnn.data_type.FLOAT,
-        )
-        ts = [
-            graph.tensor(uid=u, dim=(b, n, seq, d), stride=stride, data_type=cudnn.data_type.BFLOAT16)
-            for u in (1, 2, 3)
-        ]
-        o, _ = graph.sdpa(
-            q=ts[0], k=ts[1], v=ts[2], is_inference=True, attn_scale=d**-0.5, use_causal_mask=False
-        )
-        o.set_uid(4).set_output(True).set_dim((b, n, seq, d)).set_stride(stride).set_data_type(
-            cudnn.data_type.BFLOAT16
-        )
-        graph.validate()
-        graph.build_operation_graph()
+        graph = bf16_sdpa_graph(q.shape)
         graph._lower_backend_graph()  # the C++ graph (python engines keep it lazy)
         return graph._lowered_graph
 
@@ -195,49 +189,70 @@ def knob_sweep(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[dict[s
     return results
 
 
-def fp8_case(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, ref: torch.Tensor, seq: int
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Sample:
+    """One random attention input [1, seq, N, Dh] (bf16) and what a kernel is measured against:
+    fp32 attention (`ref`) of the sampled query `rows`."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    rows: torch.Tensor
+    ref: torch.Tensor
+    seq: int
+
+    def rel_err(self, out: torch.Tensor) -> float:
+        """`out`'s sampled rows against the fp32 reference."""
+        return rel(out[:, self.rows], self.ref)
+
+
+def guarded(key: str, probe: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """The results `probe` writes into a fresh dict; when it raises, the traceback's tail under
+    `key` beside what it wrote before."""
+    res: dict[str, Any] = {}
+    try:
+        probe(res)
+    except Exception:
+        res[key] = {"error": traceback.format_exc()[-1500:]}
+    return res
+
+
+def fp8_case(s: Sample) -> dict[str, Any]:
     """The fp8 path on one input: kernel alone (centred and uncentred k), eager and compiled."""
     from pipeline.models import attention_fp8 as fa
 
-    res: dict[str, Any] = {}
-    try:
+    q, k, v = s.q, s.k, s.v
+
+    def probe(res: dict[str, Any]) -> None:
         q8, dq = fa.quantize_per_tensor(q)
         ks = k - k.float().mean(dim=1, keepdim=True).to(k.dtype)
         k8, dk = fa.quantize_per_tensor(ks)
         v8, dv = fa.quantize_per_tensor(v)
         ms = timed(lambda: fa.cudnn_fp8_sdpa(q8, k8, v8, dq, dk, dv))
-        res["fp8_kernel"] = {"ms": ms, "tflops": tflops(ms, seq)}
+        res["fp8_kernel"] = {"ms": ms, "tflops": tflops(ms, s.seq)}
         k8n, dkn = fa.quantize_per_tensor(k)
-        res["fp8_kernel"]["rel_err"] = rel(
-            (fa.cudnn_fp8_sdpa(q8, k8, v8, dq, dk, dv).float() * dv)[:, rows], ref
-        )
+        res["fp8_kernel"]["rel_err"] = s.rel_err(fa.cudnn_fp8_sdpa(q8, k8, v8, dq, dk, dv).float() * dv)
         unsmoothed = fa.cudnn_fp8_sdpa(q8, k8n, v8, dq, dkn, dv).float() * dv
-        res["fp8_kernel"]["rel_err_unsmoothed_k"] = rel(unsmoothed[:, rows], ref)
+        res["fp8_kernel"]["rel_err_unsmoothed_k"] = s.rel_err(unsmoothed)
         ms = timed(lambda: fa.attention_fp8(q, k, v))
-        res["fp8_eager"] = {"ms": ms, "rel_err": rel(fa.attention_fp8(q, k, v)[:, rows], ref)}
+        res["fp8_eager"] = {"ms": ms, "rel_err": s.rel_err(fa.attention_fp8(q, k, v))}
         compiled = torch.compile(fa.attention_fp8, dynamic=False, fullgraph=True)
         out = compiled(q, k, v)
         ms = timed(lambda: compiled(q, k, v))
-        res["fp8_compiled"] = {"ms": ms, "tflops": tflops(ms, seq), "rel_err": rel(out[:, rows], ref)}
-    except Exception:
-        res["fp8"] = {"error": traceback.format_exc()[-1500:]}
-    return res
+        res["fp8_compiled"] = {"ms": ms, "tflops": tflops(ms, s.seq), "rel_err": s.rel_err(out)}
+
+    return guarded("fp8", probe)
 
 
-def fa4_case(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, ref: torch.Tensor, seq: int
-) -> dict[str, Any]:
+def fa4_case(s: Sample) -> dict[str, Any]:
     """FlashAttention 4 (`flash_attn.cute`, CuTe DSL; its SM90 forward on Hopper), bf16."""
     import time
 
-    res: dict[str, Any] = {}
-    try:
+    def probe(res: dict[str, Any]) -> None:
         from flash_attn.cute import flash_attn_func
 
         def run() -> torch.Tensor:
-            out = flash_attn_func(q, k, v)
+            out = flash_attn_func(s.q, s.k, s.v)
             return out[0] if isinstance(out, tuple) else out
 
         t0 = time.perf_counter()
@@ -245,15 +260,9 @@ def fa4_case(
         torch.cuda.synchronize()
         first = time.perf_counter() - t0
         ms = timed(run)
-        res["fa4_bf16"] = {
-            "ms": ms,
-            "tflops": tflops(ms, seq),
-            "rel_err": rel(out[:, rows], ref),
-            "first_s": first,
-        }
-    except Exception:
-        res["fa4_bf16"] = {"error": traceback.format_exc()[-1500:]}
-    return res
+        res["fa4_bf16"] = {"ms": ms, "tflops": tflops(ms, s.seq), "rel_err": s.rel_err(out), "first_s": first}
+
+    return guarded("fa4_bf16", probe)
 
 
 def probe_size(
@@ -309,9 +318,10 @@ def probe_size(
                 ]
             except Exception:
                 res["frontend_bf16_plans"] = {"error": traceback.format_exc()[-600:]}
-        res |= fp8_case(q, k, v, rows, ref, seq) if fp8 else {}
+        sample = Sample(q, k, v, rows, ref, seq)
+        res |= fp8_case(sample) if fp8 else {}
         if fa4:
-            res |= fa4_case(q, k, v, rows, ref, seq)
+            res |= fa4_case(sample)
         cases[case] = res
         print(size, case, json.dumps(res, indent=1), flush=True)
     report[size] = cases

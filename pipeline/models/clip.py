@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.models.released import check_mapping, expected_shapes, load_pth
+
 CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 CLIP_TOKENIZER_DIR = "xlm-roberta-large"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -175,15 +177,9 @@ def map_state_dict(
                 unknown.append(key)
         else:
             unknown.append(key)
-    missing = sorted(set(expected) - set(mapped))
     extra = sorted(set(mapped) - set(expected))
-    wrong = sorted(k for k in set(mapped) & set(expected) if tuple(mapped[k].shape) != expected[k])
-    if unknown or missing or extra or wrong:
-        raise RuntimeError(
-            f"{source}: CLIP weights do not match ClipConfig: unmapped {sorted(unknown + extra)[:8]} "
-            f"({len(unknown) + len(extra)}), missing {missing[:8]} ({len(missing)}), wrong shape "
-            f"{[(k, tuple(mapped[k].shape), expected[k]) for k in wrong[:8]]} ({len(wrong)})"
-        )
+    what = "CLIP weights do not match ClipConfig"
+    check_mapping(source, what, mapped, expected, unmapped=unknown + extra, filled=set(mapped))
     return mapped, skipped
 
 
@@ -254,14 +250,10 @@ def load_clip(
     file = Path(weights_dir) / "Wan2.1-I2V-14B-480P" / CLIP_FILE
     if not file.is_file():
         raise FileNotFoundError(f"CLIP weights not found: {file}")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+    state = load_pth(file)
     with torch.device("meta"):
         model = CLIPVisionModel(_hf_config(cfg))
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    mapped, _ = map_state_dict(state, cfg, expected, str(file))
+    mapped, _ = map_state_dict(state, cfg, expected_shapes(model), str(file))
     mapped = {k: v.to(device=device, dtype=dtype) for k, v in mapped.items()}
     model.load_state_dict(mapped, strict=True, assign=True)
     _materialise_buffers(model, device)

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pipeline.models.released import check_mapping, expected_shapes, load_pth
+
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 T5_TOKENIZER_DIR = "google/umt5-xxl"
 
@@ -106,15 +108,10 @@ def map_state_dict(
             mapped[wan_to_hf_key(key)] = tensor
         except KeyError:
             unknown.append(key)
-    mapped_keys = set(mapped) | {"encoder.embed_tokens.weight"}  # tied to shared.weight
-    missing = sorted(set(expected) - mapped_keys)
-    wrong = sorted(k for k in mapped if k in expected and tuple(mapped[k].shape) != expected[k])
-    if unknown or missing or wrong:
-        raise RuntimeError(
-            f"{source}: T5 weights do not match T5Config: unmapped {sorted(unknown)[:8]} ({len(unknown)}), "
-            f"missing {missing[:8]} ({len(missing)}), wrong shape "
-            f"{[(k, tuple(mapped[k].shape), expected[k]) for k in wrong[:8]]} ({len(wrong)})"
-        )
+    filled = set(mapped) | {"encoder.embed_tokens.weight"}  # tied to shared.weight
+    check_mapping(
+        source, "T5 weights do not match T5Config", mapped, expected, unmapped=unknown, filled=filled
+    )
     return mapped
 
 
@@ -243,17 +240,9 @@ def load_t5(
     tokenizer = load_tokenizer(root / T5_TOKENIZER_DIR, cfg.text_len)
     with torch.device("meta"):
         model = UMT5EncoderModel(_hf_config(cfg))
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    state = map_state_dict(_torch_load(file), expected, str(file))
+    state = map_state_dict(load_pth(file), expected_shapes(model), str(file))
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     state["encoder.embed_tokens.weight"] = state["shared.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     model.encoder.embed_tokens = model.shared
     return TextEncoder(model.eval().requires_grad_(False), tokenizer, cfg)
-
-
-def _torch_load(file: Path) -> dict[str, Tensor]:
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-        return torch.load(file, map_location="cpu", weights_only=True)

@@ -1,6 +1,8 @@
 """What the fixture scripts share: their command line, loading one another, fake modules for what
 the reference imports but a CPU machine lacks, and the reference's `InfiniteTalkPipeline` built
-around the project's tiny models (for `make_sampler_fixture.py` and `make_short_speech_fixture.py`).
+around the project's tiny models (for `make_sampler_fixture.py` and `make_short_speech_fixture.py`,
+with the project's tiny pipeline, the speech features handed over as files, and one case's
+sampling settings given to both sides alike).
 
 Run by hand only (the reference checkout is not installed here); the scripts import it as
 `tools.parity.common` once they have put the repository root on `sys.path`.
@@ -13,6 +15,7 @@ import importlib
 import importlib.util
 import sys
 import types
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -189,3 +192,91 @@ def reference_pipeline(
         sample_neg_prompt=negative, model=model, vae=vae, clip=RefCLIP(pipe), text_encoder=RefT5(pipe)
     )
     return ref, vae
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """One case's sampling settings: the project's request and the reference's call both take them."""
+
+    steps: int
+    shift: float
+    text_scale: float
+    audio_scale: float
+    seed: int
+    prompt: str
+    negative: str
+
+
+def tiny_pipeline(folder: Path) -> tuple[Path, Any]:
+    """Tiny weights (seed 0) written into `folder` and the project's CPU float32 pipeline on them."""
+    from pipeline.pipeline import InfiniteTalkPipeline
+    from pipeline.tiny import write_tiny_weights
+
+    weights = write_tiny_weights(folder, seed=0)
+    return weights, InfiniteTalkPipeline.from_weights(weights, device="cpu", dtype=torch.float32, lora=None)
+
+
+def project_request(s: Sampling, image: Path, audio: tuple[Path, ...], **fields: Any) -> Any:
+    """The project's `GenerationRequest` of a case; `fields`: what else the case sets."""
+    from pipeline.types import GenerationRequest
+
+    return GenerationRequest(
+        prompt=s.prompt,
+        negative_prompt=s.negative,
+        cond_media=image,
+        audio=tuple(audio),
+        audio_type="para",
+        size="infinitetalk-480",
+        sample_steps=s.steps,
+        sample_shift=s.shift,
+        sample_text_guide_scale=s.text_scale,
+        sample_audio_guide_scale=s.audio_scale,
+        seed=s.seed,
+        **fields,
+    )
+
+
+def speaker_files(prepared: Any, folder: Path, case: str) -> dict[str, str]:
+    """Each speaker's features of `prepared`'s first segment (the chunk loop's rows), saved as the
+    `.pt` file the reference reads: the job's `cond_audio` ({"person1": path, ...})."""
+    seg = prepared.segments[0]
+    speakers = {}
+    for i, track in enumerate(seg.features):
+        path = folder / f"person{i + 1}-{case}.pt"
+        torch.save(track[: seg.plan.audio_frames].clone(), path)
+        speakers[f"person{i + 1}"] = str(path)
+    return speakers
+
+
+def reference_render(
+    generate: Any,
+    job: dict[str, Any],
+    s: Sampling,
+    *,
+    frame_num: int,
+    max_frames: int,
+    color: float = 0.0,
+    apg: tuple[float, float] | None = None,
+) -> torch.Tensor:
+    """The reference's `generate_infinitetalk` (`generate`, bound to its pipeline) on `job` with
+    the case's settings: `apg` is (momentum, norm threshold) for a case with APG. Its video
+    [C, T, H, W]."""
+    momentum, threshold = apg or (0.0, 0.0)
+    return generate(
+        job,
+        size_buckget="infinitetalk-480",
+        motion_frame=9,
+        frame_num=frame_num,
+        shift=s.shift,
+        sampling_steps=s.steps,
+        text_guide_scale=s.text_scale,
+        audio_guide_scale=s.audio_scale,
+        n_prompt=s.negative,
+        seed=s.seed,
+        offload_model=False,
+        max_frames_num=max_frames,
+        color_correction_strength=color,
+        extra_args=types.SimpleNamespace(
+            use_teacache=False, use_apg=apg is not None, apg_momentum=momentum, apg_norm_threshold=threshold
+        ),
+    )

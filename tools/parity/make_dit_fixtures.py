@@ -115,29 +115,29 @@ def import_reference(ref: Path) -> tuple[types.ModuleType, types.ModuleType, typ
     return model_mod, utils, lora_mod
 
 
+#: the reference `WanModel`'s settings that are `DiTConfig` fields of the same name
+WAN_MODEL_FIELDS = (
+    "dim",
+    "eps",
+    "ffn_dim",
+    "freq_dim",
+    "in_dim",
+    "num_heads",
+    "num_layers",
+    "out_dim",
+    "text_len",
+    "text_dim",
+    "audio_window",
+    "intermediate_dim",
+    "output_dim",
+    "context_tokens",
+    "vae_scale",
+)
+
+
 def build_reference(model_mod: types.ModuleType, cfg) -> torch.nn.Module:  # noqa: ANN001
-    wan_config = {
-        "model_type": "i2v",
-        "dim": cfg.dim,
-        "eps": cfg.eps,
-        "ffn_dim": cfg.ffn_dim,
-        "freq_dim": cfg.freq_dim,
-        "in_dim": cfg.in_dim,
-        "num_heads": cfg.num_heads,
-        "num_layers": cfg.num_layers,
-        "out_dim": cfg.out_dim,
-        "text_len": cfg.text_len,
-    }
-    model = model_mod.WanModel(
-        weight_init=False,
-        text_dim=cfg.text_dim,
-        audio_window=cfg.audio_window,
-        intermediate_dim=cfg.intermediate_dim,
-        output_dim=cfg.output_dim,
-        context_tokens=cfg.context_tokens,
-        vae_scale=cfg.vae_scale,
-        **wan_config,
-    )
+    settings = {name: getattr(cfg, name) for name in WAN_MODEL_FIELDS}
+    model = model_mod.WanModel(weight_init=False, model_type="i2v", **settings)
     # the reference fixes these widths (12 x 768 wav2vec2 features, 1280-wide CLIP): shrink them
     model.audio_proj = model_mod.AudioProjModel(
         seq_len=cfg.audio_window,

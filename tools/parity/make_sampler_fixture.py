@@ -26,7 +26,6 @@ from __future__ import annotations
 import importlib.util
 import sys
 import tempfile
-import types
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tools.parity.common import fixture_args, import_multitalk, reference_pipeline  # noqa: E402
+from tools.parity import common  # noqa: E402
 
 #: the cases: name -> (steps, shift, text scale, audio scale)
 CASES = {
@@ -112,23 +111,17 @@ def frames_for(case: str) -> int | None:
     return STREAM_FRAMES if case in STREAMING else None
 
 
-def request_for(image: Path, audio: tuple[Path, ...], case: str):  # noqa: ANN201
-    from pipeline.types import GenerationRequest
-
+def sampling(case: str) -> common.Sampling:
     steps, shift, text_scale, audio_scale = CASES[case]
-    return GenerationRequest(
-        prompt=PROMPT,
-        negative_prompt=NEGATIVE,
-        cond_media=image,
-        audio=tuple(audio),
-        audio_type="para",
+    return common.Sampling(steps, shift, text_scale, audio_scale, SEED, PROMPT, NEGATIVE)
+
+
+def request_for(image: Path, audio: tuple[Path, ...], case: str):  # noqa: ANN201
+    return common.project_request(
+        sampling(case),
+        image,
+        audio,
         bbox=MULTI_BBOX if case in MULTI else None,
-        size="infinitetalk-480",
-        sample_steps=steps,
-        sample_shift=shift,
-        sample_text_guide_scale=text_scale,
-        sample_audio_guide_scale=audio_scale,
-        seed=SEED,
         mode="streaming" if case in STREAMING else "clip",
         max_frame_num=frames_for(case),
         color_correction_strength=1.0 if case in COLOR else 0.0,
@@ -139,37 +132,28 @@ def request_for(image: Path, audio: tuple[Path, ...], case: str):  # noqa: ANN20
 
 
 def main() -> None:
-    args = fixture_args(__doc__)
+    args = common.fixture_args(__doc__)
     if importlib.util.find_spec("skimage") is None:
         raise SystemExit("scikit-image is needed for the colour-correction cases: pip install scikit-image")
-    from pipeline.pipeline import InfiniteTalkPipeline
-    from pipeline.tiny import write_tiny_weights
-
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         # everything that uses transformers first: the shims below would confuse it
-        weights = write_tiny_weights(tmp / "weights", seed=0)
-        pipe = InfiniteTalkPipeline.from_weights(weights, device="cpu", dtype=torch.float32, lora=None)
+        weights, pipe = common.tiny_pipeline(tmp / "weights")
         inputs: dict[str, Path] = {}
         speakers: dict[str, dict[str, str]] = {}
         for case in CASES:
             image, audio = make_media(tmp, case)
             prepared = pipe.prepare(request_for(image, audio, case), tmp / "work" / case)
-            seg = prepared.segments[0]
-            speakers[case] = {}
-            for i, track in enumerate(seg.features):
-                path = tmp / f"person{i + 1}-{case}.pt"
-                torch.save(track[: seg.plan.audio_frames].clone(), path)
-                speakers[case][f"person{i + 1}"] = str(path)
+            speakers[case] = common.speaker_files(prepared, tmp, case)
             inputs[case] = image
 
-        multitalk, dit_tool, model_mod = import_multitalk(args.ref, pipe)
+        multitalk, dit_tool, model_mod = common.import_multitalk(args.ref, pipe)
         models = {}
         for variant in ("single", "multi"):
             models[variant] = dit_tool.build_reference(model_mod, pipe.config.dit)
             dit_tool.load_reference_weights(models[variant], weights, variant)
-        ref, vae = reference_pipeline(multitalk, pipe, models["single"], NEGATIVE)
+        ref, vae = common.reference_pipeline(multitalk, pipe, models["single"], NEGATIVE)
         frame_num = pipe.config.generation.frame_num
         for case, (steps, shift, text_scale, audio_scale) in CASES.items():
             vae.decoded.clear()
@@ -177,26 +161,14 @@ def main() -> None:
             job = {"prompt": PROMPT, "cond_video": str(inputs[case]), "cond_audio": speakers[case]}
             if case in MULTI:
                 job["bbox"] = {f"person{i + 1}": list(box) for i, box in enumerate(MULTI_BBOX)}
-            video = ref.generate_infinitetalk(
+            video = common.reference_render(
+                ref.generate_infinitetalk,
                 job,
-                size_buckget="infinitetalk-480",
-                motion_frame=9,
+                sampling(case),
                 frame_num=frame_num,
-                shift=shift,
-                sampling_steps=steps,
-                text_guide_scale=text_scale,
-                audio_guide_scale=audio_scale,
-                n_prompt=NEGATIVE,
-                seed=SEED,
-                offload_model=False,
-                max_frames_num=1000 if case in TAIL else frames_for(case) or frame_num,
-                color_correction_strength=1.0 if case in COLOR else 0.0,
-                extra_args=types.SimpleNamespace(
-                    use_teacache=False,
-                    use_apg=case in APG,
-                    apg_momentum=APG.get(case, (0.0, 0.0))[0],
-                    apg_norm_threshold=APG.get(case, (0.0, 0.0))[1],
-                ),
+                max_frames=1000 if case in TAIL else frames_for(case) or frame_num,
+                color=1.0 if case in COLOR else 0.0,
+                apg=APG.get(case),
             )
             meta = {
                 "steps": str(steps),

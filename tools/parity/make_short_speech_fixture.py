@@ -27,13 +27,12 @@ import textwrap
 import types
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tools.parity.common import fixture_args, import_multitalk, reference_pipeline  # noqa: E402
+from tools.parity import common  # noqa: E402
 
 #: case -> seconds of speech (tiny model: 33 frames a chunk). 0.8 s = 20 frames; 1.33 s = 33
 #: frames, exactly one chunk, where clamping (the reference's first chunk) and mirroring differ
@@ -54,26 +53,13 @@ def make_media(folder: Path, case: str) -> tuple[Path, Path]:
     )
 
 
-def request_for(image: Path, audio: Path):  # noqa: ANN201
-    from pipeline.types import GenerationRequest
+#: every case's sampling settings
+SAMPLING = common.Sampling(STEPS, SHIFT, TEXT_SCALE, AUDIO_SCALE, SEED, PROMPT, NEGATIVE)
 
-    return GenerationRequest(
-        prompt=PROMPT,
-        negative_prompt=NEGATIVE,
-        cond_media=image,
-        audio=(audio,),
-        audio_type="para",
-        bbox=None,
-        size="infinitetalk-480",
-        sample_steps=STEPS,
-        sample_shift=SHIFT,
-        sample_text_guide_scale=TEXT_SCALE,
-        sample_audio_guide_scale=AUDIO_SCALE,
-        seed=SEED,
-        mode="streaming",
-        max_frame_num=None,
-        color_correction_strength=0.0,
-    )
+
+def request_for(image: Path, audio: Path):  # noqa: ANN201
+    fields = {"mode": "streaming", "max_frame_num": None, "color_correction_strength": 0.0}
+    return common.project_request(SAMPLING, image, (audio,), **fields)
 
 
 def ungated_generate(multitalk: types.ModuleType) -> types.FunctionType:
@@ -89,51 +75,31 @@ def ungated_generate(multitalk: types.ModuleType) -> types.FunctionType:
 
 
 def main() -> None:
-    args = fixture_args(__doc__)
+    args = common.fixture_args(__doc__)
     args.out.mkdir(parents=True, exist_ok=True)
-    from pipeline.pipeline import InfiniteTalkPipeline
-    from pipeline.tiny import write_tiny_weights
-
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        weights = write_tiny_weights(tmp / "weights", seed=0)
-        pipe = InfiniteTalkPipeline.from_weights(weights, device="cpu", dtype=torch.float32, lora=None)
+        weights, pipe = common.tiny_pipeline(tmp / "weights")
         jobs = {}
         for case in CASES:
             image, audio = make_media(tmp, case)
             prepared = pipe.prepare(request_for(image, audio), tmp / "work" / case)
-            seg = prepared.segments[0]
-            path = tmp / f"person1-{case}.pt"
-            torch.save(seg.features[0][: seg.plan.audio_frames].clone(), path)
-            jobs[case] = {"prompt": PROMPT, "cond_video": str(image), "cond_audio": {"person1": str(path)}}
-            print(f"{case}: {seg.plan.audio_frames} frames of speech")
+            jobs[case] = {
+                "prompt": PROMPT,
+                "cond_video": str(image),
+                "cond_audio": common.speaker_files(prepared, tmp, case),
+            }
+            print(f"{case}: {prepared.segments[0].plan.audio_frames} frames of speech")
 
-        multitalk, dit_tool, model_mod = import_multitalk(args.ref, pipe)
+        multitalk, dit_tool, model_mod = common.import_multitalk(args.ref, pipe)
         model = dit_tool.build_reference(model_mod, pipe.config.dit)
         dit_tool.load_reference_weights(model, weights, "single")
-        ref, vae = reference_pipeline(multitalk, pipe, model, NEGATIVE)
+        ref, vae = common.reference_pipeline(multitalk, pipe, model, NEGATIVE)
         generate = types.MethodType(ungated_generate(multitalk), ref)
         frame_num = pipe.config.generation.frame_num
         for case, job in jobs.items():
             vae.decoded.clear()
-            video = generate(
-                job,
-                size_buckget="infinitetalk-480",
-                motion_frame=9,
-                frame_num=frame_num,
-                shift=SHIFT,
-                sampling_steps=STEPS,
-                text_guide_scale=TEXT_SCALE,
-                audio_guide_scale=AUDIO_SCALE,
-                n_prompt=NEGATIVE,
-                seed=SEED,
-                offload_model=False,
-                max_frames_num=1000,
-                color_correction_strength=0.0,
-                extra_args=types.SimpleNamespace(
-                    use_teacache=False, use_apg=False, apg_momentum=0.0, apg_norm_threshold=0.0
-                ),
-            )
+            video = common.reference_render(generate, job, SAMPLING, frame_num=frame_num, max_frames=1000)
             meta = {
                 "seconds": str(CASES[case]),
                 "steps": str(STEPS),

@@ -117,7 +117,7 @@ def test_unavailable_on_this_machine_says_why() -> None:
 def test_dit_self_attention_runs_through_it(tiny_weights_dir: Path) -> None:
     from pipeline.config import load_model_config
     from pipeline.weights import load_dit
-    from tests.pipeline.models.test_dit import make_inputs
+    from tests.helpers.dit import make_inputs
 
     cfg = load_model_config(tiny_weights_dir).dit
     model = load_dit(tiny_weights_dir, cfg, dtype=torch.bfloat16, attention_backend="sdpa")

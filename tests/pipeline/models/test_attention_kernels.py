@@ -16,7 +16,7 @@ from pipeline.models import attention as att
 from pipeline.models.attention_fp8 import attention_fp8
 from pipeline.models.dit import InfiniteTalkDiT, TokenGrid, WanAttentionBlock
 from pipeline.weights import load_dit
-from tests.pipeline.models.test_dit import make_inputs
+from tests.helpers.dit import make_inputs
 
 CPU = torch.device("cpu")
 

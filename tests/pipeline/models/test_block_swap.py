@@ -14,7 +14,7 @@ from pipeline.config import load_model_config
 from pipeline.models.attention_fp8 import attention_fp8
 from pipeline.models.dit import build_dit
 from pipeline.offload import BlockSwap, OnDemand, module_bytes
-from tests.pipeline.models.test_dit import make_inputs
+from tests.helpers.dit import make_inputs
 
 LAYERS = 6
 

@@ -16,6 +16,7 @@ from pipeline.models.clip import (
     load_clip,
     map_state_dict,
 )
+from pipeline.models.released import expected_shapes
 from pipeline.tiny_encoders import state_digest, tiny_clip_config
 from tests.helpers.parity import rel_err
 
@@ -33,7 +34,7 @@ def _expected(cfg: ClipConfig) -> dict[str, tuple[int, ...]]:
     from transformers import CLIPVisionModel
 
     with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in CLIPVisionModel(_hf_config(cfg)).state_dict().items()}
+        return expected_shapes(CLIPVisionModel(_hf_config(cfg)))
 
 
 def test_fixture_was_made_from_these_weights(weights: Path, ref_meta: dict[str, str]) -> None:

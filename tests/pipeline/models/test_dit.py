@@ -10,29 +10,11 @@ import torch
 from pipeline.config import load_model_config
 from pipeline.models import dit as dit_module
 from pipeline.weights import load_dit
+from tests.helpers.dit import make_inputs
 
 #: bf16 weights and activations against float32, relative L2 error of the velocity.
 #: Measured 0.008 on the tiny model; the bound leaves room for other CPUs' bf16 kernels.
 BF16_BOUND = 0.05
-
-
-def make_inputs(cfg, speakers: int = 1, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    f, h, w = 3, 4, 6
-    masks = torch.zeros(3, h, w)
-    masks[0, :, : w // 2] = 1
-    masks[1, :, w // 2 :] = 1
-    return {
-        "x": torch.randn(batch, 16, f, h, w, generator=g),
-        "t": torch.full((batch,), 640.0),
-        "context": torch.randn(batch, 5, cfg.text_dim, generator=g),
-        "clip_fea": torch.randn(batch, cfg.clip_tokens, cfg.clip_dim, generator=g),
-        "y": torch.randn(batch, 20, f, h, w, generator=g),
-        "audio": torch.randn(
-            batch, speakers, 9, cfg.audio_window, cfg.audio_blocks, cfg.audio_channels, generator=g
-        ),
-        "ref_target_masks": masks,
-    }
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

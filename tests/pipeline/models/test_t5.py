@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.models.released import expected_shapes
 from pipeline.models.t5 import (
     T5_FILE,
     T5Config,
@@ -106,7 +107,7 @@ def test_full_size_key_map_covers_every_tensor() -> None:
     cfg = T5Config()
     with torch.device("meta"):
         model = UMT5EncoderModel(_hf_config(cfg))
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = expected_shapes(model)
     shapes = checkpoint_shapes(cfg)
     assert len(shapes) == 1 + 24 * 10 + 1
     assert sum(torch.Size(s).numel() for s in shapes.values()) == 5_680_910_336  # model.md 2.7
@@ -128,7 +129,7 @@ def test_unmapped_or_missing_keys_are_named(weights: Path) -> None:
     from pipeline.models.t5 import _hf_config
 
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in UMT5EncoderModel(_hf_config(cfg)).state_dict().items()}
+        expected = expected_shapes(UMT5EncoderModel(_hf_config(cfg)))
     with pytest.raises(
         RuntimeError, match=r"blocks\.0\.attn\.bias.*encoder\.block\.1\.layer\.1\.DenseReluDense\.wo"
     ):

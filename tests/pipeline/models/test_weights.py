@@ -14,7 +14,8 @@ from pipeline.quant import Fp8Linear
 from pipeline.tiny import write_tiny_weights
 from pipeline.weights import LORA_FILE, WeightsError, load_dit, quant_files, wan_shard_files
 from pipeline.weights_check import dit_files_digest
-from tests.pipeline.models.test_dit import make_inputs, rel
+from tests.helpers.dit import make_inputs
+from tests.pipeline.models.test_dit import rel
 
 #: official-layout fp8 file (e4m3 weights, bf16 scale) against the float32 model, relative L2
 #: error of the velocity. Measured 0.05 on the tiny model (e4m3 keeps 3 mantissa bits).

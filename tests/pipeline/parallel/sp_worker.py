@@ -10,33 +10,7 @@ from pathlib import Path
 
 import torch
 
-
-def make_inputs(cfg, *, speakers: int, frames: int, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random DiT inputs on a small grid (frames latent frames of 4 x 6 latents)."""
-    g = torch.Generator().manual_seed(seed)
-    h, w = 4, 6
-    masks = torch.zeros(3, h, w)
-    masks[0, :, : w // 2] = 1
-    masks[1, :, w // 2 :] = 1
-    masks[2, :1] = 1
-    return {
-        "x": torch.randn(batch, 16, frames, h, w, generator=g),
-        "t": torch.full((batch,), 640.0),
-        "context": torch.randn(batch, 5, cfg.text_dim, generator=g),
-        "clip_fea": torch.randn(batch, cfg.clip_tokens, cfg.clip_dim, generator=g),
-        "y": torch.randn(batch, 20, frames, h, w, generator=g),
-        "audio": torch.randn(
-            batch,
-            speakers,
-            4 * (frames - 1) + 1,
-            cfg.audio_window,
-            cfg.audio_blocks,
-            cfg.audio_channels,
-            generator=g,
-        ),
-        "ref_target_masks": masks,
-    }
-
+from tests.helpers.dit import make_inputs
 
 #: (name, speakers, latent frames, batch, rope mode): 3 frames split unevenly (2 + 1) over 2 ranks
 CASES: tuple[tuple[str, int, int, int, str], ...] = (
@@ -60,7 +34,9 @@ def run_cases(model, cfg) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         for name, speakers, frames, batch, rope in CASES:
             model.rope_mode = rope
-            outputs[name] = model(**make_inputs(cfg, speakers=speakers, frames=frames, batch=batch))
+            outputs[name] = model(
+                **make_inputs(cfg, speakers=speakers, frames=frames, batch=batch, background_row=True)
+            )
     return outputs
 
 
