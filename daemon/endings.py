@@ -48,6 +48,7 @@ from daemon.outbox import Outbox, Published, remove_if_same, restore_loose_job_n
 from daemon.policy import Failure
 from daemon.protocol import Failed, RunOrder
 from daemon.states import Intent
+from pipeline.av_input import open_input
 from pipeline.types import RenderResult
 
 logger = logging.getLogger(__name__)
@@ -530,9 +531,7 @@ def error_payload(
 def make_poster(video: Path, poster: Path) -> Path | None:
     """A JPEG of the first frame, when the pipeline wrote none."""
     try:
-        import av
-
-        with av.open(str(video)) as container:
+        with open_input(video) as container:
             for frame in container.decode(video=0):
                 frame.to_image().convert("RGB").save(poster, "JPEG", quality=90)
                 return poster

@@ -58,6 +58,7 @@ from daemon.jobs import (
 from daemon.ledger import JobRow, Ledger
 from daemon.outbox import Outbox, restore_loose_job_name
 from daemon.states import Intent
+from pipeline.av_input import open_input
 from pipeline.tts_text import KOKORO_DIR, VOICES_DIR, TtsRequest, unknown_voice
 from pipeline.weights_layout import has_weights
 
@@ -1107,7 +1108,7 @@ def _probe_stream(f: Any, kind: str, *, field: str = "", rel: str = "", max_s: f
     `audio_too_long` (decoding stops there)."""
     import av
 
-    with av.open(_decoder_path(f), metadata_errors="ignore") as container:
+    with open_input(_decoder_path(f)) as container:
         streams = container.streams.audio if kind == "audio" else container.streams.video
         if not streams:
             raise ValueError(f"no {kind} stream")

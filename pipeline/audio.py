@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.av_input import open_input
+
 SAMPLE_RATE = 16000
 TARGET_LUFS = -23.0
 MIN_SECONDS = 0.4  # BS.1770 gating block: shorter audio has no integrated loudness
@@ -94,11 +96,10 @@ def read_audio(path: Path | str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
 
 
 def _read_with_pyav(path: Path, sample_rate: int) -> np.ndarray:
-    import av
     import librosa
 
     try:
-        container = av.open(str(path))
+        container = open_input(path)
     except Exception as e:  # noqa: BLE001
         raise AudioError(path, f"cannot decode audio ({type(e).__name__}: {e})") from e
     with container:

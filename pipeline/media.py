@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline.av_input import open_input
 from pipeline.types import FPS
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
@@ -75,7 +76,7 @@ def probe_video(path: Path) -> VideoInfo:
     import av
 
     try:
-        with av.open(str(path)) as container:
+        with open_input(path) as container:
             if not container.streams.video:
                 raise MediaError(path, "has no video stream")
             stream = container.streams.video[0]
@@ -103,7 +104,7 @@ class FrameReader:
 
         self.close()
         try:
-            self._container = av.open(str(self.path))
+            self._container = open_input(self.path)
             self._frames = self._container.decode(video=0)
         except av.error.FFmpegError as e:
             raise MediaError(self.path, f"cannot decode video ({e})") from e
@@ -153,7 +154,7 @@ def detect_scene_cuts(path: Path, *, threshold: float = 0.08, min_gap: int = 5) 
     diffs: list[float] = []
     previous: np.ndarray | None = None
     try:
-        with av.open(str(path)) as container:
+        with open_input(path) as container:
             for frame in container.decode(video=0):
                 thumb = (
                     frame.reformat(width=64, height=36, format="rgb24").to_ndarray().astype(np.float32) / 255
@@ -183,7 +184,7 @@ def check_decodable(path: Path) -> float:
         read_image(path)
         return 0.0
     try:
-        with av.open(str(path)) as container:
+        with open_input(path) as container:
             last = 0.0
             count = 0
             for frame in container.decode(*container.streams):
@@ -212,7 +213,7 @@ def _decode_audio(path: Path, rate: int) -> Iterator[np.ndarray]:
 
     resampler = av.AudioResampler(format="fltp", layout="stereo", rate=rate)
     try:
-        with av.open(str(path)) as container:
+        with open_input(path) as container:
             if not container.streams.audio:
                 raise MediaError(path, "has no audio stream")
             for frame in container.decode(audio=0):
@@ -228,7 +229,7 @@ def audio_rate(path: Path) -> int:
     import av
 
     try:
-        with av.open(str(path)) as container:
+        with open_input(path) as container:
             if not container.streams.audio:
                 raise MediaError(path, "has no audio stream")
             return int(container.streams.audio[0].rate)
@@ -392,7 +393,7 @@ def assemble_mp4(
     audio_file = sf.SoundFile(audio_wav) if audio_wav is not None else None
     try:
         with av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"}) as out:
-            with av.open(str(segments[0])) as first:
+            with open_input(segments[0]) as first:
                 vstream = out.add_stream_from_template(first.streams.video[0])
             vstream.time_base = Fraction(1, fps * 512)
             astream = None
@@ -403,7 +404,7 @@ def assemble_mp4(
             audio_done = 0
             frames_done = 0
             for seg in segments:
-                with av.open(str(seg)) as src:
+                with open_input(seg) as src:
                     sv = src.streams.video[0]
                     assert sv.time_base is not None, f"{seg} has a video stream without a time base"
                     offset = Fraction(frames_done, fps)

@@ -17,7 +17,7 @@ from daemon.intake import Intake, claimed_inputs, move_upload, remove_tree, wav_
 from daemon.jobs import InvalidJob, json_too_deep, parse_job, read_regular, sha256_file
 from daemon.policy import Failure, InputChanged, classify
 from daemon.runner import verify_inputs
-from tests.helpers.media import make_job_bundle, make_wav
+from tests.helpers.media import LATIN1_TAG, add_wav_tags, make_job_bundle, make_mp4, make_wav
 
 
 @pytest.fixture()
@@ -289,6 +289,18 @@ def test_speech_longer_than_max_audio_s_is_refused_before_queueing(intake: Intak
     rows = _settle(intake)
     assert rows["long"].state == "rejected" and rows["long"].error_code == "audio_too_long"  # type: ignore[attr-defined]
     assert "max_audio_s" in str(rows["long"].error_message)  # type: ignore[attr-defined]
+
+
+def test_media_whose_tags_are_not_utf8_are_queued(intake: Intake) -> None:
+    """A speech WAV and a video MP4 whose title tags are Latin-1 pass the decode probe (PyAV < 19
+    failed them at open; 19 removed the option the probe used, which failed every job)."""
+    staged = intake.settings.inbox / ".tagged"
+    make_job_bundle(staged, kind="video", duration_s=1.0, image_size=(48, 40))
+    add_wav_tags(staged / "voice.WAV")
+    make_mp4(staged / "talk.mp4", duration_s=1.0, title=LATIN1_TAG)
+    os.rename(staged, intake.settings.inbox / "tagged")
+    row = _settle(intake)["tagged"]
+    assert row.state == "queued", (row.error_code, row.error_message)  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------- 17: streamed WAV headers

@@ -89,6 +89,20 @@ def make_wav(
     return Path(path)
 
 
+#: a tag value that is Latin-1, not UTF-8 ("Café — ÿ"), as phones and old editors write them
+LATIN1_TAG = "Caf\xe9 \x97 \xff".encode("latin-1")
+
+
+def add_wav_tags(path: Path, title: bytes = LATIN1_TAG) -> Path:
+    """Append a RIFF LIST/INFO chunk with `title` as its INAM (title) to the WAV at `path`."""
+    data = Path(path).read_bytes()
+    value = title + b"\x00" * (2 - len(title) % 2)  # NUL-terminated, padded to an even size
+    info = b"INFO" + b"INAM" + len(value).to_bytes(4, "little") + value
+    body = data[12:] + b"LIST" + len(info).to_bytes(4, "little") + info
+    Path(path).write_bytes(b"RIFF" + (4 + len(body)).to_bytes(4, "little") + b"WAVE" + body)
+    return Path(path)
+
+
 def make_audio(
     path: Path, *, duration_s: float = 4.0, rate: int = 44100, channels: int = 2, seed: int = 0
 ) -> Path:
@@ -136,15 +150,21 @@ def make_mp4(
     scene_cut_s: float | None = None,
     audio: bool = True,
     seed: int = 0,
+    title: bytes | None = None,
 ) -> Path:
     """An H.264 (yuv420p) MP4 with AAC sound: a face that drifts a little each frame; with
-    `scene_cut_s`, a different scene (other colours, other face) from that time on."""
+    `scene_cut_s`, a different scene (other colours, other face) from that time on; with
+    `title`, those bytes as its title tag (LATIN1_TAG: not UTF-8, as old tools write)."""
     import av
 
     frames = round(duration_s * fps)
     first = _face_image(width + 8, height + 8, seed=seed)
     scenes = [first, np.ascontiguousarray(255 - first[::-1])]  # the second shot: other colours, flipped
-    with av.open(str(path), "w") as container:
+    # PyAV >= 19 writes tags with surrogateescape; older ones only when asked
+    raw_tags = {} if int(av.__version__.split(".")[0]) >= 19 else {"metadata_errors": "surrogateescape"}
+    with av.open(str(path), "w", **raw_tags) as container:
+        if title is not None:
+            container.metadata["title"] = title.decode("utf-8", "surrogateescape")
         video = container.add_stream("libx264", rate=fps)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
         astream = container.add_stream("aac", rate=44100, layout="stereo") if audio else None

@@ -11,7 +11,8 @@ import soundfile as sf
 from PIL import Image
 
 from pipeline import media
-from tests.helpers.media import make_audio, make_mp4, make_rgba_png, make_wav
+from pipeline.audio import read_audio
+from tests.helpers.media import LATIN1_TAG, add_wav_tags, make_audio, make_mp4, make_rgba_png, make_wav
 
 
 def test_rgba_image_becomes_rgb(tmp_path: Path) -> None:
@@ -101,3 +102,20 @@ def test_helper_bundles_are_valid_jobs_with_decodable_media(tmp_path: Path) -> N
     loose = make_loose_job(tmp_path / "inbox", "hello", kind="image", duration_s=1.0)
     spec = load_job(loose)
     assert spec.media_files == ("hello-face.png", "hello-voice.WAV")
+
+
+def test_media_whose_tags_are_not_utf8_read_like_any_other(tmp_path: Path) -> None:
+    """Every reader of the pipeline opens a WAV and an MP4 whose title tag is Latin-1 (PyAV < 19
+    raised UnicodeDecodeError at open for such files; 19 refuses the option that avoided it)."""
+    wav = add_wav_tags(make_wav(tmp_path / "voice.WAV", duration_s=1.0, rate=44100, channels=2))
+    mp4 = make_mp4(tmp_path / "clip.mp4", duration_s=1.0, title=LATIN1_TAG)
+    assert LATIN1_TAG in wav.read_bytes() and LATIN1_TAG in mp4.read_bytes()
+    for path in (wav, mp4):
+        assert abs(read_audio(path).size - 16000) < 400
+        assert abs(media.check_decodable(path) - 1.0) < 0.1
+        assert media.audio_rate(path) == 44100
+        assert media.mix_original_audio([path], "para", tmp_path / f"{path.stem}.mix.wav")[0] == 44100
+    assert media.probe_video(mp4).num_frames == 25
+    assert media.detect_scene_cuts(mp4) == []
+    with media.FrameReader(mp4) as reader:
+        assert reader.get(3).size == (64, 48)

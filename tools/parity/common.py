@@ -64,9 +64,9 @@ def _extract_specific_frames(path: str, index: int):  # noqa: ANN202
 
     if Path(path).suffix.lower() not in (".mp4", ".mov", ".mkv", ".webm", ".avi"):
         return Image.open(path).convert("RGB")
-    import av
+    from pipeline.av_input import open_input
 
-    with av.open(path) as container:
+    with open_input(path) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     return Image.fromarray(frames[min(index, len(frames) - 1)])
 
