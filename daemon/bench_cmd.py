@@ -78,6 +78,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Speed and memory of the whole stack with random full-size weights built on the GPU "
         "(no weight files). See docs/benchmarks.md.",
     )
+    _what_is_timed(p)
+    _fast_path(p)
+    _memory_budget(p)
+    p.add_argument("--device", default="cuda", help="torch device (default cuda)")
+    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the full report as JSON")
+    p.set_defaults(func=run)
+
+
+def _what_is_timed(p: argparse.ArgumentParser) -> None:
+    """Sizes, dtypes, passes, chunks and the optional parts of the report."""
     p.add_argument(
         "--size",
         type=_sizes,
@@ -107,6 +117,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="1,2",
         help="DiT passes per step in the chunk loop (1 = audio CFG 1, 2 = audio CFG != 1)",
     )
+    _switch(p, "--t5", "build the umT5-XXL encoder too (resident memory; once-per-video cost)")
+    p.add_argument(
+        "--chunks", type=int, default=2, help="chunks per chunk loop (default 2; the last is steady state)"
+    )
+    p.add_argument(
+        "--load-probe-blocks",
+        type=int,
+        default=4,
+        help="DiT blocks written to disk and loaded back to time the load path (0 = skip)",
+    )
+    _switch(p, "--profile", "kernel breakdown of one fast forward at the first size (default on)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="480p only, fewer repeats, one chunk loop (1 pass), no load probe",
+    )
+
+
+def _fast_path(p: argparse.ArgumentParser) -> None:
+    """The speed settings of the fast path, and its check against the plain one."""
     _switch(p, "--compile", "torch.compile the DiT block on the fast path (default on)")
     p.add_argument(
         "--attention",
@@ -133,22 +163,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--baseline",
         "also time the plain path (reference numerics, eager) and check the fast one against it",
     )
-    _switch(p, "--t5", "build the umT5-XXL encoder too (resident memory; once-per-video cost)")
-    p.add_argument(
-        "--chunks", type=int, default=2, help="chunks per chunk loop (default 2; the last is steady state)"
-    )
-    p.add_argument(
-        "--load-probe-blocks",
-        type=int,
-        default=4,
-        help="DiT blocks written to disk and loaded back to time the load path (0 = skip)",
-    )
-    _switch(p, "--profile", "kernel breakdown of one fast forward at the first size (default on)")
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="480p only, fewer repeats, one chunk loop (1 pass), no load probe",
-    )
+
+
+def _memory_budget(p: argparse.ArgumentParser) -> None:
+    """The chunk loop under placement plans of given budgets."""
     p.add_argument(
         "--gpu-memory-gib",
         type=_budgets,
@@ -163,9 +181,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--unconstrained",
         "with --gpu-memory-gib: also run the chunk loop with everything resident (default on)",
     )
-    p.add_argument("--device", default="cuda", help="torch device (default cuda)")
-    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the full report as JSON")
-    p.set_defaults(func=run)
 
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:

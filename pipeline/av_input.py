@@ -16,16 +16,18 @@ from typing import IO, Any
 
 
 @functools.cache
-def _open_options() -> dict[str, str]:
+def tags_are_loose() -> bool:
+    """Whether the installed PyAV reads and writes tags with surrogateescape (19 and later), rather
+    than with the `metadata_errors` a caller gives (strict by default)."""
     import av
 
-    major = int(str(av.__version__).split(".")[0])
-    return {} if major >= 19 else {"metadata_errors": "ignore"}
+    return int(str(av.__version__).split(".")[0]) >= 19
 
 
-def open_input(src: str | Path | IO[bytes], **kwargs: Any) -> Any:
+def open_input(src: str | Path | IO[bytes]) -> Any:
     """`av.open(src)` for reading (an `InputContainer`); tags that are not UTF-8 never fail it."""
     import av
 
-    opener: Any = av.open  # its stubs know one PyAV version's options; _open_options knows each
-    return opener(str(src) if isinstance(src, Path) else src, **_open_options(), **kwargs)
+    opener: Any = av.open  # its stubs know one PyAV version's options
+    options = {} if tags_are_loose() else {"metadata_errors": "ignore"}
+    return opener(str(src) if isinstance(src, Path) else src, **options)

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline.av_input import tags_are_loose
+
 
 def _face_image(width: int, height: int, *, seed: int, faces: int = 1) -> np.ndarray:
     """An RGB picture [H, W, 3] uint8: a gradient background with one or two simple 'faces'."""
@@ -160,8 +162,7 @@ def make_mp4(
     frames = round(duration_s * fps)
     first = _face_image(width + 8, height + 8, seed=seed)
     scenes = [first, np.ascontiguousarray(255 - first[::-1])]  # the second shot: other colours, flipped
-    # PyAV >= 19 writes tags with surrogateescape; older ones only when asked
-    raw_tags = {} if int(av.__version__.split(".")[0]) >= 19 else {"metadata_errors": "surrogateescape"}
+    raw_tags = {} if tags_are_loose() else {"metadata_errors": "surrogateescape"}  # title's raw bytes
     with av.open(str(path), "w", **raw_tags) as container:
         if title is not None:
             container.metadata["title"] = title.decode("utf-8", "surrogateescape")
